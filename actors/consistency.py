@@ -1,0 +1,137 @@
+"""Live measurement of the elastic consistency constant, and its analytic bound per mode.
+
+For every view ``v`` the coordinator hands out it later learns the consistent model ``x`` of
+the iteration the view is used at, and records ``B̂ = ||x - v|| / lr`` (gradient units).
+With error feedback the consistent model is ``x - lr * mean_i(e_i)`` (the residual memories
+are gradient mass not yet applied), so the residuals count as inconsistency.
+
+The bound (derived in docs/consistency.md) is computed from the run's *observed* norms:
+
+* ``G``  max norm of one worker's gradient as the coordinator received it,
+* ``G_raw`` max norm of a worker's uncompressed gradient (for the residual bound),
+* ``U``  max norm of one applied update divided by lr (``||Δx|| / lr``),
+
+and the settings (``tau``, ``max_lag``, momentum, weight decay, compression factor ``q``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.spec import AsyncMode, ElasticMode, JobSpec, SyncMode
+
+
+@dataclass
+class ObservedNorms:
+    """Running maxima of the norms the bounds are written in."""
+
+    grad_max: float = 0.0  # G
+    raw_grad_max: float = 0.0  # G_raw
+    update_max: float = 0.0  # U
+    lost_grad_diff_max: float = 0.0  # max ||g_lost - stand-in|| (missing-gradient policies)
+    lost_fraction_max: float = 0.0  # max over steps of (lost gradients / contributors)
+
+    def see_grad(self, sent: float, raw: float) -> None:
+        self.grad_max = max(self.grad_max, sent)
+        self.raw_grad_max = max(self.raw_grad_max, raw)
+
+    def see_update(self, norm_over_lr: float) -> None:
+        self.update_max = max(self.update_max, norm_over_lr)
+
+
+def elastic_amplification(lag: int, momentum: float, weight_decay: float, lr: float,
+                          nesterov: bool) -> float:
+    """Worst-case growth of a per-step gradient error over ``lag`` provisional steps.
+
+    A gradient error of norm ``<= D`` in each of ``lag`` optimizer steps moves ``x`` by at
+    most ``lr * D * A`` with ``A`` from the recursion (b: momentum buffer error, e: x error
+    in units of lr): ``b_m = mu b_{m-1} + D + wd lr e_{m-1}``, ``e_m = e_{m-1} + d_m`` with
+    ``d_m = b_m`` (``(1 + mu) b_m`` for Nesterov; ``b_m`` itself without momentum).
+    """
+    b = e = 0.0
+    for _ in range(lag):
+        b = momentum * b + 1.0 + weight_decay * lr * e
+        e = e + ((1.0 + momentum) * b if nesterov else b)
+    return e
+
+
+def residual_bound(q: float, raw_grad_max: float) -> float:
+    """``||e|| <= q/(1-q) G_raw`` for a compressor with ``||C(x) - x|| <= q ||x||``."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return math.inf
+    return q / (1.0 - q) * raw_grad_max
+
+
+def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
+    """The bound on B for this run's mode, settings and observed norms (see the docs)."""
+    mode = spec.mode
+    opt = spec.optimizer
+    if isinstance(mode, SyncMode):
+        base = 0.0
+    elif isinstance(mode, ElasticMode):
+        # at most max_lag provisional steps, each off by at most 2G (docs: elastic)
+        amp = elastic_amplification(mode.max_lag, opt.momentum, opt.weight_decay, opt.lr,
+                                    opt.nesterov)
+        base = 2.0 * norms.grad_max * amp
+    elif isinstance(mode, AsyncMode):
+        # a view at most tau updates old: triangle inequality over those updates
+        base = mode.max_staleness * norms.update_max
+    else:  # pragma: no cover - the spec's union is closed
+        raise TypeError(type(mode))
+    # missing gradients: per step at most lost_fraction * (stand-in error)
+    if norms.lost_fraction_max > 0.0:
+        amp1 = elastic_amplification(1, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov)
+        base += norms.lost_fraction_max * norms.lost_grad_diff_max * amp1
+    if error_feedback:
+        base += residual_bound(q, norms.raw_grad_max)
+    return base
+
+
+@dataclass
+class ConsistencyMonitor:
+    """Collects B̂ samples: max, mean and a bounded time series."""
+
+    max_points: int = 4000
+    count: int = 0
+    total: float = 0.0
+    b_max: float = 0.0
+    series: list[tuple[int, float]] = field(default_factory=list)
+    _stride: int = 1
+    _since: int = 0
+    _window_max: float = 0.0
+
+    def record(self, step: int, b_hat: float) -> None:
+        self.count += 1
+        self.total += b_hat
+        self.b_max = max(self.b_max, b_hat)
+        # keep the series bounded: when full, halve it and sample half as often,
+        # keeping the max of each window so spikes are not lost
+        self._window_max = max(self._window_max, b_hat)
+        self._since += 1
+        if self._since >= self._stride:
+            self.series.append((step, self._window_max))
+            self._since = 0
+            self._window_max = 0.0
+            if len(self.series) >= self.max_points:
+                self.series = [max(self.series[i:i + 2], key=lambda p: p[1])
+                               for i in range(0, len(self.series), 2)]
+                self._stride *= 2
+
+    @property
+    def b_mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def summary(self, bound: float) -> dict[str, Any]:
+        ratio = (self.b_max / bound) if bound > 0 and math.isfinite(bound) else (
+            0.0 if self.b_max == 0 else None)
+        return {
+            "b_hat_max": self.b_max,
+            "b_hat_mean": self.b_mean,
+            "bound": bound if math.isfinite(bound) else None,
+            "b_hat_over_bound": ratio,
+            "views_measured": self.count,
+        }

@@ -1,0 +1,710 @@
+"""The coordinator actor: model of record, scheduling rule, membership, consistency monitor.
+
+One asyncio loop drives the job. Each live worker has at most one gradient request in
+flight; when a reply arrives the coordinator folds the gradient in (a step's running sum in
+the step modes, a whole update in async mode), applies every step that became complete,
+and asks the mode's rule (:mod:`actors.scheduling`) which waiting workers may start their
+next step, on which view. Views and gradients move over :mod:`actors.transport`.
+
+The model of record ``x`` is always the consistent model of the steps completed so far.
+Every view handed out is compared with the consistent model of the iteration it is used at
+(:mod:`actors.consistency`), which gives B̂ live.
+
+Control calls (``poll``, ``scale``, ``inject``, ``cancel``) are other coroutines on the same
+loop; metrics and events wait in a buffer until a poll acknowledges them, so a restarted
+poller loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import math
+import os
+import platform
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.compression import Payload, error_factor
+from actors.consistency import ConsistencyMonitor, ObservedNorms, analytic_bound
+from actors.datasets import Dataset, evaluate, load_dataset
+from actors.faults import ActiveFault, bind_plan
+from actors.flat import ParamLayout, flatten, load_flat
+from actors.models import build_model
+from actors.optim import FlatSGD
+from actors.sampler import make_shards
+from actors.scheduling import AsyncRule, StepBook, make_async_rule, make_step_rule
+from actors.transport import ShmPool, ShmRef, from_wire, host_id, sweep_stale, to_wire
+from actors.worker import Worker
+from service.spec import AsyncMode, FaultSpec, JobSpec
+
+log = logging.getLogger("elastic_sgd.coordinator")
+
+
+class RunState(StrEnum):
+    """The coordinator's lifecycle."""
+
+    STARTING = "starting"  # creating workers
+    RUNNING = "running"  # training
+    RECOVERING = "recovering"  # replacing lost workers / restoring a checkpoint
+    SUCCEEDED = "succeeded"  # all steps applied
+    FAILED = "failed"  # could not go on (the error says why)
+    CANCELLED = "cancelled"  # stopped on request
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass
+class WorkerSlot:
+    """The coordinator's record of one worker."""
+
+    id: int
+    actor: Any
+    gen: int = 0  # incarnation: replies from an older incarnation are ignored
+    state: str = "starting"  # starting | idle | busy | waiting | held | dead | left
+    node: str = ""
+    host: str = ""
+    pid: int = 0
+    shm: bool = False
+    grad_ref: ShmRef | None = None
+    view_slot: int | None = None
+    view_vec: torch.Tensor | None = None  # the view, kept while its B̂ is pending
+    view_version: int = 0  # async: model version of the view
+    last_step: int | None = None
+    own: torch.Tensor | None = None  # last gradient sent (elastic rule)
+    own_norm: float = 0.0
+    held: dict[str, Any] | None = None  # async wait mode: a reply held back
+    steps_done: int = 0
+    shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "node": self.node, "host": self.host,
+                "pid": self.pid, "step": self.last_step, "steps_done": self.steps_done,
+                "transport": "shared_memory" if self.shm else "object_store"}
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__}
+
+
+class CoordinatorCore:
+    """The coordinator's logic; :class:`Coordinator` is the Ray actor around it.
+
+    Args:
+        job_id: the job's id (names actors and shared-memory files).
+        spec: the job.
+        data_dir: where ``npz`` datasets live.
+    """
+
+    def __init__(self, job_id: str, spec: JobSpec, data_dir: str | None = None) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.state = RunState.STARTING
+        self.error: str | None = None
+        self.t0 = time.time()
+        self.t_run: float | None = None
+        self.t_end: float | None = None
+        torch.manual_seed(spec.seed)
+        self.ds: Dataset = load_dataset(spec.dataset, spec.seed, None if data_dir is None
+                                        else __import__("pathlib").Path(data_dir))
+        self.model = build_model(spec.model, self.ds.n_features, self.ds.n_outputs,
+                                 self.ds.input_shape)
+        self.layout = ParamLayout.of(self.model)
+        self.x = flatten(self.model)
+        self.opt = FlatSGD(spec.optimizer)
+        self.total_steps = spec.total_steps(len(self.ds.x_train))
+        self.is_async = isinstance(spec.mode, AsyncMode)
+        self.book = StepBook(self.total_steps, jumps=False)
+        self.async_rule: AsyncRule | None = None
+        if isinstance(spec.mode, AsyncMode):
+            self.async_rule = make_async_rule(spec.mode)
+            self.step_rule = None
+        else:
+            self.step_rule = make_step_rule(spec.mode)
+            self.book = StepBook(self.total_steps, jumps=self.step_rule.jumps)
+        self.p0 = spec.workers
+        self.total_updates = self.total_steps * self.p0 if self.is_async else self.total_steps
+        self.version = 0  # updates applied to x
+        self.samples = 0
+        self.refused = 0
+        self.step_sums: dict[int, torch.Tensor] = {}
+        self.step_losses: dict[int, list[float]] = {}
+        self.pending_views: list[tuple[int, int, torch.Tensor]] = []  # (target, worker, view)
+        self.residuals: dict[int, np.ndarray] = {}
+        self.q, _ = error_factor(spec.compression, self.layout.numel)
+        self.ef = spec.compression.name != "none" and spec.compression.error_feedback
+        self.norms = ObservedNorms()
+        self.monitor = ConsistencyMonitor()
+        self.views_handed = 0
+        self.workers: dict[int, WorkerSlot] = {}
+        self.inflight: dict[int, asyncio.Future[Any]] = {}
+        self.plan: list[ActiveFault] = []
+        self.records: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # not yet acknowledged by a poll
+        self.event_log: list[dict[str, Any]] = []  # every event of the run
+        self.seq = 0
+        self.shm: ShmPool | None = None
+        self.view_cache: OrderedDict[Any, Any] = OrderedDict()
+        self.last_eval: dict[str, float] = {}
+        self.last_b_hat = 0.0
+        self.rate_window: list[tuple[float, int]] = []
+        self.cancel_requested = False
+        self._wake = asyncio.Event()
+        self.data_refs: tuple[Any, Any] | None = None
+
+    # -- records and events ------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def event(self, kind: str, detail: str, target: str | None = None,
+              step: int | None = None) -> None:
+        now = time.time()
+        ev = {"seq": self._next_seq(), "wall_time": now, "time_s": now - self.t0,
+              "step": self.book.completed if step is None and not self.is_async
+              else (step if step is not None else self.version // max(self.p0, 1)),
+              "kind": kind, "target": target, "detail": detail}
+        self.events.append(ev)
+        self.event_log.append(ev)
+        log.info("%s %s %s", kind, target or "", detail)
+
+    def _set_state(self, state: RunState, why: str) -> None:
+        if state == self.state:
+            return
+        old = self.state
+        self.state = state
+        self.event("state", f"{old.value} -> {state.value}: {why}")
+        self._wake.set()
+
+    @property
+    def step(self) -> int:
+        return self.version // self.p0 if self.is_async else self.book.completed
+
+    def _record_step(self, loss: float) -> None:
+        now = time.time()
+        self.rate_window.append((now, self.samples))
+        self.rate_window = self.rate_window[-50:]
+        t_a, s_a = self.rate_window[0]
+        rate = (self.samples - s_a) / (now - t_a) if now > t_a else 0.0
+        self.records.append({
+            "seq": self._next_seq(), "kind": "step", "step": self.step, "time_s": now - self.t0,
+            "wall_time": now, "loss": loss, "samples_per_s": rate, "b_hat": self.last_b_hat,
+            "b_hat_max": self.monitor.b_max, "bound": self._bound_or_none(),
+            "workers": len(self._live()), "refused": self.refused,
+        })
+
+    def _bound(self) -> float:
+        return analytic_bound(self.spec, self.norms, self.q, self.ef)
+
+    def _bound_or_none(self) -> float | None:
+        b = self._bound()
+        return b if math.isfinite(b) else None
+
+    def _evaluate(self) -> dict[str, float]:
+        load_flat(self.model, self.x)
+        metrics = evaluate(self.model, self.ds)
+        self.last_eval = metrics
+        now = time.time()
+        rec = {"seq": self._next_seq(), "kind": "eval", "step": self.step,
+               "time_s": now - self.t0, "wall_time": now, "workers": len(self._live())}
+        rec.update({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in metrics.items()})
+        self.records.append(rec)
+        return metrics
+
+    # -- membership ----------------------------------------------------------------------
+    def _live(self) -> list[WorkerSlot]:
+        return [w for w in self.workers.values() if w.state not in ("dead", "left")]
+
+    async def start(self) -> dict[str, Any]:
+        """Create the workers (the job's initial membership)."""
+        sweep_stale(self.job_id)
+        self.data_refs = (ray.put(self.ds.x_train), ray.put(self.ds.y_train))
+        if self.spec.transport != "object_store":
+            self.shm = ShmPool(self.job_id, self.layout.numel)
+        ids = list(range(self.spec.workers))
+        self.plan = bind_plan(self.spec.faults, ids, self.spec.seed)
+        shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed)
+        await asyncio.gather(*(self._add_worker(i, shards[i]) for i in ids))
+        live = self._live()
+        if len(live) < self.spec.min_workers:
+            self._set_state(RunState.FAILED, f"only {len(live)} workers started; "
+                                             f"min_workers={self.spec.min_workers}")
+        return {"workers": [w.public() for w in live], "total_steps": self.total_steps,
+                "parameters": self.layout.numel}
+
+    def _worker_options(self) -> dict[str, Any]:
+        r = self.spec.resources
+        gpus: float = 0.0
+        if r.worker_gpus == "auto":
+            total = ray.cluster_resources().get("GPU", 0.0)
+            if total > 0:
+                gpus = min(1.0, total / max(self.spec.workers, 1))
+        else:
+            gpus = float(r.worker_gpus)
+        return {"num_cpus": r.worker_cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
+
+    async def _add_worker(self, wid: int, shard: np.ndarray,
+                          sampler_state: dict[str, Any] | None = None) -> WorkerSlot | None:
+        assert self.data_refs is not None
+        grad_ref = self.shm.grad_slot(wid) if self.shm is not None else None
+        actor = Worker.options(**self._worker_options()).remote(  # type: ignore[attr-defined]
+            wid, self.spec, self.data_refs[0], self.data_refs[1], self.ds.task,
+            self.ds.n_features, self.ds.n_outputs, self.ds.input_shape, shard, sampler_state,
+            self.plan, self.t0, None)
+        slot = WorkerSlot(id=wid, actor=actor, shard=shard)
+        old = self.workers.get(wid)
+        if old is not None:
+            slot.gen = old.gen + 1
+        self.workers[wid] = slot
+        try:
+            info = await actor.info.remote()
+            shm_ok = False
+            if self.shm is not None:
+                shm_ok = await actor.shm_ok.remote(self.shm.probe_path())
+                if not shm_ok and self.spec.transport == "shared_memory":
+                    raise RuntimeError("transport=shared_memory but the worker is on another "
+                                       "host; use transport=auto or object_store")
+        except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
+            slot.state = "dead"
+            self.event("membership", f"worker failed to start: {exc}", target=f"worker-{wid}")
+            return None
+        slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
+        slot.shm = shm_ok
+        slot.grad_ref = grad_ref if shm_ok else None
+        slot.state = "idle"
+        if not self.is_async:
+            self.book.join(wid)
+        self.event("membership", f"worker joined (node {slot.node[:8]}, pid {slot.pid}, "
+                                 f"{'shared memory' if shm_ok else 'object store'})",
+                   target=f"worker-{wid}")
+        return slot
+
+    def _lose_worker(self, w: WorkerSlot, why: str) -> None:
+        if w.state in ("dead", "left"):
+            return
+        w.state = "dead"
+        self.inflight.pop(w.id, None)
+        self._release_view(w)
+        if not self.is_async:
+            left = self.book.leave(w.id)
+            why += f"; left steps {left}" if left else ""
+        self.event("detect", why, target=f"worker-{w.id}")
+        live = self._live()
+        if len(live) < self.spec.min_workers:
+            self._set_state(RunState.FAILED, f"{len(live)} live workers < min_workers="
+                                             f"{self.spec.min_workers}")
+
+    # -- views -------------------------------------------------------------------------------
+    def _publish(self, w: WorkerSlot, key: Any, vec: torch.Tensor) -> ShmRef | Any:
+        """Hand ``vec`` to ``w`` over its transport; identical views share one copy."""
+        if w.shm:
+            assert self.shm is not None
+            cached = self.view_cache.get(("shm", key))
+            if cached is not None:
+                slot, ref = cached
+                self.shm.retain(slot)
+            else:
+                slot, ref = self.shm.publish(vec, readers=1)
+                self._cache_put(("shm", key), (slot, ref))
+                self.shm.retain(slot)  # the cache holds one reference
+            w.view_slot = slot
+            return ref
+        cached = self.view_cache.get(("obj", key))
+        if cached is None:
+            cached = ray.put(to_wire(vec, self.spec.transfer_dtype))
+            self._cache_put(("obj", key), cached)
+        return cached
+
+    def _cache_put(self, key: Any, value: Any) -> None:
+        self.view_cache[key] = value
+        while len(self.view_cache) > 8:
+            old_key, old = self.view_cache.popitem(last=False)
+            if old_key[0] == "shm" and self.shm is not None:
+                self.shm.release(old[0])
+
+    def _release_view(self, w: WorkerSlot) -> None:
+        if w.view_slot is not None and self.shm is not None:
+            self.shm.release(w.view_slot)
+        w.view_slot = None
+
+    def _mean_residual(self) -> torch.Tensor | None:
+        if not self.ef or not self.residuals:
+            return None
+        acc = np.zeros(self.layout.numel, dtype=np.float64)
+        for r in self.residuals.values():
+            acc += r
+        return torch.from_numpy((acc / max(len(self._live()), 1)).astype(np.float32))
+
+    def _measure(self, diff_over_lr: torch.Tensor | None) -> None:
+        """Record one B̂ sample: ``||(x - v)/lr - mean(e)||`` (``None`` diff: ``v == x``)."""
+        res = self._mean_residual()
+        if diff_over_lr is None and res is None:
+            b = 0.0
+        elif diff_over_lr is None:
+            assert res is not None
+            b = float(res.norm())
+        else:
+            b = float((diff_over_lr - res).norm()) if res is not None else float(
+                diff_over_lr.norm())
+        self.last_b_hat = b
+        self.monitor.record(self.step, b)
+
+    def _sample_view(self) -> bool:
+        self.views_handed += 1
+        return (self.views_handed - 1) % self.spec.monitor_interval == 0
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _dispatch(self, w: WorkerSlot, step: int, key: Any, vec: torch.Tensor) -> None:
+        view = self._publish(w, key, vec)
+        want_res = self.ef and (w.steps_done % self.spec.monitor_interval == 0)
+        ref = w.actor.compute.remote(step, view, want_res, w.grad_ref)
+        w.state = "busy"
+        gen = w.gen
+        self.inflight[w.id] = asyncio.ensure_future(self._await_reply(w.id, gen, ref))
+
+    async def _await_reply(self, wid: int, gen: int, ref: Any) -> tuple[int, int, Any, Any]:
+        try:
+            return wid, gen, await ref, None
+        except Exception as exc:  # noqa: BLE001 - a dead worker is data, not a crash
+            return wid, gen, None, exc
+
+    def _grad_of(self, w: WorkerSlot, res: dict[str, Any]) -> torch.Tensor:
+        if "payload" in res:
+            payload: Payload = res["payload"]
+            return torch.from_numpy(payload.decode())
+        if res["grad"] == "shm":
+            assert self.shm is not None
+            return self.shm.grad(w.id)
+        return from_wire(res["grad"], self.spec.transfer_dtype)
+
+    # -- step modes (sync, elastic) ----------------------------------------------------------
+    def _on_step_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        step = int(res["step"])
+        self._release_view(w)
+        w.state = "waiting"
+        if not self.book.arrive(w.id, step):
+            self.event("drop", f"unexpected gradient for step {step} ignored",
+                       target=f"worker-{w.id}")
+            return
+        g = self._grad_of(w, res)
+        s = self.step_sums.get(step)
+        if s is None:
+            self.step_sums[step] = g.clone()
+        else:
+            s.add_(g)
+        self.step_losses.setdefault(step, []).append(float(res["loss"]))
+        w.last_step, w.own, w.own_norm = step, g, float(res["sent_norm"])
+        self._after_reply(w, res)
+        self._complete_steps()
+
+    def _after_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        w.steps_done += 1
+        self.samples += int(res["n"])
+        self.norms.see_grad(float(res["sent_norm"]), float(res["raw_norm"]))
+        if "residual" in res:
+            self.residuals[w.id] = res["residual"]
+
+    def _complete_steps(self) -> None:
+        while (entry := self.book.completable()) is not None:
+            step = entry.step
+            s = self.step_sums.pop(step, None)
+            losses = self.step_losses.pop(step, [])
+            n_arrived = len(entry.arrived)
+            # skip: the lost share is left out; substitute: stand in the received mean
+            n = n_arrived + (len(entry.lost) if self.spec.missing_policy == "skip" else 0)
+            if s is not None and n_arrived > 0:
+                self.opt.step(self.x, s, scale=1.0 / n)
+            self.book.complete(step)
+            self.version += 1
+            self._measure_pending()
+            self._record_step(float(np.mean(losses)) if losses else math.nan)
+            self._maybe_eval()
+            self.view_cache_invalidate()
+
+    def view_cache_invalidate(self) -> None:
+        for key in list(self.view_cache):
+            old = self.view_cache.pop(key)
+            if key[0] == "shm" and self.shm is not None:
+                self.shm.release(old[0])
+
+    def _measure_pending(self) -> None:
+        keep = []
+        for target, wid, v in self.pending_views:
+            if target <= self.book.completed:
+                self._measure((self.x - v) / self.opt.lr)
+            else:
+                keep.append((target, wid, v))
+        self.pending_views = keep
+
+    def _maybe_eval(self) -> None:
+        if self.step % self.spec.eval_interval == 0 or self.step >= self.total_steps:
+            self._evaluate()
+
+    def _step_view(self, target: int) -> tuple[Any, torch.Tensor, bool]:
+        """The view for ``target``: ``x`` plus provisional partial steps (elastic)."""
+        c = self.book.completed
+        if target <= c:
+            return ("x", self.version), self.x, True
+        v, buf = self.x, self.opt.buf
+        parts = []
+        for j in range(c, target):
+            entry = self.book.open.get(j)
+            s = self.step_sums.get(j)
+            n = len(entry.assigned) if entry is not None else 1
+            parts.append((j, len(entry.arrived) if entry else 0, n))
+            g = s if s is not None else torch.zeros_like(self.x)
+            v, buf = self.opt.peek(v, g, buf, scale=1.0 / max(n, 1))
+        return ("p", self.version, tuple(parts)), v, False
+
+    def _schedule_steps(self) -> None:
+        assert self.step_rule is not None
+        for w in sorted(self._live(), key=lambda w: w.id):
+            if w.state not in ("idle", "waiting") or self.book.finished():
+                continue
+            target = self.book.next_step(w.id)
+            if target >= self.total_steps:
+                continue
+            last = w.last_step
+            last_complete = last is None or last < self.book.completed
+            received = None
+            if not last_complete and last is not None and self.book.jumps:
+                s = self.step_sums.get(last)
+                received = float((s - w.own).norm()) if s is not None and w.own is not None \
+                    else 0.0
+            d = self.step_rule.may_start(target, self.book.oldest_incomplete,
+                                         None if last_complete else w.own_norm, received,
+                                         last_complete)
+            if not d.allowed:
+                continue
+            key, vec, exact = self._step_view(target)
+            if self._sample_view():
+                if exact:
+                    self._measure(None)
+                else:
+                    self.pending_views.append((target, w.id, vec.clone()))
+            self.book.assign(w.id, target)
+            w.own = None
+            self._dispatch(w, target, key, vec)
+
+    # -- async mode -------------------------------------------------------------------------
+    def _on_async_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        assert self.async_rule is not None
+        if self.async_rule.verdict(self.version, w.view_version) == "refuse":
+            self.refused += 1
+            self._after_reply(w, res)
+            self._release_view(w)
+            w.view_vec = None
+            w.state = "idle"
+            return
+        w.held = res
+        w.state = "held"
+        self._apply_held()
+
+    def _apply_held(self) -> None:
+        assert self.async_rule is not None
+        progress = True
+        while progress:
+            progress = False
+            held = sorted((w for w in self._live() if w.state == "held"),
+                          key=lambda w: w.view_version)
+            for w in held:
+                others = [o.view_version for o in self._live()
+                          if o.id != w.id and o.state in ("busy", "held")]
+                if not self.async_rule.may_apply(self.version, w.view_version, others).allowed:
+                    continue
+                assert w.held is not None
+                self._apply_async(w, w.held)
+                progress = True
+
+    def _apply_async(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        g = self._grad_of(w, res)
+        if w.view_vec is not None:
+            self._measure((self.x - w.view_vec) / self.opt.lr)
+        d = self.opt.step(self.x, g)
+        self.norms.see_update(float(d.norm()))
+        self.version += 1
+        self._after_reply(w, res)
+        self._release_view(w)
+        w.view_vec, w.held, w.state = None, None, "idle"
+        if self.version % self.p0 == 0:
+            self._record_step(float(res["loss"]))
+            self._maybe_eval()
+
+    def _schedule_async(self) -> None:
+        for w in sorted(self._live(), key=lambda w: w.id):
+            if w.state != "idle":
+                continue
+            busy = sum(1 for o in self._live() if o.state in ("busy", "held"))
+            if self.version + busy >= self.total_updates:
+                return
+            vec = self.x
+            w.view_version = self.version
+            sample = self._sample_view()
+            if sample:
+                w.view_vec = self.x.clone()
+            self._dispatch(w, self.step, ("x", self.version), vec)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _finished(self) -> bool:
+        if self.is_async:
+            return self.version >= self.total_updates
+        return self.book.finished()
+
+    def _schedule(self) -> None:
+        if self.state.terminal or self.cancel_requested:
+            return
+        if self.is_async:
+            self._schedule_async()
+        else:
+            self._schedule_steps()
+
+    async def run(self) -> dict[str, Any]:
+        """Train until every step is applied, the job fails, or it is cancelled."""
+        if self.state == RunState.STARTING:
+            self._set_state(RunState.RUNNING, f"{len(self._live())} workers")
+        self.t_run = time.time()
+        self._evaluate()
+        wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+        while not self.state.terminal:
+            if self.cancel_requested:
+                self._set_state(RunState.CANCELLED, "cancel requested")
+                break
+            if self._finished():
+                self._set_state(RunState.SUCCEEDED, f"{self.step} steps applied")
+                break
+            self._schedule()
+            waiting = set(self.inflight.values())
+            if not waiting and not self._live():
+                self._set_state(RunState.FAILED, "no live workers")
+                break
+            done_any: set[asyncio.Future[Any]] = set()
+            done_any, _ = await asyncio.wait(waiting | {wake}, timeout=1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if wake in done_any:
+                done_any.discard(wake)
+                self._wake.clear()
+                wake = asyncio.ensure_future(self._wake.wait())
+            for fut in done_any:
+                wid, gen, res, exc = fut.result()
+                w = self.workers.get(wid)
+                if w is None or w.gen != gen or self.inflight.get(wid) is not fut:
+                    continue
+                self.inflight.pop(wid, None)
+                if exc is not None:
+                    self._lose_worker(w, f"worker lost: {type(exc).__name__}")
+                    continue
+                if self.is_async:
+                    self._on_async_reply(w, res)
+                else:
+                    self._on_step_reply(w, res)
+        wake.cancel()
+        self.t_end = time.time()
+        if self.state == RunState.SUCCEEDED or self.step > 0:
+            self._evaluate()
+        return self.summary()
+
+    # -- control & reporting ------------------------------------------------------------------
+    def poll(self, ack_seq: int = 0) -> dict[str, Any]:
+        """New records and events since ``ack_seq`` (older ones are dropped as delivered)."""
+        self.records = [r for r in self.records if r["seq"] > ack_seq]
+        self.events = [e for e in self.events if e["seq"] > ack_seq]
+        return {"records": list(self.records), "events": list(self.events),
+                "status": self.status()}
+
+    def status(self) -> dict[str, Any]:
+        summ = self.monitor.summary(self._bound())
+        return {"state": self.state.value, "step": self.step, "total_steps": self.total_steps,
+                "workers": [w.public() for w in self.workers.values()],
+                "b_hat_max": summ["b_hat_max"], "b_hat_mean": summ["b_hat_mean"],
+                "bound": summ["bound"], "error": self.error,
+                "test_accuracy": self.last_eval.get("test_accuracy"),
+                "test_loss": self.last_eval.get("test_loss")}
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        self._wake.set()
+
+    def model_bytes(self) -> bytes:
+        load_flat(self.model, self.x)
+        buf = io.BytesIO()
+        torch.save({"state_dict": self.model.state_dict(), "spec": self.spec.model_dump(),
+                    "step": self.step}, buf)
+        return buf.getvalue()
+
+    def summary(self) -> dict[str, Any]:
+        end = self.t_end or time.time()
+        start = self.t_run or self.t0
+        wall = max(end - start, 1e-9)
+        cons = self.monitor.summary(self._bound())
+        cons["norms"] = {"grad_max": self.norms.grad_max, "raw_grad_max": self.norms.raw_grad_max,
+                         "update_max": self.norms.update_max}
+        cons["compression_q"] = self.q
+        return {
+            "job_id": self.job_id, "name": self.spec.name, "state": self.state.value,
+            "error": self.error,
+            "final_test_accuracy": self.last_eval.get("test_accuracy"),
+            "final_test_loss": self.last_eval.get("test_loss"),
+            "final_test_mse": self.last_eval.get("test_mse"),
+            "steps": self.step, "total_steps": self.total_steps, "updates": self.version,
+            "wall_seconds": wall, "samples": self.samples, "samples_per_s": self.samples / wall,
+            "mode": self.spec.mode.name, "mode_settings": self.spec.mode.model_dump(),
+            "workers": self.spec.workers,
+            "workers_final": len(self._live()), "refused_stale": self.refused,
+            "parameters": self.layout.numel, "consistency": cons,
+            "events": [dict(e) for e in self.event_log],
+            "versions": _versions(), "host": host_id(), "pid": os.getpid(),
+        }
+
+    def inject(self, fault: FaultSpec) -> None:
+        """Add a fault to the running plan (targets resolved now)."""
+        ids = sorted(self.workers)
+        index = len(self.plan)
+        bound = bind_plan([fault], ids, self.spec.seed)[0]
+        bound.index = index
+        self.plan.append(bound)
+        self.event("fault", f"injected {fault.kind}", target=",".join(
+            f"worker-{t}" for t in bound.targets))
+
+    async def shutdown(self) -> None:
+        for w in self.workers.values():
+            if w.state not in ("dead",):
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(w.actor, no_restart=True)
+        if self.shm is not None:
+            self.shm.close()
+
+
+@ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=64)  # type: ignore[call-overload]
+class Coordinator(CoordinatorCore):
+    """The Ray actor: an asyncio actor, so control calls interleave with training."""
+
+    async def ping(self) -> str:
+        return self.state.value
+
+    async def poll_async(self, ack_seq: int = 0) -> dict[str, Any]:
+        return self.poll(ack_seq)
+
+    async def cancel_async(self) -> None:
+        self.cancel()
+
+    async def inject_async(self, fault: FaultSpec) -> None:
+        self.inject(fault)
+
+    async def model_bytes_async(self) -> bytes:
+        return self.model_bytes()
+
+    async def summary_async(self) -> dict[str, Any]:
+        return self.summary()

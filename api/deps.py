@@ -1,0 +1,90 @@
+"""Request dependencies as ``Annotated`` aliases, and bearer-token auth.
+
+Routes ask for what they need by type (``jobs: JobsDep``); the objects live on
+``app.state`` (set up by :func:`api.main.create_app`). Mutating routes carry
+``dependencies=[RequireToken]``: when the server has a token, a request without one is
+refused with 401 and a request with a wrong one with 403, before its body is looked at.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.drill_jobs import DrillService
+from service.jobs import JobManager
+from service.settings import Settings
+from service.store import JobRow, Store
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_jobs(request: Request) -> JobManager:
+    jobs: JobManager = request.app.state.jobs
+    return jobs
+
+
+def get_drills(request: Request) -> DrillService:
+    drills: DrillService = request.app.state.drills
+    return drills
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+JobsDep = Annotated[JobManager, Depends(get_jobs)]
+DrillsDep = Annotated[DrillService, Depends(get_drills)]
+
+# Ids are 12 hex digits; anything up to 64 characters is looked up (and not found: 404).
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="job id")]
+DrillId = Annotated[str, Path(min_length=1, max_length=64, description="drill id")]
+
+_bearer = HTTPBearer(auto_error=False, description="the server's ESGD_TOKEN")
+
+
+def require_token(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse a mutating request without the server's bearer token (when one is set).
+
+    Raises:
+        HTTPException: 401 without an ``Authorization: Bearer`` header, 403 with a wrong token.
+    """
+    expected = settings.token_value
+    if expected is None:
+        return
+    if credentials is None:
+        raise HTTPException(
+            status_code=401,
+            detail="this route needs a bearer token: send 'Authorization: Bearer <token>' "
+            "with the server's ESGD_TOKEN (the CLI reads it from ESGD_TOKEN or --token)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise HTTPException(
+            status_code=403,
+            detail="the bearer token is not the server's: use the ESGD_TOKEN the server "
+            "was started with",
+        )
+
+
+RequireToken = Depends(require_token)
+
+
+def existing_job(job_id: JobId, jobs: JobsDep) -> JobRow:
+    """The job named in the path (404 if unknown), resolved before any streaming starts."""
+    return jobs.get(job_id)
+
+
+ExistingJob = Annotated[JobRow, Depends(existing_job)]

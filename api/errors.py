@@ -1,0 +1,129 @@
+"""Exception handlers: every refusal is a JSON :class:`~api.schemas.ErrorPublic` that says
+what went wrong and what to change; a 500 means a bug (logged with its traceback).
+
+=========================  ====  =============================================
+error                      code  when
+=========================  ====  =============================================
+SpecError / validation     422   a field is refused (``errors`` has the paths)
+JobNotFound/DrillNotFound  404   unknown id
+InvalidTransition          409   the job's state forbids the action
+other ElasticSGDError      400   any other refusal the user can act on
+HTTPException              as    401/403 auth, 404 unknown route, 405, 413
+Exception                  500   a bug
+=========================  ====  =============================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorPublic, FieldError
+from service.drill_jobs import DrillNotFound
+from service.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
+from service.spec import format_error_list
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int,
+    detail: str,
+    problems: Sequence[tuple[str, str]] = (),
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorPublic(
+        detail=detail, errors=[FieldError(path=p, message=m) for p, m in problems]
+    )
+    return JSONResponse(body.model_dump(), status_code=status, headers=dict(headers or {}))
+
+
+def request_problems(errors: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """FastAPI's validation errors as ``(path, message)``, with the CLI's wording.
+
+    Body fields lose the ``body.`` prefix so that a spec field reads exactly as in the
+    CLI (``mode.beta``); query and path parameters keep theirs (``query.limit``).
+    """
+    out: list[tuple[str, str]] = []
+    for err in errors:
+        loc = tuple(err.get("loc") or ())
+        kind = err.get("type")
+        where = loc[0] if loc else "body"
+        if kind == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "")
+            out.append(("body", f"the request body is not valid JSON ({reason}); send a JSON "
+                                "object with Content-Type: application/json"))
+            continue
+        if where == "body" and len(loc) == 1:
+            if kind == "missing":
+                out.append(("body", "a JSON object body is required"))
+            else:
+                out.append(("body", str(err.get("msg", "invalid body")).removeprefix(
+                    "Value error, ") + " (send a JSON object)"))
+            continue
+        fixed = dict(err)
+        fixed["loc"] = loc[1:] if where == "body" else loc
+        out.extend(format_error_list([fixed]))
+    return out
+
+
+def _summary(problems: Sequence[tuple[str, str]], what: str) -> str:
+    lines = "; ".join(f"{p}: {m}" for p, m in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return f"{what}: {lines}{more}"
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = request_problems(list(exc.errors()))
+    return error_response(422, _summary(problems, "invalid request"), problems)
+
+
+async def _spec_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SpecError)
+    return error_response(422, _summary(exc.problems, "invalid request"), exc.problems)
+
+
+async def _elastic(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, JobNotFound | DrillNotFound):
+        return error_response(404, str(exc))
+    if isinstance(exc, InvalidTransition):
+        return error_response(409, str(exc))
+    return error_response(400, str(exc))
+
+
+_ROUTE_HINT = {
+    404: "no such route: see GET /docs for the API",
+    405: "this method is not allowed on this route: see GET /docs for the API",
+}
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail
+    if exc.status_code in _ROUTE_HINT and detail in ("Not Found", "Method Not Allowed"):
+        detail = f"{request.method} {request.url.path}: {_ROUTE_HINT[exc.status_code]}"
+    return error_response(exc.status_code, str(detail), headers=exc.headers)
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(
+        500,
+        "internal error: this is a bug in elastic-sgd, not a problem with the request; "
+        "it was logged on the server",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(SpecError, _spec_error)
+    app.add_exception_handler(ElasticSGDError, _elastic)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _bug)

@@ -1,0 +1,80 @@
+"""The FastAPI app: mounts the routers; :func:`create_app` wires settings, store and jobs.
+
+Start-up (lifespan): open the store, connect to Ray (in-process or ``RAY_ADDRESS``),
+reconcile the jobs the store knows, start the supervisor. Shut-down stops supervising;
+jobs keep running in Ray and are re-attached by the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import install_error_handlers
+from api.middleware import BodySizeLimit
+from api.routes import dashboard, drills, health, jobs, metrics
+from service import ray_conn
+from service.drill_jobs import DrillService
+from service.jobs import Cluster, JobManager
+from service.settings import Settings
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    manager: JobManager | None = None,
+    cluster: Cluster | None = None,
+    connect_ray: bool = True,
+) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: service settings.
+        manager: a prebuilt job manager (tests inject one with a fake runner backend);
+            by default one is built on a store under ``settings.state_dir``.
+        cluster: the cluster view for admission (default: the connected Ray cluster).
+        connect_ray: connect to Ray on start-up (False only in tests of pure HTTP logic).
+    """
+    store = manager.store if manager is not None else Store(settings.db_path)
+    jobs_mgr = manager or JobManager(settings, store)
+    drill_svc = DrillService(jobs_mgr, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_cluster = cluster
+        if connect_ray:
+            await run_in_threadpool(ray_conn.connect, settings.ray_address)
+            if the_cluster is None:
+                the_cluster = ray_conn.RayCluster()
+        await run_in_threadpool(jobs_mgr.start, the_cluster)
+        await run_in_threadpool(drill_svc.reconcile)
+        log.info("elastic-sgd service ready on %s:%d", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(jobs_mgr.stop)
+
+    app = FastAPI(
+        title="elastic-sgd",
+        version="0.1.0",
+        summary="Elastic-consistency distributed SGD as a service, on Ray actors",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.jobs = jobs_mgr
+    app.state.drills = drill_svc
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    for r in (jobs.router, drills.router, health.router, metrics.router, dashboard.router):
+        app.include_router(r)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    return app

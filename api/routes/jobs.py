@@ -1,0 +1,213 @@
+"""``/jobs``: submit, list, inspect, follow (SSE), cancel, scale, inject faults, download."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ExistingJob, JobId, JobsDep, RequireToken, StoreDep
+from api.schemas import (
+    CheckpointPublic,
+    ErrorPublic,
+    EventPublic,
+    EventsPage,
+    FaultCreate,
+    JobCreate,
+    JobDetail,
+    JobList,
+    JobPublic,
+    JobStateName,
+    MetricPublic,
+    MetricsPage,
+    ScaleRequest,
+    clean,
+    ts,
+)
+from service.jobs import JobState
+from service.spec import FaultSpec, JobSpec
+from service.store import JobRow, Store
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_E = {"model": ErrorPublic}
+# Documented refusals, shared by the routes below.
+_AUTH: dict[int | str, dict[str, Any]] = {401: _E, 403: _E}
+_ID: dict[int | str, dict[str, Any]] = {404: _E, 422: _E}
+_BODY: dict[int | str, dict[str, Any]] = {413: _E, 422: _E}
+_STATE: dict[int | str, dict[str, Any]] = {409: _E}
+
+# Seconds between two looks at the store while streaming (the supervisor's own pace).
+STREAM_POLL_S = 0.5
+
+
+def detail_of(row: JobRow, store: Store) -> JobDetail:
+    base = JobPublic.of(row)
+    return JobDetail(
+        **base.model_dump(),
+        spec=store.get_spec(row.id) or {},
+        summary=None if row.summary is None else clean(row.summary),
+        checkpoints=[
+            CheckpointPublic(step=c.step, wall_time=ts(c.wall_time),  # type: ignore[arg-type]
+                             path=c.path, detail=c.detail)
+            for c in store.checkpoints(row.id)
+        ],
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_BODY},
+    summary="Submit a job (a job spec, as in a YAML file)",
+)
+def create_job(body: JobCreate, jobs: JobsDep, store: StoreDep) -> JobDetail:
+    spec = JobSpec.model_validate(body.model_dump())
+    return detail_of(jobs.submit(spec), store)
+
+
+@router.get("", summary="List jobs, newest first", responses={422: _E})
+def list_jobs(
+    store: StoreDep,
+    state: Annotated[list[JobStateName] | None, Query(description="only these states")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> JobList:
+    rows, total = store.list_jobs(states=state, limit=limit, offset=offset)
+    return JobList(items=[JobPublic.of(r) for r in rows], total=total, limit=limit,
+                   offset=offset)
+
+
+@router.get("/{job_id}", responses=_ID, summary="One job: state, progress, spec, summary")
+def get_job(job: ExistingJob, store: StoreDep) -> JobDetail:
+    return detail_of(job, store)
+
+
+@router.get("/{job_id}/metrics", responses=_ID, summary="Metric records, oldest first")
+def get_metrics(
+    job: ExistingJob,
+    store: StoreDep,
+    since_step: Annotated[int | None, Query(ge=0, le=1_000_000_000,
+                                            description="only records with step >= this")] = None,
+    after_seq: Annotated[int | None, Query(ge=-1, le=1_000_000_000_000,
+                                           description="only records newer than this seq")] = None,
+    kind: Literal["step", "eval"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> MetricsPage:
+    recs = store.metrics(job.id, since_step=since_step, after_seq=after_seq, kind=kind,
+                         limit=limit)
+    items = [MetricPublic.model_validate(clean(r)) for r in recs]
+    return MetricsPage(job_id=job.id, items=items,
+                       last_seq=items[-1].seq if items else after_seq)
+
+
+@router.get("/{job_id}/events", responses=_ID, summary="Events (state changes, faults...)")
+def get_events(
+    job: ExistingJob,
+    store: StoreDep,
+    after_id: Annotated[int | None, Query(ge=0, le=1_000_000_000_000)] = None,
+    kind: Annotated[str | None, Query(min_length=1, max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> EventsPage:
+    rows = store.events(job.id, after_id=after_id, kind=kind, limit=limit)
+    return EventsPage(job_id=job.id, items=[EventPublic.of(e) for e in rows],
+                      last_id=rows[-1].id if rows else after_id)
+
+
+@router.get(
+    "/{job_id}/stream",
+    response_class=EventSourceResponse,
+    responses=_ID,
+    summary="Server-sent events: 'job' (state/progress), 'metric', 'event', then 'end'",
+)
+async def stream(
+    job: ExistingJob,
+    store: StoreDep,
+    request: Request,
+    after_seq: Annotated[int, Query(ge=-1, le=1_000_000_000_000)] = -1,
+    after_id: Annotated[int, Query(ge=0, le=1_000_000_000_000)] = 0,
+) -> AsyncIterator[ServerSentEvent]:
+    job_id = job.id
+    last_job: dict[str, Any] | None = None
+    while True:
+        row = await run_in_threadpool(store.get_job, job_id)
+        if row is None:
+            return
+        recs = await run_in_threadpool(store.metrics, job_id, after_seq=after_seq, limit=500)
+        evs = await run_in_threadpool(store.events, job_id, after_id=after_id, limit=500)
+        public = JobPublic.of(row).model_dump(mode="json", exclude={"updated_at"})
+        if public != last_job:
+            last_job = public
+            yield ServerSentEvent(event="job", data=public)
+        for r in recs:
+            after_seq = int(r["seq"])
+            yield ServerSentEvent(event="metric", id=f"m{after_seq}",
+                                  data=MetricPublic.model_validate(clean(r)))
+        for e in evs:
+            after_id = e.id
+            yield ServerSentEvent(event="event", id=f"e{e.id}",
+                                  data=EventPublic.of(e).model_dump(mode="json"))
+        caught_up = len(recs) < 500 and len(evs) < 500
+        if JobState(row.state).terminal and caught_up:
+            yield ServerSentEvent(event="end", data={"state": row.state})
+            return
+        if await request.is_disconnected():
+            return
+        if caught_up:
+            await asyncio.sleep(STREAM_POLL_S)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_ID, **_STATE},
+    summary="Cancel a job (pending ones at once, live ones when the coordinator stops)",
+)
+def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
+    return JobPublic.of(jobs.cancel(job_id))
+
+
+@router.post(
+    "/{job_id}/scale",
+    status_code=202,
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_ID, **_STATE, **_BODY},
+    summary="Change the number of workers of a running job",
+)
+def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
+    return JobPublic.of(jobs.scale(job_id, body.workers))
+
+
+@router.post(
+    "/{job_id}/faults",
+    status_code=202,
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_ID, **_STATE, **_BODY},
+    summary="Inject a fault into a running job",
+)
+def inject_fault(job_id: JobId, body: FaultCreate, jobs: JobsDep) -> JobPublic:
+    fault = FaultSpec.model_validate(body.model_dump())
+    return JobPublic.of(jobs.inject(job_id, fault))
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}},
+                     "description": "torch.save of the model's state_dict"},
+               **_ID, **_STATE},
+    summary="Download the latest model of record",
+)
+def get_model(job_id: JobId, jobs: JobsDep) -> Response:
+    data = jobs.model_bytes(job_id)
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-model.pt"'},
+    )

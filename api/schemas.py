@@ -1,0 +1,281 @@
+"""HTTP models, one per direction: ``*Create`` / ``*Request`` come in, ``*Public`` go out.
+
+Incoming bodies reuse the service's own validated models (a job spec is a
+:class:`~service.spec.JobSpec`, a fault a :class:`~service.spec.FaultSpec`), so the API
+refuses exactly what the CLI refuses, with the same field paths and messages. Outgoing
+models never carry NaN or infinity (JSON has neither): those become null.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.drill_jobs import DrillSpec
+from service.spec import FaultSpec, JobSpec
+from service.store import DrillRow, EventRow, JobRow
+
+
+def clean(obj: Any) -> Any:
+    """Replace NaN/inf by None, recursively (metrics of a diverging run)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def ts(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=UTC)
+
+
+def _f(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    path: str = Field(description="dotted path of the refused field, e.g. mode.beta")
+    message: str = Field(description="what is wrong and what is allowed")
+
+
+class ErrorPublic(BaseModel):
+    """Every 4xx/5xx body: ``detail`` says what went wrong and what to change."""
+
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+class JobCreate(JobSpec):
+    """Body of ``POST /jobs``: a job spec, exactly as in a YAML spec file."""
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(ge=1, le=4096, description="new number of workers")
+
+
+class FaultCreate(FaultSpec):
+    """Body of ``POST /jobs/{id}/faults``: one fault, as in a spec's ``faults`` list.
+
+    Without a trigger (``at_step``, ``at_s``, ``probability``, ``steps``) it fires now.
+    """
+
+
+JobStateName = Literal[
+    "pending", "starting", "running", "recovering", "succeeded", "failed", "cancelled"
+]
+
+
+class WorkerPublic(BaseModel):
+    id: int
+    state: str
+    node: str | None = None
+    step: int | None = None
+
+
+class JobPublic(BaseModel):
+    """A job as listed: identity, state, progress and the latest consistency numbers."""
+
+    id: str
+    name: str
+    state: JobStateName
+    terminal: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    step: int
+    total_steps: int | None
+    progress: float = Field(description="step / total_steps, in [0, 1]")
+    workers: list[WorkerPublic]
+    b_hat_max: float | None
+    b_hat_mean: float | None
+    bound: float | None
+    error: str | None
+    drill_id: str | None
+
+    @classmethod
+    def of(cls, row: JobRow) -> JobPublic:
+        st = row.status
+        workers = []
+        for w in st.get("workers") or []:
+            if isinstance(w, dict) and isinstance(w.get("id"), int):
+                workers.append(
+                    WorkerPublic(
+                        id=w["id"],
+                        state=str(w.get("state", "unknown")),
+                        node=None if w.get("node") is None else str(w.get("node")),
+                        step=w.get("step") if isinstance(w.get("step"), int) else None,
+                    )
+                )
+        total = row.total_steps
+        progress = 1.0 if row.state == "succeeded" else (
+            min(1.0, max(0.0, row.step / total)) if total else 0.0
+        )
+        return cls(
+            id=row.id,
+            name=row.name,
+            state=row.state,  # type: ignore[arg-type]
+            terminal=row.state in ("succeeded", "failed", "cancelled"),
+            created_at=ts(row.created_at),  # type: ignore[arg-type]
+            updated_at=ts(row.updated_at),  # type: ignore[arg-type]
+            started_at=ts(row.started_at),
+            finished_at=ts(row.finished_at),
+            step=row.step,
+            total_steps=total,
+            progress=progress,
+            workers=workers,
+            b_hat_max=_f(st.get("b_hat_max")),
+            b_hat_mean=_f(st.get("b_hat_mean")),
+            bound=_f(st.get("bound")),
+            error=row.error,
+            drill_id=row.drill_id,
+        )
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    wall_time: datetime
+    path: str | None
+    detail: str
+
+
+class JobDetail(JobPublic):
+    """One job in full: its spec, summary (once finished) and checkpoint records."""
+
+    spec: dict[str, Any]
+    summary: dict[str, Any] | None
+    checkpoints: list[CheckpointPublic]
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    total: int = Field(description="jobs matching the filter, over all pages")
+    limit: int
+    offset: int
+
+
+class MetricPublic(BaseModel):
+    """One metric record (a training step or an evaluation); unknown keys pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seq: int
+    kind: str
+    step: int
+    time_s: float | None = None
+    wall_time: float | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+    b_hat: float | None = None
+    b_hat_max: float | None = None
+    bound: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    workers: Any = None
+
+
+class MetricsPage(BaseModel):
+    job_id: str
+    items: list[MetricPublic]
+    last_seq: int | None = Field(description="pass as after_seq to read only newer records")
+
+
+class EventPublic(BaseModel):
+    id: int = Field(description="store-wide order; pass the last one as after_id")
+    source: Literal["service", "runner"]
+    seq: int | None
+    wall_time: datetime
+    time_s: float | None
+    step: int | None
+    kind: str
+    target: str | None
+    detail: str
+
+    @classmethod
+    def of(cls, e: EventRow) -> EventPublic:
+        return cls(
+            id=e.id, source=e.source, seq=e.seq,  # type: ignore[arg-type]
+            wall_time=ts(e.wall_time), time_s=_f(e.time_s),  # type: ignore[arg-type]
+            step=e.step, kind=e.kind, target=e.target, detail=e.detail,
+        )
+
+
+class EventsPage(BaseModel):
+    job_id: str
+    items: list[EventPublic]
+    last_id: int | None
+
+
+# -- drills -----------------------------------------------------------------------------------
+
+
+class DrillCreate(DrillSpec):
+    """Body of ``POST /drills``: a drill file's content (``name``, ``job``, ``criteria``)."""
+
+
+class DrillCheck(BaseModel):
+    name: str
+    passed: bool | None = Field(description="None: the runtime gave no data to check it")
+    observed: Any = None
+    expected: Any = None
+    detail: str = ""
+
+
+class DrillReport(BaseModel):
+    passed: bool
+    checks: list[DrillCheck]
+    not_evaluated: list[str] = Field(default_factory=list)
+    job_id: str | None = None
+    job_state: str | None = None
+
+
+class DrillPublic(BaseModel):
+    id: str
+    name: str
+    state: Literal["running", "passed", "failed", "error"]
+    created_at: datetime
+    updated_at: datetime
+    job_id: str | None
+    report: DrillReport | None
+    error: str | None
+
+    @classmethod
+    def of(cls, d: DrillRow) -> DrillPublic:
+        return cls(
+            id=d.id, name=d.name, state=d.state,  # type: ignore[arg-type]
+            created_at=ts(d.created_at),  # type: ignore[arg-type]
+            updated_at=ts(d.updated_at),  # type: ignore[arg-type]
+            job_id=d.job_id,
+            report=None if d.report is None else DrillReport.model_validate(clean(d.report)),
+            error=d.error,
+        )
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready", "not ready"]
+    store: bool
+    ray: bool
+    supervisor: bool
+    detail: str = ""

@@ -1,0 +1,1 @@
+"""The job service: specs, job lifecycle, persistence, Ray connection, CLI."""

@@ -1,0 +1,450 @@
+"""``elastic-sgd``: the command line.
+
+Service commands talk to a running service over HTTP (``--url`` / ``ESGD_URL``, bearer
+token from ``--token`` / ``ESGD_TOKEN``): ``serve`` starts one; ``submit``, ``status``,
+``cancel``, ``scale``, ``inject``, ``drill`` and ``logs`` use it. Local commands (``run``)
+need no service: they sit in their own section at the end.
+
+Exit codes: 0 success (for ``submit --watch`` and ``drill``: the job succeeded / the drill
+passed), 1 the job or drill did not succeed, 2 the request was refused (bad input, unknown
+id, forbidden state, auth) or the service cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.errors import ElasticSGDError, SpecError
+from service.jobs import parse_fault
+from service.spec import load_spec
+
+app = typer.Typer(
+    name="elastic-sgd",
+    help="Elastic-consistency distributed SGD on Ray: run jobs, serve the API, drive it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="ESGD_URL", help="service address", show_default=True)
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="ESGD_TOKEN", help="bearer token of the service",
+                 show_default=False),
+]
+IntervalOpt = Annotated[
+    float, typer.Option("--interval", min=0.05, max=60.0, help="seconds between polls")
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def fail_problems(exc: SpecError | ElasticSGDError) -> NoReturn:
+    if isinstance(exc, SpecError):
+        err_console.print("[bold red]error:[/] invalid input:")
+        for path, msg in exc.problems:
+            err_console.print(f"  [bold]{path}[/]: {msg}")
+        raise typer.Exit(2)
+    fail(str(exc))
+
+
+class Client:
+    """A small HTTP client that turns every refusal into a clear message and exit code 2."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            fail(f"cannot reach the service at {self.url} ({type(exc).__name__}): start it with "
+                 "`elastic-sgd serve`, or point --url / ESGD_URL at it")
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"detail": r.text}
+            errors = body.get("errors") or []
+            if errors:
+                err_console.print(f"[bold red]error {r.status_code}:[/] refused:")
+                for e in errors:
+                    err_console.print(f"  [bold]{e.get('path')}[/]: {e.get('message')}")
+                raise typer.Exit(2)
+            fail(f"{r.status_code}: {body.get('detail', r.text)}")
+        return r
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json=body).json()
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+_STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
+                "running": "cyan", "recovering": "magenta", "pending": "dim", "starting": "blue"}
+
+
+def _state(s: str) -> str:
+    return f"[{_STATE_STYLE.get(s, 'white')}]{s}[/]"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    except yaml.YAMLError as exc:
+        fail(f"{path} is not valid YAML: {exc}")
+
+
+# -- service commands ---------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address [ESGD_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [ESGD_PORT]")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="database and runs [ESGD_STATE_DIR]")]
+    = None,
+    data_dir: Annotated[Path | None, typer.Option(help="npz datasets [ESGD_DATA_DIR]")] = None,
+    token: Annotated[str | None, typer.Option(help="bearer token [ESGD_TOKEN]",
+                                              show_default=False)] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster [RAY_ADDRESS]")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Start the service (REST API, dashboard at /, Prometheus at /metrics)."""
+    import logging
+
+    import uvicorn
+
+    from api.main import create_app
+    from service.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(host=host, port=port, state_dir=state_dir, data_dir=data_dir,
+                                 token=token, ray_address=ray_address)
+    except SettingsError as exc:
+        err_console.print("[bold red]error:[/] refused settings:")
+        for path, msg in exc.problems:
+            err_console.print(f"  [bold]{path}[/]: {msg}")
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=log_level, timeout_graceful_shutdown=5)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="job spec (YAML)")],
+    watch: Annotated[bool, typer.Option("--watch", help="follow the job to its end")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    interval: IntervalOpt = 0.5,
+) -> None:
+    """Submit a job spec; with --watch, show a progress bar until the job ends."""
+    try:
+        spec = load_spec(file)  # refuse bad specs here, with the same messages as the API
+    except SpecError as exc:
+        fail_problems(exc)
+    client = Client(url, token)
+    job = client.post("/jobs", spec.model_dump(mode="json"))
+    console.print(f"submitted job [bold]{job['id']}[/] ({job['name']}): {_state(job['state'])}")
+    if watch:
+        raise typer.Exit(_watch(client, job["id"], interval))
+
+
+def _watch(client: Client, job_id: str, interval: float) -> int:
+    """Progress bar with loss, accuracy and B-hat until the job ends; returns the exit code."""
+    after_id = 0
+    loss = acc = None
+    job: dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(job_id, total=None, info="")
+        after_seq = -1
+        while True:
+            job = client.get(f"/jobs/{job_id}")
+            page = client.get(f"/jobs/{job_id}/metrics", params={"after_seq": after_seq})
+            for r in page["items"]:
+                if r["kind"] == "step" and r.get("loss") is not None:
+                    loss = r["loss"]
+                if r["kind"] == "eval" and r.get("test_accuracy") is not None:
+                    acc = r["test_accuracy"]
+            if page["last_seq"] is not None:
+                after_seq = page["last_seq"]
+            events = client.get(f"/jobs/{job_id}/events", params={"after_id": after_id})
+            for e in events["items"]:
+                if e["kind"] != "state" or e["source"] == "service":
+                    bar.console.print(_event_line(e))
+            if events["last_id"] is not None:
+                after_id = events["last_id"]
+            bar.update(task, description=f"{job_id} {job['state']}", total=job["total_steps"],
+                       completed=job["step"],
+                       info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
+                            f"B̂ max {_fmt(job['b_hat_max'], '.3g')}  "
+                            f"bound {_fmt(job['bound'], '.3g')}  workers {len(job['workers'])}")
+            if job["terminal"]:
+                break
+            time.sleep(interval)
+    detail = client.get(f"/jobs/{job_id}")
+    console.print(f"job {job_id}: {_state(detail['state'])}"
+                  + (f" — {detail['error']}" if detail.get("error") else ""))
+    if detail.get("summary"):
+        s = detail["summary"]
+        cons = s.get("consistency") or {}
+        console.print(f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
+                      f"steps {s.get('steps')}, {_fmt(s.get('samples_per_s'), '.0f')} samples/s, "
+                      f"B̂ max {_fmt(cons.get('b_hat_max'), '.3g')} (bound "
+                      f"{_fmt(cons.get('bound'), '.3g')})")
+    return 0 if detail["state"] == "succeeded" else 1
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    step = "-" if e.get("step") is None else str(e["step"])
+    return (f"[dim]{_when(e['wall_time'])} step {step:>6}[/] {e['kind']:<12} "
+            f"{e.get('target') or '':<10} {e['detail']}")
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="a job id; omit to list jobs")] = None,
+    state: Annotated[list[str] | None, typer.Option("--state", help="only these states")]
+    = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """List jobs, or show one job with its workers."""
+    client = Client(url, token)
+    if job_id is None:
+        page = client.get("/jobs", params={"state": state or [], "limit": limit})
+        if as_json:
+            console.print_json(json.dumps(page))
+            return
+        t = Table(title=f"jobs ({page['total']} total)")
+        for col in ("id", "name", "state", "step", "B̂ max", "bound", "workers", "created"):
+            t.add_column(col)
+        for j in page["items"]:
+            t.add_row(j["id"], j["name"], _state(j["state"]),
+                      f"{j['step']}/{j['total_steps'] or '?'}", _fmt(j["b_hat_max"], ".3g"),
+                      _fmt(j["bound"], ".3g"), str(len(j["workers"])), _when(j["created_at"]))
+        console.print(t)
+        return
+    j = client.get(f"/jobs/{job_id}")
+    if as_json:
+        console.print_json(json.dumps(j))
+        return
+    console.print(f"[bold]{j['id']}[/] {j['name']}: {_state(j['state'])}  step "
+                  f"{j['step']}/{j['total_steps'] or '?'}  B̂ max {_fmt(j['b_hat_max'], '.3g')}"
+                  f" mean {_fmt(j['b_hat_mean'], '.3g')} bound {_fmt(j['bound'], '.3g')}")
+    if j.get("error"):
+        console.print(f"  [red]error:[/] {j['error']}")
+    if j["workers"]:
+        t = Table("worker", "state", "node", "step")
+        for w in j["workers"]:
+            t.add_row(str(w["id"]), w["state"], w.get("node") or "-", str(w.get("step", "-")))
+        console.print(t)
+    if j.get("summary"):
+        s = j["summary"]
+        console.print(f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
+                      f"wall {_fmt(s.get('wall_seconds'), '.1f')} s")
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Cancel a job."""
+    j = Client(url, token).post(f"/jobs/{job_id}/cancel")
+    console.print(f"cancel requested for {job_id}: now {_state(j['state'])}")
+
+
+@app.command()
+def scale(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    workers: Annotated[int, typer.Argument(min=1, max=4096, help="new number of workers")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Change the number of workers of a running job."""
+    Client(url, token).post(f"/jobs/{job_id}/scale", {"workers": workers})
+    console.print(f"scaling {job_id} to {workers} workers")
+
+
+@app.command()
+def inject(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    kind: Annotated[str, typer.Option("--kind", help="crash, drop, delay, partition or "
+                                      "coordinator_crash")],
+    workers: Annotated[str | None, typer.Option(help="worker ids, e.g. 0,2")] = None,
+    count: Annotated[int | None, typer.Option(help="or: this many workers, picked by seed")]
+    = None,
+    at_step: Annotated[int | None, typer.Option(help="fire at this step (default: now)")]
+    = None,
+    probability: Annotated[float | None, typer.Option(help="per-step probability")] = None,
+    duration_s: Annotated[float | None, typer.Option(help="window length (s)")] = None,
+    duration_steps: Annotated[int | None, typer.Option(help="window length (steps)")] = None,
+    delay_ms: Annotated[float | None, typer.Option(help="delay per step (ms)")] = None,
+    distribution: Annotated[str | None, typer.Option(help="constant, exponential, pareto")]
+    = None,
+    rejoin_after_s: Annotated[float | None, typer.Option(help="crash: rejoin after (s)")]
+    = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Inject a fault into a running job."""
+    data: dict[str, Any] = {"kind": kind}
+    if workers is not None:
+        try:
+            data["workers"] = [int(w) for w in workers.split(",") if w.strip()]
+        except ValueError:
+            fail(f"--workers takes comma-separated worker ids (e.g. 0,2), got {workers!r}")
+    for key, value in (("count", count), ("at_step", at_step), ("probability", probability),
+                       ("duration_s", duration_s), ("duration_steps", duration_steps),
+                       ("delay_ms", delay_ms), ("distribution", distribution),
+                       ("rejoin_after_s", rejoin_after_s)):
+        if value is not None:
+            data[key] = value
+    try:
+        fault = parse_fault(data)
+    except SpecError as exc:
+        fail_problems(exc)
+    Client(url, token).post(f"/jobs/{job_id}/faults", fault.model_dump(mode="json",
+                                                                       exclude_none=True))
+    console.print(f"{kind} fault sent to job {job_id}")
+
+
+@app.command()
+def drill(
+    file: Annotated[Path, typer.Argument(help="drill (YAML: name, job, criteria)")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    interval: IntervalOpt = 1.0,
+) -> None:
+    """Run a drill on the service and print its report (exit 0 if it passed)."""
+    from service.drill_jobs import parse_drill
+
+    try:
+        spec = parse_drill(_read_yaml(file))
+    except SpecError as exc:
+        fail_problems(exc)
+    client = Client(url, token)
+    d = client.post("/drills", spec.model_dump(mode="json"))
+    console.print(f"drill [bold]{d['id']}[/] ({d['name']}) runs as job {d['job_id']}")
+    with console.status("drill running..."):
+        while d["state"] == "running":
+            time.sleep(interval)
+            d = client.get(f"/drills/{d['id']}")
+    _print_drill(d)
+    raise typer.Exit(0 if d["state"] == "passed" else 1)
+
+
+def _print_drill(d: dict[str, Any]) -> None:
+    console.print(f"drill {d['id']} ({d['name']}): {d['state']}"
+                  + (f" — {d['error']}" if d.get("error") else ""))
+    rep = d.get("report") or {}
+    if rep.get("checks"):
+        t = Table("check", "result", "observed", "expected", "note")
+        for c in rep["checks"]:
+            res = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]n/a[/]"}[
+                c["passed"]]
+            t.add_row(c["name"], res, str(c.get("observed")), str(c.get("expected")),
+                      c.get("detail") or "")
+        console.print(t)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the "
+                                         "job ends")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    interval: IntervalOpt = 0.5,
+) -> None:
+    """Print a job's events (state changes, faults, membership, checkpoints)."""
+    client = Client(url, token)
+    after_id = 0
+    while True:
+        page = client.get(f"/jobs/{job_id}/events", params={"after_id": after_id})
+        for e in page["items"]:
+            console.print(_event_line(e), highlight=False)
+        if page["last_id"] is not None:
+            after_id = page["last_id"]
+        if not follow or (client.get(f"/jobs/{job_id}")["terminal"] and not page["items"]):
+            return
+        time.sleep(interval)
+
+
+# -- local commands (no service) ------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="job spec (YAML)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for metrics, model, summary")] = Path(
+        "runs/latest"),
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where npz datasets live")
+                        ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Run one job on a local Ray instance (or RAY_ADDRESS) without the service."""
+    from service.local_run import run_local
+
+    try:
+        spec = load_spec(config)
+        summary = run_local(spec, out, data_dir=data_dir, progress=not quiet)
+    except (SpecError, ElasticSGDError) as exc:
+        fail_problems(exc)
+    cons = summary["consistency"]
+    console.print(
+        f"[bold]{summary['state']}[/]: {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+        f"({summary['samples_per_s']:.0f} samples/s), test accuracy "
+        f"{_fmt(summary['final_test_accuracy'])}, test loss {_fmt(summary['final_test_loss'])}, "
+        f"B̂ max {_fmt(cons['b_hat_max'])} (bound {_fmt(cons['bound'])}) -> {out}")
+    if summary["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # python -m service.cli
+    app()

@@ -1,0 +1,874 @@
+"""The job manager: one lifecycle state machine per job, driven by one supervisor loop.
+
+::
+
+    pending ──> starting ──> running <──> recovering
+       │            │            │             │
+       └────────────┴────────────┴─────────────┴──> succeeded | failed | cancelled
+
+* :class:`JobState` is the enum; each member knows whether it is ``terminal``.
+* :meth:`JobManager._transition` is the only place a job's state changes. It checks the
+  move against :data:`ALLOWED`, writes the new state and a ``state`` event in one
+  transaction (compare-and-set on the old state), and logs the reason.
+* *Policies decide, the manager acts*: :func:`admit` (which pending jobs fit in the
+  cluster's free resources) and :func:`map_runner_state` are pure and unit-tested; the
+  supervisor thread wires them to Ray and to the store.
+* The supervisor polls every live job's :class:`~service.runner.JobRunner` each
+  ``poll_interval_s``, persists new metric records and events (deduplicated on the
+  coordinator's ``seq``) *before* the next poll acknowledges them, and follows the runner's
+  state. Jobs that do not fit wait in ``pending`` and the autoscaler is asked for them.
+* On start-up :meth:`JobManager.reconcile` re-attaches every job that was live when the
+  service stopped, or fails it with the reason.
+
+The Ray side is behind two seams, :class:`Cluster` and :class:`RunnerBackend`, so that the
+state machine and the policies can be tested without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
+
+from pydantic import ValidationError
+
+from service.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
+from service.settings import Settings
+from service.spec import FaultSpec, JobSpec, format_errors
+from service.store import JobRow, StaleState, Store, new_id
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class JobState(StrEnum):
+    """Where a job is in its life."""
+
+    PENDING = "pending"  # accepted; waiting for the cluster to have its resources
+    STARTING = "starting"  # coordinator and workers are being created
+    RUNNING = "running"  # training
+    RECOVERING = "recovering"  # a fault is being handled (membership change, restart)
+    SUCCEEDED = "succeeded"  # all steps done; outputs written
+    FAILED = "failed"  # stopped by an error; ``error`` says why and what to change
+    CANCELLED = "cancelled"  # stopped on request
+
+    @property
+    def terminal(self) -> bool:
+        """No transition leaves a terminal state."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def live(self) -> bool:
+        """The job has (or is getting) actors in Ray."""
+        return self in (JobState.STARTING, JobState.RUNNING, JobState.RECOVERING)
+
+    @property
+    def accepts_changes(self) -> bool:
+        """Scale and fault injection are possible (the coordinator is up)."""
+        return self in (JobState.RUNNING, JobState.RECOVERING)
+
+
+_ENDS = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+# Every legal move. A fast job may finish between two polls, so starting may end directly.
+ALLOWED: Mapping[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.STARTING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.STARTING: frozenset({JobState.RUNNING, JobState.RECOVERING}) | _ENDS,
+    JobState.RUNNING: frozenset({JobState.RECOVERING}) | _ENDS,
+    JobState.RECOVERING: frozenset({JobState.RUNNING}) | _ENDS,
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def check_transition(job_id: str, current: JobState, new: JobState) -> None:
+    """Raise :class:`InvalidTransition` unless ``current -> new`` is in :data:`ALLOWED`."""
+    if new not in ALLOWED[current]:
+        allowed = ", ".join(sorted(ALLOWED[current])) or "none (terminal state)"
+        raise InvalidTransition(
+            f"job {job_id} cannot go from {current} to {new} (allowed from {current}: {allowed})"
+        )
+
+
+def map_runner_state(state: object) -> JobState | None:
+    """The job state that a runner status ``state`` string stands for (None: unknown)."""
+    try:
+        mapped = JobState(str(state))
+    except ValueError:
+        return None
+    return None if mapped is JobState.PENDING else mapped
+
+
+# -- resources (a pure policy) -------------------------------------------------------------
+
+Bundle = Mapping[str, float]
+_EPS = 1e-9  # Ray accounts fractional CPUs in 1e-4 units; anything smaller is rounding
+
+
+def total_of(bundles: Sequence[Bundle]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
+
+
+def fits(
+    bundles: Sequence[Bundle],
+    available: Mapping[str, float],
+    node_capacities: Sequence[Bundle] | None = None,
+) -> bool:
+    """Whether ``bundles`` fit in the cluster's free resources.
+
+    The check is on totals (what :func:`ray.available_resources` gives), plus: every bundle
+    must fit on at least one node's capacity, since an actor cannot span nodes.
+    """
+    need = total_of(bundles)
+    if any(v > available.get(k, 0.0) + _EPS for k, v in need.items() if v > 0):
+        return False
+    if node_capacities:
+        for b in bundles:
+            if not any(
+                all(v <= cap.get(k, 0.0) + _EPS for k, v in b.items() if v > 0)
+                for cap in node_capacities
+            ):
+                return False
+    return True
+
+
+def admit(
+    pending: Sequence[tuple[str, Sequence[Bundle]]],
+    available: Mapping[str, float],
+    node_capacities: Sequence[Bundle] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Which pending jobs to start now, oldest first, with backfill.
+
+    A job that does not fit does not block a smaller one behind it (backfill); each
+    admitted job's resources are taken from ``available`` before the next is considered.
+
+    Returns:
+        (admitted job ids, waiting job ids), both in the order given.
+    """
+    free = dict(available)
+    admitted: list[str] = []
+    waiting: list[str] = []
+    for job_id, bundles in pending:
+        if fits(bundles, free, node_capacities):
+            admitted.append(job_id)
+            for k, v in total_of(bundles).items():
+                free[k] = free.get(k, 0.0) - v
+        else:
+            waiting.append(job_id)
+    return admitted, waiting
+
+
+def describe_resources(res: Mapping[str, float]) -> str:
+    keys = [
+        k
+        for k in sorted(res)
+        if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))
+    ]
+    return ", ".join(f"{k}={res[k]:g}" for k in keys) or "nothing"
+
+
+# -- seams to Ray ---------------------------------------------------------------------------
+
+
+class PollLike(Protocol):
+    records: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    status: dict[str, Any]
+
+
+class RunnerLike(Protocol):
+    """What the manager needs of :class:`service.runner.JobRunner`."""
+
+    def start(self) -> object: ...
+    def poll(self) -> PollLike: ...
+    def scale(self, n: int) -> None: ...
+    def inject(self, fault: FaultSpec) -> None: ...
+    def cancel(self) -> None: ...
+    def finish(self) -> dict[str, Any]: ...
+    def model_bytes(self) -> bytes: ...
+
+
+class RunnerBackend(Protocol):
+    """Makes runners: the real one wraps ``JobRunner``; unit tests pass a fake."""
+
+    def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike: ...
+    def attach(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> RunnerLike | None: ...
+    def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
+
+
+class Cluster(Protocol):
+    """The cluster's free resources and the autoscaler (see :mod:`service.ray_conn`)."""
+
+    def available(self) -> dict[str, float]: ...
+    def node_capacities(self) -> list[dict[str, float]]: ...
+    def request(self, bundles: list[dict[str, float]]) -> None: ...
+
+
+class RayRunnerBackend:
+    """The real backend: :class:`service.runner.JobRunner` (imported when first used)."""
+
+    def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike:
+        from service.runner import JobRunner
+
+        runner: RunnerLike = JobRunner(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        return runner
+
+    def attach(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> RunnerLike | None:
+        from service.runner import JobRunner
+
+        runner: RunnerLike | None = JobRunner.attach(job_id, spec, out_dir, data_dir=data_dir)
+        return runner
+
+    def resources(self, spec: JobSpec) -> list[dict[str, float]]:
+        from service.runner import JobRunner
+
+        return [dict(b) for b in JobRunner.resources(spec)]
+
+
+# -- the manager ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """Supervisor-side bookkeeping of a job that has a runner."""
+
+    runner: RunnerLike
+    spec: JobSpec
+    start: Future[object] | None = None  # None once start() returned (or when re-attached)
+    since: float = field(default_factory=time.monotonic)
+    seen_status: bool = False
+    poll_failures: int = 0
+    cancel_requested_at: float | None = None
+
+
+# Seconds a cancelled job may take to stop by itself before it is stopped by force.
+CANCEL_GRACE_S = 30.0
+
+
+class JobManager:
+    """Owns every job's lifecycle. Thread-safe; the API calls it from its worker threads.
+
+    Args:
+        settings: service settings (state/data directories, poll interval, bounds).
+        store: persistence.
+        backend: makes runners (default: the real Ray one).
+        cluster: free resources and autoscaler requests (default: none, so every job fits;
+            :meth:`start` is given the Ray one by the app).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        backend: RunnerBackend | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend: RunnerBackend = backend or RayRunnerBackend()
+        self.cluster = cluster
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="esgd-start")
+        self._requested: list[dict[str, float]] = []
+        self._announced_wait: set[str] = set()
+        self._last_tick = 0.0
+        self.on_terminal: list[Callable[[JobRow], None]] = []
+
+    # -- life of the manager ----------------------------------------------------------
+
+    def start(self, cluster: Cluster | None = None) -> None:
+        """Reconcile the store with Ray, then start the supervisor thread."""
+        if cluster is not None:
+            self.cluster = cluster
+        self.reconcile()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="esgd-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop supervising. Jobs keep running in Ray (they are detached) and are
+        re-attached by the next :meth:`reconcile`."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def healthy(self) -> bool:
+        """The supervisor thread is alive and ticked recently (for ``/readyz``)."""
+        t = self._thread
+        if t is None or not t.is_alive():
+            return False
+        # a tick can take a start() call (a few seconds); 30 s without one means stuck
+        return time.monotonic() - self._last_tick < max(30.0, 20 * self.settings.poll_interval_s)
+
+    # -- requests from the API --------------------------------------------------------
+
+    def submit(self, spec: JobSpec, *, drill_id: str | None = None) -> JobRow:
+        """Accept a job: check what can be checked without Ray, persist it as ``pending``.
+
+        Raises:
+            SpecError: the spec's data file is missing or outside the data directory.
+        """
+        self.check_data_path(spec)
+        job_id = new_id()
+        out_dir = self.settings.runs_dir / job_id
+        row = self.store.create_job(
+            job_id,
+            spec.name,
+            spec.model_dump(mode="json"),
+            out_dir,
+            drill_id=drill_id,
+            detail="submitted; waiting for resources",
+        )
+        log.info("job %s (%s) submitted", job_id, spec.name)
+        self._wake.set()
+        return row
+
+    def check_data_path(self, spec: JobSpec) -> None:
+        """An ``npz`` dataset must name an existing file inside ``settings.data_dir``."""
+        if spec.dataset.name != "npz" or spec.dataset.path is None:
+            return
+        root = self.settings.data_dir.resolve()
+        target = (root / spec.dataset.path).resolve()
+        if not target.is_relative_to(root):
+            raise SpecError([("dataset.path", f"must stay inside the data directory {root}")])
+        if not target.is_file():
+            raise SpecError(
+                [
+                    (
+                        "dataset.path",
+                        f"no file {spec.dataset.path!r} in the data directory {root} "
+                        "(copy it there, or set ESGD_DATA_DIR)",
+                    )
+                ]
+            )
+
+    def get(self, job_id: str) -> JobRow:
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}: list the known jobs with GET /jobs")
+        return row
+
+    def spec_of(self, job_id: str) -> JobSpec:
+        data = self.store.get_spec(job_id)
+        if data is None:
+            raise JobNotFound(f"no job {job_id!r}: list the known jobs with GET /jobs")
+        return JobSpec.model_validate(data)
+
+    def cancel(self, job_id: str) -> JobRow:
+        """Stop a job. Pending jobs end at once; live ones when their coordinator stops.
+
+        Raises:
+            JobNotFound, InvalidTransition: unknown job, or already finished.
+        """
+        for _ in range(3):  # the supervisor may move the job meanwhile: retry on a stale read
+            row = self.get(job_id)
+            state = JobState(row.state)
+            if state.terminal:
+                raise InvalidTransition(
+                    f"job {job_id} already {state}; only pending, starting, running or "
+                    "recovering jobs can be cancelled"
+                )
+            if state is JobState.PENDING:
+                try:
+                    return self._transition(
+                        job_id, state, JobState.CANCELLED, "cancelled on request"
+                    )
+                except StaleState:
+                    continue
+            with self._lock:
+                live = self._live.get(job_id)
+                first = live is not None and live.cancel_requested_at is None
+                if live is not None and live.cancel_requested_at is None:
+                    live.cancel_requested_at = time.monotonic()
+            if live is None:
+                try:
+                    return self._transition(
+                        job_id,
+                        state,
+                        JobState.CANCELLED,
+                        "cancelled on request (no live coordinator)",
+                        finished=True,
+                    )
+                except StaleState:
+                    continue
+            if first:
+                self.store.add_event(job_id, "cancel", "cancel requested", step=row.step)
+                if live.start is None:
+                    self._call_runner(job_id, "cancel", live.runner.cancel)
+            self._wake.set()
+            return self.get(job_id)
+        raise InvalidTransition(f"job {job_id} changed state repeatedly; try again")
+
+    def scale(self, job_id: str, workers: int) -> JobRow:
+        """Change the number of workers of a running job.
+
+        Raises:
+            JobNotFound, InvalidTransition, SpecError: bad id, state or count.
+        """
+        row, live = self._live_for_change(job_id, "scaled")
+        lo, hi = live.spec.min_workers, live.spec.max_workers_or_workers
+        if not lo <= workers <= hi:
+            raise SpecError(
+                [
+                    (
+                        "workers",
+                        f"must be between min_workers ({lo}) and max_workers ({hi}) of job "
+                        f"{job_id}; submit the job with a larger max_workers to grow it further",
+                    )
+                ]
+            )
+        self._call_runner(job_id, "scale", lambda: live.runner.scale(workers))
+        self.store.add_event(
+            job_id, "scale", f"scale to {workers} workers requested", step=row.step
+        )
+        return self.get(job_id)
+
+    def inject(self, job_id: str, fault: FaultSpec) -> JobRow:
+        """Inject ``fault`` into a running job now.
+
+        Raises:
+            JobNotFound, InvalidTransition, SpecError: bad id, state or target.
+        """
+        row, live = self._live_for_change(job_id, "given faults")
+        hi = live.spec.max_workers_or_workers
+        if fault.workers and any(w >= hi for w in fault.workers):
+            raise SpecError([("workers", f"worker ids of job {job_id} are < {hi}")])
+        self._call_runner(job_id, "inject", lambda: live.runner.inject(fault))
+        target = ",".join(map(str, fault.workers)) if fault.workers else None
+        self.store.add_event(
+            job_id, "inject", f"{fault.kind} fault requested", target=target, step=row.step
+        )
+        return self.get(job_id)
+
+    def model_bytes(self, job_id: str) -> bytes:
+        """The job's latest model of record (``torch.save`` of a state dict).
+
+        Raises:
+            JobNotFound, InvalidTransition: bad id, or no model exists (yet).
+        """
+        row = self.get(job_id)
+        state = JobState(row.state)
+        path = Path(row.out_dir) / "model.pt"
+        if state.terminal:
+            if path.is_file():
+                return path.read_bytes()
+            raise InvalidTransition(f"job {job_id} {state} without writing a model")
+        with self._lock:
+            live = self._live.get(job_id)
+        if state.accepts_changes and live is not None and live.start is None:
+            return self._call_runner(job_id, "model_bytes", live.runner.model_bytes)
+        raise InvalidTransition(
+            f"job {job_id} is {state}: no model yet; try again once it is running"
+        )
+
+    def _live_for_change(self, job_id: str, verb: str) -> tuple[JobRow, _Live]:
+        row = self.get(job_id)
+        state = JobState(row.state)
+        with self._lock:
+            live = self._live.get(job_id)
+        if not state.accepts_changes or live is None or live.start is not None:
+            raise InvalidTransition(
+                f"job {job_id} is {state}; only running or recovering jobs can be {verb}"
+            )
+        if live.cancel_requested_at is not None:
+            raise InvalidTransition(f"job {job_id} is being cancelled; it can no longer be {verb}")
+        return row, live
+
+    def _call_runner(self, job_id: str, what: str, fn: Callable[[], T]) -> T:
+        """Call the runner; turn Ray's own exceptions into a clean ElasticSGDError."""
+        try:
+            return fn()
+        except ElasticSGDError:
+            raise
+        except Exception as exc:
+            log.warning("job %s: %s failed: %r", job_id, what, exc)
+            raise InvalidTransition(
+                f"job {job_id}: {what} failed because its coordinator did not answer "
+                f"({type(exc).__name__}); the job may be ending — check GET /jobs/{job_id}"
+            ) from exc
+
+    # -- the state machine ------------------------------------------------------------
+
+    def _transition(
+        self,
+        job_id: str,
+        current: JobState,
+        new: JobState,
+        reason: str,
+        *,
+        error: str | None = None,
+        step: int | None = None,
+        finished: bool = False,
+    ) -> JobRow:
+        """The one place where a job changes state: check, persist with its event, log.
+
+        Raises:
+            InvalidTransition: the move is not allowed.
+            StaleState: the job left ``current`` meanwhile.
+        """
+        check_transition(job_id, current, new)
+        row = self.store.transition(
+            job_id,
+            current.value,
+            new.value,
+            detail=reason,
+            error=error,
+            step=step,
+            started=new is JobState.RUNNING,
+            finished=finished or new.terminal,
+        )
+        log.info("job %s: %s -> %s (%s)", job_id, current, new, reason)
+        if new.terminal:
+            with self._lock:
+                self._live.pop(job_id, None)
+                self._announced_wait.discard(job_id)
+            for hook in list(self.on_terminal):
+                try:
+                    hook(row)
+                except Exception:
+                    log.exception("on_terminal hook failed for job %s", job_id)
+        return row
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        """Fail a job from whatever non-terminal state it is in (best effort)."""
+        for _ in range(3):
+            row = self.store.get_job(job_id)
+            if row is None or JobState(row.state).terminal:
+                return
+            try:
+                self._transition(
+                    job_id,
+                    JobState(row.state),
+                    JobState.FAILED,
+                    reason,
+                    error=reason,
+                    step=row.step,
+                )
+                return
+            except StaleState:
+                continue
+
+    # -- start-up reconcile -------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Bring every non-terminal job the store knows back under supervision.
+
+        Pending jobs wait again; live ones are re-attached to their coordinator if it still
+        runs in Ray, else failed with the reason (resume-from-checkpoint comes with the
+        fault-tolerance work).
+        """
+        rows, _ = self.store.list_jobs(
+            states=[s.value for s in JobState if s.live], limit=1_000_000, newest_first=False
+        )
+        for row in rows:
+            try:
+                spec = self.spec_of(row.id)
+            except (ValidationError, JobNotFound) as exc:
+                self._fail(row.id, f"its stored spec no longer validates: {exc}")
+                continue
+            try:
+                runner = self.backend.attach(
+                    row.id, spec, Path(row.out_dir), self.settings.data_dir
+                )
+            except Exception as exc:
+                log.warning("job %s: attach failed: %r", row.id, exc)
+                runner = None
+            if runner is None:
+                self._fail(
+                    row.id,
+                    f"the service restarted and coordinator esgd-{row.id} is no longer in Ray "
+                    "(it ran in the service's own Ray instance, or it crashed); resuming from "
+                    "a checkpoint is not supported yet: resubmit the job",
+                )
+                continue
+            with self._lock:
+                self._live[row.id] = _Live(runner=runner, spec=spec, seen_status=True)
+            self.store.add_event(
+                row.id,
+                "reattach",
+                f"service restarted; re-attached to coordinator esgd-{row.id}",
+                step=row.step,
+            )
+            log.info("job %s re-attached (%s)", row.id, row.state)
+
+    # -- the supervisor -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("supervisor tick failed; retrying next interval")
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """One supervisor round: follow every live job, then admit pending ones."""
+        self._last_tick = time.monotonic()
+        with self._lock:
+            live = list(self._live.items())
+        for job_id, entry in live:
+            if self._stop.is_set():
+                return
+            try:
+                self._follow(job_id, entry)
+            except Exception:
+                log.exception("job %s: supervising failed", job_id)
+        self._admit_pending()
+
+    def _follow(self, job_id: str, entry: _Live) -> None:
+        if entry.start is not None:
+            if not entry.start.done():
+                return
+            exc = entry.start.exception()
+            entry.start = None
+            entry.since = time.monotonic()
+            if exc is not None:
+                detail = str(exc) if isinstance(exc, ElasticSGDError) else repr(exc)
+                self._fail(job_id, f"could not start: {detail}")
+                return
+            if entry.cancel_requested_at is not None:
+                self._call_quietly(job_id, "cancel", entry.runner.cancel)
+        try:
+            p = entry.runner.poll()
+        except Exception as exc:
+            entry.poll_failures += 1
+            log.warning("job %s: poll %d failed: %r", job_id, entry.poll_failures, exc)
+            if entry.poll_failures >= self.settings.max_poll_failures:
+                self._call_quietly(job_id, "finish", entry.runner.finish)
+                self._fail(
+                    job_id,
+                    f"lost contact with coordinator esgd-{job_id}: {entry.poll_failures} polls "
+                    f"in a row failed (ESGD_MAX_POLL_FAILURES={self.settings.max_poll_failures});"
+                    f" last error: {type(exc).__name__}: {exc}",
+                )
+            return
+        entry.poll_failures = 0
+        self.store.ingest(job_id, p.records, p.events)
+        status = dict(p.status or {})
+        total = status.get("total_steps")
+        step = status.get("step")
+        self.store.update_progress(
+            job_id,
+            step=step if isinstance(step, int) else None,
+            total_steps=total if isinstance(total, int) else None,
+            status=status,
+        )
+        row = self.store.get_job(job_id)
+        if row is None:
+            return
+        current = JobState(row.state)
+        target = map_runner_state(status.get("state"))
+        if target is not None and target is not JobState.STARTING:
+            entry.seen_status = True
+        if target is None or target is current or current.terminal:
+            self._check_timeouts(job_id, entry, current)
+            return
+        if target.terminal:
+            self._finish(job_id, entry, current, target, status)
+        elif target is not JobState.STARTING:
+            try:
+                self._transition(
+                    job_id, current, target, f"coordinator reports {target}", step=row.step
+                )
+            except (InvalidTransition, StaleState) as exc:
+                log.warning("job %s: ignored runner state %s: %s", job_id, target, exc)
+
+    def _finish(
+        self,
+        job_id: str,
+        entry: _Live,
+        current: JobState,
+        target: JobState,
+        status: Mapping[str, Any],
+    ) -> None:
+        """The coordinator ended: collect the outputs, then record the terminal state."""
+        summary: dict[str, Any] | None = None
+        error = status.get("error")
+        try:  # the coordinator may have produced records after the poll that saw it end
+            last = entry.runner.poll()
+            self.store.ingest(job_id, last.records, last.events)
+        except Exception as exc:
+            log.debug("job %s: final poll failed: %r", job_id, exc)
+        try:
+            summary = entry.runner.finish()
+        except Exception as exc:
+            log.exception("job %s: finish failed", job_id)
+            if target is JobState.SUCCEEDED:
+                target, error = JobState.FAILED, f"writing the job's outputs failed: {exc!r}"
+        if summary is not None:
+            self.store.set_summary(job_id, summary)
+        reason = {
+            JobState.SUCCEEDED: "all steps done",
+            JobState.CANCELLED: "cancelled on request",
+            JobState.FAILED: f"training failed: {error or 'no reason given'}",
+        }[target]
+        try:
+            self._transition(
+                job_id,
+                current,
+                target,
+                reason,
+                error=None if target is not JobState.FAILED else str(error),
+                step=int(status.get("step") or 0),
+            )
+        except (StaleState, InvalidTransition) as exc:
+            log.warning("job %s: could not record end state %s: %s", job_id, target, exc)
+
+    def _check_timeouts(self, job_id: str, entry: _Live, current: JobState) -> None:
+        now = time.monotonic()
+        if not entry.seen_status and now - entry.since > self.settings.start_timeout_s:
+            self._call_quietly(job_id, "cancel", entry.runner.cancel)
+            self._call_quietly(job_id, "finish", entry.runner.finish)
+            self._fail(
+                job_id,
+                f"the coordinator did not report running within {self.settings.start_timeout_s:g}"
+                " s (ESGD_START_TIMEOUT_S); the cluster may lack the resources it asked for",
+            )
+        elif (
+            entry.cancel_requested_at is not None
+            and now - entry.cancel_requested_at > CANCEL_GRACE_S
+        ):
+            self._call_quietly(job_id, "finish", entry.runner.finish)
+            with contextlib.suppress(StaleState, InvalidTransition):
+                self._transition(
+                    job_id,
+                    current,
+                    JobState.CANCELLED,
+                    f"cancelled by force after {CANCEL_GRACE_S:g} s without "
+                    "the coordinator stopping",
+                )
+
+    def _call_quietly(self, job_id: str, what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            log.warning("job %s: %s failed: %r", job_id, what, exc)
+
+    def _admit_pending(self) -> None:
+        rows, _ = self.store.list_jobs(
+            states=[JobState.PENDING.value], limit=10_000, newest_first=False
+        )
+        if not rows and not self._requested:
+            return
+        pending: list[tuple[str, list[dict[str, float]]]] = []
+        specs: dict[str, JobSpec] = {}
+        for row in rows:
+            try:
+                spec = self.spec_of(row.id)
+                bundles = self.backend.resources(spec)
+            except Exception as exc:
+                self._fail(row.id, f"cannot work out the resources it needs: {exc}")
+                continue
+            specs[row.id] = spec
+            pending.append((row.id, bundles))
+        if self.cluster is None:
+            admitted, waiting = [j for j, _ in pending], cast(list[str], [])
+        else:
+            try:
+                available = self.cluster.available()
+                nodes = self.cluster.node_capacities()
+            except Exception as exc:
+                log.warning("cannot read the cluster's resources: %r", exc)
+                return
+            with self._lock:
+                starting = [e.spec for e in self._live.values() if e.start is not None]
+            reserved = total_of([b for s in starting for b in self.backend.resources(s)])
+            free = {k: v - reserved.get(k, 0.0) for k, v in available.items()}
+            admitted, waiting = admit(pending, free, nodes)
+            for job_id in waiting:
+                if job_id not in self._announced_wait:
+                    self._announced_wait.add(job_id)
+                    need = total_of(dict(pending)[job_id])
+                    self.store.add_event(
+                        job_id,
+                        "resources",
+                        f"waiting for resources: needs {describe_resources(need)}, cluster "
+                        f"has {describe_resources(free)} free; asked the autoscaler",
+                    )
+            self._request_resources(dict(pending), waiting)
+        for job_id in admitted:
+            self._start(job_id, specs[job_id])
+
+    def _request_resources(
+        self, pending: Mapping[str, Sequence[Bundle]], waiting: Sequence[str]
+    ) -> None:
+        """Ask the autoscaler for every live and waiting job's bundles (a total, not a delta:
+        ``request_resources`` replaces the previous request)."""
+        assert self.cluster is not None
+        if waiting:
+            with self._lock:
+                live_specs = [e.spec for e in self._live.values()]
+            bundles = [dict(b) for s in live_specs for b in self.backend.resources(s)]
+            bundles += [dict(b) for j in waiting for b in pending[j]]
+        else:
+            bundles = []
+        if bundles != self._requested:
+            try:
+                self.cluster.request(bundles)
+                self._requested = bundles
+                log.info("asked the autoscaler for %d bundles", len(bundles))
+            except Exception as exc:
+                log.warning("request_resources failed: %r", exc)
+
+    def _start(self, job_id: str, spec: JobSpec) -> None:
+        try:
+            self._transition(
+                job_id,
+                JobState.PENDING,
+                JobState.STARTING,
+                "resources available; starting coordinator and workers",
+            )
+        except (StaleState, InvalidTransition):
+            return  # cancelled meanwhile
+        self._announced_wait.discard(job_id)
+        out_dir = self.settings.runs_dir / job_id
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            runner = self.backend.create(job_id, spec, out_dir, self.settings.data_dir)
+        except Exception as exc:
+            self._fail(job_id, f"could not create its runner: {exc}")
+            return
+        entry = _Live(runner=runner, spec=spec)
+        with self._lock:
+            self._live[job_id] = entry
+        entry.start = self._pool.submit(runner.start)
+
+
+def parse_fault(data: Any) -> FaultSpec:
+    """Validate a fault given over HTTP or the CLI.
+
+    Raises:
+        SpecError: with one ``(field path, message)`` per problem.
+    """
+    if not isinstance(data, dict):
+        raise SpecError([("fault", f"must be a mapping of fields, got {type(data).__name__}")])
+    try:
+        return FaultSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc)) from None

@@ -1,0 +1,182 @@
+"""The driver side of one training job: start it on Ray, poll it, steer it, collect it.
+
+:class:`JobRunner` is what both the CLI (``elastic-sgd run``) and the service's job manager
+use. It creates the coordinator actor (named ``esgd-<job id>`` in namespace ``elastic-sgd``,
+detached when the service runs it, so an API restart can re-attach), forwards control calls,
+and hands back metrics and events exactly once per poller (the coordinator keeps them until a
+later poll acknowledges them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.coordinator import Coordinator
+from service.errors import ElasticSGDError, TrainingFailed
+from service.spec import FaultSpec, JobSpec
+
+NAMESPACE = "elastic-sgd"
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in this process."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if address is None:
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+
+
+@dataclass
+class Poll:
+    """What one poll brought: new records and events, and the job's status now."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class JobRunner:
+    """Driver-side handle on one training job running on Ray.
+
+    Args:
+        job_id: unique id (names the coordinator actor).
+        spec: the validated job.
+        out_dir: where ``metrics.jsonl``, ``model.pt`` and ``summary.json`` go.
+        data_dir: where ``npz`` datasets are looked up.
+        detached: keep the coordinator alive if this process dies (the service does).
+    """
+
+    def __init__(self, job_id: str, spec: JobSpec, out_dir: Path, *,
+                 data_dir: Path | None = None, detached: bool = True) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.out_dir = Path(out_dir)
+        self.data_dir = data_dir
+        self.detached = detached
+        self.actor: Any = None
+        self.run_ref: Any = None
+        self._seen = 0  # highest seq handed to the caller
+        self._acked = 0  # highest seq the coordinator may forget
+
+    @property
+    def actor_name(self) -> str:
+        return f"esgd-{self.job_id}"
+
+    @staticmethod
+    def resources(spec: JobSpec) -> list[dict[str, float]]:
+        """Resource bundles the job needs: the coordinator's, then one per worker."""
+        r = spec.resources
+        worker: dict[str, float] = {"CPU": r.worker_cpus}
+        if not isinstance(r.worker_gpus, str) and r.worker_gpus > 0:
+            worker["GPU"] = r.worker_gpus
+        return [{"CPU": r.coordinator_cpus}] + [dict(worker) for _ in range(spec.workers)]
+
+    def start(self) -> dict[str, Any]:
+        """Create the coordinator and its workers, then start training (returns at once).
+
+        Raises:
+            ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
+        """
+        ensure_ray()
+        opts: dict[str, Any] = {"name": self.actor_name, "namespace": NAMESPACE,
+                                "num_cpus": self.spec.resources.coordinator_cpus}
+        if self.detached:
+            opts["lifetime"] = "detached"
+        self.actor = Coordinator.options(**opts).remote(  # type: ignore[attr-defined]
+            self.job_id, self.spec, None if self.data_dir is None else str(self.data_dir))
+        try:
+            info: dict[str, Any] = ray.get(self.actor.start.remote())
+        except ray.exceptions.RayActorError as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, ElasticSGDError):
+                raise cause from None
+            raise TrainingFailed(f"the coordinator could not start: {exc}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if hasattr(exc, "cause") else exc
+            if isinstance(cause, ElasticSGDError):
+                raise cause from None
+            raise
+        self.run_ref = self.actor.run.remote()
+        return info
+
+    @classmethod
+    def attach(cls, job_id: str, spec: JobSpec, out_dir: Path, *,
+               data_dir: Path | None = None) -> JobRunner | None:
+        """Re-attach to a detached coordinator that still runs; ``None`` if it is gone."""
+        ensure_ray()
+        runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        try:
+            runner.actor = ray.get_actor(runner.actor_name, namespace=NAMESPACE)
+            ray.get(runner.actor.ping.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            return None
+        return runner
+
+    def poll(self) -> Poll:
+        """New records/events since the last poll, plus the status."""
+        out = ray.get(self.actor.poll_async.remote(self._acked))
+        self._acked = self._seen
+        recs = [r for r in out["records"] if r["seq"] > self._seen]
+        evs = [e for e in out["events"] if e["seq"] > self._seen]
+        self._seen = max([self._seen] + [x["seq"] for x in recs + evs])
+        self._append_metrics(recs)
+        return Poll(recs, evs, out["status"])
+
+    def _append_metrics(self, recs: list[dict[str, Any]]) -> None:
+        if not recs:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+
+    def done(self) -> bool:
+        if self.run_ref is None:
+            return ray.get(self.actor.ping.remote()) in ("succeeded", "failed", "cancelled")
+        ready, _ = ray.wait([self.run_ref], timeout=0)
+        return bool(ready)
+
+    def scale(self, n: int) -> None:
+        ray.get(self.actor.scale.remote(n))
+
+    def inject(self, fault: FaultSpec) -> None:
+        ray.get(self.actor.inject_async.remote(fault))
+
+    def cancel(self) -> None:
+        ray.get(self.actor.cancel_async.remote())
+
+    def model_bytes(self) -> bytes:
+        data: bytes = ray.get(self.actor.model_bytes_async.remote())
+        return data
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the end, write the run's files, release the actors; returns the summary."""
+        if self.run_ref is not None:
+            summary: dict[str, Any] = ray.get(self.run_ref)
+        else:
+            summary = ray.get(self.actor.summary_async.remote())
+        self.poll()  # the last records
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "model.pt").write_bytes(self.model_bytes())
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self.release()
+        return summary
+
+    def release(self) -> None:
+        """Stop the workers and the coordinator."""
+        if self.actor is None:
+            return
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(self.actor.shutdown.remote(), timeout=30)
+        ray.kill(self.actor, no_restart=True)
+        self.actor = None

@@ -1,0 +1,114 @@
+"""Service settings: the one place where the service's configuration enters.
+
+Every value comes from an ``ESGD_``-prefixed environment variable (or the constructor, in
+tests and in ``elastic-sgd serve``'s flags) and is validated once, here. Unsafe values are
+refused with a message that names the setting to change: above all, the server will not
+listen beyond loopback without a bearer token (:attr:`Settings.token`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import ElasticSGDError
+from service.spec import format_errors
+
+
+class SettingsError(ElasticSGDError):
+    """A service setting was refused (unsafe or out of range)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = [f"{path}: {msg}" for path, msg in problems]
+        super().__init__("invalid service settings:\n  " + "\n  ".join(lines))
+
+    def __reduce__(self) -> tuple[type[SettingsError], tuple[list[tuple[str, str]]]]:
+        return (SettingsError, (self.problems,))
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything: treat it as public.
+        return False
+
+
+class Settings(BaseSettings):
+    """Configuration of the elastic-sgd service (env prefix ``ESGD_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ESGD_", extra="forbid", validate_default=True, populate_by_name=True
+    )
+
+    # SQLite database, job outputs (metrics.jsonl, model.pt, summary.json) and logs.
+    state_dir: Path = Path(".state")
+    # Directory that ``dataset.path`` of ``npz`` specs is resolved inside (never outside).
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Bearer token required on every mutating route; None disables auth (loopback only).
+    token: SecretStr | None = None
+    # 1 MiB: a job spec is a few KiB; this leaves room for long fault plans.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    # Ray cluster to use (``ray://`` or ``host:port``); None starts Ray in-process.
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("ESGD_RAY_ADDRESS", "RAY_ADDRESS")
+    )
+    # How often the supervisor polls each job's coordinator for metrics and events.
+    poll_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
+    # Seconds a started job may take to report its first status before it is failed.
+    start_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    # Consecutive failed polls of a live job before it is declared failed (bounded retry).
+    max_poll_failures: int = Field(default=10, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _refuse_public_without_token(self) -> Settings:
+        if not is_loopback(self.host) and self.token is None:
+            raise ValueError(
+                f"host {self.host!r} is reachable beyond this machine but no token is set: "
+                "set ESGD_TOKEN (or --token) to a long random string, or use "
+                "ESGD_HOST=127.0.0.1"
+            )
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("token is too short: use at least 16 characters (ESGD_TOKEN)")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file holding jobs, events, metrics, checkpoints and drills."""
+        return self.state_dir / "elastic-sgd.sqlite3"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where each job's outputs go (``runs/<job id>/``)."""
+        return self.state_dir / "runs"
+
+    @property
+    def token_value(self) -> str | None:
+        return None if self.token is None else self.token.get_secret_value()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment plus explicit ``overrides``.
+
+    ``None`` overrides are ignored, so CLI flags that were not given fall through to the
+    environment.
+
+    Raises:
+        SettingsError: one ``(setting, message)`` per refused value.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = [("settings" if p == "spec" else p, m) for p, m in format_errors(exc)]
+        raise SettingsError(problems) from None

@@ -1,0 +1,341 @@
+"""The job spec: the one typed description of a training job.
+
+Config enters elastic-sgd once, here, at the edge (YAML file, HTTP body or CLI flag) and is
+validated into a :class:`JobSpec`. Nothing untyped goes further in: the coordinator and the
+workers receive this model (or pieces of it). Unknown keys and out-of-range values are
+refused with the field's path and the allowed range (:func:`parse_spec`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import SpecError
+
+ModelName = Literal["logreg", "mlp", "cnn"]
+DatasetName = Literal["digits", "synthetic_classification", "least_squares", "npz"]
+
+
+class _Strict(BaseModel):
+    """Base for every spec section: unknown keys are refused, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSpec(_Strict):
+    """Which network to train; names come from the model registry only."""
+
+    name: ModelName = "mlp"
+    # Hidden layer widths for ``mlp``; channels of the two conv layers for ``cnn``.
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [64])
+
+
+class DatasetSpec(_Strict):
+    """Where the training data comes from; every source is local (nothing is downloaded)."""
+
+    name: DatasetName = "digits"
+    # Fraction of the samples held out for evaluation (fixed split, chosen by ``seed``).
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # Size of generated datasets (ignored for digits and npz).
+    n_samples: int = Field(default=4096, ge=16, le=10_000_000)
+    n_features: int = Field(default=32, ge=1, le=100_000)
+    n_classes: int = Field(default=10, ge=2, le=10_000)
+    # Label noise of the least-squares target (std of the additive Gaussian noise).
+    noise: float = Field(default=0.01, ge=0.0, le=100.0)
+    # For ``npz``: a file name *inside* the configured data directory (no absolute paths,
+    # no ``..``); the file holds arrays ``x`` and ``y``.
+    path: str | None = Field(default=None, max_length=255)
+
+    @model_validator(mode="after")
+    def _check_path(self) -> DatasetSpec:
+        if self.name == "npz":
+            if not self.path:
+                raise ValueError("dataset.path is required when dataset.name is 'npz'")
+            p = Path(self.path)
+            if p.is_absolute() or ".." in p.parts or self.path.startswith("~"):
+                raise ValueError(
+                    "dataset.path must be a relative file name inside the data directory "
+                    "(no absolute path, no '..', no '~')"
+                )
+            if p.suffix != ".npz":
+                raise ValueError("dataset.path must end in .npz")
+        elif self.path is not None:
+            raise ValueError("dataset.path is only allowed when dataset.name is 'npz'")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    """SGD with momentum and weight decay, applied by the coordinator to the model of record."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(default=0.05, gt=0.0, le=100.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _check_nesterov(self) -> OptimizerSpec:
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0")
+        return self
+
+
+class SyncMode(_Strict):
+    """Every live worker's step-k gradient is applied before anyone starts step k+1 (B = 0)."""
+
+    name: Literal["sync"] = "sync"
+
+
+class ElasticMode(_Strict):
+    """The paper's elastic scheduling rule.
+
+    A worker starts step k+1 once the part of the step-k update it has received (the other
+    workers' gradients that reached the coordinator) has norm >= ``beta`` x its own step-k
+    gradient's norm, and never more than ``max_lag`` steps ahead of an incomplete update.
+    """
+
+    name: Literal["elastic"] = "elastic"
+    beta: float = Field(default=0.5, ge=0.0, le=64.0)
+    max_lag: int = Field(default=2, ge=1, le=64)
+
+
+class AsyncMode(_Strict):
+    """Workers never wait; each gradient is applied on arrival (bounded staleness)."""
+
+    name: Literal["async"] = "async"
+    # A gradient computed on a view more than this many updates old is stale.
+    max_staleness: int = Field(default=4, ge=0, le=10_000)
+    # ``refuse``: drop stale gradients (counted); ``wait``: hold back fresher workers'
+    # updates until the oldest outstanding gradient arrives, so none is ever stale.
+    on_stale: Literal["refuse", "wait"] = "refuse"
+
+
+ModeSpec = Annotated[SyncMode | ElasticMode | AsyncMode, Field(discriminator="name")]
+
+
+class CompressionSpec(_Strict):
+    """Per-worker gradient compression, with optional error-feedback memory."""
+
+    name: Literal["none", "topk", "randomk", "qsgd", "sign"] = "none"
+    # Fraction of coordinates kept by ``topk`` / ``randomk``.
+    fraction: float = Field(default=0.1, gt=0.0, le=1.0)
+    # Quantisation levels of ``qsgd`` (s in the QSGD paper).
+    levels: int = Field(default=16, ge=1, le=65535)
+    error_feedback: bool = True
+
+
+class ResourcesSpec(_Strict):
+    """What each actor asks Ray for. Fractions let several workers share one core."""
+
+    # 4 workers x 0.25 + coordinator 0.25 = 1.25 CPUs: fits a 2-core machine.
+    worker_cpus: float = Field(default=0.25, gt=0.0, le=256.0)
+    # "auto": a share of a GPU when the cluster has GPUs, else none.
+    worker_gpus: float | Literal["auto"] = "auto"
+    coordinator_cpus: float = Field(default=0.25, gt=0.0, le=256.0)
+    # Torch intra-op threads per worker (1 keeps workers from fighting over cores).
+    torch_threads: int = Field(default=1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> ResourcesSpec:
+        g = self.worker_gpus
+        if not isinstance(g, str) and not 0.0 <= g <= 64.0:
+            raise ValueError("resources.worker_gpus must be 'auto' or a number in [0, 64]")
+        return self
+
+
+class FaultSpec(_Strict):
+    """One injected fault: what, on whom, when, for how long."""
+
+    kind: Literal["crash", "drop", "delay", "partition", "coordinator_crash"]
+    # Target: explicit worker ids, or a count of workers picked by the seeded RNG.
+    workers: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
+    count: int | None = Field(default=None, ge=1, le=4096)
+    # Trigger: at a step, at seconds since start, or with a probability per step.
+    at_step: int | None = Field(default=None, ge=0, le=10_000_000)
+    at_s: float | None = Field(default=None, ge=0.0, le=1e6)
+    probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Exact steps (for ``drop``).
+    steps: list[Annotated[int, Field(ge=0)]] | None = None
+    # Window length for delay and partition (steps or seconds; whichever is given).
+    duration_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    duration_s: float | None = Field(default=None, gt=0.0, le=1e6)
+    # ``crash``: restart the worker after this many seconds.
+    rejoin_after_s: float | None = Field(default=None, ge=0.0, le=1e5)
+    # ``delay``: distribution of the per-step delay, and its mean (or constant) in ms.
+    distribution: Literal["constant", "exponential", "pareto"] = "constant"
+    delay_ms: float = Field(default=0.0, ge=0.0, le=600_000.0)
+    # Pareto shape (tail index); smaller is heavier. Mean exists for shape > 1.
+    pareto_shape: float = Field(default=1.5, gt=1.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultSpec:
+        if self.workers is not None and self.count is not None:
+            raise ValueError("give either workers or count, not both")
+        if self.kind == "coordinator_crash":
+            if self.workers is not None or self.count is not None:
+                raise ValueError("coordinator_crash takes no workers/count target")
+            if self.at_step is None:
+                raise ValueError("coordinator_crash needs at_step")
+        triggers = [self.at_step is not None, self.at_s is not None,
+                    self.probability is not None, self.steps is not None]
+        if sum(triggers) > 1:
+            raise ValueError("give one trigger: at_step, at_s, probability or steps")
+        if self.kind == "delay" and self.delay_ms <= 0.0:
+            raise ValueError("delay needs delay_ms > 0")
+        if self.kind == "partition" and self.duration_s is None and self.duration_steps is None:
+            raise ValueError("partition needs duration_s or duration_steps")
+        if self.steps is not None and self.kind != "drop":
+            raise ValueError("steps (an exact list) is only allowed for drop faults")
+        return self
+
+
+class CheckpointSpec(_Strict):
+    """How often the coordinator writes an atomic, checksummed checkpoint."""
+
+    interval_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    interval_s: float | None = Field(default=None, gt=0.0, le=1e6)
+    keep: int = Field(default=3, ge=1, le=100)
+
+
+class JobSpec(_Strict):
+    """A whole training job.
+
+    ``steps`` counts updates of the model of record. In ``async`` mode every gradient is its
+    own update, so one step there is ``workers`` applied gradients (the same samples as a
+    synchronous step).
+    """
+
+    name: str = Field(default="job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    steps: int | None = Field(default=None, ge=1, le=100_000_000)
+    epochs: float | None = Field(default=None, gt=0.0, le=1_000_000.0)
+    workers: int = Field(default=4, ge=1, le=4096)
+    min_workers: int = Field(default=1, ge=1, le=4096)
+    max_workers: int | None = Field(default=None, ge=1, le=4096)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    mode: ModeSpec = Field(default_factory=SyncMode)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    eval_interval: int = Field(default=20, ge=1, le=10_000_000)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    # How views and gradients move: ``shared_memory`` when coordinator and worker share a
+    # host (/dev/shm, zero-copy), ``object_store`` through Ray, ``auto`` picks per worker.
+    transport: Literal["auto", "object_store", "shared_memory"] = "auto"
+    # Wire precision of gradients and views over the object store.
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Measure B-hat on every n-th view (1 = every view).
+    monitor_interval: int = Field(default=1, ge=1, le=1_000_000)
+    missing_policy: Literal["skip", "substitute"] = "skip"
+    faults: list[FaultSpec] = Field(default_factory=list)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    # Seconds without news from a worker before it is declared lost.
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _check_job(self) -> JobSpec:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.min_workers > self.workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) must be <= workers ({self.workers})")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must be >= workers ({self.workers})")
+        for i, f in enumerate(self.faults):
+            ids = f.workers or []
+            if any(w >= self.max_workers_or_workers for w in ids):
+                raise ValueError(
+                    f"faults.{i}.workers: worker ids must be < {self.max_workers_or_workers}"
+                )
+        return self
+
+    @property
+    def max_workers_or_workers(self) -> int:
+        return self.max_workers if self.max_workers is not None else self.workers
+
+    def total_steps(self, n_train: int) -> int:
+        """Steps to run: ``steps`` as given, or ``epochs`` over ``n_train`` samples."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None
+        # one step consumes workers * batch_size samples
+        return max(1, math.ceil(self.epochs * n_train / (self.workers * self.batch_size)))
+
+
+def _allowed(err: Mapping[str, Any]) -> str:
+    """What the user may give instead, from pydantic's error context."""
+    ctx = err.get("ctx") or {}
+    parts = []
+    for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            parts.append(f"{sym} {ctx[key]}")
+    if "expected" in ctx:
+        parts.append(f"one of {ctx['expected']}")
+    if "max_length" in ctx:
+        parts.append(f"at most {ctx['max_length']} characters")
+    if "pattern" in ctx:
+        parts.append(f"matching {ctx['pattern']}")
+    return f" (allowed: {', '.join(parts)})" if parts else ""
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Turn a pydantic error into ``(field.path, message + allowed range)`` pairs."""
+    return format_error_list(exc.errors(), prefix)
+
+
+def format_error_list(
+    errors: Sequence[Mapping[str, Any]], prefix: str = ""
+) -> list[tuple[str, str]]:
+    """:func:`format_errors` for error dicts already taken out of a ValidationError
+    (FastAPI's request validation hands them over this way)."""
+    problems = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+        path = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "spec")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (remove it, or check its spelling)"
+        problems.append((path, msg + _allowed(err)))
+    return problems
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a mapping into a :class:`JobSpec`.
+
+    Raises:
+        SpecError: with one ``(field path, message)`` per problem.
+    """
+    if not isinstance(data, dict):
+        raise SpecError([("spec", f"must be a mapping of fields, got {type(data).__name__}")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML job spec file.
+
+    Raises:
+        SpecError: the file is missing, is not YAML, or holds an invalid spec.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError([("file", f"cannot read {p}: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([("file", f"{p} is not valid YAML: {exc}")]) from None
+    return parse_spec(data)

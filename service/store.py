@@ -1,0 +1,732 @@
+"""Persistence: jobs, specs, events, metrics, checkpoint records and drills in SQLite.
+
+The store is the service's memory. The API reads only from it; the job manager writes what
+it learns from each job's coordinator into it. It is built so that a ``kill -9`` of the API
+process loses nothing that was acknowledged:
+
+* WAL journal with ``synchronous=FULL``: every write is committed (and synced) before the
+  call returns, so before any HTTP response or poll acknowledgement depends on it;
+* metrics and runner events carry the coordinator's ``seq`` and are inserted with
+  ``INSERT OR IGNORE`` on ``(job_id, seq)``: a poll that is replayed after a crash
+  (the coordinator keeps records until the next poll acknowledges them) adds nothing twice;
+* a state change and its event are written in one transaction, guarded by the state it
+  came from (compare-and-set), so two threads cannot both move a job.
+
+One sqlite3 connection per thread (sqlite3 connections must not be shared across threads
+mid-transaction); WAL lets readers run while the supervisor writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from service.errors import ElasticSGDError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    error TEXT,
+    status_json TEXT,
+    summary_json TEXT,
+    out_dir TEXT NOT NULL,
+    drill_id TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_at);
+CREATE TABLE IF NOT EXISTS specs (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+    spec_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    source TEXT NOT NULL,          -- 'service' (state machine) or 'runner' (coordinator)
+    seq INTEGER,                   -- the coordinator's seq; NULL for service events
+    wall_time REAL NOT NULL,
+    time_s REAL,
+    step INTEGER,
+    kind TEXT NOT NULL,
+    target TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    UNIQUE (job_id, source, seq)
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    wall_time REAL,
+    loss REAL,
+    test_accuracy REAL,
+    samples_per_s REAL,
+    b_hat REAL,
+    data_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS metrics_by_step ON metrics(job_id, step);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    wall_time REAL NOT NULL,
+    path TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS drills (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    spec_json TEXT NOT NULL,
+    job_id TEXT,
+    report_json TEXT,
+    error TEXT
+);
+"""
+
+
+class StoreError(ElasticSGDError):
+    """The state database cannot be used (wrong schema version, unwritable directory)."""
+
+
+class StaleState(ElasticSGDError):
+    """A compare-and-set state change found the job in another state than expected."""
+
+    def __init__(self, job_id: str, expected: str, actual: str | None) -> None:
+        self.job_id, self.expected, self.actual = job_id, expected, actual
+        super().__init__(f"job {job_id} is {actual}, not {expected}")
+
+    def __reduce__(self) -> tuple[type[StaleState], tuple[str, str, str | None]]:
+        return (StaleState, (self.job_id, self.expected, self.actual))
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as stored (the API turns it into ``JobPublic``)."""
+
+    id: str
+    name: str
+    state: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    step: int
+    total_steps: int | None
+    error: str | None
+    status: dict[str, Any]
+    summary: dict[str, Any] | None
+    out_dir: str
+    drill_id: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    job_id: str
+    source: str
+    seq: int | None
+    wall_time: float
+    time_s: float | None
+    step: int | None
+    kind: str
+    target: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class DrillRow:
+    id: str
+    name: str
+    state: str
+    created_at: float
+    updated_at: float
+    spec: dict[str, Any]
+    job_id: str | None
+    report: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    job_id: str
+    step: int
+    wall_time: float
+    path: str | None
+    detail: str
+
+
+def new_id() -> str:
+    """A short random id: 12 hex digits = 48 bits, collision-free for any realistic count."""
+    return uuid.uuid4().hex[:12]
+
+
+def _num(x: Any) -> float | None:
+    """A finite float for an indexed column, or None (NaN/inf stay in the JSON only)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    f = float(x)
+    return f if math.isfinite(f) else None
+
+
+def _int(x: Any, default: int = 0) -> int:
+    if isinstance(x, bool):
+        return default
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float) and math.isfinite(x):
+        return int(x)
+    return default
+
+
+def _dumps(obj: Any) -> str:
+    # allow_nan: metrics may legitimately hold NaN/inf (a diverging run); JSON readers of
+    # the API get them normalised to null by the schema layer.
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+class Store:
+    """SQLite-backed persistence. Thread-safe; every write method commits before returning.
+
+    Args:
+        path: the database file; its directory is created if missing.
+
+    Raises:
+        StoreError: the file belongs to a newer schema or cannot be opened.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the state directory {self.path.parent}: {exc.strerror} "
+                "(set ESGD_STATE_DIR to a writable directory)"
+            ) from exc
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            with self._tx() as c:
+                c.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer elastic-sgd (schema {row[0]} > "
+                f"{SCHEMA_VERSION}): upgrade, or point ESGD_STATE_DIR elsewhere"
+            )
+
+    # -- connections -------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open {self.path}: {exc}") from exc
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is synced on every commit, so an acknowledged write survives
+            # a crash of the process *and* of the machine.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")  # ms; writers queue, never fail
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (or rolled back) before the block's caller resumes."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def journal_mode(self) -> str:
+        return str(self._conn().execute("PRAGMA journal_mode").fetchone()[0])
+
+    def ping(self) -> bool:
+        """True when the database answers (for ``/readyz``)."""
+        try:
+            self._conn().execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        job_id: str,
+        name: str,
+        spec: Mapping[str, Any],
+        out_dir: Path,
+        *,
+        state: str = "pending",
+        drill_id: str | None = None,
+        detail: str = "",
+        now: float | None = None,
+    ) -> JobRow:
+        """Insert a new job, its spec and its first state event in one transaction."""
+        t = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO jobs(id, name, state, created_at, updated_at, out_dir, drill_id,"
+                " status_json) VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, name, state, t, t, str(out_dir), drill_id, "{}"),
+            )
+            c.execute("INSERT INTO specs(job_id, spec_json) VALUES (?, ?)", (job_id, _dumps(spec)))
+            c.execute(
+                "INSERT INTO events(job_id, source, seq, wall_time, kind, target, detail)"
+                " VALUES (?, 'service', NULL, ?, 'state', ?, ?)",
+                (job_id, t, state, detail or f"job submitted: {state}"),
+            )
+        row = self.get_job(job_id)
+        assert row is not None
+        return row
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        r = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if r is None else _job_row(r)
+
+    def get_spec(self, job_id: str) -> dict[str, Any] | None:
+        r = self._conn().execute("SELECT spec_json FROM specs WHERE job_id=?", (job_id,)).fetchone()
+        return None if r is None else dict(json.loads(r[0]))
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> tuple[list[JobRow], int]:
+        """A page of jobs (optionally only those in ``states``) and the total count."""
+        where, args = "", cast(tuple[str, ...], ())
+        if states:
+            where = f"WHERE state IN ({','.join('?' * len(states))})"
+            args = tuple(states)
+        order = "DESC" if newest_first else "ASC"
+        conn = self._conn()
+        total = int(conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0])
+        rows = conn.execute(
+            f"SELECT * FROM jobs {where} ORDER BY created_at {order}, id {order} LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        ).fetchall()
+        return [_job_row(r) for r in rows], total
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def transition(
+        self,
+        job_id: str,
+        expected: str,
+        new: str,
+        *,
+        detail: str,
+        error: str | None = None,
+        step: int | None = None,
+        started: bool = False,
+        finished: bool = False,
+        now: float | None = None,
+    ) -> JobRow:
+        """Move a job from ``expected`` to ``new`` and record the ``state`` event, atomically.
+
+        Raises:
+            StaleState: the job is no longer in ``expected`` (someone else moved it).
+        """
+        t = time.time() if now is None else now
+        with self._tx() as c:
+            sets = ["state=?", "updated_at=?"]
+            args: list[Any] = [new, t]
+            if error is not None:
+                sets.append("error=?")
+                args.append(error)
+            if started:
+                sets.append("started_at=COALESCE(started_at, ?)")
+                args.append(t)
+            if finished:
+                sets.append("finished_at=?")
+                args.append(t)
+            cur = c.execute(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND state=?",
+                (*args, job_id, expected),
+            )
+            if cur.rowcount != 1:
+                r = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+                raise StaleState(job_id, expected, None if r is None else str(r[0]))
+            c.execute(
+                "INSERT INTO events(job_id, source, seq, wall_time, step, kind, target, detail)"
+                " VALUES (?, 'service', NULL, ?, ?, 'state', ?, ?)",
+                (job_id, t, step, new, detail),
+            )
+        row = self.get_job(job_id)
+        assert row is not None
+        return row
+
+    def update_progress(
+        self,
+        job_id: str,
+        *,
+        step: int | None = None,
+        total_steps: int | None = None,
+        status: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record the latest step and status snapshot of a live job (workers, B-hat...)."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE jobs SET step=COALESCE(?, step), total_steps=COALESCE(?, total_steps),"
+                " status_json=COALESCE(?, status_json), updated_at=? WHERE id=?",
+                (
+                    step,
+                    total_steps,
+                    None if status is None else _dumps(dict(status)),
+                    time.time(),
+                    job_id,
+                ),
+            )
+
+    def set_summary(self, job_id: str, summary: Mapping[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE jobs SET summary_json=?, updated_at=? WHERE id=?",
+                (_dumps(dict(summary)), time.time(), job_id),
+            )
+
+    def add_event(
+        self,
+        job_id: str,
+        kind: str,
+        detail: str,
+        *,
+        target: str | None = None,
+        step: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        """A service-side event (not a state change): reattach, cancel requested, ..."""
+        t = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO events(job_id, source, seq, wall_time, step, kind, target, detail)"
+                " VALUES (?, 'service', NULL, ?, ?, ?, ?, ?)",
+                (job_id, t, step, kind, target, detail),
+            )
+
+    def ingest(
+        self,
+        job_id: str,
+        records: Sequence[Mapping[str, Any]],
+        events: Sequence[Mapping[str, Any]],
+    ) -> tuple[int, int]:
+        """Store one poll's metric records and runner events; duplicates (same seq) are ignored.
+
+        Checkpoint events are also recorded in ``checkpoints``.
+
+        Returns:
+            (new records, new events) actually inserted.
+        """
+        n_rec = n_ev = 0
+        now = time.time()
+        with self._tx() as c:
+            for r in records:
+                seq = _int(r.get("seq"), -1)
+                if seq < 0:
+                    continue
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO metrics(job_id, seq, kind, step, wall_time, loss,"
+                    " test_accuracy, samples_per_s, b_hat, data_json)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        seq,
+                        str(r.get("kind", "step")),
+                        _int(r.get("step")),
+                        _num(r.get("wall_time")),
+                        _num(r.get("loss")),
+                        _num(r.get("test_accuracy")),
+                        _num(r.get("samples_per_s")),
+                        _num(r.get("b_hat")),
+                        _dumps(dict(r)),
+                    ),
+                )
+                n_rec += cur.rowcount
+            for e in events:
+                seq = _int(e.get("seq"), -1)
+                if seq < 0:
+                    continue
+                wall = _num(e.get("wall_time"))
+                step = e.get("step")
+                target = e.get("target")
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO events(job_id, source, seq, wall_time, time_s, step,"
+                    " kind, target, detail) VALUES (?, 'runner', ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        seq,
+                        now if wall is None else wall,
+                        _num(e.get("time_s")),
+                        None if step is None else _int(step),
+                        str(e.get("kind", "event")),
+                        None if target is None else str(target),
+                        str(e.get("detail", "")),
+                    ),
+                )
+                n_ev += cur.rowcount
+                if cur.rowcount and e.get("kind") == "checkpoint" and step is not None:
+                    c.execute(
+                        "INSERT OR REPLACE INTO checkpoints(job_id, step, wall_time, path,"
+                        " detail) VALUES (?,?,?,?,?)",
+                        (
+                            job_id,
+                            _int(step),
+                            now if wall is None else wall,
+                            None if target is None else str(target),
+                            str(e.get("detail", "")),
+                        ),
+                    )
+        return n_rec, n_ev
+
+    # -- reads of history ----------------------------------------------------------------
+
+    def metrics(
+        self,
+        job_id: str,
+        *,
+        since_step: int | None = None,
+        after_seq: int | None = None,
+        kind: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Metric records in seq order: ``step >= since_step`` and ``seq > after_seq``."""
+        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        if since_step is not None:
+            where.append("step>=?")
+            args.append(since_step)
+        if after_seq is not None:
+            where.append("seq>?")
+            args.append(after_seq)
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
+        rows = self._conn().execute(
+            f"SELECT seq, data_json FROM metrics WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+            (*args, limit),
+        )
+        out = []
+        for r in rows:
+            d = dict(json.loads(r[1]))
+            d["seq"] = int(r[0])
+            out.append(d)
+        return out
+
+    def last_metric(self, job_id: str, kind: str) -> dict[str, Any] | None:
+        r = (
+            self._conn()
+            .execute(
+                "SELECT data_json FROM metrics WHERE job_id=? AND kind=? ORDER BY seq DESC LIMIT 1",
+                (job_id, kind),
+            )
+            .fetchone()
+        )
+        return None if r is None else dict(json.loads(r[0]))
+
+    def events(
+        self,
+        job_id: str,
+        *,
+        after_id: int | None = None,
+        kind: str | None = None,
+        limit: int = 1000,
+    ) -> list[EventRow]:
+        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        if after_id is not None:
+            where.append("id>?")
+            args.append(after_id)
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
+        rows = self._conn().execute(
+            f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*args, limit),
+        )
+        return [
+            EventRow(
+                id=int(r["id"]),
+                job_id=str(r["job_id"]),
+                source=str(r["source"]),
+                seq=r["seq"],
+                wall_time=float(r["wall_time"]),
+                time_s=r["time_s"],
+                step=r["step"],
+                kind=str(r["kind"]),
+                target=r["target"],
+                detail=str(r["detail"]),
+            )
+            for r in rows
+        ]
+
+    def event_counts(self, kinds: Sequence[str]) -> dict[tuple[str, str], int]:
+        """``{(job_id, kind): count}`` of runner and service events of the given kinds."""
+        if not kinds:
+            return {}
+        rows = self._conn().execute(
+            f"SELECT job_id, kind, COUNT(*) FROM events WHERE kind IN"
+            f" ({','.join('?' * len(kinds))}) GROUP BY job_id, kind",
+            tuple(kinds),
+        )
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    def state_entries(self, state: str) -> dict[str, int]:
+        """``{job_id: times the job entered state}`` (from its ``state`` events)."""
+        rows = self._conn().execute(
+            "SELECT job_id, COUNT(*) FROM events WHERE kind='state' AND source='service'"
+            " AND target=? GROUP BY job_id",
+            (state,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRow]:
+        rows = self._conn().execute(
+            "SELECT * FROM checkpoints WHERE job_id=? ORDER BY step", (job_id,)
+        )
+        return [
+            CheckpointRow(
+                str(r["job_id"]), int(r["step"]), float(r["wall_time"]), r["path"], str(r["detail"])
+            )
+            for r in rows
+        ]
+
+    # -- drills --------------------------------------------------------------------------
+
+    def create_drill(
+        self, drill_id: str, name: str, spec: Mapping[str, Any], *, state: str = "pending"
+    ) -> DrillRow:
+        t = time.time()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO drills(id, name, state, created_at, updated_at, spec_json)"
+                " VALUES (?,?,?,?,?,?)",
+                (drill_id, name, state, t, t, _dumps(dict(spec))),
+            )
+        row = self.get_drill(drill_id)
+        assert row is not None
+        return row
+
+    def update_drill(
+        self,
+        drill_id: str,
+        *,
+        state: str | None = None,
+        job_id: str | None = None,
+        report: Mapping[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE drills SET state=COALESCE(?, state), job_id=COALESCE(?, job_id),"
+                " report_json=COALESCE(?, report_json), error=COALESCE(?, error),"
+                " updated_at=? WHERE id=?",
+                (
+                    state,
+                    job_id,
+                    None if report is None else _dumps(dict(report)),
+                    error,
+                    time.time(),
+                    drill_id,
+                ),
+            )
+
+    def get_drill(self, drill_id: str) -> DrillRow | None:
+        r = self._conn().execute("SELECT * FROM drills WHERE id=?", (drill_id,)).fetchone()
+        if r is None:
+            return None
+        return DrillRow(
+            id=str(r["id"]),
+            name=str(r["name"]),
+            state=str(r["state"]),
+            created_at=float(r["created_at"]),
+            updated_at=float(r["updated_at"]),
+            spec=dict(json.loads(r["spec_json"])),
+            job_id=r["job_id"],
+            report=None if r["report_json"] is None else dict(json.loads(r["report_json"])),
+            error=r["error"],
+        )
+
+    def list_drills(self, *, states: Sequence[str] | None = None) -> list[DrillRow]:
+        where, args = "", cast(tuple[str, ...], ())
+        if states:
+            where = f"WHERE state IN ({','.join('?' * len(states))})"
+            args = tuple(states)
+        ids = [
+            str(r[0])
+            for r in self._conn().execute(
+                f"SELECT id FROM drills {where} ORDER BY created_at", args
+            )
+        ]
+        return [d for i in ids if (d := self.get_drill(i)) is not None]
+
+
+def _job_row(r: sqlite3.Row) -> JobRow:
+    return JobRow(
+        id=str(r["id"]),
+        name=str(r["name"]),
+        state=str(r["state"]),
+        created_at=float(r["created_at"]),
+        updated_at=float(r["updated_at"]),
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        step=int(r["step"]),
+        total_steps=r["total_steps"],
+        error=r["error"],
+        status=dict(json.loads(r["status_json"] or "{}")),
+        summary=None if r["summary_json"] is None else dict(json.loads(r["summary_json"])),
+        out_dir=str(r["out_dir"]),
+        drill_id=r["drill_id"],
+    )

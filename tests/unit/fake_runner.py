@@ -1,0 +1,191 @@
+"""A scriptable stand-in for ``service.runner.JobRunner`` — for unit tests of pure logic only.
+
+It follows the runner contract (poll returns records/events new since the last poll, each
+with a monotonically increasing ``seq``; status carries the state) and can be told to fail:
+at start, on every poll, or by ending in ``failed``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ElasticSGDError
+from service.spec import FaultSpec, JobSpec
+
+
+@dataclass
+class FakePoll:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Script:
+    """How a fake job behaves."""
+
+    steps_per_poll: int = 2
+    end: str = "succeeded"  # terminal state reached after the last step
+    error: str | None = None  # status error when end == "failed"
+    start_error: Exception | None = None
+    poll_error: Exception | None = None  # raised by every poll while set
+    resend_last: bool = False  # re-deliver the previous batch too (as after a crash)
+
+
+class FakeRunner:
+    def __init__(self, job_id: str, spec: JobSpec, out_dir: Path, script: Script) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.out_dir = out_dir
+        self.script = script
+        self.total = spec.steps or 10
+        self.state = "starting"
+        self.step = 0
+        self.workers = spec.workers
+        self.seq = 0
+        self.calls: list[Any] = []
+        self._cancel = False
+        self._queue: list[dict[str, Any]] = []
+        self._queued_events: list[dict[str, Any]] = []
+        self._last: FakePoll | None = None
+        self.lock = threading.Lock()
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def start(self) -> dict[str, Any]:
+        self.calls.append("start")
+        if self.script.start_error is not None:
+            raise self.script.start_error
+        self.state = "running"
+        return {"workers": self.workers}
+
+    def poll(self) -> FakePoll:
+        with self.lock:
+            self.calls.append("poll")
+            if self.script.poll_error is not None:
+                raise self.script.poll_error
+            recs: list[dict[str, Any]] = []
+            evs = list(self._queued_events)
+            self._queued_events.clear()
+            if self._cancel and self.state in ("running", "recovering"):
+                self.state = "cancelled"
+            elif self.state == "running":
+                for _ in range(self.script.steps_per_poll):
+                    if self.step >= self.total:
+                        break
+                    self.step += 1
+                    recs.append({"seq": self._next(), "kind": "step", "step": self.step,
+                                 "time_s": 0.1 * self.step, "wall_time": 1e9 + self.step,
+                                 "loss": 2.0 / self.step, "samples_per_s": 100.0,
+                                 "b_hat": 0.0, "b_hat_max": 0.0, "bound": 0.0,
+                                 "workers": self.workers})
+                    if self.step % 2 == 0:
+                        recs.append({"seq": self._next(), "kind": "eval", "step": self.step,
+                                     "test_accuracy": 0.5 + 0.01 * self.step,
+                                     "test_loss": 1.0, "time_s": 0.1, "wall_time": 1e9,
+                                     "loss": None, "workers": self.workers})
+                if self.step >= self.total:
+                    self.state = self.script.end
+            poll = FakePoll(recs, evs, self.status())
+            out = poll
+            if self.script.resend_last and self._last is not None:
+                out = FakePoll(self._last.records + recs, self._last.events + evs,
+                               poll.status)
+            self._last = poll
+            return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "step": self.step,
+            "total_steps": self.total,
+            "workers": [{"id": i, "state": "running", "node": "n0", "step": self.step}
+                        for i in range(self.workers)],
+            "b_hat_max": 0.0,
+            "b_hat_mean": 0.0,
+            "bound": 0.0,
+            "error": self.script.error if self.state == "failed" else None,
+        }
+
+    def scale(self, n: int) -> None:
+        self.calls.append(("scale", n))
+        self.workers = n
+        self._queued_events.append({"seq": self._next(), "kind": "membership",
+                                    "target": None, "detail": f"scaled to {n}",
+                                    "step": self.step, "wall_time": 1e9, "time_s": 0.0})
+
+    def inject(self, fault: FaultSpec) -> None:
+        self.calls.append(("inject", fault.kind))
+        self._queued_events.append({"seq": self._next(), "kind": "fault",
+                                    "target": "worker-0", "detail": fault.kind,
+                                    "step": self.step, "wall_time": 1e9, "time_s": 0.0})
+
+    def cancel(self) -> None:
+        self.calls.append("cancel")
+        self._cancel = True
+
+    def finish(self) -> dict[str, Any]:
+        self.calls.append("finish")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "model.pt").write_bytes(b"fake-model-" + self.job_id.encode())
+        return {"final_test_accuracy": 0.97, "steps": self.step, "state": self.state,
+                "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0}}
+
+    def model_bytes(self) -> bytes:
+        return b"live-model"
+
+
+class FakeBackend:
+    """Makes :class:`FakeRunner`s; ``survivors`` are what :meth:`attach` finds after a restart."""
+
+    def __init__(self, script: Script | None = None) -> None:
+        self.script = script or Script()
+        self.runners: dict[str, FakeRunner] = {}
+        self.survivors: dict[str, FakeRunner] = {}
+
+    def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> FakeRunner:
+        r = FakeRunner(job_id, spec, out_dir, self.script)
+        self.runners[job_id] = r
+        return r
+
+    def attach(self, job_id: str, spec: JobSpec, out_dir: Path,
+               data_dir: Path) -> FakeRunner | None:
+        return self.survivors.get(job_id)
+
+    def resources(self, spec: JobSpec) -> list[dict[str, float]]:
+        r = spec.resources
+        return [{"CPU": r.coordinator_cpus}] + [{"CPU": r.worker_cpus}] * spec.workers
+
+
+class FakeCluster:
+    """Free CPUs = ``cpus`` minus what the backend's unfinished fake jobs hold."""
+
+    def __init__(self, cpus: float = 2.0, node_cpus: float = 2.0,
+                 backend: FakeBackend | None = None) -> None:
+        self.cpus = cpus
+        self.node_cpus = node_cpus
+        self.backend = backend
+        self.requests: list[list[dict[str, float]]] = []
+
+    def available(self) -> dict[str, float]:
+        used = 0.0
+        if self.backend is not None:
+            for r in self.backend.runners.values():
+                if r.state in ("starting", "running", "recovering"):
+                    used += sum(b["CPU"] for b in self.backend.resources(r.spec))
+        return {"CPU": self.cpus - used, "memory": 1e9}
+
+    def node_capacities(self) -> list[dict[str, float]]:
+        return [{"CPU": self.node_cpus}]
+
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        self.requests.append(bundles)
+
+
+class BoomError(ElasticSGDError):
+    """An error the fake raises on purpose."""

@@ -1,0 +1,296 @@
+"""HTTP behaviour without Ray: status codes, error bodies, auth, limits, schemas.
+
+The app runs with a fake runner backend (``connect_ray=False``), so this checks the API's
+own logic only; tests/e2e does the same against a real server and real Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_runner import FakeBackend, FakeCluster, Script
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.main import create_app
+from service.errors import SpecError
+from service.jobs import JobManager
+from service.settings import Settings
+from service.spec import parse_spec
+from service.store import Store
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPEC: dict[str, Any] = {"name": "api", "steps": 6, "workers": 2, "max_workers": 3}
+
+
+def make_app(tmp_path: Path, *, token: str | None = None, script: Script | None = None,
+             cpus: float = 4.0, max_body: int = 1 << 20) -> tuple[FastAPI, FakeBackend]:
+    settings = Settings(state_dir=tmp_path / "state", data_dir=tmp_path / "data",
+                        token=token, poll_interval_s=0.02, max_body_bytes=max_body)
+    backend = FakeBackend(script)
+    mgr = JobManager(settings, Store(settings.db_path), backend=backend)
+    app = create_app(settings, manager=mgr, cluster=FakeCluster(cpus, backend=backend),
+                     connect_ray=False)
+    return app, backend
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    app, _ = make_app(tmp_path)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[TestClient]:
+    app, _ = make_app(tmp_path, token=TOKEN, script=Script(steps_per_poll=1))
+    with TestClient(app) as c:
+        yield c
+
+
+def wait_state(c: TestClient, job_id: str, states: set[str], timeout_s: float = 10) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        j = c.get(f"/jobs/{job_id}").json()
+        if j["state"] in states:
+            return j
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {states}")
+
+
+def test_submit_follow_and_read_history(client: TestClient) -> None:
+    r = client.post("/jobs", json=SPEC)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "pending" and job["spec"]["name"] == "api"
+    done = wait_state(client, job["id"], {"succeeded"})
+    assert done["progress"] == 1.0 and done["summary"]["final_test_accuracy"] == 0.97
+    m = client.get(f"/jobs/{job['id']}/metrics").json()
+    assert [x["step"] for x in m["items"] if x["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    later = client.get(f"/jobs/{job['id']}/metrics", params={"since_step": 5}).json()
+    assert {x["step"] for x in later["items"]} == {5, 6}
+    newer = client.get(f"/jobs/{job['id']}/metrics", params={"after_seq": m["last_seq"]}).json()
+    assert newer["items"] == [] and newer["last_seq"] == m["last_seq"]
+    ev = client.get(f"/jobs/{job['id']}/events").json()
+    assert [e["target"] for e in ev["items"] if e["kind"] == "state"] == [
+        "pending", "starting", "running", "succeeded"]
+    listing = client.get("/jobs", params={"state": ["succeeded"]}).json()
+    assert listing["total"] == 1 and listing["items"][0]["id"] == job["id"]
+    assert client.get("/jobs", params={"state": ["failed"]}).json()["total"] == 0
+    model = client.get(f"/jobs/{job['id']}/model")
+    assert model.status_code == 200 and model.content.startswith(b"fake-model-")
+    assert model.headers["content-type"] == "application/octet-stream"
+
+
+def test_sse_stream_replays_history_then_ends(client: TestClient) -> None:
+    job = client.post("/jobs", json=SPEC).json()
+    wait_state(client, job["id"], {"succeeded"})
+    with client.stream("GET", f"/jobs/{job['id']}/stream") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    kinds = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("event:")]
+    assert kinds[0] == "job" and kinds[-1] == "end"
+    assert kinds.count("metric") == 9 and "event" in kinds
+
+
+def test_bad_spec_is_422_with_the_cli_paths_and_messages(client: TestClient) -> None:
+    bad = {**SPEC, "mode": {"name": "elastic", "beta": 99}, "batch_size": 0, "colour": "red"}
+    r = client.post("/jobs", json=bad)
+    assert r.status_code == 422
+    body = r.json()
+    got = {(e["path"], e["message"]) for e in body["errors"]}
+    with pytest.raises(SpecError) as ei:
+        parse_spec(bad)
+    assert got == set(ei.value.problems)  # same wording as `elastic-sgd submit`
+    assert {"mode.elastic.beta", "batch_size", "colour"} <= {p for p, _ in got}
+    assert "mode.elastic.beta" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "path_part"),
+    [
+        ({**SPEC, "steps": "many"}, "steps"),
+        ({**SPEC, "steps": 10**30}, "steps"),
+        ({**SPEC, "optimizer": {"lr": 1e308 * 10}}, "optimizer.lr"),
+        ({**SPEC, "dataset": {"name": "npz", "path": "../../etc/passwd.npz"}}, "dataset"),
+        ({**SPEC, "dataset": {"name": "npz", "path": "/etc/x.npz"}}, "dataset"),
+        ({**SPEC, "dataset": {"name": "imagenet"}}, "dataset.name"),
+        ({**SPEC, "model": {"name": "gpt"}}, "model.name"),
+        ({**SPEC, "name": "../../x"}, "name"),
+        ([1, 2, 3], "body"),
+        ("just a string", "body"),
+    ],
+)
+def test_malformed_specs_are_refused_clearly(
+    client: TestClient, body: Any, path_part: str
+) -> None:
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 422, r.text
+    errs = r.json()["errors"]
+    assert errs and any(e["path"].startswith(path_part) for e in errs), errs
+    assert all(e["message"] for e in errs)
+
+
+def test_missing_npz_file_is_422(client: TestClient) -> None:
+    r = client.post("/jobs", json={**SPEC, "dataset": {"name": "npz", "path": "x.npz"}})
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "dataset.path"
+
+
+def test_malformed_json_and_missing_body(client: TestClient) -> None:
+    r = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    r = client.post("/jobs")
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "body"
+
+
+def test_unknown_ids_are_404_everywhere(client: TestClient) -> None:
+    for method, path in [("GET", "/jobs/abc"), ("GET", "/jobs/abc/metrics"),
+                         ("GET", "/jobs/abc/events"), ("GET", "/jobs/abc/stream"),
+                         ("GET", "/jobs/abc/model"), ("POST", "/jobs/abc/cancel"),
+                         ("GET", "/drills/abc"), ("GET", "/jobs/..%2F..%2Fetc")]:
+        r = client.request(method, path)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["detail"]
+    r = client.post("/jobs/abc/scale", json={"workers": 2})
+    assert r.status_code == 404 and "GET /jobs" in r.json()["detail"]
+
+
+def test_state_conflicts_are_409(client: TestClient) -> None:
+    job = client.post("/jobs", json=SPEC).json()
+    wait_state(client, job["id"], {"succeeded"})
+    for path, body in [("scale", {"workers": 2}), ("faults", {"kind": "crash", "workers": [0]}),
+                       ("cancel", None)]:
+        r = client.post(f"/jobs/{job['id']}/{path}", json=body)
+        assert r.status_code == 409, (path, r.text)
+        assert "succeeded" in r.json()["detail"]
+
+
+def test_scale_beyond_max_workers_is_422(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, script=Script(steps_per_poll=1))
+    with TestClient(app) as c:
+        job = c.post("/jobs", json={**SPEC, "steps": 100_000}).json()
+        wait_state(c, job["id"], {"running"})
+        r = c.post(f"/jobs/{job['id']}/scale", json={"workers": 9})
+        assert r.status_code == 422 and "max_workers (3)" in r.json()["errors"][0]["message"]
+        assert c.post(f"/jobs/{job['id']}/scale", json={"workers": 3}).status_code == 202
+        r = c.post(f"/jobs/{job['id']}/faults", json={"kind": "crash", "workers": [1]})
+        assert r.status_code == 202
+        assert c.post(f"/jobs/{job['id']}/cancel").status_code == 202
+        wait_state(c, job["id"], {"cancelled"})
+
+
+def test_token_guards_mutating_routes_only(secured: TestClient) -> None:
+    r = secured.post("/jobs", json=SPEC)
+    assert r.status_code == 401 and "ESGD_TOKEN" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = secured.post("/jobs", json=SPEC, headers={"Authorization": "Bearer wrong-token-xyz"})
+    assert r.status_code == 403
+    r = secured.post("/jobs", json=SPEC, headers={"Authorization": f"Basic {TOKEN}"})
+    assert r.status_code == 401
+    # auth is checked before the body: a bad body without a token is still 401
+    assert secured.post("/jobs", json={"colour": 1}).status_code == 401
+    job = secured.post("/jobs", json=SPEC, headers=AUTH)
+    assert job.status_code == 201
+    jid = job.json()["id"]
+    for path in ("cancel", "scale", "faults"):
+        assert secured.post(f"/jobs/{jid}/{path}", json={}).status_code == 401
+    assert secured.post("/drills", json={}).status_code == 401
+    # reads stay open
+    assert secured.get("/jobs").status_code == 200
+    assert secured.get(f"/jobs/{jid}").status_code == 200
+    assert secured.get("/metrics").status_code == 200
+
+
+def test_oversized_bodies_are_413(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, max_body=2048)
+    with TestClient(app) as c:
+        big = {**SPEC, "name": "x" * 4000}
+        r = c.post("/jobs", json=big)
+        assert r.status_code == 413 and "ESGD_MAX_BODY_BYTES" in r.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
+            yield b'{"name": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        r = c.post("/jobs", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_unknown_route_and_method_are_clean_json(client: TestClient) -> None:
+    r = client.get("/nope")
+    assert r.status_code == 404 and "/docs" in r.json()["detail"]
+    r = client.delete("/jobs")
+    assert r.status_code == 405 and "not allowed" in r.json()["detail"]
+
+
+def test_bugs_are_a_clean_500(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+    assert r.status_code == 500 and "bug in elastic-sgd" in r.json()["detail"]
+    assert "a bug" not in r.text  # no internals leak
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10**6}, {"offset": -1},
+                                    {"state": "sleeping"}, {"limit": "ten"}])
+def test_bad_query_parameters_are_422(client: TestClient, params: dict[str, Any]) -> None:
+    r = client.get("/jobs", params=params)
+    assert r.status_code == 422 and r.json()["errors"][0]["path"].startswith("query.")
+
+
+def test_drill_runs_and_reports(client: TestClient) -> None:
+    drill = {"name": "d1", "job": {**SPEC, "faults": [{"kind": "crash", "workers": [0],
+                                                      "at_step": 2}]},
+             "criteria": {"min_test_accuracy": 0.9, "faults_recorded": False}}
+    r = client.post("/drills", json=drill)
+    assert r.status_code == 202, r.text
+    d = r.json()
+    assert d["state"] == "running" and d["job_id"]
+    deadline = time.monotonic() + 10
+    while d["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        d = client.get(f"/drills/{d['id']}").json()
+    assert d["state"] == "passed", d
+    assert {c["name"] for c in d["report"]["checks"]} == {"finished", "min_test_accuracy"}
+    bad = client.post("/drills", json={"name": "d2", "job": {"steps": 0}})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["path"] == "job.steps"
+
+
+def test_health_ready_and_prometheus(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")  # no Ray in this test: not ready, and says why
+    assert r.status_code == 503 and r.json()["ray"] is False and "ray" in r.json()["detail"]
+    job = client.post("/jobs", json=SPEC).json()
+    wait_state(client, job["id"], {"succeeded"})
+    text = client.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    jobs = {s.labels["state"]: s.value for s in fams["esgd_jobs"].samples}
+    assert jobs["succeeded"] == 1.0 and jobs["running"] == 0.0
+    assert {"esgd_faults", "esgd_recoveries", "esgd_job_step", "esgd_job_b_hat_max"} <= set(fams)
+
+
+def test_dashboard_and_openapi(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "elastic-sgd" in r.text
+    assert client.get("/static/app.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/stream", "/drills",
+            "/metrics"} <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]

@@ -1,0 +1,359 @@
+"""The job state machine, admission policy, supervisor and reconcile — with a fake runner."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fake_runner import BoomError, FakeBackend, FakeCluster, FakeRunner, Script
+
+from service.drill_jobs import DrillCriteria, DrillSpec, evaluate_drill
+from service.errors import InvalidTransition, JobNotFound, SpecError
+from service.jobs import (
+    ALLOWED,
+    JobManager,
+    JobState,
+    admit,
+    check_transition,
+    fits,
+    map_runner_state,
+    parse_fault,
+)
+from service.settings import Settings
+from service.spec import FaultSpec, JobSpec, parse_spec
+from service.store import Store
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+# -- the enum and the transition table ------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", list(JobState))
+def test_terminal_states_have_no_way_out(state: JobState) -> None:
+    assert state.terminal == (state in {JobState.SUCCEEDED, JobState.FAILED,
+                                        JobState.CANCELLED})
+    if state.terminal:
+        assert ALLOWED[state] == frozenset()
+    else:  # every live state can still fail or be cancelled
+        assert {JobState.FAILED, JobState.CANCELLED} <= ALLOWED[state]
+
+
+def test_illegal_transition_names_the_allowed_ones() -> None:
+    check_transition("j", JobState.RUNNING, JobState.RECOVERING)
+    with pytest.raises(InvalidTransition, match="allowed from succeeded: none"):
+        check_transition("j", JobState.SUCCEEDED, JobState.RUNNING)
+    with pytest.raises(InvalidTransition, match="pending to running"):
+        check_transition("j", JobState.PENDING, JobState.RUNNING)
+
+
+def test_runner_state_mapping() -> None:
+    assert map_runner_state("running") is JobState.RUNNING
+    assert map_runner_state("recovering") is JobState.RECOVERING
+    assert map_runner_state("pending") is None  # only the service makes a job pending
+    assert map_runner_state("exploded") is None
+    assert map_runner_state(None) is None
+
+
+# -- admission policy ----------------------------------------------------------------------
+
+
+def test_fits_checks_totals_and_single_bundles_per_node() -> None:
+    b = [{"CPU": 0.25}] * 5
+    assert fits(b, {"CPU": 1.25})
+    assert not fits(b, {"CPU": 1.2})
+    assert not fits([{"GPU": 1.0}], {"CPU": 8.0})
+    # 3 CPUs free in total, but spread over nodes of 1 CPU: a 2-CPU actor cannot be placed
+    assert not fits([{"CPU": 2.0}], {"CPU": 3.0}, [{"CPU": 1.0}] * 3)
+    assert fits([{"CPU": 1.0}], {"CPU": 3.0}, [{"CPU": 1.0}] * 3)
+
+
+def test_admit_is_fifo_with_backfill() -> None:
+    big = [{"CPU": 1.5}]
+    small = [{"CPU": 0.5}]
+    admitted, waiting = admit([("a", big), ("b", big), ("c", small), ("d", small)],
+                              {"CPU": 2.0})
+    assert admitted == ["a", "c"]  # b does not fit after a; c backfills; d no longer fits
+    assert waiting == ["b", "d"]
+
+
+# -- the manager, driven tick by tick -------------------------------------------------------
+
+
+SPEC = parse_spec({"name": "t", "steps": 6, "workers": 2, "max_workers": 4,
+                   "dataset": {"name": "digits"}})
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[JobManager, FakeBackend, FakeCluster, Store]]:
+    settings = Settings(state_dir=tmp_path / "state", data_dir=tmp_path / "data",
+                        poll_interval_s=0.01, max_poll_failures=3)
+    store = Store(settings.db_path)
+    backend = FakeBackend()
+    cluster = FakeCluster(cpus=2.0, backend=backend)
+    mgr = JobManager(settings, store, backend=backend, cluster=cluster)
+    yield mgr, backend, cluster, store
+    mgr.stop()
+    store.close()
+
+
+def until(mgr: JobManager, cond: Callable[[], bool], ticks: int = 200) -> None:
+    for _ in range(ticks):
+        mgr.tick()
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
+def state_of(store: Store, job_id: str) -> str:
+    row = store.get_job(job_id)
+    assert row is not None
+    return row.state
+
+
+def test_job_runs_to_success_with_an_event_per_transition(env: tuple) -> None:
+    mgr, backend, _, store = env
+    job = mgr.submit(SPEC)
+    assert job.state == "pending"
+    until(mgr, lambda: state_of(store, job.id) == "succeeded")
+    states = [e.target for e in store.events(job.id) if e.kind == "state"]
+    assert states == ["pending", "starting", "running", "succeeded"]
+    recs = store.metrics(job.id)
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert len([r for r in recs if r["kind"] == "eval"]) == 3
+    row = store.get_job(job.id)
+    assert row is not None
+    assert row.summary == {"final_test_accuracy": 0.97, "steps": 6, "state": "succeeded",
+                           "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0}}
+    assert row.step == 6 and row.total_steps == 6 and row.finished_at is not None
+    assert backend.runners[job.id].calls[-1] == "finish"
+    assert mgr.model_bytes(job.id) == b"fake-model-" + job.id.encode()
+
+
+def test_replayed_polls_do_not_duplicate_history(env: tuple) -> None:
+    mgr, backend, _, store = env
+    backend.script = Script(resend_last=True)
+    job = mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, job.id) == "succeeded")
+    seqs = [r["seq"] for r in store.metrics(job.id)]
+    assert seqs == sorted(set(seqs)) and len(seqs) == 9
+
+
+def test_job_waits_in_pending_and_asks_the_autoscaler(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    cluster.cpus = 0.5  # the job needs 0.25 + 2 x 0.25 = 0.75
+    job = mgr.submit(SPEC)
+    for _ in range(5):
+        mgr.tick()
+    assert state_of(store, job.id) == "pending"
+    assert cluster.requests and cluster.requests[-1] == [{"CPU": 0.25}] * 3
+    assert len(cluster.requests) == 1  # asked once, not on every tick
+    waits = [e for e in store.events(job.id) if e.kind == "resources"]
+    assert len(waits) == 1 and "CPU=0.75" in waits[0].detail
+    cluster.cpus = 2.0  # the autoscaler added a node
+    until(mgr, lambda: state_of(store, job.id) == "succeeded")
+    assert cluster.requests[-1] == []  # request withdrawn once nothing waits
+
+
+def test_several_jobs_run_at_once(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    backend.script = Script(steps_per_poll=1)
+    a, b = mgr.submit(SPEC), mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, a.id) == "running" and state_of(store, b.id) == "running")
+    until(mgr, lambda: {state_of(store, a.id), state_of(store, b.id)} == {"succeeded"})
+
+
+def test_only_jobs_that_fit_start(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    backend.script = Script(steps_per_poll=1)
+    cluster.cpus = 1.0  # one 0.75-CPU job fits, not two
+    a, b = mgr.submit(SPEC), mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, a.id) == "running")
+    assert state_of(store, b.id) == "pending"
+    until(mgr, lambda: state_of(store, b.id) == "succeeded", ticks=500)
+
+
+def test_cancel_pending_running_and_finished(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    cluster.cpus = 0.0
+    pend = mgr.submit(SPEC)
+    assert mgr.cancel(pend.id).state == "cancelled"
+    cluster.cpus = 2.0
+    backend.script = Script(steps_per_poll=1)
+    live = mgr.submit(parse_spec({"steps": 1000, "workers": 2}))
+    until(mgr, lambda: state_of(store, live.id) == "running")
+    mgr.cancel(live.id)
+    assert "cancel" in backend.runners[live.id].calls
+    until(mgr, lambda: state_of(store, live.id) == "cancelled")
+    assert any(e.kind == "cancel" for e in store.events(live.id))
+    with pytest.raises(InvalidTransition, match="already cancelled"):
+        mgr.cancel(live.id)
+    with pytest.raises(JobNotFound):
+        mgr.cancel("0000")
+
+
+def test_scale_and_inject_check_state_and_range(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    cluster.cpus = 0.0
+    job = mgr.submit(parse_spec({"steps": 1000, "workers": 2, "max_workers": 4}))
+    with pytest.raises(InvalidTransition, match="only running or recovering"):
+        mgr.scale(job.id, 3)
+    cluster.cpus = 2.0
+    backend.script = Script(steps_per_poll=1)
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    with pytest.raises(SpecError) as ei:
+        mgr.scale(job.id, 5)
+    assert ei.value.problems[0][0] == "workers" and "max_workers (4)" in ei.value.problems[0][1]
+    mgr.scale(job.id, 3)
+    assert ("scale", 3) in backend.runners[job.id].calls
+    with pytest.raises(SpecError, match="worker ids"):
+        mgr.inject(job.id, FaultSpec(kind="crash", workers=[7]))
+    mgr.inject(job.id, FaultSpec(kind="crash", workers=[1]))
+    mgr.tick()
+    kinds = [e.kind for e in store.events(job.id)]
+    assert {"scale", "membership", "inject", "fault"} <= set(kinds)
+    mgr.cancel(job.id)
+    until(mgr, lambda: state_of(store, job.id) == "cancelled")
+    with pytest.raises(InvalidTransition):
+        mgr.scale(job.id, 2)
+
+
+def test_start_error_fails_the_job_with_its_message(env: tuple) -> None:
+    mgr, backend, _, store = env
+    backend.script = Script(start_error=BoomError("dataset.path: no such file"))
+    job = mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, job.id) == "failed")
+    row = store.get_job(job.id)
+    assert row is not None and row.error is not None and "no such file" in row.error
+
+
+def test_runner_failure_is_recorded_with_the_reason(env: tuple) -> None:
+    mgr, backend, _, store = env
+    backend.script = Script(end="failed", error="1 live workers < min_workers=2")
+    job = mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, job.id) == "failed")
+    row = store.get_job(job.id)
+    assert row is not None and "min_workers=2" in (row.error or "")
+
+
+def test_lost_coordinator_fails_after_bounded_retries(env: tuple) -> None:
+    mgr, backend, _, store = env
+    job = mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    backend.runners[job.id].script = Script(poll_error=RuntimeError("actor died"))
+    until(mgr, lambda: state_of(store, job.id) == "failed")
+    row = store.get_job(job.id)
+    assert row is not None and "ESGD_MAX_POLL_FAILURES=3" in (row.error or "")
+    assert backend.runners[job.id].calls.count("poll") >= 3
+
+
+def test_model_bytes_needs_a_model(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    cluster.cpus = 0.0
+    job = mgr.submit(SPEC)
+    with pytest.raises(InvalidTransition, match="no model yet"):
+        mgr.model_bytes(job.id)
+
+
+def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "s", data_dir=tmp_path, poll_interval_s=0.01)
+    store = Store(settings.db_path)
+    spec = SPEC.model_dump(mode="json")
+    for jid, state in (("alive", "running"), ("gone", "running"), ("waiting", "pending"),
+                       ("done", "succeeded")):
+        store.create_job(jid, "t", spec, tmp_path / jid, state=state)
+    backend = FakeBackend()
+    survivor = FakeRunner("alive", SPEC, tmp_path / "alive", backend.script)
+    survivor.state, survivor.step = "running", 2
+    backend.survivors["alive"] = survivor
+    mgr = JobManager(settings, store, backend=backend, cluster=FakeCluster(8.0))
+    mgr.reconcile()
+    gone = store.get_job("gone")
+    assert gone is not None and gone.state == "failed"
+    assert "no longer in Ray" in (gone.error or "") and "resubmit" in (gone.error or "")
+    assert any(e.kind == "reattach" for e in store.events("alive"))
+    until(mgr, lambda: state_of(store, "alive") == "succeeded"
+          and state_of(store, "waiting") == "succeeded")
+    assert state_of(store, "done") == "succeeded"
+    mgr.stop()
+    store.close()
+
+
+def test_supervisor_thread_drives_jobs_and_reports_health(env: tuple) -> None:
+    mgr, _, _, store = env
+    assert not mgr.healthy
+    mgr.start()
+    job = mgr.submit(SPEC)
+    deadline = time.monotonic() + 10
+    while state_of(store, job.id) != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state_of(store, job.id) == "succeeded"
+    assert mgr.healthy
+
+
+def test_npz_paths_must_exist_inside_the_data_dir(env: tuple, tmp_path: Path) -> None:
+    mgr, *_ = env
+    spec = parse_spec({"steps": 5, "dataset": {"name": "npz", "path": "mine.npz"}})
+    with pytest.raises(SpecError, match="ESGD_DATA_DIR"):
+        mgr.submit(spec)
+    data = mgr.settings.data_dir
+    data.mkdir(parents=True)
+    outside = tmp_path / "secret.npz"
+    outside.write_bytes(b"x")
+    (data / "mine.npz").symlink_to(outside)  # a link that leads out of the data dir
+    with pytest.raises(SpecError, match="inside the data directory"):
+        mgr.submit(spec)
+    (data / "mine.npz").unlink()
+    (data / "mine.npz").write_bytes(b"x")
+    assert mgr.submit(spec).state == "pending"
+
+
+def test_parse_fault_reports_paths() -> None:
+    with pytest.raises(SpecError) as ei:
+        parse_fault({"kind": "meteor"})
+    assert ei.value.problems[0][0] == "kind"
+    with pytest.raises(SpecError):
+        parse_fault(["crash"])
+    assert parse_fault({"kind": "crash", "workers": [0]}).workers == [0]
+
+
+# -- drills ---------------------------------------------------------------------------------
+
+
+def _drill(**criteria: object) -> DrillSpec:
+    job = JobSpec.model_validate({"steps": 5, "faults": [{"kind": "crash", "workers": [0],
+                                                          "at_step": 2}]})
+    return DrillSpec(name="d", job=job, criteria=DrillCriteria.model_validate(criteria))
+
+
+def test_drill_passes_when_every_evaluated_criterion_holds() -> None:
+    summary = {"final_test_accuracy": 0.96, "consistency": {"b_hat_max": 0.5, "bound": 1.0}}
+    rep = evaluate_drill(_drill(min_test_accuracy=0.95, b_hat_within_bound=True,
+                                max_recovery_s=5.0), "succeeded", summary, ["fault", "state"])
+    assert rep["passed"] is True
+    assert rep["not_evaluated"] == ["max_recovery_s"]
+
+
+@pytest.mark.parametrize(
+    ("state", "summary", "kinds", "failing"),
+    [
+        ("failed", {"final_test_accuracy": 0.99}, ["fault"], "finished"),
+        ("succeeded", {"final_test_accuracy": 0.90}, ["fault"], "min_test_accuracy"),
+        ("succeeded", {"final_test_accuracy": 0.99,
+                       "consistency": {"b_hat_max": 2.0, "bound": 1.0}}, ["fault"],
+         "b_hat_within_bound"),
+        ("succeeded", {"final_test_accuracy": 0.99}, ["state"], "faults_recorded"),
+        ("succeeded", {"final_test_accuracy": 0.99, "steps_lost": 7}, ["fault"],
+         "max_steps_lost"),
+    ],
+)
+def test_drill_fails_on_each_broken_criterion(
+    state: str, summary: dict[str, object], kinds: list[str], failing: str
+) -> None:
+    rep = evaluate_drill(_drill(min_test_accuracy=0.95, b_hat_within_bound=True,
+                                max_steps_lost=0), state, summary, kinds)
+    assert rep["passed"] is False
+    assert [c["name"] for c in rep["checks"] if c["passed"] is False] == [failing]

@@ -1,0 +1,233 @@
+"""The SQLite store: schema, compare-and-set transitions, dedupe, durability across kill -9."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.store import SCHEMA_VERSION, StaleState, Store, StoreError, new_id
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "db.sqlite3")
+    yield s
+    s.close()
+
+
+def _job(store: Store, name: str = "j", state: str = "pending", now: float | None = None) -> str:
+    jid = new_id()
+    store.create_job(jid, name, {"name": name, "steps": 5}, Path("/tmp/x") / jid, state=state,
+                     now=now)
+    return jid
+
+
+def _rec(seq: int, step: int, kind: str = "step", **kw: object) -> dict[str, object]:
+    return {"seq": seq, "kind": kind, "step": step, "loss": 1.0 / (step + 1), **kw}
+
+
+def test_wal_mode_and_schema_version(store: Store) -> None:
+    assert store.journal_mode() == "wal"
+    conn = sqlite3.connect(store.path)
+    (v,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert int(v) == SCHEMA_VERSION
+    conn.close()
+
+
+def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    s.close()
+    conn = sqlite3.connect(tmp_path / "db")
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer elastic-sgd"):
+        Store(tmp_path / "db")
+
+
+def test_unwritable_state_dir_names_the_setting(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="ESGD_STATE_DIR"):
+        Store(blocker / "sub" / "db")
+
+
+def test_create_get_spec_and_first_event(store: Store) -> None:
+    jid = _job(store, "alpha")
+    row = store.get_job(jid)
+    assert row is not None and row.state == "pending" and row.name == "alpha"
+    assert store.get_spec(jid) == {"name": "alpha", "steps": 5}
+    evs = store.events(jid)
+    assert [(e.kind, e.target, e.source) for e in evs] == [("state", "pending", "service")]
+    assert store.get_job("nope") is None and store.get_spec("nope") is None
+
+
+def test_list_filters_paginates_and_counts(store: Store) -> None:
+    ids = [_job(store, f"j{i}", now=1000.0 + i) for i in range(7)]
+    store.transition(ids[0], "pending", "cancelled", detail="x")
+    page, total = store.list_jobs(limit=3, offset=0)
+    assert total == 7 and [r.id for r in page] == ids[::-1][:3]  # newest first
+    page2, _ = store.list_jobs(limit=3, offset=3)
+    assert [r.id for r in page2] == ids[::-1][3:6]
+    pend, n = store.list_jobs(states=["pending"], limit=100)
+    assert n == 6 and ids[0] not in {r.id for r in pend}
+    assert store.count_by_state() == {"pending": 6, "cancelled": 1}
+
+
+def test_transition_is_compare_and_set_with_its_event(store: Store) -> None:
+    jid = _job(store)
+    row = store.transition(jid, "pending", "starting", detail="go", started=False)
+    assert row.state == "starting"
+    with pytest.raises(StaleState) as ei:
+        store.transition(jid, "pending", "cancelled", detail="late")
+    assert ei.value.actual == "starting"
+    assert store.get_job(jid).state == "starting"  # type: ignore[union-attr]
+    # the refused change left no event behind
+    assert [e.target for e in store.events(jid)] == ["pending", "starting"]
+    row = store.transition(jid, "starting", "running", detail="r", started=True)
+    assert row.started_at is not None and row.finished_at is None
+    row = store.transition(jid, "running", "failed", detail="boom", error="boom", finished=True)
+    assert row.error == "boom" and row.finished_at is not None
+    assert store.state_entries("running") == {jid: 1}
+
+
+def test_ingest_dedupes_on_seq_and_indexes_finite_values(store: Store) -> None:
+    jid = _job(store)
+    recs = [_rec(1, 1), _rec(2, 2, loss=math.nan), _rec(3, 2, "eval", test_accuracy=0.5)]
+    evs = [{"seq": 4, "kind": "fault", "target": "worker-1", "detail": "crash", "step": 2,
+            "wall_time": 5.0, "time_s": 1.0}]
+    assert store.ingest(jid, recs, evs) == (3, 1)
+    # the same poll delivered again (crash before acknowledgement) adds nothing
+    assert store.ingest(jid, recs, evs) == (0, 0)
+    got = store.metrics(jid)
+    assert [r["seq"] for r in got] == [1, 2, 3]
+    assert math.isnan(got[1]["loss"])  # kept in the record, not in the indexed column
+    assert store.last_metric(jid, "eval")["test_accuracy"] == 0.5  # type: ignore[index]
+    runner_evs = [e for e in store.events(jid) if e.source == "runner"]
+    assert [(e.seq, e.kind, e.target) for e in runner_evs] == [(4, "fault", "worker-1")]
+    assert store.event_counts(["fault"]) == {(jid, "fault"): 1}
+
+
+def test_records_without_seq_are_skipped(store: Store) -> None:
+    jid = _job(store)
+    assert store.ingest(jid, [{"kind": "step", "step": 1}], [{"kind": "x"}]) == (0, 0)
+
+
+def test_metric_filters(store: Store) -> None:
+    jid = _job(store)
+    store.ingest(jid, [_rec(i, i // 2, "eval" if i % 3 == 0 else "step") for i in range(1, 13)],
+                 [])
+    assert all(r["step"] >= 4 for r in store.metrics(jid, since_step=4))
+    assert [r["seq"] for r in store.metrics(jid, after_seq=10)] == [11, 12]
+    assert {r["kind"] for r in store.metrics(jid, kind="eval")} == {"eval"}
+    assert len(store.metrics(jid, limit=5)) == 5
+    evs = store.events(jid)
+    assert store.events(jid, after_id=evs[-1].id) == []
+
+
+def test_checkpoint_events_become_checkpoint_records(store: Store) -> None:
+    jid = _job(store)
+    store.ingest(jid, [], [{"seq": 1, "kind": "checkpoint", "step": 20, "target": "ckpt-20.pt",
+                            "detail": "sha256 ab", "wall_time": 3.0}])
+    (c,) = store.checkpoints(jid)
+    assert (c.step, c.path, c.detail) == (20, "ckpt-20.pt", "sha256 ab")
+
+
+def test_progress_summary_and_status_roundtrip(store: Store) -> None:
+    jid = _job(store)
+    store.update_progress(jid, step=7, total_steps=60, status={"workers": [{"id": 0}]})
+    store.update_progress(jid, step=None, status=None)  # keeps what was there
+    store.set_summary(jid, {"final_test_accuracy": 0.9})
+    row = store.get_job(jid)
+    assert row is not None
+    assert (row.step, row.total_steps) == (7, 60)
+    assert row.status == {"workers": [{"id": 0}]}
+    assert row.summary == {"final_test_accuracy": 0.9}
+
+
+def test_drills(store: Store) -> None:
+    d = store.create_drill("d1", "crash", {"name": "crash"}, state="running")
+    assert d.state == "running" and d.job_id is None
+    store.update_drill("d1", job_id="j1")
+    store.update_drill("d1", state="passed", report={"passed": True})
+    d2 = store.get_drill("d1")
+    assert d2 is not None and (d2.state, d2.job_id, d2.report) == ("passed", "j1",
+                                                                    {"passed": True})
+    assert [x.id for x in store.list_drills(states=["passed"])] == ["d1"]
+    assert store.list_drills(states=["running"]) == []
+    assert store.get_drill("nope") is None
+
+
+def test_concurrent_writers_and_readers(store: Store) -> None:
+    jid = _job(store)
+    errors: list[BaseException] = []
+
+    def writer(base: int) -> None:
+        try:
+            for i in range(50):
+                store.ingest(jid, [_rec(base + i, i)], [])
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(50):
+                store.metrics(jid)
+                store.list_jobs()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k * 1000,)) for k in range(4)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.metrics(jid, limit=10_000)) == 200
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from service.store import Store
+s = Store(Path(sys.argv[1]))
+s.create_job("job1", "j", {}, Path("/tmp/j"))
+i = 0
+while True:
+    i += 1
+    s.ingest("job1", [{"seq": i, "kind": "step", "step": i}], [])
+    print(i, flush=True)  # acknowledged only after the commit returned
+"""
+
+
+def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(db)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout is not None
+    acked = 0
+    deadline = time.monotonic() + 30
+    while acked < 30 and time.monotonic() < deadline:
+        acked = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert acked >= 30
+    s = Store(db)
+    seqs = [r["seq"] for r in s.metrics("job1", limit=100_000)]
+    s.close()
+    assert seqs[:acked] == list(range(1, acked + 1))  # every acknowledged record is there
