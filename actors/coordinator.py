@@ -34,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.channel import CoordinatorEnd, make_pair
 from actors.compression import Payload, error_factor
 from actors.consistency import ConsistencyMonitor, ObservedNorms, analytic_bound
 from actors.datasets import Dataset, evaluate, load_dataset
@@ -86,12 +87,40 @@ class WorkerSlot:
     own_norm: float = 0.0
     held: dict[str, Any] | None = None  # async wait mode: a reply held back
     steps_done: int = 0
+    t_dispatch: float = 0.0
+    channel: CoordinatorEnd | None = None  # same-host pipe; None: Ray calls
+    serve_task: asyncio.Future[Any] | None = None
     shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "node": self.node, "host": self.host,
                 "pid": self.pid, "step": self.last_step, "steps_done": self.steps_done,
                 "transport": "shared_memory" if self.shm else "object_store"}
+
+
+@dataclass
+class Timing:
+    """Where a step's time goes: worker compute, injected delay, the rest of the round trip."""
+
+    n: int = 0
+    compute_s: float = 0.0
+    delay_s: float = 0.0
+    roundtrip_s: float = 0.0
+    apply_s: float = 0.0
+    applies: int = 0
+
+    def see(self, res: dict[str, Any], roundtrip_s: float) -> None:
+        self.n += 1
+        self.compute_s += float(res.get("compute_s", 0.0))
+        self.delay_s += float(res.get("delay_s", 0.0))
+        self.roundtrip_s += roundtrip_s
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {"compute_ms": 1e3 * self.compute_s / n, "delay_ms": 1e3 * self.delay_s / n,
+                "roundtrip_ms": 1e3 * self.roundtrip_s / n,
+                "overhead_ms": 1e3 * (self.roundtrip_s - self.compute_s - self.delay_s) / n,
+                "apply_ms": 1e3 * self.apply_s / max(self.applies, 1)}
 
 
 def _versions() -> dict[str, str]:
@@ -140,12 +169,18 @@ class CoordinatorCore:
         self.samples = 0
         self.refused = 0
         self.step_sums: dict[int, torch.Tensor] = {}
+        # sync: gradients stay where they arrived until the step is applied (no worker
+        # overwrites its slot before that), so no running sum is needed
+        self.lazy_sums = not self.is_async and not self.book.jumps
+        self.step_grads: dict[int, list[torch.Tensor]] = {}
+        self.x_ref: ShmRef | None = None
         self.step_losses: dict[int, list[float]] = {}
         self.pending_views: list[tuple[int, int, torch.Tensor]] = []  # (target, worker, view)
         self.residuals: dict[int, np.ndarray] = {}
         self.q, _ = error_factor(spec.compression, self.layout.numel)
         self.ef = spec.compression.name != "none" and spec.compression.error_feedback
         self.norms = ObservedNorms()
+        self.timing = Timing()
         self.monitor = ConsistencyMonitor()
         self.views_handed = 0
         self.workers: dict[int, WorkerSlot] = {}
@@ -200,7 +235,8 @@ class CoordinatorCore:
         rate = (self.samples - s_a) / (now - t_a) if now > t_a else 0.0
         self.records.append({
             "seq": self._next_seq(), "kind": "step", "step": self.step, "time_s": now - self.t0,
-            "wall_time": now, "loss": loss, "samples_per_s": rate, "b_hat": self.last_b_hat,
+            "wall_time": now, "loss": loss, "samples_per_s": rate, "samples": self.samples,
+            "b_hat": self.last_b_hat,
             "b_hat_max": self.monitor.b_max, "bound": self._bound_or_none(),
             "workers": len(self._live()), "refused": self.refused,
         })
@@ -234,6 +270,8 @@ class CoordinatorCore:
         self.data_refs = (ray.put(self.ds.x_train), ray.put(self.ds.y_train))
         if self.spec.transport != "object_store":
             self.shm = ShmPool(self.job_id, self.layout.numel)
+            if self.lazy_sums:
+                self.x, self.x_ref = self.shm.model_slot(self.x)
         ids = list(range(self.spec.workers))
         self.plan = bind_plan(self.spec.faults, ids, self.spec.seed)
         shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed)
@@ -284,6 +322,8 @@ class CoordinatorCore:
         slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
         slot.shm = shm_ok
         slot.grad_ref = grad_ref if shm_ok else None
+        if shm_ok:
+            self._open_channel(slot)
         slot.state = "idle"
         if not self.is_async:
             self.book.join(wid)
@@ -292,11 +332,50 @@ class CoordinatorCore:
                    target=f"worker-{wid}")
         return slot
 
+    def _open_channel(self, w: WorkerSlot) -> None:
+        """Requests and replies over a FIFO pair; Ray's call watches for the worker's death."""
+        assert self.shm is not None
+        req, rep = make_pair(str(self.shm.dir), w.id)
+        gen = w.gen
+        w.channel = CoordinatorEnd(req, rep, lambda msg: self._on_pipe_reply(w.id, gen, msg))
+        ref = w.actor.serve_pipe.remote(req, rep)
+        w.serve_task = asyncio.ensure_future(self._watch(w.id, gen, ref))
+
+    async def _watch(self, wid: int, gen: int, ref: Any) -> None:
+        try:
+            await ref
+            exc: BaseException | None = None
+        except Exception as e:  # noqa: BLE001 - the worker died: data, not a crash
+            exc = e
+        w = self.workers.get(wid)
+        if w is None or w.gen != gen or w.state in ("dead", "left"):
+            return
+        fut = self.inflight.get(wid)
+        err = exc or RuntimeError("the worker's serving loop ended")
+        if fut is not None and not fut.done():
+            fut.set_result((wid, gen, None, err))
+        else:
+            self._lose_worker(w, f"worker lost while idle: {type(err).__name__}")
+            self._wake.set()
+
+    def _on_pipe_reply(self, wid: int, gen: int, msg: Any) -> None:
+        fut = self.inflight.get(wid)
+        if fut is not None and not fut.done():
+            fut.set_result((wid, gen, msg, None))
+
+    def _close_channel(self, w: WorkerSlot) -> None:
+        if w.channel is not None:
+            with contextlib.suppress(OSError):
+                w.channel.send(None)
+            w.channel.close()
+            w.channel = None
+
     def _lose_worker(self, w: WorkerSlot, why: str) -> None:
         if w.state in ("dead", "left"):
             return
         w.state = "dead"
         self.inflight.pop(w.id, None)
+        self._close_channel(w)
         self._release_view(w)
         if not self.is_async:
             left = self.book.leave(w.id)
@@ -310,6 +389,9 @@ class CoordinatorCore:
     # -- views -------------------------------------------------------------------------------
     def _publish(self, w: WorkerSlot, key: Any, vec: torch.Tensor) -> ShmRef | Any:
         """Hand ``vec`` to ``w`` over its transport; identical views share one copy."""
+        if w.shm and self.x_ref is not None and key[0] == "x":
+            w.view_slot = None
+            return self.x_ref
         if w.shm:
             assert self.shm is not None
             cached = self.view_cache.get(("shm", key))
@@ -370,9 +452,16 @@ class CoordinatorCore:
     def _dispatch(self, w: WorkerSlot, step: int, key: Any, vec: torch.Tensor) -> None:
         view = self._publish(w, key, vec)
         want_res = self.ef and (w.steps_done % self.spec.monitor_interval == 0)
-        ref = w.actor.compute.remote(step, view, want_res, w.grad_ref)
+        w.t_dispatch = time.perf_counter()
         w.state = "busy"
         gen = w.gen
+        if w.channel is not None:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self.inflight[w.id] = fut
+            w.channel.send({"step": step, "view": view, "want_residual": want_res,
+                            "set_grad_slot": w.grad_ref})
+            return
+        ref = w.actor.compute.remote(step, view, want_res, w.grad_ref)
         self.inflight[w.id] = asyncio.ensure_future(self._await_reply(w.id, gen, ref))
 
     async def _await_reply(self, wid: int, gen: int, ref: Any) -> tuple[int, int, Any, Any]:
@@ -385,7 +474,7 @@ class CoordinatorCore:
         if "payload" in res:
             payload: Payload = res["payload"]
             return torch.from_numpy(payload.decode())
-        if res["grad"] == "shm":
+        if isinstance(res["grad"], str):  # "shm": in the worker's slot
             assert self.shm is not None
             return self.shm.grad(w.id)
         return from_wire(res["grad"], self.spec.transfer_dtype)
@@ -400,8 +489,9 @@ class CoordinatorCore:
                        target=f"worker-{w.id}")
             return
         g = self._grad_of(w, res)
-        s = self.step_sums.get(step)
-        if s is None:
+        if self.lazy_sums:
+            self.step_grads.setdefault(step, []).append(g)
+        elif (s := self.step_sums.get(step)) is None:
             self.step_sums[step] = g.clone()
         else:
             s.add_(g)
@@ -411,6 +501,7 @@ class CoordinatorCore:
         self._complete_steps()
 
     def _after_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        self.timing.see(res, time.perf_counter() - w.t_dispatch)
         w.steps_done += 1
         self.samples += int(res["n"])
         self.norms.see_grad(float(res["sent_norm"]), float(res["raw_norm"]))
@@ -421,12 +512,19 @@ class CoordinatorCore:
         while (entry := self.book.completable()) is not None:
             step = entry.step
             s = self.step_sums.pop(step, None)
+            grads = self.step_grads.pop(step, [])
             losses = self.step_losses.pop(step, [])
             n_arrived = len(entry.arrived)
             # skip: the lost share is left out; substitute: stand in the received mean
             n = n_arrived + (len(entry.lost) if self.spec.missing_policy == "skip" else 0)
-            if s is not None and n_arrived > 0:
-                self.opt.step(self.x, s, scale=1.0 / n)
+            if n_arrived > 0 and (s is not None or grads):
+                t_apply = time.perf_counter()
+                if s is not None:
+                    self.opt.step(self.x, s, scale=1.0 / n)
+                else:
+                    self.opt.step_many(self.x, grads, scale=1.0 / n)
+                self.timing.apply_s += time.perf_counter() - t_apply
+                self.timing.applies += 1
             self.book.complete(step)
             self.version += 1
             self._measure_pending()
@@ -664,6 +762,7 @@ class CoordinatorCore:
             "workers": self.spec.workers,
             "workers_final": len(self._live()), "refused_stale": self.refused,
             "parameters": self.layout.numel, "consistency": cons,
+            "timing": self.timing.summary(),
             "events": [dict(e) for e in self.event_log],
             "versions": _versions(), "host": host_id(), "pid": os.getpid(),
         }
@@ -679,6 +778,8 @@ class CoordinatorCore:
             f"worker-{t}" for t in bound.targets))
 
     async def shutdown(self) -> None:
+        for w in self.workers.values():
+            self._close_channel(w)
         for w in self.workers.values():
             if w.state not in ("dead",):
                 with contextlib.suppress(Exception):  # already gone

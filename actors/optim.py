@@ -71,6 +71,23 @@ class FlatSGD:
         x.add_(self.buf, alpha=-self.lr)
         return self.buf
 
+    def step_many(self, x: torch.Tensor, grads: list[torch.Tensor], scale: float) -> None:
+        """One update with gradient ``scale * sum(grads)``, without materialising the sum
+        when momentum is on (each gradient is folded straight into the momentum buffer)."""
+        if not grads:
+            return
+        if len(grads) == 1 or self.nesterov or self.momentum == 0.0 or self.buf is None:
+            total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+            self.step(x, total, scale)
+            return
+        self.steps += 1
+        self.buf.mul_(self.momentum)
+        for g in grads:
+            self.buf.add_(g, alpha=scale)
+        if self.weight_decay != 0.0:
+            self.buf.add_(x, alpha=self.weight_decay)
+        x.add_(self.buf, alpha=-self.lr)
+
     def peek(self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None,
              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The state after one update, on copies: ``(x', buf')``. Nothing here changes."""

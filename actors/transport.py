@@ -107,6 +107,14 @@ class ShmPool:
         self._refs[slot] = readers
         return slot, ShmRef(str(self.dir / f"view{slot}"), self.numel)
 
+    def model_slot(self, x: torch.Tensor) -> tuple[torch.Tensor, ShmRef]:
+        """A shared copy of the model of record: in sync mode views of ``x`` need no copy
+        (no worker computes while ``x`` changes)."""
+        path = str(self.dir / "x")
+        t = _open(path, self.numel, create=True)
+        t.copy_(x)
+        return t, ShmRef(path, self.numel)
+
     def view(self, slot: int) -> torch.Tensor:
         return self._slots[slot]
 

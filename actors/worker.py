@@ -22,6 +22,7 @@ import ray
 import torch
 from torch.func import functional_call
 
+from actors.channel import serve
 from actors.compression import ErrorFeedback, Payload, make_compressor
 from actors.datasets import loss_fn
 from actors.faults import ActiveFault, WorkerFaults
@@ -176,12 +177,17 @@ class WorkerCore:
         self.sampler.reshard(np.asarray(shard, dtype=np.int64))
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+# max_concurrency: the pipe-serving loop occupies one thread; ping/info/exit need others
+@ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)  # type: ignore[call-overload]
 class Worker(WorkerCore):
     """The Ray actor around :class:`WorkerCore` (methods are called by the coordinator)."""
 
     def ping(self) -> int:
         return self.id
+
+    def serve_pipe(self, req_path: str, rep_path: str) -> int:
+        """Serve :meth:`compute` requests over the same-host channel until told to stop."""
+        return serve(req_path, rep_path, lambda msg: self.compute(**msg))
 
     def exit(self) -> None:
         ray.actor.exit_actor()

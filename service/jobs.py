@@ -812,6 +812,18 @@ class JobManager:
                         f"has {describe_resources(free)} free; asked the autoscaler",
                     )
             self._request_resources(dict(pending), waiting)
+        with self._lock:
+            room = max(0, self.settings.max_running_jobs - len(self._live))
+        if len(admitted) > room:
+            for job_id in admitted[room:]:
+                if job_id not in self._announced_wait:
+                    self._announced_wait.add(job_id)
+                    self.store.add_event(
+                        job_id, "queued",
+                        f"waiting: {self.settings.max_running_jobs} jobs may run at once "
+                        "(ESGD_MAX_RUNNING_JOBS)",
+                    )
+            admitted = admitted[:room]
         for job_id in admitted:
             self._start(job_id, specs[job_id])
 

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
     # Seconds a started job may take to report its first status before it is failed.
     start_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    # Jobs with actors in Ray at once; more wait in pending. 0 pauses admission (jobs are
+    # accepted and wait), e.g. for maintenance.
+    max_running_jobs: int = Field(default=8, ge=0, le=10_000)
     # Consecutive failed polls of a live job before it is declared failed (bounded retry).
     max_poll_failures: int = Field(default=10, ge=1, le=10_000)
 

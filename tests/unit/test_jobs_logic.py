@@ -357,3 +357,20 @@ def test_drill_fails_on_each_broken_criterion(
                                 max_steps_lost=0), state, summary, kinds)
     assert rep["passed"] is False
     assert [c["name"] for c in rep["checks"] if c["passed"] is False] == [failing]
+
+
+def test_max_running_jobs_caps_admission(env: tuple) -> None:
+    mgr, backend, cluster, store = env
+    backend.script = Script(steps_per_poll=1)
+    cluster.cpus = 100.0
+    mgr.settings.max_running_jobs = 0  # paused: accepted, never started
+    a = mgr.submit(SPEC)
+    for _ in range(3):
+        mgr.tick()
+    assert state_of(store, a.id) == "pending"
+    assert any("ESGD_MAX_RUNNING_JOBS" in e.detail for e in store.events(a.id))
+    mgr.settings.max_running_jobs = 1
+    b = mgr.submit(SPEC)
+    until(mgr, lambda: state_of(store, a.id) == "running")
+    assert state_of(store, b.id) == "pending"  # one at a time
+    until(mgr, lambda: state_of(store, b.id) == "succeeded", ticks=500)

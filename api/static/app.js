@@ -1,0 +1,136 @@
+// The dashboard: a jobs list (polled), and for the selected job live charts, workers and
+// events from the server-sent event stream GET /jobs/{id}/stream.
+"use strict";
+
+const S = { selected: null, es: null, steps: [], evals: [], events: [], job: null,
+            lastSeq: -1, lastEventId: 0, drawQueued: false, ended: false };
+const $ = sel => document.querySelector(sel);
+const fmt = (v, d = 4) => (v === null || v === undefined || !Number.isFinite(v)) ? "–" : Number(v.toPrecision(d)).toString();
+const when = iso => iso ? new Date(iso).toLocaleString() : "–";
+const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+async function getJSON(url) {
+  const r = await fetch(url, { headers: { accept: "application/json" } });
+  if (!r.ok) throw new Error(`${url}: ${r.status}`);
+  return r.json();
+}
+
+async function refreshJobs() {
+  try {
+    const page = await getJSON("/jobs?limit=50");
+    $("#jobs-total").textContent = `(${page.total})`;
+    $("#no-jobs").hidden = page.items.length > 0;
+    const tbody = $("#jobs tbody");
+    tbody.innerHTML = page.items.map(j => `
+      <tr data-job-id="${esc(j.id)}" class="${j.id === S.selected ? "selected" : ""}">
+        <td><code>${esc(j.id)}</code></td><td>${esc(j.name)}</td>
+        <td><span class="state ${esc(j.state)}">${esc(j.state)}</span></td>
+        <td>${j.step}/${j.total_steps ?? "?"}</td><td>${when(j.created_at)}</td></tr>`).join("");
+    for (const tr of tbody.querySelectorAll("tr")) tr.onclick = () => select(tr.dataset.jobId);
+    if (!S.selected && page.items.length) {
+      const fromHash = new URLSearchParams(location.hash.slice(1)).get("job");
+      select(fromHash && page.items.some(j => j.id === fromHash) ? fromHash : page.items[0].id);
+    }
+  } catch (e) { console.warn(e); }
+}
+
+async function refreshReady() {
+  const pill = $("#ready");
+  try {
+    const r = await fetch("/readyz");
+    const body = await r.json();
+    pill.textContent = body.status; pill.className = "pill " + (r.ok ? "ok" : "bad");
+  } catch (e) { pill.textContent = "unreachable"; pill.className = "pill bad"; }
+}
+
+function select(id) {
+  if (S.es) S.es.close();
+  Object.assign(S, { selected: id, steps: [], evals: [], events: [], job: null, lastSeq: -1,
+                     lastEventId: 0, ended: false });
+  history.replaceState(null, "", "#job=" + encodeURIComponent(id));
+  for (const tr of document.querySelectorAll("#jobs tbody tr")) tr.classList.toggle("selected", tr.dataset.jobId === id);
+  $("#detail").hidden = false;
+  $("#events").innerHTML = "";
+  openStream();
+  queueDraw();
+}
+
+function openStream() {
+  const id = S.selected;
+  const es = new EventSource(`/jobs/${encodeURIComponent(id)}/stream?after_seq=${S.lastSeq}&after_id=${S.lastEventId}`);
+  S.es = es;
+  es.addEventListener("job", e => { S.job = JSON.parse(e.data); renderJob(); });
+  es.addEventListener("metric", e => {
+    const r = JSON.parse(e.data);
+    S.lastSeq = Math.max(S.lastSeq, r.seq);
+    (r.kind === "eval" ? S.evals : S.steps).push(r);
+    queueDraw();
+  });
+  es.addEventListener("event", e => {
+    const ev = JSON.parse(e.data);
+    S.lastEventId = Math.max(S.lastEventId, ev.id);
+    S.events.push(ev);
+    renderEvent(ev);
+  });
+  es.addEventListener("end", () => { S.ended = true; es.close(); queueDraw(); });
+  es.onerror = () => {
+    // reconnect from where we are (the browser's own retry would replay everything)
+    es.close();
+    if (!S.ended && S.selected === id) setTimeout(() => { if (S.selected === id && S.es === es) openStream(); }, 1000);
+  };
+}
+
+function renderJob() {
+  const j = S.job;
+  if (!j) return;
+  $("#job-title").textContent = `${j.name} · ${j.id}`;
+  const st = $("#job-state");
+  st.textContent = j.state; st.className = "state " + j.state;
+  $("#job-progress").style.width = `${Math.round(100 * j.progress)}%`;
+  const ratio = (j.b_hat_max !== null && j.bound) ? j.b_hat_max / j.bound : null;
+  const last = S.steps[S.steps.length - 1] || {};
+  const lastEval = S.evals[S.evals.length - 1] || {};
+  const stats = [
+    ["step", `${j.step} / ${j.total_steps ?? "?"}`], ["loss", fmt(last.loss)],
+    ["test accuracy", fmt(lastEval.test_accuracy, 3)], ["samples/s", fmt(last.samples_per_s, 3)],
+    ["B̂ max", fmt(j.b_hat_max, 3)], ["B̂ mean", fmt(j.b_hat_mean, 3)],
+    ["bound", fmt(j.bound, 3)], ["B̂ max / bound", fmt(ratio, 3)],
+    ["workers", String(j.workers.length)], ["started", when(j.started_at)],
+  ];
+  $("#job-stats").innerHTML = stats.map(([k, v]) => `<div><dt>${esc(k)}</dt><dd>${esc(v)}</dd></div>`).join("");
+  const err = $("#job-error");
+  err.hidden = !j.error; err.textContent = j.error || "";
+  $("#workers tbody").innerHTML = j.workers.map(w => `<tr><td>${w.id}</td><td>${esc(w.state)}</td>
+    <td><code>${esc((w.node || "–").slice(0, 8))}</code></td><td>${w.step ?? "–"}</td></tr>`).join("");
+}
+
+function renderEvent(ev) {
+  const li = document.createElement("li");
+  const step = ev.step === null ? "" : ` step ${ev.step}`;
+  li.innerHTML = `<span class="muted">${new Date(ev.wall_time).toLocaleTimeString()}${step}</span>
+    <span class="kind ${esc(ev.kind)}">${esc(ev.kind)}</span>${ev.target ? `<code>${esc(ev.target)}</code> ` : ""}${esc(ev.detail)}`;
+  const list = $("#events");
+  list.insertBefore(li, list.firstChild);
+  while (list.children.length > 200) list.removeChild(list.lastChild);
+}
+
+function queueDraw() {
+  if (S.drawQueued) return;
+  S.drawQueued = true;
+  requestAnimationFrame(() => { S.drawQueued = false; draw(); renderJob(); });
+}
+
+function draw() {
+  const pts = (rs, key) => rs.filter(r => r[key] !== null && r[key] !== undefined).map(r => [r.step, r[key]]);
+  drawChart($("#chart-loss"), { series: [{ name: "loss", color: "#2563eb", points: pts(S.steps, "loss") }] });
+  drawChart($("#chart-acc"), { yMin: 0, yMax: 1, series: [{ name: "test accuracy", color: "#16a34a", points: pts(S.evals, "test_accuracy") }] });
+  drawChart($("#chart-bhat"), { yMin: 0, series: [
+    { name: "B̂", color: "#9333ea", points: pts(S.steps, "b_hat") },
+    { name: "B̂ max", color: "#db2777", points: pts(S.steps, "b_hat_max") },
+    { name: "bound", color: "#6b7280", dash: [5, 4], points: pts(S.steps, "bound") },
+  ] });
+}
+
+refreshJobs(); refreshReady();
+setInterval(refreshJobs, 2000);
+setInterval(refreshReady, 5000);
