@@ -60,8 +60,8 @@ class FrameReader:
             (n,) = _LEN.unpack_from(self._buf)
             if len(self._buf) < _LEN.size + n:
                 break
-            out.append(pickle.loads(bytes(self._buf[_LEN.size:_LEN.size + n])))
-            del self._buf[:_LEN.size + n]
+            out.append(pickle.loads(bytes(self._buf[_LEN.size : _LEN.size + n])))
+            del self._buf[: _LEN.size + n]
         return out
 
 
@@ -72,8 +72,7 @@ class CoordinatorEnd:
     the two processes open them does not matter. Replies are handed to ``on_reply``.
     """
 
-    def __init__(self, req_path: str, rep_path: str,
-                 on_reply: Callable[[Any], None]) -> None:
+    def __init__(self, req_path: str, rep_path: str, on_reply: Callable[[Any], None]) -> None:
         self.req_fd = os.open(req_path, os.O_RDWR)
         self.rep_fd = os.open(rep_path, os.O_RDWR | os.O_NONBLOCK)
         self._reader = FrameReader()

@@ -41,8 +41,9 @@ class ObservedNorms:
         self.update_max = max(self.update_max, norm_over_lr)
 
 
-def elastic_amplification(lag: int, momentum: float, weight_decay: float, lr: float,
-                          nesterov: bool) -> float:
+def elastic_amplification(
+    lag: int, momentum: float, weight_decay: float, lr: float, nesterov: bool
+) -> float:
     """Worst-case growth of a per-step gradient error over ``lag`` provisional steps.
 
     A gradient error of norm ``<= D`` in each of ``lag`` optimizer steps moves ``x`` by at
@@ -74,8 +75,9 @@ def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback
         base = 0.0
     elif isinstance(mode, ElasticMode):
         # at most max_lag provisional steps, each off by at most 2G (docs: elastic)
-        amp = elastic_amplification(mode.max_lag, opt.momentum, opt.weight_decay, opt.lr,
-                                    opt.nesterov)
+        amp = elastic_amplification(
+            mode.max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov
+        )
         base = 2.0 * norms.grad_max * amp
     elif isinstance(mode, AsyncMode):
         # a view at most tau updates old: triangle inequality over those updates
@@ -117,8 +119,10 @@ class ConsistencyMonitor:
             self._since = 0
             self._window_max = 0.0
             if len(self.series) >= self.max_points:
-                self.series = [max(self.series[i:i + 2], key=lambda p: p[1])
-                               for i in range(0, len(self.series), 2)]
+                self.series = [
+                    max(self.series[i : i + 2], key=lambda p: p[1])
+                    for i in range(0, len(self.series), 2)
+                ]
                 self._stride *= 2
 
     @property
@@ -126,8 +130,11 @@ class ConsistencyMonitor:
         return self.total / self.count if self.count else 0.0
 
     def summary(self, bound: float) -> dict[str, Any]:
-        ratio = (self.b_max / bound) if bound > 0 and math.isfinite(bound) else (
-            0.0 if self.b_max == 0 else None)
+        ratio = (
+            (self.b_max / bound)
+            if bound > 0 and math.isfinite(bound)
+            else (0.0 if self.b_max == 0 else None)
+        )
         return {
             "b_hat_max": self.b_max,
             "b_hat_mean": self.b_mean,

@@ -93,9 +93,16 @@ class WorkerSlot:
     shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "node": self.node, "host": self.host,
-                "pid": self.pid, "step": self.last_step, "steps_done": self.steps_done,
-                "transport": "shared_memory" if self.shm else "object_store"}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "node": self.node,
+            "host": self.host,
+            "pid": self.pid,
+            "step": self.last_step,
+            "steps_done": self.steps_done,
+            "transport": "shared_memory" if self.shm else "object_store",
+        }
 
 
 @dataclass
@@ -117,15 +124,17 @@ class Timing:
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
-        return {"compute_ms": 1e3 * self.compute_s / n, "delay_ms": 1e3 * self.delay_s / n,
-                "roundtrip_ms": 1e3 * self.roundtrip_s / n,
-                "overhead_ms": 1e3 * (self.roundtrip_s - self.compute_s - self.delay_s) / n,
-                "apply_ms": 1e3 * self.apply_s / max(self.applies, 1)}
+        return {
+            "compute_ms": 1e3 * self.compute_s / n,
+            "delay_ms": 1e3 * self.delay_s / n,
+            "roundtrip_ms": 1e3 * self.roundtrip_s / n,
+            "overhead_ms": 1e3 * (self.roundtrip_s - self.compute_s - self.delay_s) / n,
+            "apply_ms": 1e3 * self.apply_s / max(self.applies, 1),
+        }
 
 
 def _versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__}
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
 class CoordinatorCore:
@@ -146,10 +155,14 @@ class CoordinatorCore:
         self.t_run: float | None = None
         self.t_end: float | None = None
         torch.manual_seed(spec.seed)
-        self.ds: Dataset = load_dataset(spec.dataset, spec.seed, None if data_dir is None
-                                        else __import__("pathlib").Path(data_dir))
-        self.model = build_model(spec.model, self.ds.n_features, self.ds.n_outputs,
-                                 self.ds.input_shape)
+        self.ds: Dataset = load_dataset(
+            spec.dataset,
+            spec.seed,
+            None if data_dir is None else __import__("pathlib").Path(data_dir),
+        )
+        self.model = build_model(
+            spec.model, self.ds.n_features, self.ds.n_outputs, self.ds.input_shape
+        )
         self.layout = ParamLayout.of(self.model)
         self.x = flatten(self.model)
         self.opt = FlatSGD(spec.optimizer)
@@ -204,13 +217,21 @@ class CoordinatorCore:
         self.seq += 1
         return self.seq
 
-    def event(self, kind: str, detail: str, target: str | None = None,
-              step: int | None = None) -> None:
+    def event(
+        self, kind: str, detail: str, target: str | None = None, step: int | None = None
+    ) -> None:
         now = time.time()
-        ev = {"seq": self._next_seq(), "wall_time": now, "time_s": now - self.t0,
-              "step": self.book.completed if step is None and not self.is_async
-              else (step if step is not None else self.version // max(self.p0, 1)),
-              "kind": kind, "target": target, "detail": detail}
+        ev = {
+            "seq": self._next_seq(),
+            "wall_time": now,
+            "time_s": now - self.t0,
+            "step": self.book.completed
+            if step is None and not self.is_async
+            else (step if step is not None else self.version // max(self.p0, 1)),
+            "kind": kind,
+            "target": target,
+            "detail": detail,
+        }
         self.events.append(ev)
         self.event_log.append(ev)
         log.info("%s %s %s", kind, target or "", detail)
@@ -233,13 +254,23 @@ class CoordinatorCore:
         self.rate_window = self.rate_window[-50:]
         t_a, s_a = self.rate_window[0]
         rate = (self.samples - s_a) / (now - t_a) if now > t_a else 0.0
-        self.records.append({
-            "seq": self._next_seq(), "kind": "step", "step": self.step, "time_s": now - self.t0,
-            "wall_time": now, "loss": loss, "samples_per_s": rate, "samples": self.samples,
-            "b_hat": self.last_b_hat,
-            "b_hat_max": self.monitor.b_max, "bound": self._bound_or_none(),
-            "workers": len(self._live()), "refused": self.refused,
-        })
+        self.records.append(
+            {
+                "seq": self._next_seq(),
+                "kind": "step",
+                "step": self.step,
+                "time_s": now - self.t0,
+                "wall_time": now,
+                "loss": loss,
+                "samples_per_s": rate,
+                "samples": self.samples,
+                "b_hat": self.last_b_hat,
+                "b_hat_max": self.monitor.b_max,
+                "bound": self._bound_or_none(),
+                "workers": len(self._live()),
+                "refused": self.refused,
+            }
+        )
 
     def _bound(self) -> float:
         return analytic_bound(self.spec, self.norms, self.q, self.ef)
@@ -253,10 +284,17 @@ class CoordinatorCore:
         metrics = evaluate(self.model, self.ds)
         self.last_eval = metrics
         now = time.time()
-        rec = {"seq": self._next_seq(), "kind": "eval", "step": self.step,
-               "time_s": now - self.t0, "wall_time": now, "workers": len(self._live())}
-        rec.update({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                    for k, v in metrics.items()})
+        rec = {
+            "seq": self._next_seq(),
+            "kind": "eval",
+            "step": self.step,
+            "time_s": now - self.t0,
+            "wall_time": now,
+            "workers": len(self._live()),
+        }
+        rec.update(
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        )
         self.records.append(rec)
         return metrics
 
@@ -278,10 +316,15 @@ class CoordinatorCore:
         await asyncio.gather(*(self._add_worker(i, shards[i]) for i in ids))
         live = self._live()
         if len(live) < self.spec.min_workers:
-            self._set_state(RunState.FAILED, f"only {len(live)} workers started; "
-                                             f"min_workers={self.spec.min_workers}")
-        return {"workers": [w.public() for w in live], "total_steps": self.total_steps,
-                "parameters": self.layout.numel}
+            self._set_state(
+                RunState.FAILED,
+                f"only {len(live)} workers started; min_workers={self.spec.min_workers}",
+            )
+        return {
+            "workers": [w.public() for w in live],
+            "total_steps": self.total_steps,
+            "parameters": self.layout.numel,
+        }
 
     def _worker_options(self) -> dict[str, Any]:
         r = self.spec.resources
@@ -294,14 +337,26 @@ class CoordinatorCore:
             gpus = float(r.worker_gpus)
         return {"num_cpus": r.worker_cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
 
-    async def _add_worker(self, wid: int, shard: np.ndarray,
-                          sampler_state: dict[str, Any] | None = None) -> WorkerSlot | None:
+    async def _add_worker(
+        self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None = None
+    ) -> WorkerSlot | None:
         assert self.data_refs is not None
         grad_ref = self.shm.grad_slot(wid) if self.shm is not None else None
         actor = Worker.options(**self._worker_options()).remote(  # type: ignore[attr-defined]
-            wid, self.spec, self.data_refs[0], self.data_refs[1], self.ds.task,
-            self.ds.n_features, self.ds.n_outputs, self.ds.input_shape, shard, sampler_state,
-            self.plan, self.t0, None)
+            wid,
+            self.spec,
+            self.data_refs[0],
+            self.data_refs[1],
+            self.ds.task,
+            self.ds.n_features,
+            self.ds.n_outputs,
+            self.ds.input_shape,
+            shard,
+            sampler_state,
+            self.plan,
+            self.t0,
+            None,
+        )
         slot = WorkerSlot(id=wid, actor=actor, shard=shard)
         old = self.workers.get(wid)
         if old is not None:
@@ -313,8 +368,10 @@ class CoordinatorCore:
             if self.shm is not None:
                 shm_ok = await actor.shm_ok.remote(self.shm.probe_path())
                 if not shm_ok and self.spec.transport == "shared_memory":
-                    raise RuntimeError("transport=shared_memory but the worker is on another "
-                                       "host; use transport=auto or object_store")
+                    raise RuntimeError(
+                        "transport=shared_memory but the worker is on another "
+                        "host; use transport=auto or object_store"
+                    )
         except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
             slot.state = "dead"
             self.event("membership", f"worker failed to start: {exc}", target=f"worker-{wid}")
@@ -327,9 +384,12 @@ class CoordinatorCore:
         slot.state = "idle"
         if not self.is_async:
             self.book.join(wid)
-        self.event("membership", f"worker joined (node {slot.node[:8]}, pid {slot.pid}, "
-                                 f"{'shared memory' if shm_ok else 'object store'})",
-                   target=f"worker-{wid}")
+        self.event(
+            "membership",
+            f"worker joined (node {slot.node[:8]}, pid {slot.pid}, "
+            f"{'shared memory' if shm_ok else 'object store'})",
+            target=f"worker-{wid}",
+        )
         return slot
 
     def _open_channel(self, w: WorkerSlot) -> None:
@@ -383,8 +443,9 @@ class CoordinatorCore:
         self.event("detect", why, target=f"worker-{w.id}")
         live = self._live()
         if len(live) < self.spec.min_workers:
-            self._set_state(RunState.FAILED, f"{len(live)} live workers < min_workers="
-                                             f"{self.spec.min_workers}")
+            self._set_state(
+                RunState.FAILED, f"{len(live)} live workers < min_workers={self.spec.min_workers}"
+            )
 
     # -- views -------------------------------------------------------------------------------
     def _publish(self, w: WorkerSlot, key: Any, vec: torch.Tensor) -> ShmRef | Any:
@@ -439,8 +500,11 @@ class CoordinatorCore:
             assert res is not None
             b = float(res.norm())
         else:
-            b = float((diff_over_lr - res).norm()) if res is not None else float(
-                diff_over_lr.norm())
+            b = (
+                float((diff_over_lr - res).norm())
+                if res is not None
+                else float(diff_over_lr.norm())
+            )
         self.last_b_hat = b
         self.monitor.record(self.step, b)
 
@@ -458,8 +522,9 @@ class CoordinatorCore:
         if w.channel is not None:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self.inflight[w.id] = fut
-            w.channel.send({"step": step, "view": view, "want_residual": want_res,
-                            "set_grad_slot": w.grad_ref})
+            w.channel.send(
+                {"step": step, "view": view, "want_residual": want_res, "set_grad_slot": w.grad_ref}
+            )
             return
         ref = w.actor.compute.remote(step, view, want_res, w.grad_ref)
         self.inflight[w.id] = asyncio.ensure_future(self._await_reply(w.id, gen, ref))
@@ -485,8 +550,9 @@ class CoordinatorCore:
         self._release_view(w)
         w.state = "waiting"
         if not self.book.arrive(w.id, step):
-            self.event("drop", f"unexpected gradient for step {step} ignored",
-                       target=f"worker-{w.id}")
+            self.event(
+                "drop", f"unexpected gradient for step {step} ignored", target=f"worker-{w.id}"
+            )
             return
         g = self._grad_of(w, res)
         if self.lazy_sums:
@@ -580,11 +646,14 @@ class CoordinatorCore:
             received = None
             if not last_complete and last is not None and self.book.jumps:
                 s = self.step_sums.get(last)
-                received = float((s - w.own).norm()) if s is not None and w.own is not None \
-                    else 0.0
-            d = self.step_rule.may_start(target, self.book.oldest_incomplete,
-                                         None if last_complete else w.own_norm, received,
-                                         last_complete)
+                received = float((s - w.own).norm()) if s is not None and w.own is not None else 0.0
+            d = self.step_rule.may_start(
+                target,
+                self.book.oldest_incomplete,
+                None if last_complete else w.own_norm,
+                received,
+                last_complete,
+            )
             if not d.allowed:
                 continue
             key, vec, exact = self._step_view(target)
@@ -616,11 +685,15 @@ class CoordinatorCore:
         progress = True
         while progress:
             progress = False
-            held = sorted((w for w in self._live() if w.state == "held"),
-                          key=lambda w: w.view_version)
+            held = sorted(
+                (w for w in self._live() if w.state == "held"), key=lambda w: w.view_version
+            )
             for w in held:
-                others = [o.view_version for o in self._live()
-                          if o.id != w.id and o.state in ("busy", "held")]
+                others = [
+                    o.view_version
+                    for o in self._live()
+                    if o.id != w.id and o.state in ("busy", "held")
+                ]
                 if not self.async_rule.may_apply(self.version, w.view_version, others).allowed:
                     continue
                 assert w.held is not None
@@ -689,8 +762,9 @@ class CoordinatorCore:
                 self._set_state(RunState.FAILED, "no live workers")
                 break
             done_any: set[asyncio.Future[Any]] = set()
-            done_any, _ = await asyncio.wait(waiting | {wake}, timeout=1.0,
-                                             return_when=asyncio.FIRST_COMPLETED)
+            done_any, _ = await asyncio.wait(
+                waiting | {wake}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+            )
             if wake in done_any:
                 done_any.discard(wake)
                 self._wake.clear()
@@ -719,17 +793,22 @@ class CoordinatorCore:
         """New records and events since ``ack_seq`` (older ones are dropped as delivered)."""
         self.records = [r for r in self.records if r["seq"] > ack_seq]
         self.events = [e for e in self.events if e["seq"] > ack_seq]
-        return {"records": list(self.records), "events": list(self.events),
-                "status": self.status()}
+        return {"records": list(self.records), "events": list(self.events), "status": self.status()}
 
     def status(self) -> dict[str, Any]:
         summ = self.monitor.summary(self._bound())
-        return {"state": self.state.value, "step": self.step, "total_steps": self.total_steps,
-                "workers": [w.public() for w in self.workers.values()],
-                "b_hat_max": summ["b_hat_max"], "b_hat_mean": summ["b_hat_mean"],
-                "bound": summ["bound"], "error": self.error,
-                "test_accuracy": self.last_eval.get("test_accuracy"),
-                "test_loss": self.last_eval.get("test_loss")}
+        return {
+            "state": self.state.value,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "workers": [w.public() for w in self.workers.values()],
+            "b_hat_max": summ["b_hat_max"],
+            "b_hat_mean": summ["b_hat_mean"],
+            "bound": summ["bound"],
+            "error": self.error,
+            "test_accuracy": self.last_eval.get("test_accuracy"),
+            "test_loss": self.last_eval.get("test_loss"),
+        }
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -738,8 +817,14 @@ class CoordinatorCore:
     def model_bytes(self) -> bytes:
         load_flat(self.model, self.x)
         buf = io.BytesIO()
-        torch.save({"state_dict": self.model.state_dict(), "spec": self.spec.model_dump(),
-                    "step": self.step}, buf)
+        torch.save(
+            {
+                "state_dict": self.model.state_dict(),
+                "spec": self.spec.model_dump(),
+                "step": self.step,
+            },
+            buf,
+        )
         return buf.getvalue()
 
     def summary(self) -> dict[str, Any]:
@@ -747,24 +832,38 @@ class CoordinatorCore:
         start = self.t_run or self.t0
         wall = max(end - start, 1e-9)
         cons = self.monitor.summary(self._bound())
-        cons["norms"] = {"grad_max": self.norms.grad_max, "raw_grad_max": self.norms.raw_grad_max,
-                         "update_max": self.norms.update_max}
+        cons["norms"] = {
+            "grad_max": self.norms.grad_max,
+            "raw_grad_max": self.norms.raw_grad_max,
+            "update_max": self.norms.update_max,
+        }
         cons["compression_q"] = self.q
         return {
-            "job_id": self.job_id, "name": self.spec.name, "state": self.state.value,
+            "job_id": self.job_id,
+            "name": self.spec.name,
+            "state": self.state.value,
             "error": self.error,
             "final_test_accuracy": self.last_eval.get("test_accuracy"),
             "final_test_loss": self.last_eval.get("test_loss"),
             "final_test_mse": self.last_eval.get("test_mse"),
-            "steps": self.step, "total_steps": self.total_steps, "updates": self.version,
-            "wall_seconds": wall, "samples": self.samples, "samples_per_s": self.samples / wall,
-            "mode": self.spec.mode.name, "mode_settings": self.spec.mode.model_dump(),
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "updates": self.version,
+            "wall_seconds": wall,
+            "samples": self.samples,
+            "samples_per_s": self.samples / wall,
+            "mode": self.spec.mode.name,
+            "mode_settings": self.spec.mode.model_dump(),
             "workers": self.spec.workers,
-            "workers_final": len(self._live()), "refused_stale": self.refused,
-            "parameters": self.layout.numel, "consistency": cons,
+            "workers_final": len(self._live()),
+            "refused_stale": self.refused,
+            "parameters": self.layout.numel,
+            "consistency": cons,
             "timing": self.timing.summary(),
             "events": [dict(e) for e in self.event_log],
-            "versions": _versions(), "host": host_id(), "pid": os.getpid(),
+            "versions": _versions(),
+            "host": host_id(),
+            "pid": os.getpid(),
         }
 
     def inject(self, fault: FaultSpec) -> None:
@@ -774,8 +873,9 @@ class CoordinatorCore:
         bound = bind_plan([fault], ids, self.spec.seed)[0]
         bound.index = index
         self.plan.append(bound)
-        self.event("fault", f"injected {fault.kind}", target=",".join(
-            f"worker-{t}" for t in bound.targets))
+        self.event(
+            "fault", f"injected {fault.kind}", target=",".join(f"worker-{t}" for t in bound.targets)
+        )
 
     async def shutdown(self) -> None:
         for w in self.workers.values():

@@ -121,9 +121,16 @@ class WorkerFaults:
         return None
 
     def drop_now(self, step: int, t_s: float) -> bool:
-        return any(f.triggers_at(step, t_s, self.rng) and (
-            f.spec.at_step is None or step == f.spec.at_step or f.spec.duration_steps is None
-            or step < f.spec.at_step + f.spec.duration_steps) for f in self._mine("drop"))
+        return any(
+            f.triggers_at(step, t_s, self.rng)
+            and (
+                f.spec.at_step is None
+                or step == f.spec.at_step
+                or f.spec.duration_steps is None
+                or step < f.spec.at_step + f.spec.duration_steps
+            )
+            for f in self._mine("drop")
+        )
 
     def partitioned(self, step: int, t_s: float) -> float:
         """Seconds left in an active partition window (0 if none; inf if open-ended)."""
@@ -140,5 +147,6 @@ class WorkerFaults:
 
 def bind_plan(faults: list[FaultSpec], worker_ids: list[int], seed: int) -> list[ActiveFault]:
     """Resolve every fault's targets once, for the whole job."""
-    return [ActiveFault(f, resolve_targets(f, worker_ids, seed, i), i)
-            for i, f in enumerate(faults)]
+    return [
+        ActiveFault(f, resolve_targets(f, worker_ids, seed, i), i) for i, f in enumerate(faults)
+    ]

@@ -39,8 +39,10 @@ class ParamLayout:
 
     def pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Leaf tensors sharing ``flat``'s memory, one per parameter, requiring grad."""
-        return [flat[o:o + n].view(s).detach().requires_grad_(True)
-                for o, n, s in zip(self.offsets, self.sizes(), self.shapes, strict=True)]
+        return [
+            flat[o : o + n].view(s).detach().requires_grad_(True)
+            for o, n, s in zip(self.offsets, self.sizes(), self.shapes, strict=True)
+        ]
 
     def params(self, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, pieces, strict=True))
@@ -48,7 +50,7 @@ class ParamLayout:
     def write_grads(self, grads: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         """Copy per-parameter gradients into the flat ``out`` (one copy, no concat)."""
         for g, o, n in zip(grads, self.offsets, self.sizes(), strict=True):
-            out[o:o + n].copy_(g.reshape(-1))
+            out[o : o + n].copy_(g.reshape(-1))
 
 
 def flatten(module: nn.Module) -> torch.Tensor:

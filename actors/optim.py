@@ -31,8 +31,9 @@ class FlatSGD:
         self.buf: torch.Tensor | None = None
         self.steps = 0
 
-    def _direction(self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _direction(
+        self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if scale != 1.0:
             grad = grad.mul(scale)
         d_p = grad.add(x, alpha=self.weight_decay) if self.weight_decay != 0.0 else grad
@@ -88,8 +89,9 @@ class FlatSGD:
             self.buf.add_(x, alpha=self.weight_decay)
         x.add_(self.buf, alpha=-self.lr)
 
-    def peek(self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None,
-             scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def peek(
+        self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The state after one update, on copies: ``(x', buf')``. Nothing here changes."""
         d, new_buf = self._direction(x, grad, buf, scale)
         return x.add(d, alpha=-self.lr), new_buf

@@ -44,8 +44,14 @@ class StepRule(Protocol):
     #: True if a worker that fell behind the frontier jumps to it (skipping steps).
     jumps: bool
 
-    def may_start(self, target: int, oldest_incomplete: int | None, own_norm: float | None,
-                  received_norm: float | None, last_complete: bool) -> Decision: ...
+    def may_start(
+        self,
+        target: int,
+        oldest_incomplete: int | None,
+        own_norm: float | None,
+        received_norm: float | None,
+        last_complete: bool,
+    ) -> Decision: ...
 
 
 class SyncRule:
@@ -53,8 +59,14 @@ class SyncRule:
 
     jumps = False
 
-    def may_start(self, target: int, oldest_incomplete: int | None, own_norm: float | None,
-                  received_norm: float | None, last_complete: bool) -> Decision:
+    def may_start(
+        self,
+        target: int,
+        oldest_incomplete: int | None,
+        own_norm: float | None,
+        received_norm: float | None,
+        last_complete: bool,
+    ) -> Decision:
         if oldest_incomplete is None or oldest_incomplete >= target:
             return Decision(True, "all earlier steps applied")
         return Decision(False, f"waiting for step {oldest_incomplete} to complete")
@@ -73,11 +85,20 @@ class ElasticRule:
     max_lag: int
     jumps: bool = True
 
-    def may_start(self, target: int, oldest_incomplete: int | None, own_norm: float | None,
-                  received_norm: float | None, last_complete: bool) -> Decision:
+    def may_start(
+        self,
+        target: int,
+        oldest_incomplete: int | None,
+        own_norm: float | None,
+        received_norm: float | None,
+        last_complete: bool,
+    ) -> Decision:
         if oldest_incomplete is not None and target - oldest_incomplete > self.max_lag:
-            return Decision(False, f"step {target} would be more than max_lag={self.max_lag} "
-                                   f"ahead of incomplete step {oldest_incomplete}")
+            return Decision(
+                False,
+                f"step {target} would be more than max_lag={self.max_lag} "
+                f"ahead of incomplete step {oldest_incomplete}",
+            )
         if last_complete or own_norm is None:
             return Decision(True, "previous step complete")
         got = received_norm or 0.0
@@ -232,8 +253,7 @@ class AsyncRule:
             return "refuse"
         return "apply"
 
-    def may_apply(self, version_now: int, worker_view: int,
-                  outstanding: list[int]) -> Decision:
+    def may_apply(self, version_now: int, worker_view: int, outstanding: list[int]) -> Decision:
         """May a gradient from a view at ``worker_view`` be applied now (``wait`` mode)?
 
         Args:
@@ -248,8 +268,10 @@ class AsyncRule:
         # version_now + 1 - oldest updates late
         if version_now + 1 - oldest <= self.max_staleness:
             return Decision(True, "staleness bound kept")
-        return Decision(False, f"holding: a gradient on view {oldest} would exceed "
-                               f"max_staleness={self.max_staleness}")
+        return Decision(
+            False,
+            f"holding: a gradient on view {oldest} would exceed max_staleness={self.max_staleness}",
+        )
 
 
 def make_async_rule(mode: AsyncMode) -> AsyncRule:

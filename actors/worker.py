@@ -48,11 +48,22 @@ class WorkerCore:
         grad_slot: shared-memory slot for gradients, if the worker shares the host.
     """
 
-    def __init__(self, worker_id: int, spec: JobSpec, x_train: np.ndarray, y_train: np.ndarray,
-                 task: str, n_features: int, n_outputs: int,
-                 input_shape: tuple[int, ...] | None, shard: np.ndarray,
-                 sampler_state: dict[str, Any] | None, faults: list[ActiveFault], t0: float,
-                 grad_slot: ShmRef | None) -> None:
+    def __init__(
+        self,
+        worker_id: int,
+        spec: JobSpec,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        task: str,
+        n_features: int,
+        n_outputs: int,
+        input_shape: tuple[int, ...] | None,
+        shard: np.ndarray,
+        sampler_state: dict[str, Any] | None,
+        faults: list[ActiveFault],
+        t0: float,
+        grad_slot: ShmRef | None,
+    ) -> None:
         torch.set_num_threads(spec.resources.torch_threads)
         self.id = worker_id
         self.spec = spec
@@ -109,8 +120,13 @@ class WorkerCore:
                 flat = from_wire(view, self.spec.transfer_dtype)
         return flat.to(self.device) if self.device.type == "cuda" else flat
 
-    def compute(self, step: int, view: ShmRef | np.ndarray, want_residual: bool,
-                set_grad_slot: ShmRef | None = None) -> dict[str, Any]:
+    def compute(
+        self,
+        step: int,
+        view: ShmRef | np.ndarray,
+        want_residual: bool,
+        set_grad_slot: ShmRef | None = None,
+    ) -> dict[str, Any]:
         """One gradient on ``view`` for ``step``; see the module docstring."""
         t_call = time.perf_counter()
         t_s = time.time() - self.t0
@@ -146,13 +162,18 @@ class WorkerCore:
             "loss": float(loss.detach()),
             "raw_norm": raw_norm,
             "n": int(idx.numel()),
-            "sampler": {"epoch": self.sampler.state_dict()["epoch"],
-                        "pos": self.sampler.state_dict()["pos"]},
+            "sampler": {
+                "epoch": self.sampler.state_dict()["epoch"],
+                "pos": self.sampler.state_dict()["pos"],
+            },
         }
         if self.compressor is not None:
             g = gbuf.numpy()
-            payload: Payload = (self.ef.step(g, self.rng) if self.ef is not None
-                                else self.compressor.compress(g, self.rng))
+            payload: Payload = (
+                self.ef.step(g, self.rng)
+                if self.ef is not None
+                else self.compressor.compress(g, self.rng)
+            )
             result["payload"] = payload
             result["sent_norm"] = float(np.linalg.norm(payload.decode()))
             if self.ef is not None and want_residual:

@@ -18,9 +18,15 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def run_local(spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None,
-              progress: bool = True, poll_interval_s: float = 0.25,
-              job_id: str | None = None) -> dict[str, Any]:
+def run_local(
+    spec: JobSpec,
+    out_dir: Path,
+    *,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    poll_interval_s: float = 0.25,
+    job_id: str | None = None,
+) -> dict[str, Any]:
     """Run ``spec`` to the end; writes ``out_dir/{metrics.jsonl,model.pt,summary.json}``.
 
     Returns:
@@ -29,15 +35,21 @@ def run_local(spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    runner = JobRunner(job_id or f"run-{uuid.uuid4().hex[:8]}", spec, out_dir,
-                       data_dir=data_dir, detached=False)
+    runner = JobRunner(
+        job_id or f"run-{uuid.uuid4().hex[:8]}", spec, out_dir, data_dir=data_dir, detached=False
+    )
     console = Console(stderr=True, quiet=not progress)
     runner.start()
     loss = acc = None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console, disable=not progress) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    ) as bar:
         task = bar.add_task(spec.name, total=None, info="")
         while True:
             done = runner.done()
@@ -49,15 +61,21 @@ def run_local(spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None,
                     acc = r.get("test_accuracy")
             for e in p.events:
                 if e["kind"] != "state" and progress:
-                    console.print(f"[dim]{e['time_s']:7.2f}s step {e['step']:>5}[/] "
-                                  f"{e['kind']:<10} {e['target'] or '':<10} {e['detail']}")
+                    console.print(
+                        f"[dim]{e['time_s']:7.2f}s step {e['step']:>5}[/] "
+                        f"{e['kind']:<10} {e['target'] or '':<10} {e['detail']}"
+                    )
             st = p.status
             live = sum(w["state"] not in ("dead", "left") for w in st.get("workers", []))
-            bar.update(task, total=st.get("total_steps"), completed=st.get("step", 0),
-                       info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
-                            f"B̂ max {_fmt(st.get('b_hat_max'), '.3g')}  "
-                            f"bound {_fmt(st.get('bound'), '.3g')}  "
-                            f"workers {live}")
+            bar.update(
+                task,
+                total=st.get("total_steps"),
+                completed=st.get("step", 0),
+                info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
+                f"B̂ max {_fmt(st.get('b_hat_max'), '.3g')}  "
+                f"bound {_fmt(st.get('bound'), '.3g')}  "
+                f"workers {live}",
+            )
             if done:
                 break
             time.sleep(poll_interval_s)

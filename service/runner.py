@@ -56,8 +56,15 @@ class JobRunner:
         detached: keep the coordinator alive if this process dies (the service does).
     """
 
-    def __init__(self, job_id: str, spec: JobSpec, out_dir: Path, *,
-                 data_dir: Path | None = None, detached: bool = True) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        out_dir: Path,
+        *,
+        data_dir: Path | None = None,
+        detached: bool = True,
+    ) -> None:
         self.job_id = job_id
         self.spec = spec
         self.out_dir = Path(out_dir)
@@ -88,12 +95,16 @@ class JobRunner:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
         ensure_ray()
-        opts: dict[str, Any] = {"name": self.actor_name, "namespace": NAMESPACE,
-                                "num_cpus": self.spec.resources.coordinator_cpus}
+        opts: dict[str, Any] = {
+            "name": self.actor_name,
+            "namespace": NAMESPACE,
+            "num_cpus": self.spec.resources.coordinator_cpus,
+        }
         if self.detached:
             opts["lifetime"] = "detached"
         self.actor = Coordinator.options(**opts).remote(  # type: ignore[attr-defined]
-            self.job_id, self.spec, None if self.data_dir is None else str(self.data_dir))
+            self.job_id, self.spec, None if self.data_dir is None else str(self.data_dir)
+        )
         try:
             info: dict[str, Any] = ray.get(self.actor.start.remote())
         except ray.exceptions.RayActorError as exc:
@@ -110,8 +121,9 @@ class JobRunner:
         return info
 
     @classmethod
-    def attach(cls, job_id: str, spec: JobSpec, out_dir: Path, *,
-               data_dir: Path | None = None) -> JobRunner | None:
+    def attach(
+        cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
+    ) -> JobRunner | None:
         """Re-attach to a detached coordinator that still runs; ``None`` if it is gone."""
         ensure_ray()
         runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)

@@ -182,8 +182,12 @@ class FaultSpec(_Strict):
                 raise ValueError("coordinator_crash takes no workers/count target")
             if self.at_step is None:
                 raise ValueError("coordinator_crash needs at_step")
-        triggers = [self.at_step is not None, self.at_s is not None,
-                    self.probability is not None, self.steps is not None]
+        triggers = [
+            self.at_step is not None,
+            self.at_s is not None,
+            self.probability is not None,
+            self.steps is not None,
+        ]
         if sum(triggers) > 1:
             raise ValueError("give one trigger: at_step, at_s, probability or steps")
         if self.kind == "delay" and self.delay_ms <= 0.0:
@@ -247,10 +251,12 @@ class JobSpec(_Strict):
             raise ValueError("give steps or epochs, not both")
         if self.min_workers > self.workers:
             raise ValueError(
-                f"min_workers ({self.min_workers}) must be <= workers ({self.workers})")
+                f"min_workers ({self.min_workers}) must be <= workers ({self.workers})"
+            )
         if self.max_workers is not None and self.max_workers < self.workers:
             raise ValueError(
-                f"max_workers ({self.max_workers}) must be >= workers ({self.workers})")
+                f"max_workers ({self.max_workers}) must be >= workers ({self.workers})"
+            )
         for i, f in enumerate(self.faults):
             ids = f.workers or []
             if any(w >= self.max_workers_or_workers for w in ids):
