@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import math
 import os
 import platform
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +38,11 @@ import ray
 import torch
 
 from actors.channel import CoordinatorEnd, make_pair
+from actors.checkpoint import Journal, latest_valid, write_checkpoint
 from actors.compression import Payload, error_factor
 from actors.consistency import ConsistencyMonitor, ObservedNorms, analytic_bound
 from actors.datasets import Dataset, evaluate, load_dataset
+from actors.fault_driver import FaultDriver
 from actors.faults import ActiveFault, bind_plan
 from actors.flat import ParamLayout, flatten, load_flat
 from actors.models import build_model
@@ -46,6 +51,7 @@ from actors.sampler import make_shards
 from actors.scheduling import AsyncRule, StepBook, make_async_rule, make_step_rule
 from actors.transport import ShmPool, ShmRef, from_wire, host_id, sweep_stale, to_wire
 from actors.worker import Worker
+from service.errors import InvalidRequest, InvalidTransition
 from service.spec import AsyncMode, FaultSpec, JobSpec
 
 log = logging.getLogger("elastic_sgd.coordinator")
@@ -88,6 +94,13 @@ class WorkerSlot:
     held: dict[str, Any] | None = None  # async wait mode: a reply held back
     steps_done: int = 0
     t_dispatch: float = 0.0
+    sampler: dict[str, Any] | None = None  # sampler position after its last reply
+    reshard: list[int] | None = None  # new shard, sent with the next request
+    send_plan: bool = False  # the fault plan changed: send it with the next request
+    partition_until: float | None = None  # replies are held back until then (t_s)
+    partition_held: tuple[Any, Any] | None = None
+    lost_at: float | None = None  # wall time its loss was detected
+    t_partition: float = 0.0
     channel: CoordinatorEnd | None = None  # same-host pipe; None: Ray calls
     serve_task: asyncio.Future[Any] | None = None
     shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -146,8 +159,15 @@ class CoordinatorCore:
         data_dir: where ``npz`` datasets live.
     """
 
-    def __init__(self, job_id: str, spec: JobSpec, data_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        data_dir: str | None = None,
+        state_dir: str | None = None,
+    ) -> None:
         self.job_id = job_id
+        self.state_dir = Path(state_dir) if state_dir else None
         self.spec = spec
         self.state = RunState.STARTING
         self.error: str | None = None
@@ -211,6 +231,21 @@ class CoordinatorCore:
         self.cancel_requested = False
         self._wake = asyncio.Event()
         self.data_refs: tuple[Any, Any] | None = None
+        self.driver = FaultDriver(self.plan, spec.seed)
+        self.shards: dict[int, np.ndarray] = {}
+        self.resizes = 0
+        self.pending_joins: list[tuple[float, int]] = []  # (wall time due, worker id)
+        self.lost_grads: dict[int, list[torch.Tensor]] = {}
+        self.dropped = 0
+        self.recoveries: list[dict[str, Any]] = []
+        self.last_ckpt_step = 0
+        self.last_ckpt_t = time.time()
+        self.restarts = 0
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.steps_lost = 0
+        self.journal: Journal | None = None
+        if self.state_dir is not None:
+            self.journal = Journal(self.state_dir / "journal.jsonl")
 
     # -- records and events ------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -234,6 +269,8 @@ class CoordinatorCore:
         }
         self.events.append(ev)
         self.event_log.append(ev)
+        if self.journal is not None:
+            self.journal.append(ev)
         log.info("%s %s %s", kind, target or "", detail)
 
     def _set_state(self, state: RunState, why: str) -> None:
@@ -248,13 +285,18 @@ class CoordinatorCore:
     def step(self) -> int:
         return self.version // self.p0 if self.is_async else self.book.completed
 
+    def _add_record(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if self.journal is not None:
+            self.journal.append(rec)
+
     def _record_step(self, loss: float) -> None:
         now = time.time()
         self.rate_window.append((now, self.samples))
         self.rate_window = self.rate_window[-50:]
         t_a, s_a = self.rate_window[0]
         rate = (self.samples - s_a) / (now - t_a) if now > t_a else 0.0
-        self.records.append(
+        self._add_record(
             {
                 "seq": self._next_seq(),
                 "kind": "step",
@@ -295,7 +337,11 @@ class CoordinatorCore:
         rec.update(
             {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         )
-        self.records.append(rec)
+        if self.ds.optimum is not None:
+            dist = float((self.x - torch.from_numpy(self.ds.optimum)).norm())
+            rec["dist_to_optimum"] = dist
+            metrics["dist_to_optimum"] = dist
+        self._add_record(rec)
         return metrics
 
     # -- membership ----------------------------------------------------------------------
@@ -311,9 +357,16 @@ class CoordinatorCore:
             if self.lazy_sums:
                 self.x, self.x_ref = self.shm.model_slot(self.x)
         ids = list(range(self.spec.workers))
-        self.plan = bind_plan(self.spec.faults, ids, self.spec.seed)
-        shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed)
-        await asyncio.gather(*(self._add_worker(i, shards[i]) for i in ids))
+        self.plan[:] = bind_plan(self.spec.faults, ids, self.spec.seed)
+        samplers: dict[int, dict[str, Any]] = {}
+        if self._reconstructed() and self.state_dir is not None:
+            ids, samplers = self._resume()
+        shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed + self.resizes)
+        for i, wid in enumerate(ids):
+            self.shards[wid] = shards[i]
+        await asyncio.gather(
+            *(self._add_worker(w, self.shards[w], samplers.get(w)) for w in ids)
+        )
         live = self._live()
         if len(live) < self.spec.min_workers:
             self._set_state(
@@ -358,6 +411,7 @@ class CoordinatorCore:
             None,
         )
         slot = WorkerSlot(id=wid, actor=actor, shard=shard)
+        self.shards[wid] = shard
         old = self.workers.get(wid)
         if old is not None:
             slot.gen = old.gen + 1
@@ -430,10 +484,15 @@ class CoordinatorCore:
             w.channel.close()
             w.channel = None
 
-    def _lose_worker(self, w: WorkerSlot, why: str) -> None:
+    def _lose_worker(self, w: WorkerSlot, why: str, keep_actor: bool = False) -> None:
+        """Take a worker out of the membership; start a replacement unless told otherwise."""
         if w.state in ("dead", "left"):
             return
         w.state = "dead"
+        w.lost_at = time.time()
+        for r in self.recoveries:
+            if r["worker"] == w.id and "t_detected" not in r:
+                r["t_detected"] = w.lost_at
         self.inflight.pop(w.id, None)
         self._close_channel(w)
         self._release_view(w)
@@ -441,7 +500,11 @@ class CoordinatorCore:
             left = self.book.leave(w.id)
             why += f"; left steps {left}" if left else ""
         self.event("detect", why, target=f"worker-{w.id}")
-        live = self._live()
+        rejoining = any(wid == w.id for _, wid in self.pending_joins)
+        if not keep_actor and not rejoining and self.spec.replace_lost_workers:
+            self.pending_joins.append((time.time(), w.id))
+        self._membership_changed()
+        live = [o for o in self._live() if o.state != "starting"]
         if len(live) < self.spec.min_workers:
             self._set_state(
                 RunState.FAILED, f"{len(live)} live workers < min_workers={self.spec.min_workers}"
@@ -519,14 +582,20 @@ class CoordinatorCore:
         w.t_dispatch = time.perf_counter()
         w.state = "busy"
         gen = w.gen
+        extra: dict[str, Any] = {}
+        if w.reshard is not None:
+            extra["reshard"], w.reshard = w.reshard, None
+        if w.send_plan:
+            extra["faults"], w.send_plan = list(self.plan), False
         if w.channel is not None:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self.inflight[w.id] = fut
             w.channel.send(
-                {"step": step, "view": view, "want_residual": want_res, "set_grad_slot": w.grad_ref}
+                {"step": step, "view": view, "want_residual": want_res,
+                 "set_grad_slot": w.grad_ref, **extra}
             )
             return
-        ref = w.actor.compute.remote(step, view, want_res, w.grad_ref)
+        ref = w.actor.compute.remote(step, view, want_res, w.grad_ref, **extra)
         self.inflight[w.id] = asyncio.ensure_future(self._await_reply(w.id, gen, ref))
 
     async def _await_reply(self, wid: int, gen: int, ref: Any) -> tuple[int, int, Any, Any]:
@@ -543,6 +612,43 @@ class CoordinatorCore:
             assert self.shm is not None
             return self.shm.grad(w.id)
         return from_wire(res["grad"], self.spec.transfer_dtype)
+
+    def _handle_reply(self, w: WorkerSlot, res: Any, exc: Any) -> None:
+        """One reply (or failure) from a worker, through the fault plan's network path."""
+        if w.partition_until is not None:
+            w.partition_held = (res, exc)  # the message waits out the partition
+            return
+        if exc is not None:
+            self._lose_worker(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}")
+            return
+        step = int(res["step"])
+        f = self.driver.drop_due(w.id, step, self._t_s())
+        if f is not None:
+            self._drop(w, res)
+            return
+        if self.is_async:
+            self._on_async_reply(w, res)
+        else:
+            self._on_step_reply(w, res)
+
+    def _drop(self, w: WorkerSlot, res: dict[str, Any]) -> None:
+        """The gradient message is lost on the way; the sequence gap is noticed at once."""
+        step = int(res["step"])
+        self.dropped += 1
+        self.event("fault", f"gradient of step {step} dropped", target=f"worker-{w.id}")
+        self.timing.see(res, time.perf_counter() - w.t_dispatch)
+        w.sampler = res.get("sampler")
+        self._release_view(w)
+        if self.is_async:
+            w.view_vec, w.state = None, "idle"
+            return
+        g = self._grad_of(w, res)
+        self.lost_grads.setdefault(step, []).append(g.clone())
+        self.book.lose(w.id, step)
+        w.state, w.last_step, w.own, w.own_norm = "waiting", step, None, 0.0
+        self.event("detect", f"step {step}: gradient missing, policy "
+                             f"{self.spec.missing_policy}", target=f"worker-{w.id}")
+        self._complete_steps()
 
     # -- step modes (sync, elastic) ----------------------------------------------------------
     def _on_step_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
@@ -568,6 +674,7 @@ class CoordinatorCore:
 
     def _after_reply(self, w: WorkerSlot, res: dict[str, Any]) -> None:
         self.timing.see(res, time.perf_counter() - w.t_dispatch)
+        w.sampler = res.get("sampler")
         w.steps_done += 1
         self.samples += int(res["n"])
         self.norms.see_grad(float(res["sent_norm"]), float(res["raw_norm"]))
@@ -583,6 +690,8 @@ class CoordinatorCore:
             n_arrived = len(entry.arrived)
             # skip: the lost share is left out; substitute: stand in the received mean
             n = n_arrived + (len(entry.lost) if self.spec.missing_policy == "skip" else 0)
+            if entry.lost:
+                self._record_lost(step, n_arrived, max(n, 1), grads if s is None else [s])
             if n_arrived > 0 and (s is not None or grads):
                 t_apply = time.perf_counter()
                 if s is not None:
@@ -593,10 +702,20 @@ class CoordinatorCore:
                 self.timing.applies += 1
             self.book.complete(step)
             self.version += 1
+            self._note_update()
             self._measure_pending()
             self._record_step(float(np.mean(losses)) if losses else math.nan)
             self._maybe_eval()
             self.view_cache_invalidate()
+            if self._checkpoint_due():
+                self._checkpoint()
+
+    def _note_update(self) -> None:
+        """Recovery timing: the first update applied after a lost worker was detected."""
+        now = time.time()
+        for r in self.recoveries:
+            if "t_detected" in r and "t_next_update" not in r:
+                r["t_next_update"] = now
 
     def view_cache_invalidate(self) -> None:
         for key in list(self.view_cache):
@@ -710,9 +829,12 @@ class CoordinatorCore:
         self._after_reply(w, res)
         self._release_view(w)
         w.view_vec, w.held, w.state = None, None, "idle"
+        self._note_update()
         if self.version % self.p0 == 0:
             self._record_step(float(res["loss"]))
             self._maybe_eval()
+            if self._checkpoint_due():
+                self._checkpoint()
 
     def _schedule_async(self) -> None:
         for w in sorted(self._live(), key=lambda w: w.id):
@@ -727,6 +849,284 @@ class CoordinatorCore:
             if sample:
                 w.view_vec = self.x.clone()
             self._dispatch(w, self.step, ("x", self.version), vec)
+
+    # -- checkpoints and restart ---------------------------------------------------------------
+    def _reconstructed(self) -> bool:
+        """True when Ray restarted this actor after its process died."""
+        try:
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - outside an actor
+            return False
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / "checkpoints"
+
+    def _checkpoint_due(self) -> bool:
+        c = self.spec.checkpoint
+        if self.ckpt_dir is None or (c.interval_steps is None and c.interval_s is None):
+            return False
+        if c.interval_steps is not None and self.step - self.last_ckpt_step >= c.interval_steps:
+            return True
+        return c.interval_s is not None and time.time() - self.last_ckpt_t >= c.interval_s
+
+    def _checkpoint(self) -> None:
+        assert self.ckpt_dir is not None
+        samplers = {}
+        for w in self._live():
+            if w.sampler is not None:
+                samplers[w.id] = {**w.sampler, "seed": self.spec.seed, "shard_key": w.id,
+                                  "shard": self.shards[w.id].tolist()}
+        state = {
+            "x": self.x.clone(), "opt": self.opt.state_dict(), "step": self.step,
+            "version": self.version, "samples": self.samples, "workers": sorted(samplers),
+            "samplers": samplers, "fired": sorted(self.driver.fired), "resizes": self.resizes,
+            "monitor": (self.monitor.b_max, self.monitor.count, self.monitor.total),
+            "norms": vars(self.norms).copy(), "elapsed_s": time.time() - self.t0,
+            "residuals": {k: v.copy() for k, v in self.residuals.items()},
+            "torch_rng": torch.get_rng_state(), "refused": self.refused, "dropped": self.dropped,
+            "t0": self.t0,
+        }
+        path = write_checkpoint(self.ckpt_dir, self.step, state, self.spec.checkpoint.keep)
+        self.last_ckpt_step, self.last_ckpt_t = self.step, time.time()
+        self.event("checkpoint", f"step {self.step} -> {path.name}")
+
+    def _resume(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
+        """Restore the latest valid checkpoint and the journal; returns workers to start."""
+        assert self.state_dir is not None and self.ckpt_dir is not None
+        entries = Journal.read(self.state_dir / "journal.jsonl")
+        if entries:  # keep the job's clock: time_s continues across the restart
+            self.t0 = float(entries[0]["wall_time"]) - float(entries[0]["time_s"])
+        for e in entries:
+            self.seq = max(self.seq, int(e["seq"]))
+            if "kind" in e and "detail" in e:
+                self.events.append(e)
+                self.event_log.append(e)
+            else:
+                self.records.append(e)
+        crash_step = max((int(e["step"]) for e in entries if e.get("kind") == "fault"
+                          and "coordinator" in str(e.get("target"))), default=None)
+        self.restarts = 1 + sum(1 for e in entries if e.get("kind") == "restart")
+        fired_file = self.state_dir / "fired.json"
+        if fired_file.exists():
+            self.driver.fired |= set(json.loads(fired_file.read_text()))
+        loaded = latest_valid(self.ckpt_dir)
+        for why in loaded.skipped if loaded else []:
+            self.event("checkpoint", f"skipped invalid checkpoint {why}")
+        if loaded is None:
+            self.event("restart", "coordinator restarted; no valid checkpoint: from step 0")
+            return list(range(self.spec.workers)), {}
+        st = loaded.state
+        self.x.copy_(st["x"])
+        self.opt.load_state_dict(st["opt"])
+        self.version, self.samples = int(st["version"]), int(st["samples"])
+        self.driver.fired |= set(st["fired"])
+        self.resizes = int(st["resizes"])
+        self.monitor.b_max, self.monitor.count, self.monitor.total = st["monitor"]
+        for k, v in st["norms"].items():
+            setattr(self.norms, k, v)
+        self.residuals = dict(st["residuals"])
+        self.refused, self.dropped = int(st["refused"]), int(st["dropped"])
+        torch.set_rng_state(st["torch_rng"])
+        if not self.is_async:
+            self.book = StepBook(self.total_steps, jumps=self.book.jumps, start_step=st["step"])
+        self.last_ckpt_step = int(st["step"])
+        lost = (crash_step - int(st["step"])) if crash_step is not None else 0
+        self.steps_lost += max(lost, 0)
+        self.event("restart", f"coordinator restarted from {loaded.path.name} (step "
+                              f"{st['step']}); {max(lost, 0)} steps lost since the checkpoint",
+                   target="coordinator")
+        ids = list(st["workers"]) or list(range(self.spec.workers))
+        return ids, {int(k): v for k, v in st["samplers"].items()}
+
+    # -- faults, heartbeats, membership ----------------------------------------------------------
+    def _t_s(self) -> float:
+        return time.time() - self.t0
+
+    def _kill_process(self, w: WorkerSlot) -> None:
+        """Kill a worker's process for real: SIGKILL on this host, Ray's kill elsewhere."""
+        if w.host == host_id() and w.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(Exception):
+                ray.kill(w.actor, no_restart=True)
+
+    def _tick(self) -> None:
+        """Fire due faults, watch heartbeats, bring back workers; once per loop turn."""
+        t_s, now = self._t_s(), time.time()
+        if self.driver.coordinator_crash_due(self.step) is not None:
+            self.event("fault", f"coordinator crash injected at step {self.step}",
+                       target="coordinator")
+            if self.state_dir is not None:
+                # the restarted coordinator must not fire this one-shot fault again
+                (self.state_dir / "fired.json").write_text(json.dumps(sorted(self.driver.fired)))
+            if self.journal is not None:
+                self.journal.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        live_ids = [w.id for w in self._live() if w.state != "starting"]
+        for f, wid in self.driver.crashes_due(self.step, t_s, live_ids):
+            w = self.workers[wid]
+            self.event("fault", f"crash injected: SIGKILL pid {w.pid}", target=f"worker-{wid}")
+            w.lost_at = None
+            self._kill_process(w)
+            self.recoveries.append({"kind": "crash", "worker": wid, "t_fault": now})
+            if f.spec.rejoin_after_s is not None:
+                self.pending_joins.append((now + f.spec.rejoin_after_s, wid))
+        for w in self._live():
+            if w.state == "starting":
+                continue
+            p = self.driver.partition_active(w.id, self.step, t_s)
+            if p is not None and w.partition_until is None:
+                w.partition_until = math.inf
+                w.t_partition = now
+                self.event("fault", "partition: worker cut off from the coordinator",
+                           target=f"worker-{w.id}")
+            elif p is None and w.partition_until is not None:
+                self._heal(w)
+            if (w.partition_until is not None
+                    and now - w.t_partition > self.spec.heartbeat_timeout_s):
+                self._lose_worker(w, f"no heartbeat for {self.spec.heartbeat_timeout_s:g} s "
+                                     "(partitioned)", keep_actor=True)
+                w.partition_until = math.inf
+            elif (w.state == "busy" and w.partition_until is None
+                  and time.perf_counter() - w.t_dispatch > self._reply_deadline_s()):
+                self._lose_worker(w, f"no reply for {self._reply_deadline_s():.1f} s")
+                self._kill_process(w)
+        # partitioned workers declared lost come back when their window ends
+        for w in list(self.workers.values()):
+            if (w.state == "dead" and w.partition_until is not None
+                    and self.driver.partition_active(w.id, self.step, t_s) is None):
+                self.event("fault", "partition healed: worker reachable again",
+                           target=f"worker-{w.id}")
+                w.partition_until = None
+                self._close_channel(w)
+                self._kill_process(w)
+                self.pending_joins.append((now, w.id))
+        due = [(t, wid) for t, wid in self.pending_joins if t <= now]
+        self.pending_joins = [(t, wid) for t, wid in self.pending_joins if t > now]
+        for _, wid in due:
+            self._start_join(wid)
+
+    def _membership_changed(self) -> None:
+        """A worker left: steps (or held async updates) may have become applicable."""
+        if self.state.terminal:
+            return
+        if self.is_async:
+            self._apply_held()
+        else:
+            self._complete_steps()
+        self._wake.set()
+
+    def _reply_deadline_s(self) -> float:
+        """How long a busy worker may stay silent before it counts as lost."""
+        mean_rt = self.timing.roundtrip_s / max(self.timing.n, 1)
+        return max(self.spec.heartbeat_timeout_s, 20.0 * mean_rt)
+
+    def _heal(self, w: WorkerSlot) -> None:
+        """A partition shorter than the heartbeat timeout ends: deliver what was held."""
+        w.partition_until = None
+        self.event("fault", "partition healed: held replies delivered", target=f"worker-{w.id}")
+        if w.partition_held is not None:
+            res, exc = w.partition_held
+            w.partition_held = None
+            self._handle_reply(w, res, exc)
+
+    def _start_join(self, wid: int) -> None:
+        """(Re)start worker ``wid`` in the background with its shard."""
+        if self.state.terminal or self.cancel_requested or self._finished():
+            return
+        old = self.workers.get(wid)
+        if old is not None and old.state not in ("dead", "left"):
+            return
+        placeholder = WorkerSlot(id=wid, actor=None, state="starting",
+                                 gen=(old.gen + 1) if old else 0)
+        self.workers[wid] = placeholder
+        shard = self.shards.get(wid)
+        if shard is None:
+            shard = make_shards(len(self.ds.x_train), 1, self.spec.seed)[0]
+        sampler = None
+        if old is not None and old.sampler is not None:
+            sampler = {**old.sampler, "seed": self.spec.seed, "shard_key": wid,
+                       "shard": shard.tolist()}
+        self.event("membership", "starting a worker" + (" (rejoin)" if old else ""),
+                   target=f"worker-{wid}")
+
+        async def join() -> None:
+            slot = await self._add_worker(wid, shard, sampler)
+            if slot is not None:
+                for r in self.recoveries:
+                    if r["worker"] == wid and "t_rejoined" not in r:
+                        r["t_rejoined"] = time.time()
+            self._wake.set()
+
+        task = asyncio.ensure_future(join())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def scale(self, n: int) -> dict[str, Any]:
+        """Grow or shrink the job to ``n`` workers while it runs; data is re-sharded.
+
+        Raises:
+            InvalidRequest: ``n`` is outside ``[min_workers, max_workers]``.
+            InvalidTransition: the job has ended.
+        """
+        hi = self.spec.max_workers_or_workers
+        if not self.spec.min_workers <= n <= hi:
+            raise InvalidRequest(
+                f"scale: n={n} is outside [min_workers={self.spec.min_workers}, "
+                f"max_workers={hi}]; set max_workers in the job spec to allow more")
+        if self.state.terminal:
+            raise InvalidTransition(f"scale: the job is already {self.state.value}")
+        live = sorted(self._live(), key=lambda w: w.id)
+        self.event("membership", f"scale requested: {len(live)} -> {n} workers")
+        if n < len(live):
+            for w in live[n:]:
+                self._retire(w)
+            live = live[:n]
+        self.resizes += 1
+        ids = [w.id for w in live]
+        next_id = max(self.workers, default=-1) + 1
+        ids += list(range(next_id, next_id + max(0, n - len(ids))))
+        shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed + self.resizes)
+        for i, wid in enumerate(ids):
+            self.shards[wid] = shards[i]
+            if wid in self.workers and self.workers[wid].state not in ("dead", "left"):
+                self.workers[wid].reshard = shards[i].tolist()
+        for wid in ids:
+            if wid not in self.workers:
+                self._start_join(wid)
+        self._wake.set()
+        return {"workers": n}
+
+    def _retire(self, w: WorkerSlot) -> None:
+        """Remove a worker on request (graceful: its unsent gradients leave their steps)."""
+        self.inflight.pop(w.id, None)
+        self._close_channel(w)
+        self._release_view(w)
+        if not self.is_async:
+            self.book.leave(w.id)
+        w.state = "left"
+        with contextlib.suppress(Exception):
+            ray.kill(w.actor, no_restart=True)
+        self._membership_changed()
+        self.event("membership", "worker removed on request", target=f"worker-{w.id}")
+
+    def _record_lost(self, step: int, entry_arrived: int, n_used: int,
+                     grads: list[torch.Tensor]) -> None:
+        """B̂ of a step that lost gradients: ``||G_full - G_applied||`` with the lost
+        gradients (kept by the injector for the monitor only) in ``G_full``."""
+        lost = self.lost_grads.pop(step, [])
+        if not lost or not grads:
+            return
+        arrived = torch.stack(grads).sum(0)
+        full = (arrived + torch.stack(lost).sum(0)) / (entry_arrived + len(lost))
+        applied = arrived / n_used
+        self.norms.lost_fraction_max = max(self.norms.lost_fraction_max,
+                                           len(lost) / (entry_arrived + len(lost)))
+        b = float((full - applied).norm())
+        self.last_b_hat = max(self.last_b_hat, b)
+        self.monitor.record(self.step, b)
 
     # -- the loop --------------------------------------------------------------------------
     def _finished(self) -> bool:
@@ -756,14 +1156,19 @@ class CoordinatorCore:
             if self._finished():
                 self._set_state(RunState.SUCCEEDED, f"{self.step} steps applied")
                 break
+            self._tick()
+            if self.state.terminal:
+                break
             self._schedule()
+            if self.journal is not None:
+                self.journal.flush()
             waiting = set(self.inflight.values())
-            if not waiting and not self._live():
+            if not waiting and not self._live() and not self.pending_joins:
                 self._set_state(RunState.FAILED, "no live workers")
                 break
             done_any: set[asyncio.Future[Any]] = set()
             done_any, _ = await asyncio.wait(
-                waiting | {wake}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                waiting | {wake}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED
             )
             if wake in done_any:
                 done_any.discard(wake)
@@ -775,14 +1180,10 @@ class CoordinatorCore:
                 if w is None or w.gen != gen or self.inflight.get(wid) is not fut:
                     continue
                 self.inflight.pop(wid, None)
-                if exc is not None:
-                    self._lose_worker(w, f"worker lost: {type(exc).__name__}")
-                    continue
-                if self.is_async:
-                    self._on_async_reply(w, res)
-                else:
-                    self._on_step_reply(w, res)
+                self._handle_reply(w, res, exc)
         wake.cancel()
+        if self.journal is not None:
+            self.journal.flush()
         self.t_end = time.time()
         if self.state == RunState.SUCCEEDED or self.step > 0:
             self._evaluate()
@@ -846,6 +1247,7 @@ class CoordinatorCore:
             "final_test_accuracy": self.last_eval.get("test_accuracy"),
             "final_test_loss": self.last_eval.get("test_loss"),
             "final_test_mse": self.last_eval.get("test_mse"),
+            "final_dist_to_optimum": self.last_eval.get("dist_to_optimum"),
             "steps": self.step,
             "total_steps": self.total_steps,
             "updates": self.version,
@@ -857,6 +1259,10 @@ class CoordinatorCore:
             "workers": self.spec.workers,
             "workers_final": len(self._live()),
             "refused_stale": self.refused,
+            "dropped_gradients": self.dropped,
+            "restarts": self.restarts,
+            "steps_lost": self.steps_lost,
+            "recoveries": self._recovery_summary(),
             "parameters": self.layout.numel,
             "consistency": cons,
             "timing": self.timing.summary(),
@@ -866,13 +1272,30 @@ class CoordinatorCore:
             "pid": os.getpid(),
         }
 
+    def _recovery_summary(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.recoveries:
+            item: dict[str, Any] = {"kind": r["kind"], "worker": r["worker"]}
+            for key in ("t_detected", "t_next_update", "t_rejoined"):
+                if key in r:
+                    item[key.replace("t_", "") + "_after_s"] = r[key] - r["t_fault"]
+            out.append(item)
+        return out
+
     def inject(self, fault: FaultSpec) -> None:
-        """Add a fault to the running plan (targets resolved now)."""
-        ids = sorted(self.workers)
+        """Add a fault to the running plan (targets resolved now, among live workers)."""
+        ids = sorted(w.id for w in self._live())
         index = len(self.plan)
         bound = bind_plan([fault], ids, self.spec.seed)[0]
         bound.index = index
-        self.plan.append(bound)
+        if fault.at_step is None and fault.at_s is None and fault.steps is None and (
+            fault.probability is None
+        ):
+            # "now": a fault with no trigger fires at the current step
+            bound.spec = fault.model_copy(update={"at_step": self.step})
+        self.driver.add(bound)  # self.plan is the driver's list
+        for w in self._live():
+            w.send_plan = True
         self.event(
             "fault", f"injected {fault.kind}", target=",".join(f"worker-{t}" for t in bound.targets)
         )
@@ -909,3 +1332,4 @@ class Coordinator(CoordinatorCore):
 
     async def summary_async(self) -> dict[str, Any]:
         return self.summary()
+

@@ -9,7 +9,6 @@ way every run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,24 +38,31 @@ class ActiveFault:
     def hits(self, worker: int) -> bool:
         return worker in self.targets
 
-    def in_window(self, step: int, t_s: float) -> bool:
-        """Whether a windowed fault (delay, partition) is active at ``step`` / ``t_s``."""
+    def in_window(self, step: int, t_s: float, starts: dict[str, tuple[int, float]] | None = None,
+                  key: str = "") -> bool:
+        """Whether a windowed fault (delay, partition) is active at ``step`` / ``t_s``.
+
+        The window opens at ``at_step`` or ``at_s`` (or at once) and lasts ``duration_steps``
+        or ``duration_s`` (or forever). A window whose length is in the other unit than its
+        trigger remembers where it opened in ``starts[key]``.
+        """
         f = self.spec
-        start_step = f.at_step if f.at_step is not None else 0
-        start_s = f.at_s if f.at_s is not None else 0.0
-        if f.at_s is not None:
-            if t_s < start_s:
-                return False
-            if f.duration_s is not None:
-                return t_s < start_s + f.duration_s
-            if f.duration_steps is not None:
-                return True  # step-length window after a time trigger: caller tracks it
-            return True
-        if step < start_step:
+        opened = (t_s >= f.at_s) if f.at_s is not None else (step >= (f.at_step or 0))
+        if not opened:
             return False
-        if f.duration_steps is not None:
-            return step < start_step + f.duration_steps
-        return True
+        if f.duration_s is None and f.duration_steps is None:
+            return True
+        if f.at_s is not None and f.duration_s is not None:
+            return t_s < f.at_s + f.duration_s
+        if f.at_s is None and f.duration_steps is not None:
+            return step < (f.at_step or 0) + f.duration_steps
+        # mixed units: remember the opening point
+        memo = starts if starts is not None else {}
+        s0, t0 = memo.setdefault(key, (step, t_s))
+        if f.duration_s is not None:
+            return t_s < t0 + f.duration_s
+        assert f.duration_steps is not None
+        return step < s0 + f.duration_steps
 
     def triggers_at(self, step: int, t_s: float, rng: np.random.Generator) -> bool:
         """Whether a one-shot fault (crash, drop) fires at this step."""
@@ -85,7 +91,7 @@ class WorkerFaults:
     faults: list[ActiveFault]
     worker: int
     seed: int
-    fired: set[int] = field(default_factory=set)
+    starts: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng([self.seed, 104729, self.worker])  # fixed salt
@@ -97,7 +103,7 @@ class WorkerFaults:
         """Seconds to stall before returning this step's gradient (0 if none)."""
         total = 0.0
         for f in self._mine("delay"):
-            if not f.in_window(step, t_s):
+            if not f.in_window(step, t_s, self.starts, f"delay:{f.index}"):
                 continue
             mean_s = f.spec.delay_ms / 1000.0
             if f.spec.distribution == "constant":
@@ -111,38 +117,6 @@ class WorkerFaults:
                 m = mean_s * (a - 1.0) / a
                 total += float(m * (1.0 + self.rng.pareto(a)))
         return total
-
-    def crash_now(self, step: int, t_s: float) -> ActiveFault | None:
-        """A crash fault that fires now (each fires once per worker incarnation)."""
-        for f in self._mine("crash"):
-            if f.index not in self.fired and f.triggers_at(step, t_s, self.rng):
-                self.fired.add(f.index)
-                return f
-        return None
-
-    def drop_now(self, step: int, t_s: float) -> bool:
-        return any(
-            f.triggers_at(step, t_s, self.rng)
-            and (
-                f.spec.at_step is None
-                or step == f.spec.at_step
-                or f.spec.duration_steps is None
-                or step < f.spec.at_step + f.spec.duration_steps
-            )
-            for f in self._mine("drop")
-        )
-
-    def partitioned(self, step: int, t_s: float) -> float:
-        """Seconds left in an active partition window (0 if none; inf if open-ended)."""
-        left = 0.0
-        for f in self._mine("partition"):
-            if f.in_window(step, t_s):
-                if f.spec.duration_s is not None:
-                    start = f.spec.at_s if f.spec.at_s is not None else t_s
-                    left = max(left, start + f.spec.duration_s - t_s)
-                else:
-                    left = math.inf
-        return left
 
 
 def bind_plan(faults: list[FaultSpec], worker_ids: list[int], seed: int) -> list[ActiveFault]:

@@ -4,7 +4,8 @@ Each call to :meth:`Worker.compute` takes a *view* of the parameters (a shared-m
 handle or an object-store array), draws the next batch of the worker's shard, computes the
 gradient on that view and hands it back (into its shared-memory slot, or as an array, or as
 a compressed payload with error-feedback memory). The fault plan is consulted on the way:
-an injected crash kills the worker's process for real, a delay stalls the reply.
+a delay stalls the reply (crashes, drops and partitions are carried out by the
+coordinator, see :mod:`actors.fault_driver`).
 
 The worker uses ``cuda`` when Ray gave it a GPU, the CPU otherwise.
 """
@@ -12,7 +13,6 @@ The worker uses ``cuda`` when Ray gave it a GPU, the CPU otherwise.
 from __future__ import annotations
 
 import os
-import signal
 import time
 import warnings
 from typing import Any
@@ -126,16 +126,18 @@ class WorkerCore:
         view: ShmRef | np.ndarray,
         want_residual: bool,
         set_grad_slot: ShmRef | None = None,
+        reshard: list[int] | None = None,
+        faults: list[ActiveFault] | None = None,
     ) -> dict[str, Any]:
         """One gradient on ``view`` for ``step``; see the module docstring."""
         t_call = time.perf_counter()
         t_s = time.time() - self.t0
-        crash = self.faults.crash_now(step, t_s)
-        if crash is not None:
-            # a real process death: no cleanup, no goodbye (SIGKILL on ourselves)
-            os.kill(os.getpid(), signal.SIGKILL)
         if set_grad_slot is not None:
             self.grad_slot = set_grad_slot
+        if reshard is not None:
+            self.sampler.reshard(np.asarray(reshard, dtype=np.int64))
+        if faults is not None:
+            self.faults.faults = faults
         flat = self._view(view)
         idx = torch.from_numpy(self.sampler.next_batch(self.spec.batch_size))
         xb = self.x[idx.to(self.x.device)]

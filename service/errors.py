@@ -35,5 +35,9 @@ class InvalidTransition(ElasticSGDError):
     """The job's current state forbids the requested action (e.g. scaling a finished job)."""
 
 
+class InvalidRequest(ElasticSGDError, ValueError):
+    """A control request's value is out of range (e.g. scaling past ``max_workers``)."""
+
+
 class TrainingFailed(ElasticSGDError):
     """The training run could not go on (e.g. fewer live workers than ``min_workers``)."""

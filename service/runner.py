@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from service.errors import ElasticSGDError, TrainingFailed
 from service.spec import FaultSpec, JobSpec
 
 NAMESPACE = "elastic-sgd"
+# what a call to a coordinator whose process died raises (while Ray restarts it)
+_ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -64,12 +68,16 @@ class JobRunner:
         *,
         data_dir: Path | None = None,
         detached: bool = True,
+        state_dir: Path | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.data_dir = data_dir
         self.detached = detached
+        # checkpoints and the coordinator's journal live here (they outlive a crash)
+        self.state_dir = Path(state_dir) if state_dir is not None else self.out_dir / "state"
+        self.restarts = 0
         self.actor: Any = None
         self.run_ref: Any = None
         self._seen = 0  # highest seq handed to the caller
@@ -95,18 +103,31 @@ class JobRunner:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
         ensure_ray()
+        # a fresh start: checkpoints and journal of an earlier run in this folder are not ours
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         opts: dict[str, Any] = {
             "name": self.actor_name,
             "namespace": NAMESPACE,
             "num_cpus": self.spec.resources.coordinator_cpus,
+            # Ray restarts a crashed coordinator; it resumes from its last checkpoint
+            "max_restarts": self.spec.max_coordinator_restarts,
         }
         if self.detached:
             opts["lifetime"] = "detached"
         self.actor = Coordinator.options(**opts).remote(  # type: ignore[attr-defined]
-            self.job_id, self.spec, None if self.data_dir is None else str(self.data_dir)
+            self.job_id,
+            self.spec,
+            None if self.data_dir is None else str(self.data_dir),
+            str(self.state_dir),
         )
+        info = self._start_remote()
+        self.run_ref = self.actor.run.remote()
+        return info
+
+    def _start_remote(self) -> dict[str, Any]:
         try:
             info: dict[str, Any] = ray.get(self.actor.start.remote())
+            return info
         except ray.exceptions.RayActorError as exc:
             cause = exc.__cause__ or exc
             if isinstance(cause, ElasticSGDError):
@@ -117,8 +138,34 @@ class JobRunner:
             if isinstance(cause, ElasticSGDError):
                 raise cause from None
             raise
+
+    def _recover(self, timeout_s: float = 120.0) -> None:
+        """The coordinator's process died: Ray restarts it; resume it and run again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.actor.ping.remote(), timeout=5)
+                break
+            except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"the coordinator did not come back within {timeout_s:.0f} s: {exc}; "
+                        "see the Ray logs"
+                    ) from exc
+                time.sleep(0.1)
+        self.restarts += 1
+        self._start_remote()
         self.run_ref = self.actor.run.remote()
-        return info
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Call a coordinator method; our own errors raised inside it are unwrapped."""
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ElasticSGDError):
+                raise cause from None
+            raise
 
     @classmethod
     def attach(
@@ -135,8 +182,18 @@ class JobRunner:
         return runner
 
     def poll(self) -> Poll:
-        """New records/events since the last poll, plus the status."""
-        out = ray.get(self.actor.poll_async.remote(self._acked))
+        """New records/events since the last poll, plus the status.
+
+        If the coordinator's process died, waits for Ray to restart it and resumes it from
+        its last checkpoint (at most ``max_coordinator_restarts`` times).
+        """
+        try:
+            out = ray.get(self.actor.poll_async.remote(self._acked))
+        except _ACTOR_DOWN:
+            if self.restarts >= self.spec.max_coordinator_restarts:
+                raise
+            self._recover()
+            out = ray.get(self.actor.poll_async.remote(self._acked))
         self._acked = self._seen
         recs = [r for r in out["records"] if r["seq"] > self._seen]
         evs = [e for e in out["events"] if e["seq"] > self._seen]
@@ -153,16 +210,31 @@ class JobRunner:
                 f.write(json.dumps(r) + "\n")
 
     def done(self) -> bool:
+        """True once the job reached a terminal state (a crashed coordinator is not done)."""
         if self.run_ref is None:
-            return ray.get(self.actor.ping.remote()) in ("succeeded", "failed", "cancelled")
+            try:
+                state = ray.get(self.actor.ping.remote())
+            except _ACTOR_DOWN:
+                return False
+            return state in ("succeeded", "failed", "cancelled")
         ready, _ = ray.wait([self.run_ref], timeout=0)
-        return bool(ready)
+        if not ready:
+            return False
+        try:
+            ray.get(self.run_ref)
+        except _ACTOR_DOWN:
+            if self.restarts >= self.spec.max_coordinator_restarts:
+                return True
+            self._recover()
+            return False
+        return True
 
     def scale(self, n: int) -> None:
-        ray.get(self.actor.scale.remote(n))
+        """Resize the running job to ``n`` workers (errors name the limit to change)."""
+        self._call("scale", n)
 
     def inject(self, fault: FaultSpec) -> None:
-        ray.get(self.actor.inject_async.remote(fault))
+        self._call("inject_async", fault)
 
     def cancel(self) -> None:
         ray.get(self.actor.cancel_async.remote())

@@ -237,7 +237,13 @@ class JobSpec(_Strict):
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Measure B-hat on every n-th view (1 = every view).
     monitor_interval: int = Field(default=1, ge=1, le=1_000_000)
+    # A gradient that never arrives (dropped message): ``skip`` leaves its share out of the
+    # step; ``substitute`` stands in the mean of the gradients that arrived.
     missing_policy: Literal["skip", "substitute"] = "skip"
+    # Start a new worker in place of one that died (unless its fault plans a rejoin).
+    replace_lost_workers: bool = True
+    # How often Ray may restart a crashed coordinator (it resumes from the last checkpoint).
+    max_coordinator_restarts: int = Field(default=3, ge=0, le=100)
     faults: list[FaultSpec] = Field(default_factory=list)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     # Seconds without news from a worker before it is declared lost.

@@ -1,0 +1,129 @@
+"""Checkpoints the coordinator can trust after a crash, and a journal of what it reported.
+
+A checkpoint is one file ``ckpt-<step>.pt`` (a ``torch.save`` of plain tensors and lists)
+whose SHA-256 is stored beside it in ``ckpt-<step>.sha256``. Both are written to a temporary
+name, flushed to disk and renamed, so a reader sees either the whole file or none; a
+checkpoint counts only if its checksum file exists and matches. :func:`latest_valid` walks
+back from the newest one and skips (and reports) any that are partial or corrupt.
+
+The journal (``journal.jsonl``) holds every metric record and event the coordinator
+produced, one JSON line each, so a restarted coordinator can hand back what its previous
+incarnation had not delivered yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep`` checkpoints.
+
+    Returns:
+        The checkpoint's path.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path = folder / f"ckpt-{step:010d}.pt"
+    _atomic_write(path, data)
+    _atomic_write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+    for old in list_checkpoints(folder)[:-keep]:
+        for p in (old, old.with_suffix(".sha256")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files, oldest first (valid or not)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+@dataclass
+class Loaded:
+    """A checkpoint that passed its checksum, and the ones skipped on the way to it."""
+
+    path: Path
+    step: int
+    state: dict[str, Any]
+    skipped: list[str]
+
+
+def latest_valid(folder: Path) -> Loaded | None:
+    """The newest checkpoint whose checksum matches; ``None`` if there is none."""
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(folder)):
+        m = _NAME.match(path.name)
+        assert m is not None
+        try:
+            data = path.read_bytes()
+            expected = path.with_suffix(".sha256").read_text().strip()
+        except OSError as exc:
+            skipped.append(f"{path.name}: unreadable ({exc.strerror})")
+            continue
+        if hashlib.sha256(data).hexdigest() != expected:
+            skipped.append(f"{path.name}: checksum mismatch (partial or corrupt)")
+            continue
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable payload is skipped
+            skipped.append(f"{path.name}: cannot load ({exc})")
+            continue
+        return Loaded(path, int(m.group(1)), state, skipped)
+    return None
+
+
+class Journal:
+    """Append-only JSON lines of records and events (flushed at every :meth:`flush`)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "a")  # noqa: SIM115 - kept open for the run
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self._f.write(json.dumps(entry, default=str) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """Every complete line of a journal (a torn last line is ignored)."""
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
