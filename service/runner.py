@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
