@@ -54,6 +54,8 @@ from actors.worker import Worker
 from service.errors import InvalidRequest, InvalidTransition
 from service.spec import AsyncMode, FaultSpec, JobSpec
 
+NAMESPACE = "elastic-sgd"
+
 log = logging.getLogger("elastic_sgd.coordinator")
 
 
@@ -364,9 +366,19 @@ class CoordinatorCore:
         shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed + self.resizes)
         for i, wid in enumerate(ids):
             self.shards[wid] = shards[i]
-        await asyncio.gather(
-            *(self._add_worker(w, self.shards[w], samplers.get(w)) for w in ids)
-        )
+        members: dict[int, int] = {}
+        if samplers and self.state_dir is not None and (self.state_dir / "members.json").exists():
+            members = {
+                int(k): int(v)
+                for k, v in json.loads((self.state_dir / "members.json").read_text()).items()
+            }
+
+        async def bring(wid: int) -> None:
+            if wid in members and await self._reattach(wid, members[wid], samplers.get(wid)):
+                return
+            await self._add_worker(wid, self.shards[wid], samplers.get(wid))
+
+        await asyncio.gather(*(bring(w) for w in ids))
         live = self._live()
         if len(live) < self.spec.min_workers:
             self._set_state(
@@ -390,12 +402,41 @@ class CoordinatorCore:
             gpus = float(r.worker_gpus)
         return {"num_cpus": r.worker_cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
 
+    def _worker_name(self, wid: int, gen: int) -> str:
+        return f"esgd-{self.job_id}-w{wid}-g{gen}"
+
+    def _save_members(self) -> None:
+        """Which worker incarnations are live: a restarted coordinator re-attaches to them."""
+        if self.state_dir is None:
+            return
+        members = {w.id: w.gen for w in self._live() if w.state != "starting"}
+        tmp = self.state_dir / ".members.json.tmp"
+        tmp.write_text(json.dumps(members))
+        os.replace(tmp, self.state_dir / "members.json")
+
+    async def _reattach(self, wid: int, gen: int, sampler_state: dict[str, Any] | None) -> bool:
+        """Adopt a worker that outlived the previous coordinator incarnation."""
+        try:
+            actor = ray.get_actor(self._worker_name(wid, gen), namespace=NAMESPACE)
+            await asyncio.wait_for(actor.ping.remote(), timeout=5.0)
+            if sampler_state is not None:
+                await actor.reset_sampler.remote(sampler_state)
+        except Exception:  # noqa: BLE001 - gone or unreachable: start a new one instead
+            return False
+        slot = WorkerSlot(id=wid, actor=actor, shard=self.shards[wid], gen=gen)
+        self.workers[wid] = slot
+        return await self._attach(slot, reattached=True)
+
     async def _add_worker(
         self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None = None
     ) -> WorkerSlot | None:
         assert self.data_refs is not None
-        grad_ref = self.shm.grad_slot(wid) if self.shm is not None else None
-        actor = Worker.options(**self._worker_options()).remote(  # type: ignore[attr-defined]
+        old = self.workers.get(wid)
+        gen = old.gen + 1 if old is not None else 0
+        opts = self._worker_options()
+        # detached and named: the worker outlives a coordinator crash and is re-attached
+        opts.update(lifetime="detached", name=self._worker_name(wid, gen), namespace=NAMESPACE)
+        actor = Worker.options(**opts).remote(  # type: ignore[attr-defined]
             wid,
             self.spec,
             self.data_refs[0],
@@ -410,12 +451,15 @@ class CoordinatorCore:
             self.t0,
             None,
         )
-        slot = WorkerSlot(id=wid, actor=actor, shard=shard)
+        slot = WorkerSlot(id=wid, actor=actor, shard=shard, gen=gen)
         self.shards[wid] = shard
-        old = self.workers.get(wid)
-        if old is not None:
-            slot.gen = old.gen + 1
         self.workers[wid] = slot
+        return slot if await self._attach(slot) else None
+
+    async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:
+        """Learn where a worker runs, pick its transport, and add it to the membership."""
+        wid, actor = slot.id, slot.actor
+        grad_ref = self.shm.grad_slot(wid) if self.shm is not None else None
         try:
             info = await actor.info.remote()
             shm_ok = False
@@ -429,7 +473,7 @@ class CoordinatorCore:
         except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
             slot.state = "dead"
             self.event("membership", f"worker failed to start: {exc}", target=f"worker-{wid}")
-            return None
+            return False
         slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
         slot.shm = shm_ok
         slot.grad_ref = grad_ref if shm_ok else None
@@ -440,11 +484,12 @@ class CoordinatorCore:
             self.book.join(wid)
         self.event(
             "membership",
-            f"worker joined (node {slot.node[:8]}, pid {slot.pid}, "
-            f"{'shared memory' if shm_ok else 'object store'})",
+            f"worker {'re-attached' if reattached else 'joined'} (node {slot.node[:8]}, "
+            f"pid {slot.pid}, {'shared memory' if shm_ok else 'object store'})",
             target=f"worker-{wid}",
         )
-        return slot
+        self._save_members()
+        return True
 
     def _open_channel(self, w: WorkerSlot) -> None:
         """Requests and replies over a FIFO pair; Ray's call watches for the worker's death."""
@@ -500,6 +545,7 @@ class CoordinatorCore:
             left = self.book.leave(w.id)
             why += f"; left steps {left}" if left else ""
         self.event("detect", why, target=f"worker-{w.id}")
+        self._save_members()
         rejoining = any(wid == w.id for _, wid in self.pending_joins)
         if not keep_actor and not rejoining and self.spec.replace_lost_workers:
             self.pending_joins.append((time.time(), w.id))
@@ -591,8 +637,13 @@ class CoordinatorCore:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self.inflight[w.id] = fut
             w.channel.send(
-                {"step": step, "view": view, "want_residual": want_res,
-                 "set_grad_slot": w.grad_ref, **extra}
+                {
+                    "step": step,
+                    "view": view,
+                    "want_residual": want_res,
+                    "set_grad_slot": w.grad_ref,
+                    **extra,
+                }
             )
             return
         ref = w.actor.compute.remote(step, view, want_res, w.grad_ref, **extra)
@@ -646,8 +697,11 @@ class CoordinatorCore:
         self.lost_grads.setdefault(step, []).append(g.clone())
         self.book.lose(w.id, step)
         w.state, w.last_step, w.own, w.own_norm = "waiting", step, None, 0.0
-        self.event("detect", f"step {step}: gradient missing, policy "
-                             f"{self.spec.missing_policy}", target=f"worker-{w.id}")
+        self.event(
+            "detect",
+            f"step {step}: gradient missing, policy {self.spec.missing_policy}",
+            target=f"worker-{w.id}",
+        )
         self._complete_steps()
 
     # -- step modes (sync, elastic) ----------------------------------------------------------
@@ -875,16 +929,29 @@ class CoordinatorCore:
         samplers = {}
         for w in self._live():
             if w.sampler is not None:
-                samplers[w.id] = {**w.sampler, "seed": self.spec.seed, "shard_key": w.id,
-                                  "shard": self.shards[w.id].tolist()}
+                samplers[w.id] = {
+                    **w.sampler,
+                    "seed": self.spec.seed,
+                    "shard_key": w.id,
+                    "shard": self.shards[w.id].tolist(),
+                }
         state = {
-            "x": self.x.clone(), "opt": self.opt.state_dict(), "step": self.step,
-            "version": self.version, "samples": self.samples, "workers": sorted(samplers),
-            "samplers": samplers, "fired": sorted(self.driver.fired), "resizes": self.resizes,
+            "x": self.x.clone(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "version": self.version,
+            "samples": self.samples,
+            "workers": sorted(samplers),
+            "samplers": samplers,
+            "fired": sorted(self.driver.fired),
+            "resizes": self.resizes,
             "monitor": (self.monitor.b_max, self.monitor.count, self.monitor.total),
-            "norms": vars(self.norms).copy(), "elapsed_s": time.time() - self.t0,
+            "norms": vars(self.norms).copy(),
+            "elapsed_s": time.time() - self.t0,
             "residuals": {k: v.copy() for k, v in self.residuals.items()},
-            "torch_rng": torch.get_rng_state(), "refused": self.refused, "dropped": self.dropped,
+            "torch_rng": torch.get_rng_state(),
+            "refused": self.refused,
+            "dropped": self.dropped,
             "t0": self.t0,
         }
         path = write_checkpoint(self.ckpt_dir, self.step, state, self.spec.checkpoint.keep)
@@ -904,8 +971,14 @@ class CoordinatorCore:
                 self.event_log.append(e)
             else:
                 self.records.append(e)
-        crash_step = max((int(e["step"]) for e in entries if e.get("kind") == "fault"
-                          and "coordinator" in str(e.get("target"))), default=None)
+        crash_step = max(
+            (
+                int(e["step"])
+                for e in entries
+                if e.get("kind") == "fault" and "coordinator" in str(e.get("target"))
+            ),
+            default=None,
+        )
         self.restarts = 1 + sum(1 for e in entries if e.get("kind") == "restart")
         fired_file = self.state_dir / "fired.json"
         if fired_file.exists():
@@ -933,9 +1006,12 @@ class CoordinatorCore:
         self.last_ckpt_step = int(st["step"])
         lost = (crash_step - int(st["step"])) if crash_step is not None else 0
         self.steps_lost += max(lost, 0)
-        self.event("restart", f"coordinator restarted from {loaded.path.name} (step "
-                              f"{st['step']}); {max(lost, 0)} steps lost since the checkpoint",
-                   target="coordinator")
+        self.event(
+            "restart",
+            f"coordinator restarted from {loaded.path.name} (step "
+            f"{st['step']}); {max(lost, 0)} steps lost since the checkpoint",
+            target="coordinator",
+        )
         ids = list(st["workers"]) or list(range(self.spec.workers))
         return ids, {int(k): v for k, v in st["samplers"].items()}
 
@@ -956,8 +1032,9 @@ class CoordinatorCore:
         """Fire due faults, watch heartbeats, bring back workers; once per loop turn."""
         t_s, now = self._t_s(), time.time()
         if self.driver.coordinator_crash_due(self.step) is not None:
-            self.event("fault", f"coordinator crash injected at step {self.step}",
-                       target="coordinator")
+            self.event(
+                "fault", f"coordinator crash injected at step {self.step}", target="coordinator"
+            )
             if self.state_dir is not None:
                 # the restarted coordinator must not fire this one-shot fault again
                 (self.state_dir / "fired.json").write_text(json.dumps(sorted(self.driver.fired)))
@@ -980,25 +1057,40 @@ class CoordinatorCore:
             if p is not None and w.partition_until is None:
                 w.partition_until = math.inf
                 w.t_partition = now
-                self.event("fault", "partition: worker cut off from the coordinator",
-                           target=f"worker-{w.id}")
+                self.event(
+                    "fault",
+                    "partition: worker cut off from the coordinator",
+                    target=f"worker-{w.id}",
+                )
             elif p is None and w.partition_until is not None:
                 self._heal(w)
-            if (w.partition_until is not None
-                    and now - w.t_partition > self.spec.heartbeat_timeout_s):
-                self._lose_worker(w, f"no heartbeat for {self.spec.heartbeat_timeout_s:g} s "
-                                     "(partitioned)", keep_actor=True)
+            if (
+                w.partition_until is not None
+                and now - w.t_partition > self.spec.heartbeat_timeout_s
+            ):
+                self._lose_worker(
+                    w,
+                    f"no heartbeat for {self.spec.heartbeat_timeout_s:g} s (partitioned)",
+                    keep_actor=True,
+                )
                 w.partition_until = math.inf
-            elif (w.state == "busy" and w.partition_until is None
-                  and time.perf_counter() - w.t_dispatch > self._reply_deadline_s()):
+            elif (
+                w.state == "busy"
+                and w.partition_until is None
+                and time.perf_counter() - w.t_dispatch > self._reply_deadline_s()
+            ):
                 self._lose_worker(w, f"no reply for {self._reply_deadline_s():.1f} s")
                 self._kill_process(w)
         # partitioned workers declared lost come back when their window ends
         for w in list(self.workers.values()):
-            if (w.state == "dead" and w.partition_until is not None
-                    and self.driver.partition_active(w.id, self.step, t_s) is None):
-                self.event("fault", "partition healed: worker reachable again",
-                           target=f"worker-{w.id}")
+            if (
+                w.state == "dead"
+                and w.partition_until is not None
+                and self.driver.partition_active(w.id, self.step, t_s) is None
+            ):
+                self.event(
+                    "fault", "partition healed: worker reachable again", target=f"worker-{w.id}"
+                )
                 w.partition_until = None
                 self._close_channel(w)
                 self._kill_process(w)
@@ -1039,18 +1131,24 @@ class CoordinatorCore:
         old = self.workers.get(wid)
         if old is not None and old.state not in ("dead", "left"):
             return
-        placeholder = WorkerSlot(id=wid, actor=None, state="starting",
-                                 gen=(old.gen + 1) if old else 0)
+        placeholder = WorkerSlot(
+            id=wid, actor=None, state="starting", gen=(old.gen + 1) if old else 0
+        )
         self.workers[wid] = placeholder
         shard = self.shards.get(wid)
         if shard is None:
             shard = make_shards(len(self.ds.x_train), 1, self.spec.seed)[0]
         sampler = None
         if old is not None and old.sampler is not None:
-            sampler = {**old.sampler, "seed": self.spec.seed, "shard_key": wid,
-                       "shard": shard.tolist()}
-        self.event("membership", "starting a worker" + (" (rejoin)" if old else ""),
-                   target=f"worker-{wid}")
+            sampler = {
+                **old.sampler,
+                "seed": self.spec.seed,
+                "shard_key": wid,
+                "shard": shard.tolist(),
+            }
+        self.event(
+            "membership", "starting a worker" + (" (rejoin)" if old else ""), target=f"worker-{wid}"
+        )
 
         async def join() -> None:
             slot = await self._add_worker(wid, shard, sampler)
@@ -1075,7 +1173,8 @@ class CoordinatorCore:
         if not self.spec.min_workers <= n <= hi:
             raise InvalidRequest(
                 f"scale: n={n} is outside [min_workers={self.spec.min_workers}, "
-                f"max_workers={hi}]; set max_workers in the job spec to allow more")
+                f"max_workers={hi}]; set max_workers in the job spec to allow more"
+            )
         if self.state.terminal:
             raise InvalidTransition(f"scale: the job is already {self.state.value}")
         live = sorted(self._live(), key=lambda w: w.id)
@@ -1112,8 +1211,9 @@ class CoordinatorCore:
         self._membership_changed()
         self.event("membership", "worker removed on request", target=f"worker-{w.id}")
 
-    def _record_lost(self, step: int, entry_arrived: int, n_used: int,
-                     grads: list[torch.Tensor]) -> None:
+    def _record_lost(
+        self, step: int, entry_arrived: int, n_used: int, grads: list[torch.Tensor]
+    ) -> None:
         """B̂ of a step that lost gradients: ``||G_full - G_applied||`` with the lost
         gradients (kept by the injector for the monitor only) in ``G_full``."""
         lost = self.lost_grads.pop(step, [])
@@ -1122,8 +1222,9 @@ class CoordinatorCore:
         arrived = torch.stack(grads).sum(0)
         full = (arrived + torch.stack(lost).sum(0)) / (entry_arrived + len(lost))
         applied = arrived / n_used
-        self.norms.lost_fraction_max = max(self.norms.lost_fraction_max,
-                                           len(lost) / (entry_arrived + len(lost)))
+        self.norms.lost_fraction_max = max(
+            self.norms.lost_fraction_max, len(lost) / (entry_arrived + len(lost))
+        )
         b = float((full - applied).norm())
         self.last_b_hat = max(self.last_b_hat, b)
         self.monitor.record(self.step, b)
@@ -1288,8 +1389,11 @@ class CoordinatorCore:
         index = len(self.plan)
         bound = bind_plan([fault], ids, self.spec.seed)[0]
         bound.index = index
-        if fault.at_step is None and fault.at_s is None and fault.steps is None and (
-            fault.probability is None
+        if (
+            fault.at_step is None
+            and fault.at_s is None
+            and fault.steps is None
+            and (fault.probability is None)
         ):
             # "now": a fault with no trigger fires at the current step
             bound.spec = fault.model_copy(update={"at_step": self.step})
@@ -1332,4 +1436,3 @@ class Coordinator(CoordinatorCore):
 
     async def summary_async(self) -> dict[str, Any]:
         return self.summary()
-

@@ -74,8 +74,10 @@ class FaultDriver:
                 hit = step in s.steps
             elif s.probability is not None:
                 in_window = f.in_window(step, t_s, self._starts, f"drop:{f.index}:{wid}")
-                hit = in_window and self._once(f"drop:{f.index}:{wid}:{step}") and (
-                    self.rng.random() < s.probability
+                hit = (
+                    in_window
+                    and self._once(f"drop:{f.index}:{wid}:{step}")
+                    and (self.rng.random() < s.probability)
                 )
             elif s.at_step is not None:
                 length = s.duration_steps or 1

@@ -38,8 +38,13 @@ class ActiveFault:
     def hits(self, worker: int) -> bool:
         return worker in self.targets
 
-    def in_window(self, step: int, t_s: float, starts: dict[str, tuple[int, float]] | None = None,
-                  key: str = "") -> bool:
+    def in_window(
+        self,
+        step: int,
+        t_s: float,
+        starts: dict[str, tuple[int, float]] | None = None,
+        key: str = "",
+    ) -> bool:
         """Whether a windowed fault (delay, partition) is active at ``step`` / ``t_s``.
 
         The window opens at ``at_step`` or ``at_s`` (or at once) and lasts ``duration_steps``

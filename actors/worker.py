@@ -196,6 +196,10 @@ class WorkerCore:
     def sampler_state(self) -> dict[str, Any]:
         return self.sampler.state_dict()
 
+    def reset_sampler(self, state: dict[str, Any]) -> None:
+        """Rewind the sampler (a restarted coordinator resumes from its checkpoint)."""
+        self.sampler = ShardSampler.from_state(state)
+
     def reshard(self, shard: list[int]) -> None:
         self.sampler.reshard(np.asarray(shard, dtype=np.int64))
 
