@@ -1095,6 +1095,11 @@ class CoordinatorCore:
                 self._close_channel(w)
                 self._kill_process(w)
                 self.pending_joins.append((now, w.id))
+        for i, a in enumerate(self.spec.scale_plan):
+            key = f"scale:{i}"
+            if key not in self.driver.fired and self.step >= a.at_step:
+                self.driver.fired.add(key)
+                self._tasks.add(asyncio.ensure_future(self.scale(a.workers)))
         due = [(t, wid) for t, wid in self.pending_joins if t <= now]
         self.pending_joins = [(t, wid) for t, wid in self.pending_joins if t > now]
         for _, wid in due:
@@ -1364,6 +1369,12 @@ class CoordinatorCore:
             "restarts": self.restarts,
             "steps_lost": self.steps_lost,
             "recoveries": self._recovery_summary(),
+            # seconds from each worker's death to the next applied update
+            "recovery_s": [
+                r["next_update_after_s"]
+                for r in self._recovery_summary()
+                if "next_update_after_s" in r
+            ],
             "parameters": self.layout.numel,
             "consistency": cons,
             "timing": self.timing.summary(),

@@ -199,6 +199,13 @@ class FaultSpec(_Strict):
         return self
 
 
+class ScaleAction(_Strict):
+    """Resize the running job to ``workers`` when it reaches ``at_step`` (drills, rehearsals)."""
+
+    at_step: int = Field(ge=1, le=100_000_000)
+    workers: int = Field(ge=1, le=4096)
+
+
 class CheckpointSpec(_Strict):
     """How often the coordinator writes an atomic, checksummed checkpoint."""
 
@@ -245,6 +252,8 @@ class JobSpec(_Strict):
     # How often Ray may restart a crashed coordinator (it resumes from the last checkpoint).
     max_coordinator_restarts: int = Field(default=3, ge=0, le=100)
     faults: list[FaultSpec] = Field(default_factory=list)
+    # Planned resizes while the job runs (each within [min_workers, max_workers]).
+    scale_plan: list[ScaleAction] = Field(default_factory=list)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     # Seconds without news from a worker before it is declared lost.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
@@ -263,6 +272,12 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"max_workers ({self.max_workers}) must be >= workers ({self.workers})"
             )
+        for i, a in enumerate(self.scale_plan):
+            if not self.min_workers <= a.workers <= self.max_workers_or_workers:
+                raise ValueError(
+                    f"scale_plan.{i}.workers={a.workers} is outside [min_workers="
+                    f"{self.min_workers}, max_workers={self.max_workers_or_workers}]"
+                )
         for i, f in enumerate(self.faults):
             ids = f.workers or []
             if any(w >= self.max_workers_or_workers for w in ids):
