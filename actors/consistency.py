@@ -30,7 +30,6 @@ class ObservedNorms:
     grad_max: float = 0.0  # G
     raw_grad_max: float = 0.0  # G_raw
     update_max: float = 0.0  # U
-    lost_grad_diff_max: float = 0.0  # max ||g_lost - stand-in|| (missing-gradient policies)
     lost_fraction_max: float = 0.0  # max over steps of (lost gradients / contributors)
 
     def see_grad(self, sent: float, raw: float) -> None:
@@ -84,10 +83,13 @@ def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback
         base = mode.max_staleness * norms.update_max
     else:  # pragma: no cover - the spec's union is closed
         raise TypeError(type(mode))
-    # missing gradients: per step at most lost_fraction * (stand-in error)
+    # lost gradients (dropped messages): per step the applied mean differs from the full one
+    # by f ||g_lost|| <= f G (skip) or f ||mean_arrived - mean_lost|| <= 2 f G (substitute),
+    # f = lost / contributors (docs: missing gradients)
     if norms.lost_fraction_max > 0.0:
         amp1 = elastic_amplification(1, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov)
-        base += norms.lost_fraction_max * norms.lost_grad_diff_max * amp1
+        policy = 1.0 if spec.missing_policy == "skip" else 2.0
+        base += norms.lost_fraction_max * policy * norms.grad_max * amp1
     if error_feedback:
         base += residual_bound(q, norms.raw_grad_max)
     return base
@@ -101,8 +103,9 @@ class ConsistencyMonitor:
     count: int = 0
     total: float = 0.0
     b_max: float = 0.0
-    series: list[tuple[int, float]] = field(default_factory=list)
+    _series: list[tuple[int, float]] = field(default_factory=list)
     _stride: int = 1
+    _last_step: int = 0
     _since: int = 0
     _window_max: float = 0.0
 
@@ -113,17 +116,25 @@ class ConsistencyMonitor:
         # keep the series bounded: when full, halve it and sample half as often,
         # keeping the max of each window so spikes are not lost
         self._window_max = max(self._window_max, b_hat)
+        self._last_step = step
         self._since += 1
         if self._since >= self._stride:
-            self.series.append((step, self._window_max))
+            self._series.append((step, self._window_max))
             self._since = 0
             self._window_max = 0.0
-            if len(self.series) >= self.max_points:
-                self.series = [
-                    max(self.series[i : i + 2], key=lambda p: p[1])
-                    for i in range(0, len(self.series), 2)
+            if len(self._series) >= self.max_points:
+                self._series = [
+                    max(self._series[i : i + 2], key=lambda p: p[1])
+                    for i in range(0, len(self._series), 2)
                 ]
                 self._stride *= 2
+
+    @property
+    def series(self) -> list[tuple[int, float]]:
+        """``(step, B̂ max of the window)`` points, the still-open window included."""
+        if self._since:
+            return [*self._series, (self._last_step, self._window_max)]
+        return list(self._series)
 
     @property
     def b_mean(self) -> float:

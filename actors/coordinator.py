@@ -894,8 +894,11 @@ class CoordinatorCore:
         for w in sorted(self._live(), key=lambda w: w.id):
             if w.state != "idle":
                 continue
-            busy = sum(1 for o in self._live() if o.state in ("busy", "held"))
-            if self.version + busy >= self.total_updates:
+            out = [o.view_version for o in self._live() if o.state in ("busy", "held")]
+            if self.version + len(out) >= self.total_updates:
+                return
+            assert self.async_rule is not None
+            if not self.async_rule.may_dispatch(self.version, out).allowed:
                 return
             vec = self.x
             w.view_version = self.version
@@ -1050,6 +1053,12 @@ class CoordinatorCore:
             self.recoveries.append({"kind": "crash", "worker": wid, "t_fault": now})
             if f.spec.rejoin_after_s is not None:
                 self.pending_joins.append((now + f.spec.rejoin_after_s, wid))
+        for f, wid in self.driver.delays_started(self.step, t_s, live_ids):
+            self.event(
+                "fault",
+                f"straggler delay on: {f.spec.distribution}, mean {f.spec.delay_ms:g} ms",
+                target=f"worker-{wid}",
+            )
         for w in self._live():
             if w.state == "starting":
                 continue
@@ -1390,7 +1399,7 @@ class CoordinatorCore:
             item: dict[str, Any] = {"kind": r["kind"], "worker": r["worker"]}
             for key in ("t_detected", "t_next_update", "t_rejoined"):
                 if key in r:
-                    item[key.replace("t_", "") + "_after_s"] = r[key] - r["t_fault"]
+                    item[key.removeprefix("t_") + "_after_s"] = r[key] - r["t_fault"]
             out.append(item)
         return out
 

@@ -98,6 +98,24 @@ class FaultDriver:
                 return f
         return None
 
+    def delays_started(
+        self, step: int, t_s: float, live: list[int]
+    ) -> list[tuple[ActiveFault, int]]:
+        """Delay windows that opened since the last call (the worker stalls itself; the
+        coordinator only records that the fault is on)."""
+        out = []
+        for f in self._of("delay"):
+            for wid in f.targets:
+                key = f"delay:{f.index}:{wid}"
+                if (
+                    wid in live
+                    and key not in self.fired
+                    and f.in_window(step, t_s, self._starts, key)
+                ):
+                    self.fired.add(key)
+                    out.append((f, wid))
+        return out
+
     def coordinator_crash_due(self, step: int) -> ActiveFault | None:
         for f in self._of("coordinator_crash"):
             key = f"coordinator_crash:{f.index}"

@@ -253,24 +253,45 @@ class AsyncRule:
             return "refuse"
         return "apply"
 
+    def feasible(self, version: int, views: list[int]) -> bool:
+        """Can every outstanding gradient (computed on ``views``) still land within tau?
+
+        Applied oldest view first, starting at ``version``, the k-th (0-based) lands at
+        ``version + k``: each needs ``version + k - view <= tau``.
+        """
+        return all(version + k - v <= self.max_staleness for k, v in enumerate(sorted(views)))
+
     def may_apply(self, version_now: int, worker_view: int, outstanding: list[int]) -> Decision:
         """May a gradient from a view at ``worker_view`` be applied now (``wait`` mode)?
 
         Args:
             version_now: updates applied so far.
             worker_view: the version this gradient was computed on.
-            outstanding: view versions of *other* live workers still computing.
+            outstanding: view versions of *other* live workers still computing or held.
         """
-        if self.on_stale != "wait" or not outstanding:
-            return Decision(True, "no outstanding gradient at risk")
-        oldest = min(outstanding)
-        # after this update the oldest outstanding gradient would land at least
-        # version_now + 1 - oldest updates late
-        if version_now + 1 - oldest <= self.max_staleness:
-            return Decision(True, "staleness bound kept")
+        if self.on_stale != "wait":
+            return Decision(True, "refuse mode applies at once")
+        if version_now - worker_view > self.max_staleness:
+            return Decision(False, "this gradient is already past max_staleness")
+        if self.feasible(version_now + 1, outstanding):
+            return Decision(True, "staleness bound kept for every outstanding gradient")
+        late = [
+            v
+            for k, v in enumerate(sorted(outstanding))
+            if version_now + 1 + k - v > self.max_staleness
+        ]
         return Decision(
             False,
-            f"holding: a gradient on view {oldest} would exceed max_staleness={self.max_staleness}",
+            f"holding: a gradient on view {late[0]} would exceed "
+            f"max_staleness={self.max_staleness}",
+        )
+
+    def may_dispatch(self, version_now: int, outstanding: list[int]) -> Decision:
+        """May another worker start on the current model (``wait`` mode)?"""
+        if self.on_stale != "wait" or self.feasible(version_now, [*outstanding, version_now]):
+            return Decision(True, "room within max_staleness")
+        return Decision(
+            False, f"max_staleness={self.max_staleness} allows no more gradients in flight"
         )
 
 

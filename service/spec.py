@@ -320,6 +320,10 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str
     return format_error_list(exc.errors(), prefix)
 
 
+_UNION_FIELDS = {"mode"}
+_UNION_TAGS = {"sync", "elastic", "async"}
+
+
 def format_error_list(
     errors: Sequence[Mapping[str, Any]], prefix: str = ""
 ) -> list[tuple[str, str]]:
@@ -327,7 +331,15 @@ def format_error_list(
     (FastAPI's request validation hands them over this way)."""
     problems = []
     for err in errors:
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+        parts = [str(p) for p in err["loc"] if p not in ("function-after",)]
+        # pydantic puts the tag of a discriminated union in the path ("mode.elastic.beta");
+        # the user wrote "mode.beta"
+        parts = [
+            p
+            for i, p in enumerate(parts)
+            if not (i > 0 and parts[i - 1] in _UNION_FIELDS and p in _UNION_TAGS)
+        ]
+        loc = ".".join(parts)
         path = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "spec")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
