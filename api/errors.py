@@ -7,6 +7,7 @@ error                      code  when
 SpecError / validation     422   a field is refused (``errors`` has the paths)
 JobNotFound/DrillNotFound  404   unknown id
 InvalidTransition          409   the job's state forbids the action
+InvalidRequest             422   a value the runtime refused
 other ElasticSGDError      400   any other refusal the user can act on
 HTTPException              as    401/403 auth, 404 unknown route, 405, 413
 Exception                  500   a bug
@@ -26,7 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorPublic, FieldError
 from service.drill_jobs import DrillNotFound
-from service.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
+from service.errors import (
+    ElasticSGDError,
+    InvalidRequest,
+    InvalidTransition,
+    JobNotFound,
+    SpecError,
+)
 from service.spec import format_error_list
 
 log = logging.getLogger(__name__)
@@ -38,9 +45,7 @@ def error_response(
     problems: Sequence[tuple[str, str]] = (),
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorPublic(
-        detail=detail, errors=[FieldError(path=p, message=m) for p, m in problems]
-    )
+    body = ErrorPublic(detail=detail, errors=[FieldError(path=p, message=m) for p, m in problems])
     return JSONResponse(body.model_dump(), status_code=status, headers=dict(headers or {}))
 
 
@@ -57,15 +62,25 @@ def request_problems(errors: Sequence[Mapping[str, Any]]) -> list[tuple[str, str
         where = loc[0] if loc else "body"
         if kind == "json_invalid":
             reason = (err.get("ctx") or {}).get("error", "")
-            out.append(("body", f"the request body is not valid JSON ({reason}); send a JSON "
-                                "object with Content-Type: application/json"))
+            out.append(
+                (
+                    "body",
+                    f"the request body is not valid JSON ({reason}); send a JSON "
+                    "object with Content-Type: application/json",
+                )
+            )
             continue
         if where == "body" and len(loc) == 1:
             if kind == "missing":
                 out.append(("body", "a JSON object body is required"))
             else:
-                out.append(("body", str(err.get("msg", "invalid body")).removeprefix(
-                    "Value error, ") + " (send a JSON object)"))
+                out.append(
+                    (
+                        "body",
+                        str(err.get("msg", "invalid body")).removeprefix("Value error, ")
+                        + " (send a JSON object)",
+                    )
+                )
             continue
         fixed = dict(err)
         fixed["loc"] = loc[1:] if where == "body" else loc
@@ -95,6 +110,8 @@ async def _elastic(request: Request, exc: Exception) -> JSONResponse:
         return error_response(404, str(exc))
     if isinstance(exc, InvalidTransition):
         return error_response(409, str(exc))
+    if isinstance(exc, InvalidRequest):
+        return error_response(422, str(exc))
     return error_response(400, str(exc))
 
 

@@ -61,16 +61,22 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        payload = json.dumps({
-            "detail": f"request body too large: the limit is {self.max_body_bytes} bytes "
-            "(ESGD_MAX_BODY_BYTES on the server); send a smaller spec",
-            "errors": [],
-        }).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode()),
-                        (b"connection", b"close")],
-        })
+        payload = json.dumps(
+            {
+                "detail": f"request body too large: the limit is {self.max_body_bytes} bytes "
+                "(ESGD_MAX_BODY_BYTES on the server); send a smaller spec",
+                "errors": [],
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})

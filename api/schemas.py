@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,8 +30,12 @@ def clean(obj: Any) -> Any:
     return obj
 
 
-def ts(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=UTC)
+def ts(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=UTC)
+
+
+def ts_opt(t: float | None) -> datetime | None:
+    return None if t is None else ts(t)
 
 
 def _f(x: Any) -> float | None:
@@ -123,18 +127,20 @@ class JobPublic(BaseModel):
                     )
                 )
         total = row.total_steps
-        progress = 1.0 if row.state == "succeeded" else (
-            min(1.0, max(0.0, row.step / total)) if total else 0.0
+        progress = (
+            1.0
+            if row.state == "succeeded"
+            else (min(1.0, max(0.0, row.step / total)) if total else 0.0)
         )
         return cls(
             id=row.id,
             name=row.name,
-            state=row.state,  # type: ignore[arg-type]
+            state=cast(JobStateName, row.state),
             terminal=row.state in ("succeeded", "failed", "cancelled"),
-            created_at=ts(row.created_at),  # type: ignore[arg-type]
-            updated_at=ts(row.updated_at),  # type: ignore[arg-type]
-            started_at=ts(row.started_at),
-            finished_at=ts(row.finished_at),
+            created_at=ts(row.created_at),
+            updated_at=ts(row.updated_at),
+            started_at=ts_opt(row.started_at),
+            finished_at=ts_opt(row.finished_at),
             step=row.step,
             total_steps=total,
             progress=progress,
@@ -209,9 +215,15 @@ class EventPublic(BaseModel):
     @classmethod
     def of(cls, e: EventRow) -> EventPublic:
         return cls(
-            id=e.id, source=e.source, seq=e.seq,  # type: ignore[arg-type]
-            wall_time=ts(e.wall_time), time_s=_f(e.time_s),  # type: ignore[arg-type]
-            step=e.step, kind=e.kind, target=e.target, detail=e.detail,
+            id=e.id,
+            source=cast(Literal["service", "runner"], e.source),
+            seq=e.seq,
+            wall_time=ts(e.wall_time),
+            time_s=_f(e.time_s),
+            step=e.step,
+            kind=e.kind,
+            target=e.target,
+            detail=e.detail,
         )
 
 
@@ -244,10 +256,13 @@ class DrillReport(BaseModel):
     job_state: str | None = None
 
 
+DrillStateName = Literal["running", "passed", "failed", "error"]
+
+
 class DrillPublic(BaseModel):
     id: str
     name: str
-    state: Literal["running", "passed", "failed", "error"]
+    state: DrillStateName
     created_at: datetime
     updated_at: datetime
     job_id: str | None
@@ -257,9 +272,11 @@ class DrillPublic(BaseModel):
     @classmethod
     def of(cls, d: DrillRow) -> DrillPublic:
         return cls(
-            id=d.id, name=d.name, state=d.state,  # type: ignore[arg-type]
-            created_at=ts(d.created_at),  # type: ignore[arg-type]
-            updated_at=ts(d.updated_at),  # type: ignore[arg-type]
+            id=d.id,
+            name=d.name,
+            state=cast(DrillStateName, d.state),
+            created_at=ts(d.created_at),
+            updated_at=ts(d.updated_at),
             job_id=d.job_id,
             report=None if d.report is None else DrillReport.model_validate(clean(d.report)),
             error=d.error,

@@ -47,8 +47,9 @@ UrlOpt = Annotated[
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="ESGD_TOKEN", help="bearer token of the service",
-                 show_default=False),
+    typer.Option(
+        "--token", envvar="ESGD_TOKEN", help="bearer token of the service", show_default=False
+    ),
 ]
 IntervalOpt = Annotated[
     float, typer.Option("--interval", min=0.05, max=60.0, help="seconds between polls")
@@ -81,8 +82,10 @@ class Client:
         try:
             r = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            fail(f"cannot reach the service at {self.url} ({type(exc).__name__}): start it with "
-                 "`elastic-sgd serve`, or point --url / ESGD_URL at it")
+            fail(
+                f"cannot reach the service at {self.url} ({type(exc).__name__}): start it with "
+                "`elastic-sgd serve`, or point --url / ESGD_URL at it"
+            )
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -114,8 +117,15 @@ def _when(iso: str | None) -> str:
     return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-_STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
-                "running": "cyan", "recovering": "magenta", "pending": "dim", "starting": "blue"}
+_STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "recovering": "magenta",
+    "pending": "dim",
+    "starting": "blue",
+}
 
 
 def _state(s: str) -> str:
@@ -138,11 +148,13 @@ def _read_yaml(path: Path) -> Any:
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address [ESGD_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="port [ESGD_PORT]")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="database and runs [ESGD_STATE_DIR]")]
-    = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="database and runs [ESGD_STATE_DIR]")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="npz datasets [ESGD_DATA_DIR]")] = None,
-    token: Annotated[str | None, typer.Option(help="bearer token [ESGD_TOKEN]",
-                                              show_default=False)] = None,
+    token: Annotated[
+        str | None, typer.Option(help="bearer token [ESGD_TOKEN]", show_default=False)
+    ] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster [RAY_ADDRESS]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
@@ -155,17 +167,29 @@ def serve(
     from service.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings(host=host, port=port, state_dir=state_dir, data_dir=data_dir,
-                                 token=token, ray_address=ray_address)
+        settings = load_settings(
+            host=host,
+            port=port,
+            state_dir=state_dir,
+            data_dir=data_dir,
+            token=token,
+            ray_address=ray_address,
+        )
     except SettingsError as exc:
         err_console.print("[bold red]error:[/] refused settings:")
         for path, msg in exc.problems:
             err_console.print(f"  [bold]{path}[/]: {msg}")
         raise typer.Exit(2) from None
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=log_level, timeout_graceful_shutdown=5)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
 
 
 @app.command()
@@ -193,10 +217,14 @@ def _watch(client: Client, job_id: str, interval: float) -> int:
     after_id = 0
     loss = acc = None
     job: dict[str, Any] = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(job_id, total=None, info="")
         after_seq = -1
         while True:
@@ -215,38 +243,47 @@ def _watch(client: Client, job_id: str, interval: float) -> int:
                     bar.console.print(_event_line(e))
             if events["last_id"] is not None:
                 after_id = events["last_id"]
-            bar.update(task, description=f"{job_id} {job['state']}", total=job["total_steps"],
-                       completed=job["step"],
-                       info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
-                            f"B̂ max {_fmt(job['b_hat_max'], '.3g')}  "
-                            f"bound {_fmt(job['bound'], '.3g')}  workers {len(job['workers'])}")
+            bar.update(
+                task,
+                description=f"{job_id} {job['state']}",
+                total=job["total_steps"],
+                completed=job["step"],
+                info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
+                f"B̂ max {_fmt(job['b_hat_max'], '.3g')}  "
+                f"bound {_fmt(job['bound'], '.3g')}  workers {len(job['workers'])}",
+            )
             if job["terminal"]:
                 break
             time.sleep(interval)
     detail = client.get(f"/jobs/{job_id}")
-    console.print(f"job {job_id}: {_state(detail['state'])}"
-                  + (f" — {detail['error']}" if detail.get("error") else ""))
+    console.print(
+        f"job {job_id}: {_state(detail['state'])}"
+        + (f" — {detail['error']}" if detail.get("error") else "")
+    )
     if detail.get("summary"):
         s = detail["summary"]
         cons = s.get("consistency") or {}
-        console.print(f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
-                      f"steps {s.get('steps')}, {_fmt(s.get('samples_per_s'), '.0f')} samples/s, "
-                      f"B̂ max {_fmt(cons.get('b_hat_max'), '.3g')} (bound "
-                      f"{_fmt(cons.get('bound'), '.3g')})")
+        console.print(
+            f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
+            f"steps {s.get('steps')}, {_fmt(s.get('samples_per_s'), '.0f')} samples/s, "
+            f"B̂ max {_fmt(cons.get('b_hat_max'), '.3g')} (bound "
+            f"{_fmt(cons.get('bound'), '.3g')})"
+        )
     return 0 if detail["state"] == "succeeded" else 1
 
 
 def _event_line(e: dict[str, Any]) -> str:
     step = "-" if e.get("step") is None else str(e["step"])
-    return (f"[dim]{_when(e['wall_time'])} step {step:>6}[/] {e['kind']:<12} "
-            f"{e.get('target') or '':<10} {e['detail']}")
+    return (
+        f"[dim]{_when(e['wall_time'])} step {step:>6}[/] {e['kind']:<12} "
+        f"{e.get('target') or '':<10} {e['detail']}"
+    )
 
 
 @app.command()
 def status(
     job_id: Annotated[str | None, typer.Argument(help="a job id; omit to list jobs")] = None,
-    state: Annotated[list[str] | None, typer.Option("--state", help="only these states")]
-    = None,
+    state: Annotated[list[str] | None, typer.Option("--state", help="only these states")] = None,
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
     url: UrlOpt = DEFAULT_URL,
@@ -263,18 +300,27 @@ def status(
         for col in ("id", "name", "state", "step", "B̂ max", "bound", "workers", "created"):
             t.add_column(col)
         for j in page["items"]:
-            t.add_row(j["id"], j["name"], _state(j["state"]),
-                      f"{j['step']}/{j['total_steps'] or '?'}", _fmt(j["b_hat_max"], ".3g"),
-                      _fmt(j["bound"], ".3g"), str(len(j["workers"])), _when(j["created_at"]))
+            t.add_row(
+                j["id"],
+                j["name"],
+                _state(j["state"]),
+                f"{j['step']}/{j['total_steps'] or '?'}",
+                _fmt(j["b_hat_max"], ".3g"),
+                _fmt(j["bound"], ".3g"),
+                str(len(j["workers"])),
+                _when(j["created_at"]),
+            )
         console.print(t)
         return
     j = client.get(f"/jobs/{job_id}")
     if as_json:
         console.print_json(json.dumps(j))
         return
-    console.print(f"[bold]{j['id']}[/] {j['name']}: {_state(j['state'])}  step "
-                  f"{j['step']}/{j['total_steps'] or '?'}  B̂ max {_fmt(j['b_hat_max'], '.3g')}"
-                  f" mean {_fmt(j['b_hat_mean'], '.3g')} bound {_fmt(j['bound'], '.3g')}")
+    console.print(
+        f"[bold]{j['id']}[/] {j['name']}: {_state(j['state'])}  step "
+        f"{j['step']}/{j['total_steps'] or '?'}  B̂ max {_fmt(j['b_hat_max'], '.3g')}"
+        f" mean {_fmt(j['b_hat_mean'], '.3g')} bound {_fmt(j['bound'], '.3g')}"
+    )
     if j.get("error"):
         console.print(f"  [red]error:[/] {j['error']}")
     if j["workers"]:
@@ -284,8 +330,10 @@ def status(
         console.print(t)
     if j.get("summary"):
         s = j["summary"]
-        console.print(f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
-                      f"wall {_fmt(s.get('wall_seconds'), '.1f')} s")
+        console.print(
+            f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
+            f"wall {_fmt(s.get('wall_seconds'), '.1f')} s"
+        )
 
 
 @app.command()
@@ -314,21 +362,18 @@ def scale(
 @app.command()
 def inject(
     job_id: Annotated[str, typer.Argument(help="job id")],
-    kind: Annotated[str, typer.Option("--kind", help="crash, drop, delay, partition or "
-                                      "coordinator_crash")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="crash, drop, delay, partition or coordinator_crash")
+    ],
     workers: Annotated[str | None, typer.Option(help="worker ids, e.g. 0,2")] = None,
-    count: Annotated[int | None, typer.Option(help="or: this many workers, picked by seed")]
-    = None,
-    at_step: Annotated[int | None, typer.Option(help="fire at this step (default: now)")]
-    = None,
+    count: Annotated[int | None, typer.Option(help="or: this many workers, picked by seed")] = None,
+    at_step: Annotated[int | None, typer.Option(help="fire at this step (default: now)")] = None,
     probability: Annotated[float | None, typer.Option(help="per-step probability")] = None,
     duration_s: Annotated[float | None, typer.Option(help="window length (s)")] = None,
     duration_steps: Annotated[int | None, typer.Option(help="window length (steps)")] = None,
     delay_ms: Annotated[float | None, typer.Option(help="delay per step (ms)")] = None,
-    distribution: Annotated[str | None, typer.Option(help="constant, exponential, pareto")]
-    = None,
-    rejoin_after_s: Annotated[float | None, typer.Option(help="crash: rejoin after (s)")]
-    = None,
+    distribution: Annotated[str | None, typer.Option(help="constant, exponential, pareto")] = None,
+    rejoin_after_s: Annotated[float | None, typer.Option(help="crash: rejoin after (s)")] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
 ) -> None:
@@ -339,18 +384,25 @@ def inject(
             data["workers"] = [int(w) for w in workers.split(",") if w.strip()]
         except ValueError:
             fail(f"--workers takes comma-separated worker ids (e.g. 0,2), got {workers!r}")
-    for key, value in (("count", count), ("at_step", at_step), ("probability", probability),
-                       ("duration_s", duration_s), ("duration_steps", duration_steps),
-                       ("delay_ms", delay_ms), ("distribution", distribution),
-                       ("rejoin_after_s", rejoin_after_s)):
+    for key, value in (
+        ("count", count),
+        ("at_step", at_step),
+        ("probability", probability),
+        ("duration_s", duration_s),
+        ("duration_steps", duration_steps),
+        ("delay_ms", delay_ms),
+        ("distribution", distribution),
+        ("rejoin_after_s", rejoin_after_s),
+    ):
         if value is not None:
             data[key] = value
     try:
         fault = parse_fault(data)
     except SpecError as exc:
         fail_problems(exc)
-    Client(url, token).post(f"/jobs/{job_id}/faults", fault.model_dump(mode="json",
-                                                                       exclude_none=True))
+    Client(url, token).post(
+        f"/jobs/{job_id}/faults", fault.model_dump(mode="json", exclude_none=True)
+    )
     console.print(f"{kind} fault sent to job {job_id}")
 
 
@@ -380,24 +432,31 @@ def drill(
 
 
 def _print_drill(d: dict[str, Any]) -> None:
-    console.print(f"drill {d['id']} ({d['name']}): {d['state']}"
-                  + (f" — {d['error']}" if d.get("error") else ""))
+    console.print(
+        f"drill {d['id']} ({d['name']}): {d['state']}"
+        + (f" — {d['error']}" if d.get("error") else "")
+    )
     rep = d.get("report") or {}
     if rep.get("checks"):
         t = Table("check", "result", "observed", "expected", "note")
         for c in rep["checks"]:
-            res = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]n/a[/]"}[
-                c["passed"]]
-            t.add_row(c["name"], res, str(c.get("observed")), str(c.get("expected")),
-                      c.get("detail") or "")
+            res = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]n/a[/]"}[c["passed"]]
+            t.add_row(
+                c["name"],
+                res,
+                str(c.get("observed")),
+                str(c.get("expected")),
+                c.get("detail") or "",
+            )
         console.print(t)
 
 
 @app.command()
 def logs(
     job_id: Annotated[str, typer.Argument(help="job id")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the "
-                                         "job ends")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing until the job ends")
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     interval: IntervalOpt = 0.5,
@@ -423,9 +482,11 @@ def logs(
 def run(
     config: Annotated[Path, typer.Argument(help="job spec (YAML)")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics, model, summary")] = Path(
-        "runs/latest"),
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where npz datasets live")
-                        ] = None,
+        "runs/latest"
+    ),
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="where npz datasets live")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Run one job on a local Ray instance (or RAY_ADDRESS) without the service."""
@@ -441,7 +502,8 @@ def run(
         f"[bold]{summary['state']}[/]: {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
         f"({summary['samples_per_s']:.0f} samples/s), test accuracy "
         f"{_fmt(summary['final_test_accuracy'])}, test loss {_fmt(summary['final_test_loss'])}, "
-        f"B̂ max {_fmt(cons['b_hat_max'])} (bound {_fmt(cons['bound'])}) -> {out}")
+        f"B̂ max {_fmt(cons['b_hat_max'])} (bound {_fmt(cons['bound'])}) -> {out}"
+    )
     if summary["state"] != "succeeded":
         raise typer.Exit(1)
 

@@ -60,6 +60,8 @@ class DrillCriteria(BaseModel):
     max_recovery_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
     # Steps redone after a coordinator restart (needs ``steps_lost`` in the summary).
     max_steps_lost: int | None = Field(default=None, ge=0, le=100_000_000)
+    # Seconds from an injected worker crash to its detection (``recoveries`` in the summary).
+    max_detect_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
     # Every planned fault with a deterministic trigger appears as a ``fault`` event.
     faults_recorded: bool = True
 
@@ -69,9 +71,7 @@ class DrillSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
-        default="drill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$"
-    )
+    name: str = Field(default="drill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     job: JobSpec
     criteria: DrillCriteria = Field(default_factory=DrillCriteria)
 
@@ -128,37 +128,82 @@ def evaluate_drill(
     s = dict(summary or {})
     checks: list[dict[str, Any]] = []
     if c.finished:
-        checks.append(_check("finished", job_state == JobState.SUCCEEDED.value, job_state,
-                             "succeeded"))
+        checks.append(
+            _check("finished", job_state == JobState.SUCCEEDED.value, job_state, "succeeded")
+        )
     if c.min_test_accuracy is not None:
         acc = _float(s.get("final_test_accuracy"))
         ok = None if acc is None else acc >= c.min_test_accuracy
-        checks.append(_check("min_test_accuracy", ok, acc, f">= {c.min_test_accuracy}",
-                             "" if acc is not None else "no final_test_accuracy in the summary"))
+        checks.append(
+            _check(
+                "min_test_accuracy",
+                ok,
+                acc,
+                f">= {c.min_test_accuracy}",
+                "" if acc is not None else "no final_test_accuracy in the summary",
+            )
+        )
     if c.b_hat_within_bound:
         cons = s.get("consistency") or {}
         b_hat = _float(cons.get("b_hat_max")) if isinstance(cons, dict) else None
         bound = _float(cons.get("bound")) if isinstance(cons, dict) else None
         ok = None if b_hat is None or bound is None else b_hat <= bound * (1 + 1e-9)
-        checks.append(_check("b_hat_within_bound", ok, b_hat, f"<= bound {bound}",
-                             "" if ok is not None else "no consistency.b_hat_max/bound"))
+        checks.append(
+            _check(
+                "b_hat_within_bound",
+                ok,
+                b_hat,
+                f"<= bound {bound}",
+                "" if ok is not None else "no consistency.b_hat_max/bound",
+            )
+        )
     if c.max_recovery_s is not None:
         rec = s.get("recovery_s")
         worst = max((float(x) for x in rec), default=0.0) if isinstance(rec, list) else _float(rec)
-        checks.append(_check("max_recovery_s", None if worst is None else worst <= c.max_recovery_s,
-                             worst, f"<= {c.max_recovery_s}",
-                             "" if worst is not None else "the summary has no recovery_s"))
+        checks.append(
+            _check(
+                "max_recovery_s",
+                None if worst is None else worst <= c.max_recovery_s,
+                worst,
+                f"<= {c.max_recovery_s}",
+                "" if worst is not None else "the summary has no recovery_s",
+            )
+        )
     if c.max_steps_lost is not None:
         lost = s.get("steps_lost")
         lost_i = int(lost) if isinstance(lost, int) and not isinstance(lost, bool) else None
         ok = None if lost_i is None else lost_i <= c.max_steps_lost
-        checks.append(_check("max_steps_lost", ok, lost_i, f"<= {c.max_steps_lost}",
-                             "" if lost_i is not None else "the summary has no steps_lost"))
+        checks.append(
+            _check(
+                "max_steps_lost",
+                ok,
+                lost_i,
+                f"<= {c.max_steps_lost}",
+                "" if lost_i is not None else "the summary has no steps_lost",
+            )
+        )
+    if c.max_detect_s is not None:
+        recs = s.get("recoveries")
+        det = [
+            float(r["detected_after_s"])
+            for r in (recs if isinstance(recs, list) else [])
+            if isinstance(r, dict) and _float(r.get("detected_after_s")) is not None
+        ]
+        checks.append(
+            _check(
+                "max_detect_s",
+                max(det) <= c.max_detect_s if det else None,
+                max(det) if det else None,
+                f"<= {c.max_detect_s}",
+                "" if det else "the summary has no recoveries with detected_after_s",
+            )
+        )
     if c.faults_recorded:
         planned = sum(
-            1 for f in spec.job.faults
-            if f.probability is None and (f.at_step is not None or f.at_s is not None
-                                          or f.steps is not None)
+            1
+            for f in spec.job.faults
+            if f.probability is None
+            and (f.at_step is not None or f.at_s is not None or f.steps is not None)
         )
         seen = sum(1 for k in event_kinds if k == "fault")
         checks.append(_check("faults_recorded", seen >= planned, seen, f">= {planned}"))
@@ -191,8 +236,9 @@ class DrillService:
         """
         self.jobs.check_data_path(spec.job)
         drill_id = new_id()
-        self.store.create_drill(drill_id, spec.name, spec.model_dump(mode="json"),
-                                state=DrillState.RUNNING.value)
+        self.store.create_drill(
+            drill_id, spec.name, spec.model_dump(mode="json"), state=DrillState.RUNNING.value
+        )
         job = self.jobs.submit(spec.job, drill_id=drill_id)
         self.store.update_drill(drill_id, job_id=job.id)
         row = self.store.get_drill(drill_id)
@@ -210,9 +256,12 @@ class DrillService:
         for d in self.store.list_drills(states=[DrillState.RUNNING.value]):
             job = None if d.job_id is None else self.store.get_job(d.job_id)
             if job is None:
-                self.store.update_drill(d.id, state=DrillState.ERROR.value,
-                                        error="the service stopped before the drill's job was "
-                                        "created; start the drill again")
+                self.store.update_drill(
+                    d.id,
+                    state=DrillState.ERROR.value,
+                    error="the service stopped before the drill's job was "
+                    "created; start the drill again",
+                )
             elif JobState(job.state).terminal:
                 self._on_job_end(job)
 
@@ -229,8 +278,9 @@ class DrillService:
             report = evaluate_drill(spec, job.state, fresh.summary, kinds)
         except Exception as exc:
             log.exception("drill %s: evaluation failed", drill.id)
-            self.store.update_drill(drill.id, state=DrillState.ERROR.value,
-                                    error=f"evaluation failed: {exc!r}")
+            self.store.update_drill(
+                drill.id, state=DrillState.ERROR.value, error=f"evaluation failed: {exc!r}"
+            )
             return
         report["job_id"] = job.id
         report["job_state"] = job.state

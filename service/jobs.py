@@ -503,9 +503,14 @@ class JobManager:
         """Call the runner; turn Ray's own exceptions into a clean ElasticSGDError."""
         try:
             return fn()
-        except ElasticSGDError:
-            raise
         except Exception as exc:
+            # Ray re-raises the coordinator's own error as a RayTaskError whose ``cause`` is
+            # the original (its str() would carry the remote traceback): raise that instead.
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ElasticSGDError):
+                raise cause from None
+            if isinstance(exc, ElasticSGDError):
+                raise
             log.warning("job %s: %s failed: %r", job_id, what, exc)
             raise InvalidTransition(
                 f"job {job_id}: {what} failed because its coordinator did not answer "
@@ -595,7 +600,7 @@ class JobManager:
                 runner = self.backend.attach(
                     row.id, spec, Path(row.out_dir), self.settings.data_dir
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 log.warning("job %s: attach failed: %r", row.id, exc)
                 runner = None
             if runner is None:
@@ -656,7 +661,7 @@ class JobManager:
                 self._call_quietly(job_id, "cancel", entry.runner.cancel)
         try:
             p = entry.runner.poll()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             entry.poll_failures += 1
             log.warning("job %s: poll %d failed: %r", job_id, entry.poll_failures, exc)
             if entry.poll_failures >= self.settings.max_poll_failures:
@@ -713,7 +718,7 @@ class JobManager:
         try:  # the coordinator may have produced records after the poll that saw it end
             last = entry.runner.poll()
             self.store.ingest(job_id, last.records, last.events)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             log.debug("job %s: final poll failed: %r", job_id, exc)
         try:
             summary = entry.runner.finish()
@@ -767,7 +772,7 @@ class JobManager:
     def _call_quietly(self, job_id: str, what: str, fn: Callable[[], object]) -> None:
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             log.warning("job %s: %s failed: %r", job_id, what, exc)
 
     def _admit_pending(self) -> None:
@@ -782,7 +787,7 @@ class JobManager:
             try:
                 spec = self.spec_of(row.id)
                 bundles = self.backend.resources(spec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 self._fail(row.id, f"cannot work out the resources it needs: {exc}")
                 continue
             specs[row.id] = spec
@@ -793,7 +798,7 @@ class JobManager:
             try:
                 available = self.cluster.available()
                 nodes = self.cluster.node_capacities()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 log.warning("cannot read the cluster's resources: %r", exc)
                 return
             with self._lock:
@@ -819,7 +824,8 @@ class JobManager:
                 if job_id not in self._announced_wait:
                     self._announced_wait.add(job_id)
                     self.store.add_event(
-                        job_id, "queued",
+                        job_id,
+                        "queued",
                         f"waiting: {self.settings.max_running_jobs} jobs may run at once "
                         "(ESGD_MAX_RUNNING_JOBS)",
                     )
@@ -845,7 +851,7 @@ class JobManager:
                 self.cluster.request(bundles)
                 self._requested = bundles
                 log.info("asked the autoscaler for %d bundles", len(bundles))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 log.warning("request_resources failed: %r", exc)
 
     def _start(self, job_id: str, spec: JobSpec) -> None:
@@ -863,7 +869,7 @@ class JobManager:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             runner = self.backend.create(job_id, spec, out_dir, self.settings.data_dir)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             self._fail(job_id, f"could not create its runner: {exc}")
             return
         entry = _Live(runner=runner, spec=spec)

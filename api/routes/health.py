@@ -27,11 +27,16 @@ def readyz(store: StoreDep, jobs: JobsDep) -> JSONResponse:
     ok_store = store.ping()
     ok_ray = ray_conn.is_connected()
     ok_sup = jobs.healthy
-    missing = [name for name, ok in (("store", ok_store), ("ray", ok_ray),
-                                     ("supervisor", ok_sup)) if not ok]
+    missing = [
+        name
+        for name, ok in (("store", ok_store), ("ray", ok_ray), ("supervisor", ok_sup))
+        if not ok
+    ]
     body = ReadyPublic(
         status="ready" if not missing else "not ready",
-        store=ok_store, ray=ok_ray, supervisor=ok_sup,
+        store=ok_store,
+        ray=ok_ray,
+        supervisor=ok_sup,
         detail="" if not missing else f"not ready: {', '.join(missing)} (see the server log)",
     )
     return JSONResponse(body.model_dump(), status_code=200 if not missing else 503)

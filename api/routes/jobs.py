@@ -52,8 +52,12 @@ def detail_of(row: JobRow, store: Store) -> JobDetail:
         spec=store.get_spec(row.id) or {},
         summary=None if row.summary is None else clean(row.summary),
         checkpoints=[
-            CheckpointPublic(step=c.step, wall_time=ts(c.wall_time),  # type: ignore[arg-type]
-                             path=c.path, detail=c.detail)
+            CheckpointPublic(
+                step=c.step,
+                wall_time=ts(c.wall_time),
+                path=c.path,
+                detail=c.detail,
+            )
             for c in store.checkpoints(row.id)
         ],
     )
@@ -79,8 +83,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobList:
     rows, total = store.list_jobs(states=state, limit=limit, offset=offset)
-    return JobList(items=[JobPublic.of(r) for r in rows], total=total, limit=limit,
-                   offset=offset)
+    return JobList(items=[JobPublic.of(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", responses=_ID, summary="One job: state, progress, spec, summary")
@@ -92,18 +95,19 @@ def get_job(job: ExistingJob, store: StoreDep) -> JobDetail:
 def get_metrics(
     job: ExistingJob,
     store: StoreDep,
-    since_step: Annotated[int | None, Query(ge=0, le=1_000_000_000,
-                                            description="only records with step >= this")] = None,
-    after_seq: Annotated[int | None, Query(ge=-1, le=1_000_000_000_000,
-                                           description="only records newer than this seq")] = None,
+    since_step: Annotated[
+        int | None, Query(ge=0, le=1_000_000_000, description="only records with step >= this")
+    ] = None,
+    after_seq: Annotated[
+        int | None,
+        Query(ge=-1, le=1_000_000_000_000, description="only records newer than this seq"),
+    ] = None,
     kind: Literal["step", "eval"] | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricsPage:
-    recs = store.metrics(job.id, since_step=since_step, after_seq=after_seq, kind=kind,
-                         limit=limit)
+    recs = store.metrics(job.id, since_step=since_step, after_seq=after_seq, kind=kind, limit=limit)
     items = [MetricPublic.model_validate(clean(r)) for r in recs]
-    return MetricsPage(job_id=job.id, items=items,
-                       last_seq=items[-1].seq if items else after_seq)
+    return MetricsPage(job_id=job.id, items=items, last_seq=items[-1].seq if items else after_seq)
 
 
 @router.get("/{job_id}/events", responses=_ID, summary="Events (state changes, faults...)")
@@ -115,8 +119,11 @@ def get_events(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> EventsPage:
     rows = store.events(job.id, after_id=after_id, kind=kind, limit=limit)
-    return EventsPage(job_id=job.id, items=[EventPublic.of(e) for e in rows],
-                      last_id=rows[-1].id if rows else after_id)
+    return EventsPage(
+        job_id=job.id,
+        items=[EventPublic.of(e) for e in rows],
+        last_id=rows[-1].id if rows else after_id,
+    )
 
 
 @router.get(
@@ -146,12 +153,14 @@ async def stream(
             yield ServerSentEvent(event="job", data=public)
         for r in recs:
             after_seq = int(r["seq"])
-            yield ServerSentEvent(event="metric", id=f"m{after_seq}",
-                                  data=MetricPublic.model_validate(clean(r)))
+            yield ServerSentEvent(
+                event="metric", id=f"m{after_seq}", data=MetricPublic.model_validate(clean(r))
+            )
         for e in evs:
             after_id = e.id
-            yield ServerSentEvent(event="event", id=f"e{e.id}",
-                                  data=EventPublic.of(e).model_dump(mode="json"))
+            yield ServerSentEvent(
+                event="event", id=f"e{e.id}", data=EventPublic.of(e).model_dump(mode="json")
+            )
         caught_up = len(recs) < 500 and len(evs) < 500
         if JobState(row.state).terminal and caught_up:
             yield ServerSentEvent(event="end", data={"state": row.state})
@@ -199,9 +208,14 @@ def inject_fault(job_id: JobId, body: FaultCreate, jobs: JobsDep) -> JobPublic:
 @router.get(
     "/{job_id}/model",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}},
-                     "description": "torch.save of the model's state_dict"},
-               **_ID, **_STATE},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "torch.save of the model's state_dict",
+        },
+        **_ID,
+        **_STATE,
+    },
     summary="Download the latest model of record",
 )
 def get_model(job_id: JobId, jobs: JobsDep) -> Response:

@@ -39,8 +39,9 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self.store.count_by_state()
-        jobs = GaugeMetricFamily("esgd_jobs", "Jobs known to the service, by state",
-                                 labels=["state"])
+        jobs = GaugeMetricFamily(
+            "esgd_jobs", "Jobs known to the service, by state", labels=["state"]
+        )
         for s in JobState:
             jobs.add_metric([s.value], float(counts.get(s.value, 0)))
         yield jobs
@@ -53,32 +54,43 @@ class StoreCollector(Collector):
         rec = CounterMetricFamily(
             "esgd_recoveries", "Recoveries (entries into 'recovering' and restarts), all jobs"
         )
-        rec.add_metric([], float(sum(n for (_, k), n in ev.items() if k in RECOVERY_KINDS)
-                                 + sum(entered.values())))
+        rec.add_metric(
+            [],
+            float(
+                sum(n for (_, k), n in ev.items() if k in RECOVERY_KINDS) + sum(entered.values())
+            ),
+        )
         yield rec
 
-        live, _ = self.store.list_jobs(states=[s.value for s in JobState if s.live],
-                                       limit=1000)
+        live, _ = self.store.list_jobs(states=[s.value for s in JobState if s.live], limit=1000)
         labels = ["job_id", "name"]
         fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "step": GaugeMetricFamily("esgd_job_step", "Steps applied", labels=labels),
             "total": GaugeMetricFamily("esgd_job_total_steps", "Steps to run", labels=labels),
-            "sps": GaugeMetricFamily("esgd_job_samples_per_second",
-                                     "Training throughput (last step record)", labels=labels),
-            "loss": GaugeMetricFamily("esgd_job_loss", "Training loss (last step record)",
-                                      labels=labels),
-            "bmax": GaugeMetricFamily("esgd_job_b_hat_max", "Measured B-hat, max so far",
-                                      labels=labels),
-            "bmean": GaugeMetricFamily("esgd_job_b_hat_mean", "Measured B-hat, mean so far",
-                                       labels=labels),
-            "bound": GaugeMetricFamily("esgd_job_b_hat_bound", "Analytic bound on B",
-                                       labels=labels),
-            "workers": GaugeMetricFamily("esgd_job_workers", "Workers in the job",
-                                         labels=labels),
-            "faults": CounterMetricFamily("esgd_job_faults", "Fault events of the job",
-                                          labels=labels),
-            "recoveries": CounterMetricFamily("esgd_job_recoveries", "Recoveries of the job",
-                                              labels=labels),
+            "sps": GaugeMetricFamily(
+                "esgd_job_samples_per_second",
+                "Training throughput (last step record)",
+                labels=labels,
+            ),
+            "loss": GaugeMetricFamily(
+                "esgd_job_loss", "Training loss (last step record)", labels=labels
+            ),
+            "bmax": GaugeMetricFamily(
+                "esgd_job_b_hat_max", "Measured B-hat, max so far", labels=labels
+            ),
+            "bmean": GaugeMetricFamily(
+                "esgd_job_b_hat_mean", "Measured B-hat, mean so far", labels=labels
+            ),
+            "bound": GaugeMetricFamily(
+                "esgd_job_b_hat_bound", "Analytic bound on B", labels=labels
+            ),
+            "workers": GaugeMetricFamily("esgd_job_workers", "Workers in the job", labels=labels),
+            "faults": CounterMetricFamily(
+                "esgd_job_faults", "Fault events of the job", labels=labels
+            ),
+            "recoveries": CounterMetricFamily(
+                "esgd_job_recoveries", "Recoveries of the job", labels=labels
+            ),
         }
         for job in live:
             lv = [job.id, job.name]
@@ -94,8 +106,9 @@ class StoreCollector(Collector):
                 "bound": _num(st.get("bound")),
                 "workers": float(len(st.get("workers") or [])),
                 "faults": float(sum(ev.get((job.id, k), 0) for k in FAULT_KINDS)),
-                "recoveries": float(sum(ev.get((job.id, k), 0) for k in RECOVERY_KINDS)
-                                    + entered.get(job.id, 0)),
+                "recoveries": float(
+                    sum(ev.get((job.id, k), 0) for k in RECOVERY_KINDS) + entered.get(job.id, 0)
+                ),
             }
             for key, v in values.items():
                 if v is not None:

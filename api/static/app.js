@@ -22,10 +22,10 @@ async function refreshJobs() {
     $("#no-jobs").hidden = page.items.length > 0;
     const tbody = $("#jobs tbody");
     tbody.innerHTML = page.items.map(j => `
-      <tr data-job-id="${esc(j.id)}" class="${j.id === S.selected ? "selected" : ""}">
+      <tr data-job-id="${esc(j.id)}" class="${j.id === S.selected ? "selected" : ""}" title="created ${when(j.created_at)}">
         <td><code>${esc(j.id)}</code></td><td>${esc(j.name)}</td>
         <td><span class="state ${esc(j.state)}">${esc(j.state)}</span></td>
-        <td>${j.step}/${j.total_steps ?? "?"}</td><td>${when(j.created_at)}</td></tr>`).join("");
+        <td>${j.step}/${j.total_steps ?? "?"}</td></tr>`).join("");
     for (const tr of tbody.querySelectorAll("tr")) tr.onclick = () => select(tr.dataset.jobId);
     if (!S.selected && page.items.length) {
       const fromHash = new URLSearchParams(location.hash.slice(1)).get("job");
@@ -59,7 +59,12 @@ function openStream() {
   const id = S.selected;
   const es = new EventSource(`/jobs/${encodeURIComponent(id)}/stream?after_seq=${S.lastSeq}&after_id=${S.lastEventId}`);
   S.es = es;
-  es.addEventListener("job", e => { S.job = JSON.parse(e.data); renderJob(); });
+  es.addEventListener("job", e => {
+    const prev = S.job && S.job.state;
+    S.job = JSON.parse(e.data);
+    renderJob();
+    if (prev !== S.job.state) refreshJobs();  // keep the list's state in step
+  });
   es.addEventListener("metric", e => {
     const r = JSON.parse(e.data);
     S.lastSeq = Math.max(S.lastSeq, r.seq);

@@ -30,7 +30,8 @@ function drawChart(canvas, spec) {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, cssW, cssH);
-  const pad = { l: 48, r: 10, t: 8, b: 26 };
+  const legend = spec.series.length > 1;
+  const pad = { l: 48, r: 10, t: legend ? 22 : 8, b: 26 };
   const w = cssW - pad.l - pad.r, h = cssH - pad.t - pad.b;
   const pts = spec.series.flatMap(s => s.points).filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
   canvas.dataset.points = String(pts.length);
@@ -72,10 +73,10 @@ function drawChart(canvas, spec) {
     ctx.stroke();
     if (p.length === 1) { ctx.fillStyle = s.color; ctx.fillRect(X(p[0][0]) - 2, Y(p[0][1]) - 2, 4, 4); }
     ctx.setLineDash([]);
-    if (spec.series.length > 1) {
-      ctx.fillStyle = s.color; ctx.fillRect(legendX, pad.t + 6, 10, 3);
+    if (legend) {
+      ctx.fillStyle = s.color; ctx.fillRect(legendX, 7, 10, 3);
       ctx.fillStyle = "#1d2330"; ctx.textAlign = "left"; ctx.textBaseline = "middle";
-      ctx.fillText(s.name, legendX + 14, pad.t + 8);
+      ctx.fillText(s.name, legendX + 14, 9);
       legendX += 24 + ctx.measureText(s.name).width;
     }
   }

@@ -51,8 +51,7 @@ def ray_address() -> Iterator[str]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="elastic-sgd",
-                 log_to_driver=False)
+        ray.init(num_cpus=4, include_dashboard=False, namespace="elastic-sgd", log_to_driver=False)
     address = str(ray.get_runtime_context().gcs_address)
     yield address
     if started:
@@ -82,9 +81,14 @@ class Server:
         return httpx.Client(base_url=self.url, headers=self.headers(), timeout=timeout_s)
 
     def start(self, ready_timeout_s: float = 90.0) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": self.ray_address,
-               "ESGD_STATE_DIR": str(self.state_dir), "ESGD_POLL_INTERVAL_S": "0.25",
-               **self.env_extra}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RAY_ADDRESS": self.ray_address,
+            "ESGD_STATE_DIR": str(self.state_dir),
+            "ESGD_POLL_INTERVAL_S": "0.25",
+            **self.env_extra,
+        }
         env.pop("ESGD_TOKEN", None)
         if self.token:
             env["ESGD_TOKEN"] = self.token
@@ -92,9 +96,20 @@ class Server:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + ready_timeout_s
@@ -134,10 +149,13 @@ def make_server(
 ) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def make(token: str | None = None, state_dir: Path | None = None,
-             **env: str) -> Server:
-        s = Server(state_dir=state_dir or tmp_path_factory.mktemp("state"),
-                   ray_address=ray_address, token=token, env_extra=env)
+    def make(token: str | None = None, state_dir: Path | None = None, **env: str) -> Server:
+        s = Server(
+            state_dir=state_dir or tmp_path_factory.mktemp("state"),
+            ray_address=ray_address,
+            token=token,
+            env_extra=env,
+        )
         servers.append(s)
         s.start()
         return s
@@ -148,7 +166,9 @@ def make_server(
 
 
 def wait_for(
-    fn: Callable[[], Any], timeout_s: float = 90.0, interval_s: float = 0.25,
+    fn: Callable[[], Any],
+    timeout_s: float = 90.0,
+    interval_s: float = 0.25,
     what: str = "condition",
 ) -> Any:
     """Call ``fn`` until it returns something truthy; fail with ``what`` after the timeout."""

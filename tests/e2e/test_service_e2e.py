@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 TOKEN = "e2e-token-0123456789abcdef"
 # A straggler delay on every worker from the start: 25 ms/step keeps a job running for
 # a while (1000 steps ~ 25 s+) so that it can be watched, scaled, faulted or cancelled.
-SLOW = {**SMALL_SPEC, "name": "e2e-slow", "steps": 1000,
-        "faults": [{"kind": "delay", "delay_ms": 25.0}]}
+SLOW = {
+    **SMALL_SPEC,
+    "name": "e2e-slow",
+    "steps": 1000,
+    "faults": [{"kind": "delay", "delay_ms": 25.0}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +56,24 @@ def submit(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_cli(server: Server, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
-                          env=cli_env(server), capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=REPO,
+        env=cli_env(server),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def cli_env(server: Server) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "ESGD_URL": server.url,
-            "ESGD_TOKEN": server.token or "", "COLUMNS": "200"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "ESGD_URL": server.url,
+        "ESGD_TOKEN": server.token or "",
+        "COLUMNS": "200",
+    }
 
 
 @dataclass
@@ -80,7 +95,7 @@ class Started:
         return self._cli_out
 
     def small_id(self) -> str:
-        code, out, err = self.cli_result()
+        _code, out, err = self.cli_result()
         assert "submitted job " in out, out + err
         return out.split("submitted job ", 1)[1].split()[0]
 
@@ -94,26 +109,46 @@ def started(
     spec_file = tmp_path_factory.mktemp("cli") / "small.yaml"
     spec_file.write_text(yaml.safe_dump({**SMALL_SPEC, "name": "cli-job"}))
     cli_watch = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "submit", str(spec_file), "--watch",
-         "--interval", "0.2"],
-        cwd=REPO, env=cli_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "submit",
+            str(spec_file),
+            "--watch",
+            "--interval",
+            "0.2",
+        ],
+        cwd=REPO,
+        env=cli_env(server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     slow = submit(c, {**SLOW, "steps": 100_000})
     drill = c.post("/drills", json=DRILL)
     assert drill.status_code == 202, drill.text
-    # about 500 x 25 ms: still training when the API is killed, done soon after the restart
-    survivor = submit(survivor_server.client(), {**SLOW, "name": "survivor", "steps": 500})
+    survivor = submit(survivor_server.client(), {**SLOW, "name": "survivor", "steps": 100_000})
     return Started(slow["id"], drill.json()["id"], cli_watch, survivor_server, survivor["id"])
 
 
 DRILL: dict[str, Any] = {
     "name": "delay-drill",
-    "job": {**SMALL_SPEC, "name": "drill-job", "steps": 60,
-            "faults": [{"kind": "delay", "workers": [0], "delay_ms": 5.0, "at_step": 10,
-                        "duration_steps": 10}]},
+    "job": {
+        **SMALL_SPEC,
+        "name": "drill-job",
+        "steps": 60,
+        "faults": [
+            {"kind": "delay", "workers": [0], "delay_ms": 5.0, "at_step": 10, "duration_steps": 10}
+        ],
+    },
     # faults_recorded off: the runtime does not log planned (spec) faults as events yet
-    "criteria": {"finished": True, "min_test_accuracy": 0.3, "b_hat_within_bound": True,
-                 "faults_recorded": False},
+    "criteria": {
+        "finished": True,
+        "min_test_accuracy": 0.3,
+        "b_hat_within_bound": True,
+        "faults_recorded": False,
+    },
 }
 
 
@@ -138,8 +173,7 @@ def test_cli_submit_watch_status_logs(server: Server, started: Started, tmp_path
     assert r.returncode == 2 and "kind" in r.stderr
 
 
-def test_submitted_job_ran_to_success_with_history(client: httpx.Client,
-                                                   started: Started) -> None:
+def test_submitted_job_ran_to_success_with_history(client: httpx.Client, started: Started) -> None:
     job_id = started.small_id()
     done = client.get(f"/jobs/{job_id}").json()
     assert done["state"] == "succeeded", done
@@ -156,8 +190,9 @@ def test_submitted_job_ran_to_success_with_history(client: httpx.Client,
     assert late["items"] and all(m["step"] >= 50 for m in late["items"])
 
     events = client.get(f"/jobs/{job_id}/events").json()["items"]
-    service_states = [e["target"] for e in events if e["kind"] == "state"
-                      and e["source"] == "service"]
+    service_states = [
+        e["target"] for e in events if e["kind"] == "state" and e["source"] == "service"
+    ]
     assert service_states == ["pending", "starting", "running", "succeeded"]
     assert sum(e["kind"] == "membership" for e in events) >= 2  # both workers joined
 
@@ -173,7 +208,9 @@ def test_submitted_job_ran_to_success_with_history(client: httpx.Client,
 
 
 def read_sse(
-    client: httpx.Client, path: str, until: Callable[[list[tuple[str, Any]]], bool],
+    client: httpx.Client,
+    path: str,
+    until: Callable[[list[tuple[str, Any]]], bool],
     timeout_s: float = 120,
 ) -> list[tuple[str, Any]]:
     """Collect (event, data) pairs from an SSE stream until ``until`` holds or it ends."""
@@ -193,40 +230,37 @@ def read_sse(
     return got
 
 
-def test_sse_stream_delivers_updates_while_running(client: httpx.Client) -> None:
-    job = submit(client, {**SLOW, "steps": 150})
-    got = read_sse(client, f"/jobs/{job['id']}/stream", lambda g: False)
+def running(client: httpx.Client, job_id: str, min_step: int = 1) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        j: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
+        assert not j["terminal"], j
+        return j if j["state"] == "running" and j["step"] >= min_step else None
+
+    result: dict[str, Any] = wait_for(check, 150, what=f"job {job_id} running")
+    return result
+
+
+def test_sse_stream_delivers_updates_while_running(client: httpx.Client, started: Started) -> None:
+    running(client, started.slow_id)
+    t0 = time.monotonic()
+    got = read_sse(
+        client,
+        f"/jobs/{started.slow_id}/stream?after_seq=-1",
+        lambda g: sum(k == "job" for k, _ in g) >= 4,
+        timeout_s=60,
+    )
     kinds = [k for k, _ in got]
-    assert kinds[-1] == "end" and got[-1][1]["state"] == "succeeded"
-    states = [d["state"] for k, d in got if k == "job"]
-    assert states[0] in ("pending", "starting") and states[-1] == "succeeded"
-    # metrics arrived between the job's 'running' and its end: live updates, not a replay
-    first_running = next(i for i, (k, d) in enumerate(got) if k == "job"
-                         and d["state"] == "running")
-    last_job = max(i for i, (k, _) in enumerate(got) if k == "job")
-    live = [d for k, d in got[first_running:last_job] if k == "metric"]
-    assert len(live) >= 10
-    progress = [d["step"] for k, d in got if k == "job" and d["state"] == "running"]
-    assert len(progress) >= 2 and progress == sorted(progress)  # several progress updates
+    assert kinds[0] == "job" and "metric" in kinds and "event" in kinds
+    progress = [d["step"] for k, d in got if k == "job"]
+    # several 'job' updates with a growing step: the stream follows the live job
+    assert len(progress) >= 4 and progress == sorted(progress) and progress[-1] > progress[0]
+    assert time.monotonic() - t0 >= 1.0  # updates came over time, not as one replay
     seqs = [d["seq"] for k, d in got if k == "metric"]
     assert seqs == sorted(set(seqs))
-
-
-def test_cancel_a_running_job(client: httpx.Client) -> None:
-    job = submit(client, {**SLOW, "steps": 100_000})
-    wait_for(lambda: job_in(client, job["id"], {"running"}), 120, what="running")
-    r = client.post(f"/jobs/{job['id']}/cancel")
-    assert r.status_code == 202
-    done = wait_for(lambda: job_in(client, job["id"], {"cancelled", "failed", "succeeded"}),
-                    60, what="cancelled")
-    assert done["state"] == "cancelled"
-    assert done["step"] < 100_000
-    kinds = {e["kind"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]}
-    assert "cancel" in kinds
-    r = client.post(f"/jobs/{job['id']}/cancel")
-    assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
-    r = client.post(f"/jobs/{job['id']}/scale", json={"workers": 2})
-    assert r.status_code == 409  # scale a finished job
+    # a finished job's stream replays its history and ends
+    done = read_sse(client, f"/jobs/{started.small_id()}/stream", lambda g: False)
+    assert done[-1] == ("end", {"state": "succeeded"})
+    assert sum(k == "metric" for k, _ in done) >= 60
 
 
 def _coordinator_can_scale() -> bool:
@@ -235,79 +269,75 @@ def _coordinator_can_scale() -> bool:
     return hasattr(CoordinatorCore, "scale")
 
 
-@pytest.mark.skipif(not _coordinator_can_scale(),
-                    reason="the runtime has no Coordinator.scale yet (issue 4)")
-def test_scale_a_running_job(client: httpx.Client) -> None:
-    job = submit(client, {**SLOW, "steps": 100_000})
-    wait_for(lambda: job_in(client, job["id"], {"running"}), 120, what="running")
-    r = client.post(f"/jobs/{job['id']}/scale", json={"workers": 3})
+@pytest.mark.skipif(
+    not _coordinator_can_scale(), reason="the runtime has no Coordinator.scale yet (issue 4)"
+)
+def test_scale_a_running_job(client: httpx.Client, started: Started) -> None:
+    job_id = started.slow_id
+    running(client, job_id)
+    r = client.post(f"/jobs/{job_id}/scale", json={"workers": 3})
     assert r.status_code == 202, r.text
-    live = {"running", "computing", "waiting", "idle"}
-    wait_for(lambda: sum(w["state"] in live for w in
-                         client.get(f"/jobs/{job['id']}").json()["workers"]) == 3,
-             60, what="3 live workers")
-    r = client.post(f"/jobs/{job['id']}/scale", json={"workers": 4})
+    live = {"idle", "busy", "waiting", "held"}  # not starting, dead or left
+    wait_for(
+        lambda: (
+            sum(w["state"] in live for w in client.get(f"/jobs/{job_id}").json()["workers"]) == 3
+        ),
+        60,
+        what="3 live workers",
+    )
+    r = client.post(f"/jobs/{job_id}/scale", json={"workers": 4})
     assert r.status_code == 422 and "max_workers (3)" in r.text
-    client.post(f"/jobs/{job['id']}/cancel")
-    wait_for(lambda: job_in(client, job["id"], {"cancelled"}), 60, what="cancelled")
 
 
-def test_inject_a_fault_into_a_running_job(client: httpx.Client) -> None:
-    job = submit(client, {**SLOW, "steps": 400})
-    wait_for(lambda: job_in(client, job["id"], {"running"}), 120, what="running")
-    r = client.post(f"/jobs/{job['id']}/faults",
-                    json={"kind": "delay", "workers": [1], "delay_ms": 5.0,
-                          "duration_steps": 10})
+def test_inject_a_fault_into_a_running_job(client: httpx.Client, started: Started) -> None:
+    job_id = started.slow_id
+    running(client, job_id)
+    r = client.post(
+        f"/jobs/{job_id}/faults",
+        json={"kind": "delay", "workers": [1], "delay_ms": 5.0, "duration_steps": 10},
+    )
     assert r.status_code == 202, r.text
-    r = client.post(f"/jobs/{job['id']}/faults", json={"kind": "crash", "workers": [9]})
+    r = client.post(f"/jobs/{job_id}/faults", json={"kind": "crash", "workers": [9]})
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "workers"
 
     def fault_events() -> list[dict[str, Any]]:
-        evs = client.get(f"/jobs/{job['id']}/events").json()["items"]
+        evs = client.get(f"/jobs/{job_id}/events").json()["items"]
         return [e for e in evs if e["kind"] == "fault" and e["source"] == "runner"]
 
     evs = wait_for(fault_events, 30, what="the fault event")
     assert evs[0]["target"] == "worker-1" and "delay" in evs[0]["detail"]
-    kinds = [e["kind"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]]
+    kinds = [e["kind"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
     assert "inject" in kinds  # the request itself is on record too
-    client.post(f"/jobs/{job['id']}/cancel")
-    wait_for(lambda: job_in(client, job["id"], {"cancelled", "succeeded"}), 60, what="end")
 
 
-def test_prometheus_metrics_while_a_job_runs(client: httpx.Client) -> None:
-    job = submit(client, {**SLOW, "steps": 400})
-    wait_for(lambda: client.get(f"/jobs/{job['id']}").json()["step"] > 5, 120,
-             what="a few steps")
+def test_prometheus_metrics_while_a_job_runs(client: httpx.Client, started: Started) -> None:
+    job_id = started.slow_id
+    running(client, job_id, min_step=5)
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
     by_state = {s.labels["state"]: s.value for s in fams["esgd_jobs"].samples}
     assert by_state["running"] >= 1 and set(by_state) >= {"pending", "succeeded", "failed"}
     step = {s.labels["job_id"]: s.value for s in fams["esgd_job_step"].samples}
-    assert step[job["id"]] > 5
+    assert step[job_id] >= 5
     sps = {s.labels["job_id"]: s.value for s in fams["esgd_job_samples_per_second"].samples}
-    assert sps[job["id"]] > 0
-    assert job["id"] in {s.labels["job_id"] for s in fams["esgd_job_b_hat_max"].samples}
-    assert "esgd_faults" in fams and "esgd_recoveries" in fams
-    client.post(f"/jobs/{job['id']}/cancel")
-    wait_for(lambda: job_in(client, job["id"], {"cancelled", "succeeded"}), 60, what="end")
-
-
-def test_a_drill_runs_and_reports(client: httpx.Client) -> None:
-    drill = {
-        "name": "delay-drill",
-        "job": {**SMALL_SPEC, "name": "drill-job", "steps": 60,
-                "faults": [{"kind": "delay", "workers": [0], "delay_ms": 5.0, "at_step": 10,
-                            "duration_steps": 10}]},
-        # faults_recorded off: the runtime does not log planned (spec) faults as events yet
-        "criteria": {"finished": True, "min_test_accuracy": 0.3, "b_hat_within_bound": True,
-                     "faults_recorded": False},
+    assert sps[job_id] > 0
+    assert job_id in {s.labels["job_id"] for s in fams["esgd_job_b_hat_max"].samples}
+    faults = {
+        s.labels["job_id"]: s.value
+        for s in fams["esgd_job_faults"].samples
+        if s.name == "esgd_job_faults_total"
     }
-    r = client.post("/drills", json=drill)
-    assert r.status_code == 202, r.text
-    d = r.json()
-    done = wait_for(lambda: (x := client.get(f"/drills/{d['id']}").json())["state"] != "running"
-                    and x, 120, what="the drill's report")
+    assert faults[job_id] >= 1  # the fault injected above
+    assert "esgd_faults" in fams and "esgd_recoveries" in fams
+
+
+def test_a_drill_runs_and_reports(client: httpx.Client, started: Started) -> None:
+    def report() -> dict[str, Any] | None:
+        d: dict[str, Any] = client.get(f"/drills/{started.drill_id}").json()
+        return d if d["state"] != "running" else None
+
+    done = wait_for(report, 150, what="the drill's report")
     assert done["state"] == "passed", done["report"]
     names = {c["name"]: c["passed"] for c in done["report"]["checks"]}
     assert names["finished"] is True and names["min_test_accuracy"] is True
@@ -320,72 +350,64 @@ def test_bad_input_is_refused_over_the_wire(server: Server, client: httpx.Client
     assert anon.post("/jobs", json=SMALL_SPEC).status_code == 401
     assert anon.get("/jobs").status_code == 200
     r = client.post("/jobs", json={**SMALL_SPEC, "mode": {"name": "elastic", "beta": -1}})
-    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "mode.elastic.beta"
+    assert r.status_code == 422
+    path = r.json()["errors"][0]["path"]
+    assert path.startswith("mode.") and path.endswith("beta")  # as `submit` would say
     r = client.post("/jobs", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 422
-    r = client.post("/jobs", content=b"x" * (2 << 20),
-                    headers={"content-type": "application/json"})
+    r = client.post("/jobs", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert client.get("/jobs/000000000000").status_code == 404
 
 
-def run_cli(server: Server, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ESGD_URL": server.url,
-           "ESGD_TOKEN": server.token or "", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+def test_cancel_a_running_job(client: httpx.Client, started: Started) -> None:
+    job_id = started.slow_id
+    running(client, job_id)
+    r = client.post(f"/jobs/{job_id}/cancel")
+    assert r.status_code == 202
+    done = wait_for(
+        lambda: job_in(client, job_id, {"cancelled", "failed", "succeeded"}), 60, what="cancelled"
+    )
+    assert done["state"] == "cancelled"
+    assert done["step"] < 100_000
+    kinds = {e["kind"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]}
+    assert "cancel" in kinds
+    r = client.post(f"/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
+    r = client.post(f"/jobs/{job_id}/faults", json={"kind": "crash", "workers": [0]})
+    assert r.status_code == 409
 
 
-def test_cli_submit_watch_status_logs(server: Server, tmp_path: Path) -> None:
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump({**SMALL_SPEC, "name": "cli-job"}))
-    r = run_cli(server, "submit", str(spec_file), "--watch", "--interval", "0.2")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "succeeded" in r.stdout and "final test accuracy" in r.stdout
-    job_id = r.stdout.split("submitted job ", 1)[1].split()[0]
-    r = run_cli(server, "status")
-    assert r.returncode == 0 and job_id in r.stdout
-    r = run_cli(server, "status", job_id, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
-    r = run_cli(server, "logs", job_id)
-    assert r.returncode == 0 and "membership" in r.stdout
-    r = run_cli(server, "scale", job_id, "2")
-    assert r.returncode == 2 and "409" in r.stderr
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**SMALL_SPEC, "batch_size": 0}))
-    r = run_cli(server, "submit", str(bad))
-    assert r.returncode == 2 and "batch_size" in r.stderr
-    r = run_cli(server, "inject", job_id, "--kind", "meteor")
-    assert r.returncode == 2 and "kind" in r.stderr
-
-
-def test_kill_9_of_the_api_loses_nothing(
-    make_server: Callable[..., Server], tmp_path: Path
-) -> None:
-    srv = make_server(token=TOKEN, state_dir=tmp_path / "state")
+def test_kill_9_of_the_api_loses_nothing(started: Started) -> None:
+    srv, job_id = started.survivor_server, started.survivor_id
     c = srv.client()
-    job = submit(c, {**SLOW, "name": "survivor", "steps": 500})
-    wait_for(lambda: c.get(f"/jobs/{job['id']}").json()["step"] >= 30, 120, what="30 steps")
-    before_m = c.get(f"/jobs/{job['id']}/metrics", params={"limit": 10_000}).json()["items"]
-    before_e = c.get(f"/jobs/{job['id']}/events").json()["items"]
+    running(c, job_id, min_step=30)
+    before_m = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
+    before_e = c.get(f"/jobs/{job_id}/events").json()["items"]
     assert before_m and before_e
     srv.kill9()
     with pytest.raises(httpx.TransportError):
         c.get("/healthz")
 
-    srv.start()  # same state dir, same port
+    srv.start()  # same state dir, same port; the job kept training in Ray meanwhile
     c = srv.client()
-    after = c.get(f"/jobs/{job['id']}").json()
-    assert after["state"] in ("running", "succeeded"), after
-    done = wait_for(lambda: job_in(c, job["id"], {"succeeded", "failed", "cancelled"}), 120,
-                    what="the job to finish after the restart")
-    assert done["state"] == "succeeded", done
-    after_m = c.get(f"/jobs/{job['id']}/metrics", params={"limit": 10_000}).json()["items"]
-    after_e = c.get(f"/jobs/{job['id']}/events", params={"limit": 10_000}).json()["items"]
+    after = c.get(f"/jobs/{job_id}").json()
+    assert after["state"] == "running", after
+    assert any(e["kind"] == "reattach" for e in c.get(f"/jobs/{job_id}/events").json()["items"])
+    # the re-attached job goes on being followed: 30 more steps reach the store
+    resumed_at = after["step"]
+    running(c, job_id, min_step=resumed_at + 30)
+    assert c.post(f"/jobs/{job_id}/cancel").status_code == 202
+    done = wait_for(
+        lambda: job_in(c, job_id, {"cancelled", "failed", "succeeded"}), 60, what="the job to stop"
+    )
+    assert done["state"] == "cancelled", done
+    after_m = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
+    after_e = c.get(f"/jobs/{job_id}/events", params={"limit": 10_000}).json()["items"]
     # nothing recorded before the kill is lost ...
     assert {m["seq"] for m in before_m} <= {m["seq"] for m in after_m}
     assert {e["id"] for e in before_e} <= {e["id"] for e in after_e}
-    # ... and nothing is missing or doubled across it
+    # ... and no step is missing or doubled across the kill, up to where it stopped
     steps = [m["step"] for m in after_m if m["kind"] == "step"]
-    assert steps == list(range(1, 501))
-    assert any(e["kind"] == "reattach" for e in after_e)
+    assert steps == list(range(1, done["step"] + 1))
+    assert done["step"] >= resumed_at + 30

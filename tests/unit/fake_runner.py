@@ -79,23 +79,41 @@ class FakeRunner:
                     if self.step >= self.total:
                         break
                     self.step += 1
-                    recs.append({"seq": self._next(), "kind": "step", "step": self.step,
-                                 "time_s": 0.1 * self.step, "wall_time": 1e9 + self.step,
-                                 "loss": 2.0 / self.step, "samples_per_s": 100.0,
-                                 "b_hat": 0.0, "b_hat_max": 0.0, "bound": 0.0,
-                                 "workers": self.workers})
+                    recs.append(
+                        {
+                            "seq": self._next(),
+                            "kind": "step",
+                            "step": self.step,
+                            "time_s": 0.1 * self.step,
+                            "wall_time": 1e9 + self.step,
+                            "loss": 2.0 / self.step,
+                            "samples_per_s": 100.0,
+                            "b_hat": 0.0,
+                            "b_hat_max": 0.0,
+                            "bound": 0.0,
+                            "workers": self.workers,
+                        }
+                    )
                     if self.step % 2 == 0:
-                        recs.append({"seq": self._next(), "kind": "eval", "step": self.step,
-                                     "test_accuracy": 0.5 + 0.01 * self.step,
-                                     "test_loss": 1.0, "time_s": 0.1, "wall_time": 1e9,
-                                     "loss": None, "workers": self.workers})
+                        recs.append(
+                            {
+                                "seq": self._next(),
+                                "kind": "eval",
+                                "step": self.step,
+                                "test_accuracy": 0.5 + 0.01 * self.step,
+                                "test_loss": 1.0,
+                                "time_s": 0.1,
+                                "wall_time": 1e9,
+                                "loss": None,
+                                "workers": self.workers,
+                            }
+                        )
                 if self.step >= self.total:
                     self.state = self.script.end
             poll = FakePoll(recs, evs, self.status())
             out = poll
             if self.script.resend_last and self._last is not None:
-                out = FakePoll(self._last.records + recs, self._last.events + evs,
-                               poll.status)
+                out = FakePoll(self._last.records + recs, self._last.events + evs, poll.status)
             self._last = poll
             return out
 
@@ -104,8 +122,10 @@ class FakeRunner:
             "state": self.state,
             "step": self.step,
             "total_steps": self.total,
-            "workers": [{"id": i, "state": "running", "node": "n0", "step": self.step}
-                        for i in range(self.workers)],
+            "workers": [
+                {"id": i, "state": "running", "node": "n0", "step": self.step}
+                for i in range(self.workers)
+            ],
             "b_hat_max": 0.0,
             "b_hat_mean": 0.0,
             "bound": 0.0,
@@ -115,15 +135,31 @@ class FakeRunner:
     def scale(self, n: int) -> None:
         self.calls.append(("scale", n))
         self.workers = n
-        self._queued_events.append({"seq": self._next(), "kind": "membership",
-                                    "target": None, "detail": f"scaled to {n}",
-                                    "step": self.step, "wall_time": 1e9, "time_s": 0.0})
+        self._queued_events.append(
+            {
+                "seq": self._next(),
+                "kind": "membership",
+                "target": None,
+                "detail": f"scaled to {n}",
+                "step": self.step,
+                "wall_time": 1e9,
+                "time_s": 0.0,
+            }
+        )
 
     def inject(self, fault: FaultSpec) -> None:
         self.calls.append(("inject", fault.kind))
-        self._queued_events.append({"seq": self._next(), "kind": "fault",
-                                    "target": "worker-0", "detail": fault.kind,
-                                    "step": self.step, "wall_time": 1e9, "time_s": 0.0})
+        self._queued_events.append(
+            {
+                "seq": self._next(),
+                "kind": "fault",
+                "target": "worker-0",
+                "detail": fault.kind,
+                "step": self.step,
+                "wall_time": 1e9,
+                "time_s": 0.0,
+            }
+        )
 
     def cancel(self) -> None:
         self.calls.append("cancel")
@@ -133,8 +169,12 @@ class FakeRunner:
         self.calls.append("finish")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "model.pt").write_bytes(b"fake-model-" + self.job_id.encode())
-        return {"final_test_accuracy": 0.97, "steps": self.step, "state": self.state,
-                "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0}}
+        return {
+            "final_test_accuracy": 0.97,
+            "steps": self.step,
+            "state": self.state,
+            "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0},
+        }
 
     def model_bytes(self) -> bytes:
         return b"live-model"
@@ -153,8 +193,9 @@ class FakeBackend:
         self.runners[job_id] = r
         return r
 
-    def attach(self, job_id: str, spec: JobSpec, out_dir: Path,
-               data_dir: Path) -> FakeRunner | None:
+    def attach(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> FakeRunner | None:
         return self.survivors.get(job_id)
 
     def resources(self, spec: JobSpec) -> list[dict[str, float]]:
@@ -165,8 +206,9 @@ class FakeBackend:
 class FakeCluster:
     """Free CPUs = ``cpus`` minus what the backend's unfinished fake jobs hold."""
 
-    def __init__(self, cpus: float = 2.0, node_cpus: float = 2.0,
-                 backend: FakeBackend | None = None) -> None:
+    def __init__(
+        self, cpus: float = 2.0, node_cpus: float = 2.0, backend: FakeBackend | None = None
+    ) -> None:
         self.cpus = cpus
         self.node_cpus = node_cpus
         self.backend = backend

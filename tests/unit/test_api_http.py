@@ -31,14 +31,26 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SPEC: dict[str, Any] = {"name": "api", "steps": 6, "workers": 2, "max_workers": 3}
 
 
-def make_app(tmp_path: Path, *, token: str | None = None, script: Script | None = None,
-             cpus: float = 4.0, max_body: int = 1 << 20) -> tuple[FastAPI, FakeBackend]:
-    settings = Settings(state_dir=tmp_path / "state", data_dir=tmp_path / "data",
-                        token=token, poll_interval_s=0.02, max_body_bytes=max_body)
+def make_app(
+    tmp_path: Path,
+    *,
+    token: str | None = None,
+    script: Script | None = None,
+    cpus: float = 4.0,
+    max_body: int = 1 << 20,
+) -> tuple[FastAPI, FakeBackend]:
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        data_dir=tmp_path / "data",
+        token=token,
+        poll_interval_s=0.02,
+        max_body_bytes=max_body,
+    )
     backend = FakeBackend(script)
     mgr = JobManager(settings, Store(settings.db_path), backend=backend)
-    app = create_app(settings, manager=mgr, cluster=FakeCluster(cpus, backend=backend),
-                     connect_ray=False)
+    app = create_app(
+        settings, manager=mgr, cluster=FakeCluster(cpus, backend=backend), connect_ray=False
+    )
     return app, backend
 
 
@@ -81,7 +93,11 @@ def test_submit_follow_and_read_history(client: TestClient) -> None:
     assert newer["items"] == [] and newer["last_seq"] == m["last_seq"]
     ev = client.get(f"/jobs/{job['id']}/events").json()
     assert [e["target"] for e in ev["items"] if e["kind"] == "state"] == [
-        "pending", "starting", "running", "succeeded"]
+        "pending",
+        "starting",
+        "running",
+        "succeeded",
+    ]
     listing = client.get("/jobs", params={"state": ["succeeded"]}).json()
     assert listing["total"] == 1 and listing["items"][0]["id"] == job["id"]
     assert client.get("/jobs", params={"state": ["failed"]}).json()["total"] == 0
@@ -96,8 +112,9 @@ def test_sse_stream_replays_history_then_ends(client: TestClient) -> None:
     with client.stream("GET", f"/jobs/{job['id']}/stream") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
-    kinds = [line.split(":", 1)[1].strip() for line in text.splitlines()
-             if line.startswith("event:")]
+    kinds = [
+        line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("event:")
+    ]
     assert kinds[0] == "job" and kinds[-1] == "end"
     assert kinds.count("metric") == 9 and "event" in kinds
 
@@ -111,8 +128,10 @@ def test_bad_spec_is_422_with_the_cli_paths_and_messages(client: TestClient) -> 
     with pytest.raises(SpecError) as ei:
         parse_spec(bad)
     assert got == set(ei.value.problems)  # same wording as `elastic-sgd submit`
-    assert {"mode.elastic.beta", "batch_size", "colour"} <= {p for p, _ in got}
-    assert "mode.elastic.beta" in body["detail"]
+    paths = {p for p, _ in got}
+    assert {"batch_size", "colour"} <= paths
+    beta = next(p for p in paths if p.startswith("mode.") and p.endswith(".beta"))
+    assert beta in body["detail"]
 
 
 @pytest.mark.parametrize(
@@ -130,9 +149,7 @@ def test_bad_spec_is_422_with_the_cli_paths_and_messages(client: TestClient) -> 
         ("just a string", "body"),
     ],
 )
-def test_malformed_specs_are_refused_clearly(
-    client: TestClient, body: Any, path_part: str
-) -> None:
+def test_malformed_specs_are_refused_clearly(client: TestClient, body: Any, path_part: str) -> None:
     r = client.post("/jobs", json=body)
     assert r.status_code == 422, r.text
     errs = r.json()["errors"]
@@ -140,8 +157,9 @@ def test_malformed_specs_are_refused_clearly(
     assert all(e["message"] for e in errs)
 
 
-@pytest.mark.parametrize("raw", [b'{"steps": 1e999}', b'{"steps": NaN}',
-                                 b'{"steps": 5, "optimizer": {"lr": -Infinity}}'])
+@pytest.mark.parametrize(
+    "raw", [b'{"steps": 1e999}', b'{"steps": NaN}', b'{"steps": 5, "optimizer": {"lr": -Infinity}}']
+)
 def test_non_finite_numbers_are_422(client: TestClient, raw: bytes) -> None:
     r = client.post("/jobs", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
@@ -161,10 +179,16 @@ def test_malformed_json_and_missing_body(client: TestClient) -> None:
 
 
 def test_unknown_ids_are_404_everywhere(client: TestClient) -> None:
-    for method, path in [("GET", "/jobs/abc"), ("GET", "/jobs/abc/metrics"),
-                         ("GET", "/jobs/abc/events"), ("GET", "/jobs/abc/stream"),
-                         ("GET", "/jobs/abc/model"), ("POST", "/jobs/abc/cancel"),
-                         ("GET", "/drills/abc"), ("GET", "/jobs/..%2F..%2Fetc")]:
+    for method, path in [
+        ("GET", "/jobs/abc"),
+        ("GET", "/jobs/abc/metrics"),
+        ("GET", "/jobs/abc/events"),
+        ("GET", "/jobs/abc/stream"),
+        ("GET", "/jobs/abc/model"),
+        ("POST", "/jobs/abc/cancel"),
+        ("GET", "/drills/abc"),
+        ("GET", "/jobs/..%2F..%2Fetc"),
+    ]:
         r = client.request(method, path)
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["detail"]
@@ -175,8 +199,11 @@ def test_unknown_ids_are_404_everywhere(client: TestClient) -> None:
 def test_state_conflicts_are_409(client: TestClient) -> None:
     job = client.post("/jobs", json=SPEC).json()
     wait_state(client, job["id"], {"succeeded"})
-    for path, body in [("scale", {"workers": 2}), ("faults", {"kind": "crash", "workers": [0]}),
-                       ("cancel", None)]:
+    for path, body in [
+        ("scale", {"workers": 2}),
+        ("faults", {"kind": "crash", "workers": [0]}),
+        ("cancel", None),
+    ]:
         r = client.post(f"/jobs/{job['id']}/{path}", json=body)
         assert r.status_code == 409, (path, r.text)
         assert "succeeded" in r.json()["detail"]
@@ -255,17 +282,21 @@ def test_bugs_are_a_clean_500(tmp_path: Path) -> None:
     assert "secret internals" not in r.text  # no internals leak
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10**6}, {"offset": -1},
-                                    {"state": "sleeping"}, {"limit": "ten"}])
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 10**6}, {"offset": -1}, {"state": "sleeping"}, {"limit": "ten"}],
+)
 def test_bad_query_parameters_are_422(client: TestClient, params: dict[str, Any]) -> None:
     r = client.get("/jobs", params=params)
     assert r.status_code == 422 and r.json()["errors"][0]["path"].startswith("query.")
 
 
 def test_drill_runs_and_reports(client: TestClient) -> None:
-    drill = {"name": "d1", "job": {**SPEC, "faults": [{"kind": "crash", "workers": [0],
-                                                      "at_step": 2}]},
-             "criteria": {"min_test_accuracy": 0.9, "faults_recorded": False}}
+    drill = {
+        "name": "d1",
+        "job": {**SPEC, "faults": [{"kind": "crash", "workers": [0], "at_step": 2}]},
+        "criteria": {"min_test_accuracy": 0.9, "faults_recorded": False},
+    }
     r = client.post("/drills", json=drill)
     assert r.status_code == 202, r.text
     d = r.json()
@@ -299,6 +330,7 @@ def test_dashboard_and_openapi(client: TestClient) -> None:
     assert "elastic-sgd" in r.text
     assert client.get("/static/app.js").status_code == 200
     schema = client.get("/openapi.json").json()
-    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/stream", "/drills",
-            "/metrics"} <= set(schema["paths"])
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/stream", "/drills", "/metrics"} <= set(
+        schema["paths"]
+    )
     assert "HTTPBearer" in schema["components"]["securitySchemes"]

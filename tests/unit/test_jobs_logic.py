@@ -10,7 +10,7 @@ import pytest
 from fake_runner import BoomError, FakeBackend, FakeCluster, FakeRunner, Script
 
 from service.drill_jobs import DrillCriteria, DrillSpec, evaluate_drill
-from service.errors import InvalidTransition, JobNotFound, SpecError
+from service.errors import InvalidRequest, InvalidTransition, JobNotFound, SpecError
 from service.jobs import (
     ALLOWED,
     JobManager,
@@ -33,8 +33,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 @pytest.mark.parametrize("state", list(JobState))
 def test_terminal_states_have_no_way_out(state: JobState) -> None:
-    assert state.terminal == (state in {JobState.SUCCEEDED, JobState.FAILED,
-                                        JobState.CANCELLED})
+    assert state.terminal == (state in {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
     if state.terminal:
         assert ALLOWED[state] == frozenset()
     else:  # every live state can still fail or be cancelled
@@ -73,8 +72,7 @@ def test_fits_checks_totals_and_single_bundles_per_node() -> None:
 def test_admit_is_fifo_with_backfill() -> None:
     big = [{"CPU": 1.5}]
     small = [{"CPU": 0.5}]
-    admitted, waiting = admit([("a", big), ("b", big), ("c", small), ("d", small)],
-                              {"CPU": 2.0})
+    admitted, waiting = admit([("a", big), ("b", big), ("c", small), ("d", small)], {"CPU": 2.0})
     assert admitted == ["a", "c"]  # b does not fit after a; c backfills; d no longer fits
     assert waiting == ["b", "d"]
 
@@ -82,14 +80,19 @@ def test_admit_is_fifo_with_backfill() -> None:
 # -- the manager, driven tick by tick -------------------------------------------------------
 
 
-SPEC = parse_spec({"name": "t", "steps": 6, "workers": 2, "max_workers": 4,
-                   "dataset": {"name": "digits"}})
+SPEC = parse_spec(
+    {"name": "t", "steps": 6, "workers": 2, "max_workers": 4, "dataset": {"name": "digits"}}
+)
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[JobManager, FakeBackend, FakeCluster, Store]]:
-    settings = Settings(state_dir=tmp_path / "state", data_dir=tmp_path / "data",
-                        poll_interval_s=0.01, max_poll_failures=3)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        data_dir=tmp_path / "data",
+        poll_interval_s=0.01,
+        max_poll_failures=3,
+    )
     store = Store(settings.db_path)
     backend = FakeBackend()
     cluster = FakeCluster(cpus=2.0, backend=backend)
@@ -126,8 +129,12 @@ def test_job_runs_to_success_with_an_event_per_transition(env: tuple) -> None:
     assert len([r for r in recs if r["kind"] == "eval"]) == 3
     row = store.get_job(job.id)
     assert row is not None
-    assert row.summary == {"final_test_accuracy": 0.97, "steps": 6, "state": "succeeded",
-                           "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0}}
+    assert row.summary == {
+        "final_test_accuracy": 0.97,
+        "steps": 6,
+        "state": "succeeded",
+        "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 0.0},
+    }
     assert row.step == 6 and row.total_steps == 6 and row.finished_at is not None
     assert backend.runners[job.id].calls[-1] == "finish"
     assert mgr.model_bytes(job.id) == b"fake-model-" + job.id.encode()
@@ -143,7 +150,7 @@ def test_replayed_polls_do_not_duplicate_history(env: tuple) -> None:
 
 
 def test_job_waits_in_pending_and_asks_the_autoscaler(env: tuple) -> None:
-    mgr, backend, cluster, store = env
+    mgr, _backend, cluster, store = env
     cluster.cpus = 0.5  # the job needs 0.25 + 2 x 0.25 = 0.75
     job = mgr.submit(SPEC)
     for _ in range(5):
@@ -159,7 +166,7 @@ def test_job_waits_in_pending_and_asks_the_autoscaler(env: tuple) -> None:
 
 
 def test_several_jobs_run_at_once(env: tuple) -> None:
-    mgr, backend, cluster, store = env
+    mgr, backend, _cluster, store = env
     backend.script = Script(steps_per_poll=1)
     a, b = mgr.submit(SPEC), mgr.submit(SPEC)
     until(mgr, lambda: state_of(store, a.id) == "running" and state_of(store, b.id) == "running")
@@ -251,7 +258,7 @@ def test_lost_coordinator_fails_after_bounded_retries(env: tuple) -> None:
 
 
 def test_model_bytes_needs_a_model(env: tuple) -> None:
-    mgr, backend, cluster, store = env
+    mgr, _backend, cluster, _store = env
     cluster.cpus = 0.0
     job = mgr.submit(SPEC)
     with pytest.raises(InvalidTransition, match="no model yet"):
@@ -262,8 +269,12 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     settings = Settings(state_dir=tmp_path / "s", data_dir=tmp_path, poll_interval_s=0.01)
     store = Store(settings.db_path)
     spec = SPEC.model_dump(mode="json")
-    for jid, state in (("alive", "running"), ("gone", "running"), ("waiting", "pending"),
-                       ("done", "succeeded")):
+    for jid, state in (
+        ("alive", "running"),
+        ("gone", "running"),
+        ("waiting", "pending"),
+        ("done", "succeeded"),
+    ):
         store.create_job(jid, "t", spec, tmp_path / jid, state=state)
     backend = FakeBackend()
     survivor = FakeRunner("alive", SPEC, tmp_path / "alive", backend.script)
@@ -275,8 +286,12 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     assert gone is not None and gone.state == "failed"
     assert "no longer in Ray" in (gone.error or "") and "resubmit" in (gone.error or "")
     assert any(e.kind == "reattach" for e in store.events("alive"))
-    until(mgr, lambda: state_of(store, "alive") == "succeeded"
-          and state_of(store, "waiting") == "succeeded")
+    until(
+        mgr,
+        lambda: (
+            state_of(store, "alive") == "succeeded" and state_of(store, "waiting") == "succeeded"
+        ),
+    )
     assert state_of(store, "done") == "succeeded"
     mgr.stop()
     store.close()
@@ -324,15 +339,20 @@ def test_parse_fault_reports_paths() -> None:
 
 
 def _drill(**criteria: object) -> DrillSpec:
-    job = JobSpec.model_validate({"steps": 5, "faults": [{"kind": "crash", "workers": [0],
-                                                          "at_step": 2}]})
+    job = JobSpec.model_validate(
+        {"steps": 5, "faults": [{"kind": "crash", "workers": [0], "at_step": 2}]}
+    )
     return DrillSpec(name="d", job=job, criteria=DrillCriteria.model_validate(criteria))
 
 
 def test_drill_passes_when_every_evaluated_criterion_holds() -> None:
     summary = {"final_test_accuracy": 0.96, "consistency": {"b_hat_max": 0.5, "bound": 1.0}}
-    rep = evaluate_drill(_drill(min_test_accuracy=0.95, b_hat_within_bound=True,
-                                max_recovery_s=5.0), "succeeded", summary, ["fault", "state"])
+    rep = evaluate_drill(
+        _drill(min_test_accuracy=0.95, b_hat_within_bound=True, max_recovery_s=5.0),
+        "succeeded",
+        summary,
+        ["fault", "state"],
+    )
     assert rep["passed"] is True
     assert rep["not_evaluated"] == ["max_recovery_s"]
 
@@ -342,19 +362,25 @@ def test_drill_passes_when_every_evaluated_criterion_holds() -> None:
     [
         ("failed", {"final_test_accuracy": 0.99}, ["fault"], "finished"),
         ("succeeded", {"final_test_accuracy": 0.90}, ["fault"], "min_test_accuracy"),
-        ("succeeded", {"final_test_accuracy": 0.99,
-                       "consistency": {"b_hat_max": 2.0, "bound": 1.0}}, ["fault"],
-         "b_hat_within_bound"),
+        (
+            "succeeded",
+            {"final_test_accuracy": 0.99, "consistency": {"b_hat_max": 2.0, "bound": 1.0}},
+            ["fault"],
+            "b_hat_within_bound",
+        ),
         ("succeeded", {"final_test_accuracy": 0.99}, ["state"], "faults_recorded"),
-        ("succeeded", {"final_test_accuracy": 0.99, "steps_lost": 7}, ["fault"],
-         "max_steps_lost"),
+        ("succeeded", {"final_test_accuracy": 0.99, "steps_lost": 7}, ["fault"], "max_steps_lost"),
     ],
 )
 def test_drill_fails_on_each_broken_criterion(
     state: str, summary: dict[str, object], kinds: list[str], failing: str
 ) -> None:
-    rep = evaluate_drill(_drill(min_test_accuracy=0.95, b_hat_within_bound=True,
-                                max_steps_lost=0), state, summary, kinds)
+    rep = evaluate_drill(
+        _drill(min_test_accuracy=0.95, b_hat_within_bound=True, max_steps_lost=0),
+        state,
+        summary,
+        kinds,
+    )
     assert rep["passed"] is False
     assert [c["name"] for c in rep["checks"] if c["passed"] is False] == [failing]
 
@@ -374,3 +400,31 @@ def test_max_running_jobs_caps_admission(env: tuple) -> None:
     until(mgr, lambda: state_of(store, a.id) == "running")
     assert state_of(store, b.id) == "pending"  # one at a time
     until(mgr, lambda: state_of(store, b.id) == "succeeded", ticks=500)
+
+
+def test_runtime_errors_reach_the_caller_unwrapped(env: tuple) -> None:
+    mgr, backend, _, store = env
+    backend.script = Script(steps_per_poll=1)
+    job = mgr.submit(parse_spec({"steps": 1000, "workers": 2, "max_workers": 4}))
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    runner = backend.runners[job.id]
+
+    class RemoteError(RuntimeError):  # how Ray hands back an actor method's exception
+        def __init__(self, cause: Exception) -> None:
+            super().__init__("Traceback (most recent call last): ... remote frames ...")
+            self.cause = cause
+
+    def refuse(n: int) -> None:
+        raise RemoteError(InvalidRequest("scale: n=3 is outside [...]; set max_workers"))
+
+    runner.scale = refuse  # type: ignore[method-assign]
+    with pytest.raises(InvalidRequest, match="set max_workers") as ei:
+        mgr.scale(job.id, 3)
+    assert "Traceback" not in str(ei.value)
+
+    def dead(n: int) -> None:
+        raise RuntimeError("actor died")
+
+    runner.scale = dead  # type: ignore[method-assign]
+    with pytest.raises(InvalidTransition, match="did not answer"):
+        mgr.scale(job.id, 3)

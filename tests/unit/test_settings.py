@@ -13,15 +13,32 @@ TOKEN = "t" * 32
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("ESGD_HOST", "ESGD_TOKEN", "ESGD_PORT", "ESGD_RAY_ADDRESS", "RAY_ADDRESS",
-                "ESGD_POLL_INTERVAL_S", "ESGD_MAX_BODY_BYTES"):
+    for key in (
+        "ESGD_HOST",
+        "ESGD_TOKEN",
+        "ESGD_PORT",
+        "ESGD_RAY_ADDRESS",
+        "RAY_ADDRESS",
+        "ESGD_POLL_INTERVAL_S",
+        "ESGD_MAX_BODY_BYTES",
+    ):
         monkeypatch.delenv(key, raising=False)
 
 
-@pytest.mark.parametrize(("host", "loop"), [("127.0.0.1", True), ("localhost", True),
-                                            ("::1", True), ("[::1]", True), ("127.8.9.1", True),
-                                            ("0.0.0.0", False), ("::", False),
-                                            ("10.0.0.5", False), ("example.org", False)])
+@pytest.mark.parametrize(
+    ("host", "loop"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("127.8.9.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("example.org", False),
+    ],
+)
 def test_is_loopback(host: str, loop: bool) -> None:
     assert is_loopback(host) is loop
 
@@ -62,9 +79,16 @@ def test_ray_address_from_either_variable(monkeypatch: pytest.MonkeyPatch) -> No
     assert load_settings(ray_address="auto").ray_address == "auto"
 
 
-@pytest.mark.parametrize(("field", "value"), [("port", 0), ("port", 70000),
-                                              ("poll_interval_s", 0), ("max_body_bytes", 10),
-                                              ("unknown_setting", 1)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("port", 0),
+        ("port", 70000),
+        ("poll_interval_s", 0),
+        ("max_body_bytes", 10),
+        ("unknown_setting", 1),
+    ],
+)
 def test_out_of_range_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(SettingsError) as ei:
         load_settings(**{field: value})

@@ -30,8 +30,9 @@ def store(tmp_path: Path) -> Store:
 
 def _job(store: Store, name: str = "j", state: str = "pending", now: float | None = None) -> str:
     jid = new_id()
-    store.create_job(jid, name, {"name": name, "steps": 5}, Path("/tmp/x") / jid, state=state,
-                     now=now)
+    store.create_job(
+        jid, name, {"name": name, "steps": 5}, Path("/tmp/x") / jid, state=state, now=now
+    )
     return jid
 
 
@@ -107,8 +108,17 @@ def test_transition_is_compare_and_set_with_its_event(store: Store) -> None:
 def test_ingest_dedupes_on_seq_and_indexes_finite_values(store: Store) -> None:
     jid = _job(store)
     recs = [_rec(1, 1), _rec(2, 2, loss=math.nan), _rec(3, 2, "eval", test_accuracy=0.5)]
-    evs = [{"seq": 4, "kind": "fault", "target": "worker-1", "detail": "crash", "step": 2,
-            "wall_time": 5.0, "time_s": 1.0}]
+    evs = [
+        {
+            "seq": 4,
+            "kind": "fault",
+            "target": "worker-1",
+            "detail": "crash",
+            "step": 2,
+            "wall_time": 5.0,
+            "time_s": 1.0,
+        }
+    ]
     assert store.ingest(jid, recs, evs) == (3, 1)
     # the same poll delivered again (crash before acknowledgement) adds nothing
     assert store.ingest(jid, recs, evs) == (0, 0)
@@ -128,8 +138,7 @@ def test_records_without_seq_are_skipped(store: Store) -> None:
 
 def test_metric_filters(store: Store) -> None:
     jid = _job(store)
-    store.ingest(jid, [_rec(i, i // 2, "eval" if i % 3 == 0 else "step") for i in range(1, 13)],
-                 [])
+    store.ingest(jid, [_rec(i, i // 2, "eval" if i % 3 == 0 else "step") for i in range(1, 13)], [])
     assert all(r["step"] >= 4 for r in store.metrics(jid, since_step=4))
     assert [r["seq"] for r in store.metrics(jid, after_seq=10)] == [11, 12]
     assert {r["kind"] for r in store.metrics(jid, kind="eval")} == {"eval"}
@@ -140,8 +149,20 @@ def test_metric_filters(store: Store) -> None:
 
 def test_checkpoint_events_become_checkpoint_records(store: Store) -> None:
     jid = _job(store)
-    store.ingest(jid, [], [{"seq": 1, "kind": "checkpoint", "step": 20, "target": "ckpt-20.pt",
-                            "detail": "sha256 ab", "wall_time": 3.0}])
+    store.ingest(
+        jid,
+        [],
+        [
+            {
+                "seq": 1,
+                "kind": "checkpoint",
+                "step": 20,
+                "target": "ckpt-20.pt",
+                "detail": "sha256 ab",
+                "wall_time": 3.0,
+            }
+        ],
+    )
     (c,) = store.checkpoints(jid)
     assert (c.step, c.path, c.detail) == (20, "ckpt-20.pt", "sha256 ab")
 
@@ -164,8 +185,7 @@ def test_drills(store: Store) -> None:
     store.update_drill("d1", job_id="j1")
     store.update_drill("d1", state="passed", report={"passed": True})
     d2 = store.get_drill("d1")
-    assert d2 is not None and (d2.state, d2.job_id, d2.report) == ("passed", "j1",
-                                                                    {"passed": True})
+    assert d2 is not None and (d2.state, d2.job_id, d2.report) == ("passed", "j1", {"passed": True})
     assert [x.id for x in store.list_drills(states=["passed"])] == ["d1"]
     assert store.list_drills(states=["running"]) == []
     assert store.get_drill("nope") is None
@@ -216,9 +236,13 @@ while True:
 
 def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(db)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout is not None
     acked = 0
     deadline = time.monotonic() + 30
