@@ -28,8 +28,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits, make_classification
-from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from service.errors import ElasticSGDError
@@ -97,6 +95,8 @@ def _split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded train/test split (stratified by class for classification)."""
     try:
+        from sklearn.model_selection import train_test_split  # heavy: only where data loads
+
         x_tr, x_te, y_tr, y_te = train_test_split(
             x,
             y,
@@ -126,6 +126,8 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # heavy: workers import this module, not it
+
     x, y = load_digits(return_X_y=True)
     return x, y.astype(np.int64)
 
@@ -141,6 +143,8 @@ def _synthetic(spec: DatasetSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
             f"synthetic_classification needs n_features >= ceil(log2(n_classes)) = "
             f"{n_informative}"
         )
+    from sklearn.datasets import make_classification
+
     x, y = make_classification(
         n_samples=spec.n_samples,
         n_features=n_features,

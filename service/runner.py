@@ -262,5 +262,13 @@ class JobRunner:
             return
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get(self.actor.shutdown.remote(), timeout=30)
-        ray.kill(self.actor, no_restart=True)
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(self.actor, no_restart=True)
         self.actor = None
+        # workers are detached (they outlive a coordinator crash): make sure none is left
+        prefix = f"esgd-{self.job_id}-w"
+        with contextlib.suppress(Exception):
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if entry.get("namespace") == NAMESPACE and entry["name"].startswith(prefix):
+                    with contextlib.suppress(Exception):
+                        ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)

@@ -187,9 +187,9 @@ def test_monitor_series_is_bounded_and_keeps_spikes() -> None:
 
 
 def test_monitor_series_shows_a_spike_in_the_newest_window() -> None:
-    """MINOR BUG (reported): once the series has been halved, samples wait in an open
-    window until ``stride`` of them arrived; a spike in that window is in ``b_max`` but not
-    in the series (the run can end with it there)."""
+    """Once the series has been halved, samples wait in an open window until ``stride`` of
+    them arrived; a spike in that window must show in the series too (a run can end with
+    it there)."""
     m = ConsistencyMonitor(max_points=8)
     for step in range(100):
         m.record(step, 1.0)
