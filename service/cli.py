@@ -409,17 +409,34 @@ def inject(
 @app.command()
 def drill(
     file: Annotated[Path, typer.Argument(help="drill (YAML: name, job, criteria)")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="run it locally (no service); the report goes here"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="with --out: where npz datasets live")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     interval: IntervalOpt = 1.0,
 ) -> None:
-    """Run a drill on the service and print its report (exit 0 if it passed)."""
+    """Run a drill on the service (or locally with --out DIR) and print its report (exit 0
+    if it passed)."""
     from service.drill_jobs import parse_drill
 
     try:
         spec = parse_drill(_read_yaml(file))
     except SpecError as exc:
         fail_problems(exc)
+    if out is not None:  # local: run_drill writes report.{json,md,png} into out
+        from service.drills import run_drill
+
+        rep = run_drill(spec, out, data_dir=data_dir, progress=True)
+        state = "passed" if rep["passed"] else "failed"
+        d = {"id": str(out), "name": spec.name, "state": state, "error": rep["error"]}
+        _print_drill({**d, "report": rep})
+        console.print(f"report: {out / 'report.md'} (and report.json, report.png)")
+        raise typer.Exit(0 if rep["passed"] else 1)
     client = Client(url, token)
     d = client.post("/drills", spec.model_dump(mode="json"))
     console.print(f"drill [bold]{d['id']}[/] ({d['name']}) runs as job {d['job_id']}")

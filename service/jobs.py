@@ -694,6 +694,10 @@ class JobManager:
         if target is None or target is current or current.terminal:
             self._check_timeouts(job_id, entry, current)
             return
+        if target is JobState.SUCCEEDED and current is JobState.STARTING:
+            # a short job can finish between two polls; it did run: keep the lifecycle whole
+            self._transition(job_id, current, JobState.RUNNING, "coordinator ran", step=row.step)
+            current = JobState.RUNNING
         if target.terminal:
             self._finish(job_id, entry, current, target, status)
         elif target is not JobState.STARTING:

@@ -49,9 +49,13 @@ def connect(address: str | None) -> str:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
-            # An inherited RAY_ADDRESS would make ray.init() connect instead of start.
+            # An inherited RAY_ADDRESS would make ray.init() connect instead of start, and so
+            # would a `ray start` cluster on this machine (ray.init() without an address joins
+            # the one in /tmp/ray/ray_current_cluster): "local" always starts a new instance.
             os.environ.pop("RAY_ADDRESS", None)
-            ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+            ray.init(
+                address="local", include_dashboard=False, namespace=NAMESPACE, log_to_driver=False
+            )
     except Exception as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise RayConnectionError(

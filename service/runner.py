@@ -36,6 +36,8 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if address is None:
+        # "local": start our own, never silently join a `ray start` cluster on this machine
+        address = "local"
         kwargs["include_dashboard"] = False
     ray.init(address=address, **kwargs)
 

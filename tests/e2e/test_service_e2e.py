@@ -302,7 +302,12 @@ def test_inject_a_fault_into_a_running_job(client: httpx.Client, started: Starte
 
     def fault_events() -> list[dict[str, Any]]:
         evs = client.get(f"/jobs/{job_id}/events").json()["items"]
-        return [e for e in evs if e["kind"] == "fault" and e["source"] == "runner"]
+        # the job's planned delay is on record too ("straggler delay on"); find ours
+        return [
+            e
+            for e in evs
+            if e["kind"] == "fault" and e["source"] == "runner" and "injected" in e["detail"]
+        ]
 
     evs = wait_for(fault_events, 30, what="the fault event")
     assert evs[0]["target"] == "worker-1" and "delay" in evs[0]["detail"]

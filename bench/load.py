@@ -1,0 +1,517 @@
+"""API load: latency of ``GET /jobs/{id}`` and ``POST /jobs`` under 50 concurrent clients
+while two jobs train.
+
+What runs: one ``elastic-sgd serve`` subprocess on 127.0.0.1 (a temp state dir, a bearer
+token, its own in-process Ray, or the cluster in ``RAY_ADDRESS`` / ``--ray-address``) with
+``ESGD_MAX_RUNNING_JOBS=2``; two digits jobs with 2 workers each train through the whole
+measurement (enough steps to outlast it; cancelled at the end). Then, in each
+:data:`PHASES` entry, ``--clients`` clients, each its own ``httpx.AsyncClient`` with one
+keep-alive connection, send ``--requests-per-client`` requests each, one at a time: every
+:data:`POST_EVERY`-th a ``POST /jobs`` of a small valid spec (it stays ``pending``: the two
+training jobs fill ``ESGD_MAX_RUNNING_JOBS``; they are cancelled after each phase), the
+others a ``GET /jobs/{id}`` of one of the training jobs.
+
+* ``burst``: closed loop, each client sends its next request as soon as one returns, so 50
+  requests are always in flight: the service saturated. By Little's law the latency is then
+  ~ 50 / throughput, whatever the code does per request.
+* ``paced``: each client starts a request every 500 ms (100 requests/s offered), the pace
+  at which ``elastic-sgd submit --watch`` polls.
+
+A request's latency is measured by its client from sending to having read the whole body,
+so it includes the client's own event loop on the same cores. The server's CPU time per
+request (``/proc``) is recorded too: unlike latency, it hardly depends on what else the
+machine runs. A phase stops early (and says so) after ``--time-limit-s``.
+
+Results: ``bench/results/load.json`` (``load-quick.json`` with ``--quick``, which also leaves
+``docs/benchmarks.md`` alone) with every route's p50/p90/p99/max per phase, the machine,
+versions, load average and command; and the table between ``<!-- load:begin -->`` and
+``<!-- load:end -->`` in ``docs/benchmarks.md``. The issue's target is p99 < 100 ms.
+
+Run: ``python -m bench.load [--quick] [--clients N] [--requests-per-client N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.common import (
+    DOC,
+    REPO,
+    command_line,
+    fmt,
+    load_average,
+    load_note,
+    machine_info,
+    say,
+    update_doc,
+    write_results,
+)
+
+NAME = "load"
+CLIENTS = 50
+# per phase: 50 clients x 40 requests = 2,000 requests, 1,600 GETs and 400 POSTs (every 5th)
+REQUESTS_PER_CLIENT = 40
+QUICK_REQUESTS_PER_CLIENT = 8
+POST_EVERY = 5
+TARGET_P99_MS = 100.0
+TIME_LIMIT_S = 300.0
+# Seconds the service and the training jobs may take to come up (actors import torch).
+START_TIMEOUT_S = 180.0
+
+# Each training job: digits, 2 workers; 10^6 steps outlast any measurement (cancelled at end).
+TRAIN_SPEC: dict[str, Any] = {
+    "name": "load-train",
+    "model": {"name": "mlp", "hidden": [64]},
+    "dataset": {"name": "digits"},
+    "workers": 2,
+    "steps": 1_000_000,
+    "batch_size": 32,
+    "eval_interval": 100,
+    "mode": {"name": "sync"},
+}
+# What the clients POST: a small valid spec (it waits in pending; see the module docstring).
+POST_SPEC: dict[str, Any] = {
+    "name": "load-post",
+    "model": {"name": "logreg"},
+    "dataset": {"name": "digits"},
+    "workers": 1,
+    "steps": 10,
+}
+
+SECTION = """## API load
+
+What: latency of `GET /jobs/{id}` and `POST /jobs` seen by 50 concurrent HTTP clients
+(each an `httpx.AsyncClient` with one keep-alive connection, all on loopback) while two
+digits jobs with 2 workers each train on the same machine. Every 5th request of a client is
+a `POST /jobs` of a small valid spec (it stays pending: `ESGD_MAX_RUNNING_JOBS=2` is filled by
+the two training jobs), the others read one of the training jobs. Two phases: *burst* (closed
+loop: each client sends its next request as soon as one returns, so 50 are always in flight
+and, by Little's law, latency ~ 50 / throughput) and *paced* (each client starts one request
+every 500 ms, the pace of `elastic-sgd submit --watch`: 100 requests/s offered). Latency
+runs from sending a request to having read its whole body, measured by the client, whose
+event loop shares the cores with the server and the training; the server's CPU time per
+request is given too, as it hardly depends on what else runs. Target: p99 < 100 ms.
+
+Command: `.venv/bin/python -m bench.load` (`--quick` is a smoke test that writes
+`bench/results/load-quick.json` and leaves this page alone).
+
+<!-- load:begin -->
+<!-- load:end -->
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """An ``elastic-sgd serve`` subprocess on loopback with a temp state dir and a token."""
+
+    state_dir: Path
+    ray_address: str | None
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ESGD_")}
+        env.pop("RAY_ADDRESS", None)
+        env.update(
+            PYTHONPATH=str(REPO),
+            ESGD_TOKEN=self.token,
+            ESGD_STATE_DIR=str(self.state_dir),
+            # the two training jobs fill it: POSTed jobs wait in pending
+            ESGD_MAX_RUNNING_JOBS="2",
+        )
+        if self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address
+        log = open(self.state_dir / "server.log", "wb")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "service.cli", "serve", "--host", "127.0.0.1"),
+                *("--port", str(self.port), "--log-level", "warning"),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited while starting:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the service was not ready after {START_TIMEOUT_S:g} s:\n{self.log()}")
+
+    def log(self) -> str:
+        path = self.state_dir / "server.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@dataclass
+class Sample:
+    route: str
+    latency_s: float
+    status: int  # 0: no response (transport error or timeout)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One way of sending the requests."""
+
+    name: str
+    # Seconds between the starts of a client's requests; 0: the next as soon as one returns.
+    period_s: float
+
+
+PHASES = (
+    # closed loop: 50 requests always in flight, so this measures the service saturated
+    Phase("burst", 0.0),
+    # each client starts a request every 500 ms (the CLI's --watch polls at that pace):
+    # 50 x 2 = 100 requests/s offered
+    Phase("paced", 0.5),
+)
+
+
+async def client_loop(
+    index: int,
+    clients: int,
+    svc: Service,
+    job_ids: Sequence[str],
+    n_requests: int,
+    period_s: float,
+    deadline: float,
+    out: list[Sample],
+) -> None:
+    """One client: ``n_requests`` requests on one keep-alive connection, one at a time."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(
+        base_url=svc.url, headers=svc.headers, timeout=30.0, limits=limits
+    ) as client:
+        # paced clients start spread over one period, not all in the same instant
+        start = time.monotonic() + period_s * index / clients
+        for i in range(n_requests):
+            wait = start + i * period_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if time.monotonic() > deadline:
+                return
+            # clients start at different points of the pattern, so POSTs are spread out
+            post = (i + index) % POST_EVERY == 0
+            route = "POST /jobs" if post else "GET /jobs/{id}"
+            t0 = time.perf_counter()
+            try:
+                if post:
+                    r = await client.post("/jobs", json=POST_SPEC)
+                else:
+                    r = await client.get(f"/jobs/{job_ids[(i + index) % len(job_ids)]}")
+                _ = r.content
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 0
+            out.append(Sample(route, time.perf_counter() - t0, status))
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of proc(5), in clock ticks
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_phase(
+    phase: Phase,
+    svc: Service,
+    job_ids: Sequence[str],
+    clients: int,
+    per_client: int,
+    limit_s: float,
+) -> dict[str, Any]:
+    """All clients at once, sending as ``phase`` says; latency stats per route."""
+    samples: list[Sample] = []
+    assert svc.proc is not None
+    cpu0 = process_cpu_s(svc.proc.pid)
+    t0 = time.monotonic()
+
+    async def go() -> None:
+        deadline = time.monotonic() + limit_s
+        await asyncio.gather(
+            *(
+                client_loop(i, clients, svc, job_ids, per_client, phase.period_s, deadline, samples)
+                for i in range(clients)
+            )
+        )
+
+    asyncio.run(go())
+    wall = time.monotonic() - t0
+    cpu1 = process_cpu_s(svc.proc.pid)
+    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    return {
+        "period_s": phase.period_s,
+        "offered_per_s": clients / phase.period_s if phase.period_s > 0 else None,
+        "requests_sent": len(samples),
+        "wall_s": wall,
+        "requests_per_s": len(samples) / wall if wall > 0 else float("nan"),
+        "time_limit_hit": len(samples) < clients * per_client,
+        # what one request cost the server's process (its supervisor thread included)
+        "server_cpu_s": server_cpu,
+        "server_cpu_ms_per_request": None
+        if server_cpu is None or not samples
+        else 1000.0 * server_cpu / len(samples),
+        "routes": {
+            route: stats([s for s in samples if s.route == route])
+            for route in ("GET /jobs/{id}", "POST /jobs")
+        },
+    }
+
+
+def stats(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Latency percentiles (ms) of the successful requests, and the count of failed ones."""
+    ok = np.array([s.latency_s for s in samples if 200 <= s.status < 300]) * 1000.0
+    statuses = Counter(str(s.status) for s in samples)
+    out: dict[str, Any] = {
+        "requests": len(samples),
+        "errors": sum(1 for s in samples if not 200 <= s.status < 300),
+        "statuses": dict(sorted(statuses.items())),
+    }
+    if ok.size:
+        p50, p90, p99 = np.percentile(ok, [50, 90, 99])
+        out.update(
+            p50_ms=float(p50),
+            p90_ms=float(p90),
+            p99_ms=float(p99),
+            max_ms=float(ok.max()),
+            mean_ms=float(ok.mean()),
+        )
+    return out
+
+
+def wait_running(client: httpx.Client, job_ids: Sequence[str]) -> dict[str, int]:
+    """Wait until every training job runs and has taken a step; returns their steps."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        jobs = [client.get(f"/jobs/{j}").json() for j in job_ids]
+        bad = [j for j in jobs if j["terminal"]]
+        if bad:
+            raise RuntimeError(f"a training job ended before the measurement: {bad[0]}")
+        if all(j["state"] == "running" and j["step"] > 0 for j in jobs):
+            return {j["id"]: int(j["step"]) for j in jobs}
+        time.sleep(0.5)
+    raise RuntimeError(f"the training jobs were not running after {START_TIMEOUT_S:g} s")
+
+
+def cancel_pending(client: httpx.Client) -> int:
+    """Cancel every pending job (what the clients POSTed); returns how many."""
+    n = 0
+    while True:
+        page = client.get("/jobs", params={"state": "pending", "limit": 500}).json()
+        if not page["items"]:
+            return n
+        for job in page["items"]:
+            if client.post(f"/jobs/{job['id']}/cancel").status_code == 200:
+                n += 1
+
+
+def render(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    lines = [
+        f"{payload['clients']} clients x {payload['requests_per_client']} requests per phase, "
+        f"every {POST_EVERY}th a POST, while 2 jobs trained ({payload['train_steps_during']} "
+        f"steps between them during the phases); {m['cpu_count']} CPUs, load average "
+        f"{payload['load_before']} before, {payload['load_after']} after; Python "
+        f"{m['python']}, Ray {m['ray']}; {m['date']}.",
+        "",
+        "| phase | route | requests | errors | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, ph in payload["phases"].items():
+        for route, s in ph["routes"].items():
+            lines.append(
+                f"| {name} | `{route}` | {s['requests']} | {s['errors']} | "
+                f"{fmt(s.get('p50_ms'), '.1f')} | {fmt(s.get('p90_ms'), '.1f')} | "
+                f"{fmt(s.get('p99_ms'), '.1f')} | {fmt(s.get('max_ms'), '.1f')} |"
+            )
+    lines.append("")
+    for name, ph in payload["phases"].items():
+        offered = ph["offered_per_s"]
+        how = (
+            "closed loop (each client sends its next request when one returns)"
+            if offered is None
+            else f"each client starts one request every {1000 * ph['period_s']:.0f} ms "
+            f"({offered:.0f} requests/s offered)"
+        )
+        lines.append(
+            f"- {name}: {how}; {ph['requests_sent']} requests in {ph['wall_s']:.1f} s = "
+            f"{ph['requests_per_s']:.0f}/s; the server spent "
+            f"{fmt(ph['server_cpu_ms_per_request'], '.1f')} ms of CPU per request."
+            + (" **The time limit cut this phase short.**" if ph["time_limit_hit"] else "")
+        )
+    tgt = payload["target"]
+    lines += [
+        "",
+        f"Target p99 < {tgt['p99_ms']:.0f} ms on both routes: "
+        + ", ".join(
+            f"{name} **{'met' if ok else 'missed'}** (worst p99 {fmt(worst, '.1f')} ms)"
+            for name, (worst, ok) in tgt["phases"].items()
+        )
+        + ".",
+    ]
+    note = load_note(payload["load_before"], payload["load_after"])
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+def ensure_section(doc: Path = DOC) -> None:
+    """Give ``docs/benchmarks.md`` this benchmark's section (heading, what, how, markers)."""
+    if doc.exists() and "<!-- load:begin -->" in doc.read_text():
+        return
+    if not doc.exists():
+        update_doc("throughput", "_not run yet_", doc)  # creates the doc from its template
+    text = doc.read_text()
+    doc.write_text(text.rstrip("\n") + "\n\n" + SECTION)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else NAME)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="8 requests per client; writes load-quick.json and leaves the doc alone",
+    )
+    p.add_argument("--clients", type=int, default=CLIENTS)
+    p.add_argument("--requests-per-client", type=int, default=None)
+    p.add_argument("--time-limit-s", type=float, default=TIME_LIMIT_S)
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="a Ray cluster for the service (default: RAY_ADDRESS, else its own in-process Ray)",
+    )
+    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not 1 <= args.clients <= 1000:
+        p.error("--clients must be in [1, 1000]")
+    per_client = args.requests_per_client or (
+        QUICK_REQUESTS_PER_CLIENT if args.quick else REQUESTS_PER_CLIENT
+    )
+    if not 1 <= per_client <= 100_000:
+        p.error("--requests-per-client must be in [1, 100000]")
+    if args.time_limit_s <= 0:
+        p.error("--time-limit-s must be > 0")
+
+    load_before = load_average()
+    say(f"[load] load average {load_before}; starting the service")
+    phases: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="esgd-load-") as tmp:
+        svc = Service(Path(tmp), args.ray_address)
+        try:
+            svc.start()
+            with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60) as client:
+                job_ids = []
+                for i in range(2):
+                    r = client.post("/jobs", json={**TRAIN_SPEC, "name": f"load-train-{i}"})
+                    r.raise_for_status()
+                    job_ids.append(r.json()["id"])
+                say(f"[load] training jobs {job_ids}; waiting for them to run")
+                steps_before = wait_running(client, job_ids)
+                for phase in PHASES:
+                    say(f"[load] {phase.name}: {args.clients} clients x {per_client} requests")
+                    phases[phase.name] = run_phase(
+                        phase, svc, job_ids, args.clients, per_client, args.time_limit_s
+                    )
+                    # the POSTed jobs of this phase wait in pending; they are not the next
+                    # phase's load
+                    cancel_pending(client)
+                jobs_after = [client.get(f"/jobs/{j}").json() for j in job_ids]
+                load_after = load_average()
+                if any(j["state"] != "running" for j in jobs_after):
+                    raise RuntimeError(f"a training job stopped during the run: {jobs_after}")
+                trained = sum(int(j["step"]) - steps_before[j["id"]] for j in jobs_after)
+                say("[load] done; cancelling the training jobs")
+                for job_id in job_ids:
+                    client.post(f"/jobs/{job_id}/cancel")
+        finally:
+            svc.stop()
+
+    target_phases = {}
+    for name, ph in phases.items():
+        worst = max(s.get("p99_ms", float("inf")) for s in ph["routes"].values())
+        errors = sum(s["errors"] for s in ph["routes"].values())
+        target_phases[name] = (worst, worst < TARGET_P99_MS and errors == 0)
+    payload: dict[str, Any] = {
+        "benchmark": NAME,
+        "machine": machine_info(command_line("bench.load", argv)),
+        "quick": args.quick,
+        "clients": args.clients,
+        "requests_per_client": per_client,
+        "post_every": POST_EVERY,
+        "time_limit_s": args.time_limit_s,
+        "ray_address": args.ray_address,
+        "max_running_jobs": 2,
+        "train_spec": TRAIN_SPEC,
+        "post_spec": POST_SPEC,
+        "train_steps_during": trained,
+        "load_before": load_before,
+        "load_after": load_after,
+        "target": {"p99_ms": TARGET_P99_MS, "phases": target_phases},
+        "phases": phases,
+    }
+    path = write_results(f"{NAME}-quick" if args.quick else NAME, payload)
+    table = render(payload)
+    if not args.quick:
+        ensure_section()
+        update_doc(NAME, table)
+    print(table)
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
