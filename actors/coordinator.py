@@ -410,6 +410,7 @@ class CoordinatorCore:
         if self.state_dir is None:
             return
         members = {w.id: w.gen for w in self._live() if w.state != "starting"}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / ".members.json.tmp"
         tmp.write_text(json.dumps(members))
         os.replace(tmp, self.state_dir / "members.json")
@@ -535,6 +536,9 @@ class CoordinatorCore:
             return
         w.state = "dead"
         w.lost_at = time.time()
+        if not any(r["worker"] == w.id and "t_detected" not in r for r in self.recoveries):
+            # not a planned crash (killed from outside, node lost, hung): time from detection
+            self.recoveries.append({"kind": "lost", "worker": w.id, "t_fault": w.lost_at})
         for r in self.recoveries:
             if r["worker"] == w.id and "t_detected" not in r:
                 r["t_detected"] = w.lost_at
@@ -967,6 +971,7 @@ class CoordinatorCore:
         entries = Journal.read(self.state_dir / "journal.jsonl")
         if entries:  # keep the job's clock: time_s continues across the restart
             self.t0 = float(entries[0]["wall_time"]) - float(entries[0]["time_s"])
+            self.t_run = self.t0
         for e in entries:
             self.seq = max(self.seq, int(e["seq"]))
             if "kind" in e and "detail" in e:
@@ -1261,7 +1266,8 @@ class CoordinatorCore:
         """Train until every step is applied, the job fails, or it is cancelled."""
         if self.state == RunState.STARTING:
             self._set_state(RunState.RUNNING, f"{len(self._live())} workers")
-        self.t_run = time.time()
+        if self.t_run is None:
+            self.t_run = time.time()
         self._evaluate()
         wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
         while not self.state.terminal:

@@ -14,7 +14,8 @@ Coordinator: the same job (elastic) with a checkpoint every 50 steps and a
 it and it resumes from the checkpoint of step 150. Measured from the crash's fault event
 to the restart event (the new incarnation has loaded the checkpoint) and to the first step
 record after the crash in ``metrics.jsonl`` (training resumed: target < 10 s), with the
-steps lost (done again since the checkpoint: 20 here).
+steps lost (done again since the checkpoint: ~20 here; the crash fires at the first check
+at or after step 170).
 
 Run: ``python -m bench.recovery [--repeats N] [--quick]``.
 """

@@ -40,43 +40,47 @@ def run_local(
     )
     console = Console(stderr=True, quiet=not progress)
     runner.start()
-    loss = acc = None
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task(spec.name, total=None, info="")
-        while True:
-            done = runner.done()
-            p = runner.poll()
-            for r in p.records:
-                if r["kind"] == "step" and r.get("loss") is not None:
-                    loss = r["loss"]
-                if r["kind"] == "eval":
-                    acc = r.get("test_accuracy")
-            for e in p.events:
-                if e["kind"] != "state" and progress:
-                    console.print(
-                        f"[dim]{e['time_s']:7.2f}s step {e['step']:>5}[/] "
-                        f"{e['kind']:<10} {e['target'] or '':<10} {e['detail']}"
-                    )
-            st = p.status
-            live = sum(w["state"] not in ("dead", "left") for w in st.get("workers", []))
-            bar.update(
-                task,
-                total=st.get("total_steps"),
-                completed=st.get("step", 0),
-                info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
-                f"B̂ max {_fmt(st.get('b_hat_max'), '.3g')}  "
-                f"bound {_fmt(st.get('bound'), '.3g')}  "
-                f"workers {live}",
-            )
-            if done:
-                break
-            time.sleep(poll_interval_s)
+    try:
+        loss = acc = None
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not progress,
+        ) as bar:
+            task = bar.add_task(spec.name, total=None, info="")
+            while True:
+                done = runner.done()
+                p = runner.poll()
+                for r in p.records:
+                    if r["kind"] == "step" and r.get("loss") is not None:
+                        loss = r["loss"]
+                    if r["kind"] == "eval":
+                        acc = r.get("test_accuracy")
+                for e in p.events:
+                    if e["kind"] != "state" and progress:
+                        console.print(
+                            f"[dim]{e['time_s']:7.2f}s step {e['step']:>5}[/] "
+                            f"{e['kind']:<10} {e['target'] or '':<10} {e['detail']}"
+                        )
+                st = p.status
+                live = sum(w["state"] not in ("dead", "left") for w in st.get("workers", []))
+                bar.update(
+                    task,
+                    total=st.get("total_steps"),
+                    completed=st.get("step", 0),
+                    info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
+                    f"B̂ max {_fmt(st.get('b_hat_max'), '.3g')}  "
+                    f"bound {_fmt(st.get('bound'), '.3g')}  "
+                    f"workers {live}",
+                )
+                if done:
+                    break
+                time.sleep(poll_interval_s)
+    except BaseException:
+        runner.release()  # never leave the (detached) workers behind
+        raise
     return runner.finish()
