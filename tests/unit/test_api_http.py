@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
+from service import ray_conn
 from service.errors import SpecError
 from service.jobs import JobManager
 from service.settings import Settings
@@ -311,10 +312,14 @@ def test_drill_runs_and_reports(client: TestClient) -> None:
     assert bad.status_code == 422 and bad.json()["errors"][0]["path"] == "job.steps"
 
 
-def test_health_ready_and_prometheus(client: TestClient) -> None:
+def test_health_ready_and_prometheus(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    r = client.get("/readyz")  # no Ray in this test: not ready, and says why
+    # no Ray in this test (even when an earlier test module of this pytest run started one):
+    # not ready, and says why
+    monkeypatch.setattr(ray_conn, "is_connected", lambda: False)
+    r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["ray"] is False and "ray" in r.json()["detail"]
+    monkeypatch.undo()
     job = client.post("/jobs", json=SPEC).json()
     wait_state(client, job["id"], {"succeeded"})
     text = client.get("/metrics").text
