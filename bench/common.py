@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,3 +303,44 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 def say(msg: str) -> None:
     """Progress on stderr (stdout stays free for the final report)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_header(payload: dict[str, Any], suffix: str = "") -> list[str]:
+    """The first lines of every benchmark's table: command, machine, load (and a warning).
+
+    Args:
+        payload: the results, with ``machine``, ``load_before`` and ``load_after``.
+        suffix: words appended to the first line (e.g. how many runs a row is).
+    """
+    m = payload["machine"]
+    first = (
+        f"Command: `{m['command']}` — {m['date']}, {m['cpu_count']} CPUs, {m['platform']}, "
+        f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']} (git {m['git']}). "
+        f"Load average before/after: {payload['load_before']} / {payload['load_after']}."
+    )
+    lines = [f"{first} {suffix}" if suffix else first, ""]
+    if note := load_note(payload["load_before"], payload["load_after"]):
+        lines += [note, ""]
+    return lines
+
+
+def publish(
+    name: str,
+    payload: dict[str, Any],
+    table: str,
+    quick: bool,
+    before_doc: Callable[[], None] | None = None,
+) -> int:
+    """Write the results file; unless ``quick``, rewrite the doc's section; print both.
+
+    Returns:
+        The process exit code (0).
+    """
+    path = write_results(f"{name}-quick" if quick else name, payload)
+    if not quick:
+        if before_doc is not None:
+            before_doc()
+        update_doc(name, table)
+    print(table)
+    print(f"\nresults: {path}")
+    return 0

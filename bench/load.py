@@ -58,9 +58,9 @@ from bench.common import (
     load_average,
     load_note,
     machine_info,
+    publish,
     say,
     update_doc,
-    write_results,
 )
 
 NAME = "load"
@@ -503,14 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target": {"p99_ms": TARGET_P99_MS, "phases": target_phases},
         "phases": phases,
     }
-    path = write_results(f"{NAME}-quick" if args.quick else NAME, payload)
-    table = render(payload)
-    if not args.quick:
-        ensure_section()
-        update_doc(NAME, table)
-    print(table)
-    print(f"\nresults: {path}")
-    return 0
+    return publish(NAME, payload, render(payload), args.quick, before_doc=ensure_section)
 
 
 if __name__ == "__main__":

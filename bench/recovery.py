@@ -33,13 +33,12 @@ from bench.common import (
     fmt,
     init_ray,
     load_average,
-    load_note,
     machine_info,
     median,
+    publish,
+    run_header,
     run_job,
     say,
-    update_doc,
-    write_results,
 )
 from service.drills import coordinator_recoveries
 
@@ -153,16 +152,7 @@ def _med_max(values: Sequence[float], spec: str = ".3f") -> str:
 
 def render(payload: dict[str, Any]) -> str:
     """The markdown block for ``docs/benchmarks.md``."""
-    m = payload["machine"]
-    lines = [
-        f"Command: `{m['command']}` — {m['date']}, {m['cpu_count']} CPUs, {m['platform']}, "
-        f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']} (git {m['git']}). "
-        f"Load average before/after: {payload['load_before']} / {payload['load_after']}. "
-        f"{payload['repeats']} runs per row (seeds {payload['seeds']}).",
-        "",
-    ]
-    if note := load_note(payload["load_before"], payload["load_after"]):
-        lines += [note, ""]
+    lines = run_header(payload, f"{payload['repeats']} runs per row (seeds {payload['seeds']}).")
     lines += [
         f"Worker death -> next applied update (target < {TARGET_WORKER_S:g} s); "
         "median / max over every crash:",
@@ -277,14 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     payload["load_after"] = load_average()
-    path = write_results(f"{NAME}-quick" if args.quick else NAME, payload)
-    table = render(payload)
-    if not args.quick:
-        ensure_section()
-        update_doc(NAME, table)
-    print(table)
-    print(f"\nresults: {path}")
-    return 0
+    return publish(NAME, payload, render(payload), args.quick, before_doc=ensure_section)
 
 
 if __name__ == "__main__":

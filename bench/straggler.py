@@ -35,12 +35,12 @@ from bench.common import (
     load_note,
     machine_info,
     median,
+    publish,
+    run_header,
     run_job,
     say,
     steady_window,
     step_points,
-    update_doc,
-    write_results,
 )
 
 NAME = "straggler"
@@ -138,15 +138,9 @@ def _b_hat(r: dict[str, Any]) -> str:
 
 def render(payload: dict[str, Any]) -> str:
     """The markdown block for ``docs/benchmarks.md``."""
-    m, cal = payload["machine"], payload["calibration"]
-    lines = [
-        f"Command: `{m['command']}` — {m['date']}, {m['cpu_count']} CPUs, {m['platform']}, "
-        f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']} (git {m['git']}). "
-        f"Load average before/after: {payload['load_before']} / {payload['load_after']}.",
-        "",
-    ]
-    if note := load_note(payload["load_before"], payload["load_after"]):
-        lines += [note, ""]
+    cal = payload["calibration"]
+    note = load_note(payload["load_before"], payload["load_after"])
+    lines = run_header(payload)
     lines += [
         f"Straggler: worker {STRAGGLER}, exponential delays with mean "
         f"**{cal['delay_ms']:.2f} ms** = the steady step time of a fault-free sync run "
@@ -249,13 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": modes,
     }
     payload["load_after"] = load_average()
-    path = write_results(f"{NAME}-quick" if args.quick else NAME, payload)
-    table = render(payload)
-    if not args.quick:
-        update_doc(NAME, table)
-    print(table)
-    print(f"\nresults: {path}")
-    return 0
+    return publish(NAME, payload, render(payload), args.quick)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ from bench.common import (
     load_note,
     machine_info,
     median,
+    publish,
+    run_header,
     run_job,
     say,
     steady_rate,
     step_points,
-    update_doc,
-    write_results,
 )
 from service.spec import JobSpec, parse_spec
 
@@ -294,17 +294,8 @@ def _step_ms(rate: float, global_batch: int) -> float:
 
 def render(payload: dict[str, Any]) -> str:
     """The markdown block for ``docs/benchmarks.md``."""
-    m = payload["machine"]
-    lines = [
-        f"Command: `{m['command']}` — {m['date']}, {m['cpu_count']} CPUs, {m['platform']}, "
-        f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']} "
-        f"(git {m['git']}). Load average before/after: "
-        f"{payload['load_before']} / {payload['load_after']}. "
-        f"Median of {payload['repeats']} runs.",
-        "",
-    ]
-    if note := load_note(payload["load_before"], payload["load_after"]):
-        lines += [note, ""]
+    note = load_note(payload["load_before"], payload["load_after"])
+    lines = run_header(payload, f"Median of {payload['repeats']} runs.")
     lines += [
         "| workload | run | samples/s (steady) | x plain | step ms | whole-run samples/s "
         "| compute ms | round trip ms | overhead ms | apply ms |",
@@ -369,13 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "workloads": workloads,
     }
-    path = write_results(f"{NAME}-quick" if args.quick else NAME, payload)
-    table = render(payload)
-    if not args.quick:
-        update_doc(NAME, table)
-    print(table)
-    print(f"\nresults: {path}")
-    return 0
+    return publish(NAME, payload, render(payload), args.quick)
 
 
 if __name__ == "__main__":
