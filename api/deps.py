@@ -1,7 +1,9 @@
 """Request dependencies as ``Annotated`` aliases, and bearer-token auth.
 
 Routes ask for what they need by type (``jobs: JobsDep``); the objects live on
-``app.state`` (set up by :func:`api.main.create_app`). Mutating routes carry
+``app.state`` (set up by :func:`api.main.create_app`). The dependencies are ``async def``:
+FastAPI runs a plain ``def`` dependency in its thread pool, a hop that costs more than
+what these do. Mutating routes carry
 ``dependencies=[RequireToken]``: when the server has a token, a request without one is
 refused with 401 and a request with a wrong one with 403, before its body is looked at.
 """
@@ -20,22 +22,22 @@ from service.settings import Settings
 from service.store import JobRow, Store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_jobs(request: Request) -> JobManager:
+async def get_jobs(request: Request) -> JobManager:
     jobs: JobManager = request.app.state.jobs
     return jobs
 
 
-def get_drills(request: Request) -> DrillService:
+async def get_drills(request: Request) -> DrillService:
     drills: DrillService = request.app.state.drills
     return drills
 
@@ -52,7 +54,7 @@ DrillId = Annotated[str, Path(min_length=1, max_length=64, description="drill id
 _bearer = HTTPBearer(auto_error=False, description="the server's ESGD_TOKEN")
 
 
-def require_token(
+async def require_token(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -82,8 +84,12 @@ def require_token(
 RequireToken = Depends(require_token)
 
 
-def existing_job(job_id: JobId, jobs: JobsDep) -> JobRow:
-    """The job named in the path (404 if unknown), resolved before any streaming starts."""
+async def existing_job(job_id: JobId, jobs: JobsDep) -> JobRow:
+    """The job named in the path (404 if unknown), resolved before any streaming starts.
+
+    One primary-key read of SQLite (WAL: never blocked by a writer), done on the event loop
+    like every dependency here: a hop to the thread pool would cost more than the read.
+    """
     return jobs.get(job_id)
 
 

@@ -7,16 +7,19 @@ jobs keep running in Ray and are re-attached by the next start.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit
+from api.middleware import BodySizeLimit, RequestTiming
 from api.routes import dashboard, drills, health, jobs, metrics
 from service import ray_conn
 from service.drill_jobs import DrillService
@@ -52,10 +55,18 @@ def create_app(
         the_cluster = cluster
         if connect_ray:
             await run_in_threadpool(ray_conn.connect, settings.ray_address)
+            # the runtime (torch, the actors) is needed by the first job: load it now, so
+            # that it is frozen below with the rest of what lives as long as the process
+            await run_in_threadpool(importlib.import_module, "service.runner")
             if the_cluster is None:
                 the_cluster = ray_conn.RayCluster()
         await run_in_threadpool(jobs_mgr.start, the_cluster)
         await run_in_threadpool(drill_svc.reconcile)
+        # Everything alive now (Ray, torch, the app: ~10^6 objects) lives as long as the
+        # process: out of the collector's sight, a full collection stops the event loop for
+        # a few ms instead of 70-200 ms (measured under bench.load; the p99 of every route).
+        gc.freeze()
+        log.info("%d start-up objects moved out of the collector's sight", gc.get_freeze_count())
         log.info("elastic-sgd service ready on %s:%d", settings.host, settings.port)
         try:
             yield
@@ -74,6 +85,9 @@ def create_app(
     app.state.drills = drill_svc
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # outermost: times the whole request, a 413 from the body limit included
+    app.state.http_registry = CollectorRegistry(auto_describe=True)
+    app.add_middleware(RequestTiming, registry=app.state.http_registry)
     for r in (jobs.router, drills.router, health.router, metrics.router, dashboard.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,7 +113,8 @@ class JobPublic(BaseModel):
     drill_id: str | None
 
     @classmethod
-    def of(cls, row: JobRow) -> JobPublic:
+    def of(cls, row: JobRow, **extra: Any) -> Self:
+        """The public view of ``row``; ``extra`` fills the fields of a subclass."""
         st = row.status
         workers = []
         for w in st.get("workers") or []:
@@ -150,6 +151,7 @@ class JobPublic(BaseModel):
             bound=_f(st.get("bound")),
             error=row.error,
             drill_id=row.drill_id,
+            **extra,
         )
 
 

@@ -5,7 +5,7 @@ What runs: one ``elastic-sgd serve`` subprocess on 127.0.0.1 (a temp state dir, 
 token, its own in-process Ray, or the cluster in ``RAY_ADDRESS`` / ``--ray-address``) with
 ``ESGD_MAX_RUNNING_JOBS=2``; two digits jobs with 2 workers each train through the whole
 measurement (enough steps to outlast it; cancelled at the end). Then, in each
-:data:`PHASES` entry, ``--clients`` clients, each its own ``httpx.AsyncClient`` with one
+:data:`PHASES` entry, ``--clients`` clients, each its own ``aiohttp.ClientSession`` with one
 keep-alive connection, send ``--requests-per-client`` requests each, one at a time: every
 :data:`POST_EVERY`-th a ``POST /jobs`` of a small valid spec (it stays ``pending``: the two
 training jobs fill ``ESGD_MAX_RUNNING_JOBS``; they are cancelled after each phase), the
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -97,7 +98,7 @@ POST_SPEC: dict[str, Any] = {
 SECTION = """## API load
 
 What: latency of `GET /jobs/{id}` and `POST /jobs` seen by 50 concurrent HTTP clients
-(each an `httpx.AsyncClient` with one keep-alive connection, all on loopback) while two
+(each an `aiohttp.ClientSession` with one keep-alive connection, all on loopback) while two
 digits jobs with 2 workers each train on the same machine. Every 5th request of a client is
 a `POST /jobs` of a small valid spec (it stays pending: `ESGD_MAX_RUNNING_JOBS=2` is filled by
 the two training jobs), the others read one of the training jobs. Two phases: *burst* (closed
@@ -197,6 +198,22 @@ class Sample:
     route: str
     latency_s: float
     status: int  # 0: no response (transport error or timeout)
+    # the server's own time for the request (its Server-Timing header), if it answered
+    server_s: float | None = None
+
+
+def server_time_s(header: str | None) -> float | None:
+    """Seconds from a ``Server-Timing: app;dur=<ms>`` header (None if absent or unreadable)."""
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == "dur":
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -228,10 +245,13 @@ async def client_loop(
     out: list[Sample],
 ) -> None:
     """One client: ``n_requests`` requests on one keep-alive connection, one at a time."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(
-        base_url=svc.url, headers=svc.headers, timeout=30.0, limits=limits
-    ) as client:
+    # aiohttp, not httpx: on this machine httpx's AsyncClient spent 7-8 ms of CPU per
+    # request on the clients' side, more than the server, and that CPU is the same 2 cores
+    connector = aiohttp.TCPConnector(limit=1, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30.0)
+    async with aiohttp.ClientSession(
+        base_url=svc.url, headers=svc.headers, connector=connector, timeout=timeout
+    ) as session:
         # paced clients start spread over one period, not all in the same instant
         start = time.monotonic() + period_s * index / clients
         for i in range(n_requests):
@@ -246,14 +266,16 @@ async def client_loop(
             t0 = time.perf_counter()
             try:
                 if post:
-                    r = await client.post("/jobs", json=POST_SPEC)
+                    req = session.post("/jobs", json=POST_SPEC)
                 else:
-                    r = await client.get(f"/jobs/{job_ids[(i + index) % len(job_ids)]}")
-                _ = r.content
-                status = r.status_code
-            except httpx.HTTPError:
-                status = 0
-            out.append(Sample(route, time.perf_counter() - t0, status))
+                    req = session.get(f"/jobs/{job_ids[(i + index) % len(job_ids)]}")
+                async with req as r:
+                    await r.read()
+                    status = r.status
+                    server = server_time_s(r.headers.get("server-timing"))
+            except (aiohttp.ClientError, TimeoutError):
+                status, server = 0, None
+            out.append(Sample(route, time.perf_counter() - t0, status, server))
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -278,6 +300,7 @@ def run_phase(
     samples: list[Sample] = []
     assert svc.proc is not None
     cpu0 = process_cpu_s(svc.proc.pid)
+    own0 = time.process_time()
     t0 = time.monotonic()
 
     async def go() -> None:
@@ -291,6 +314,7 @@ def run_phase(
 
     asyncio.run(go())
     wall = time.monotonic() - t0
+    own = time.process_time() - own0
     cpu1 = process_cpu_s(svc.proc.pid)
     server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return {
@@ -305,6 +329,8 @@ def run_phase(
         "server_cpu_ms_per_request": None
         if server_cpu is None or not samples
         else 1000.0 * server_cpu / len(samples),
+        # what one request cost the load generator (50 aiohttp sessions on one event loop)
+        "client_cpu_ms_per_request": 1000.0 * own / len(samples) if samples else None,
         "routes": {
             route: stats([s for s in samples if s.route == route])
             for route in ("GET /jobs/{id}", "POST /jobs")
@@ -330,6 +356,11 @@ def stats(samples: Sequence[Sample]) -> dict[str, Any]:
             max_ms=float(ok.max()),
             mean_ms=float(ok.mean()),
         )
+    # the server's own share (Server-Timing): arrival to response start, in its process
+    srv = np.array([s.server_s for s in samples if s.server_s is not None]) * 1000.0
+    if srv.size:
+        s50, s99 = np.percentile(srv, [50, 99])
+        out.update(server_p50_ms=float(s50), server_p99_ms=float(s99))
     return out
 
 
@@ -368,15 +399,17 @@ def render(payload: dict[str, Any]) -> str:
         f"{payload['load_before']} before, {payload['load_after']} after; Python "
         f"{m['python']}, Ray {m['ray']}; {m['date']}.",
         "",
-        "| phase | route | requests | errors | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| phase | route | requests | errors | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) "
+        "| server p50 (ms) | server p99 (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, ph in payload["phases"].items():
         for route, s in ph["routes"].items():
             lines.append(
                 f"| {name} | `{route}` | {s['requests']} | {s['errors']} | "
                 f"{fmt(s.get('p50_ms'), '.1f')} | {fmt(s.get('p90_ms'), '.1f')} | "
-                f"{fmt(s.get('p99_ms'), '.1f')} | {fmt(s.get('max_ms'), '.1f')} |"
+                f"{fmt(s.get('p99_ms'), '.1f')} | {fmt(s.get('max_ms'), '.1f')} | "
+                f"{fmt(s.get('server_p50_ms'), '.1f')} | {fmt(s.get('server_p99_ms'), '.1f')} |"
             )
     lines.append("")
     for name, ph in payload["phases"].items():
@@ -390,7 +423,8 @@ def render(payload: dict[str, Any]) -> str:
         lines.append(
             f"- {name}: {how}; {ph['requests_sent']} requests in {ph['wall_s']:.1f} s = "
             f"{ph['requests_per_s']:.0f}/s; the server spent "
-            f"{fmt(ph['server_cpu_ms_per_request'], '.1f')} ms of CPU per request."
+            f"{fmt(ph['server_cpu_ms_per_request'], '.1f')} ms of CPU per request, the "
+            f"clients {fmt(ph.get('client_cpu_ms_per_request'), '.1f')} ms."
             + (" **The time limit cut this phase short.**" if ph["time_limit_hit"] else "")
         )
     tgt = payload["target"]

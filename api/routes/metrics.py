@@ -2,6 +2,8 @@
 
 Per live job (starting, running, recovering): step, samples/s, loss, B-hat (max, mean) and
 its bound, live workers. Over all jobs: jobs by state, faults and recoveries (counters).
+Then the API's own ``esgd_http_request_duration_seconds`` histogram (by method, route
+template and status; see :class:`api.middleware.RequestTiming`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -122,7 +124,9 @@ class StoreCollector(Collector):
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
     summary="Prometheus metrics",
 )
-def metrics(store: StoreDep) -> Response:
+def metrics(store: StoreDep, request: Request) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    # the jobs' numbers, read from the store now, then the API's own request timings
+    body = generate_latest(registry) + generate_latest(request.app.state.http_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -339,3 +339,23 @@ def test_dashboard_and_openapi(client: TestClient) -> None:
         schema["paths"]
     )
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_request_timing_header_and_histogram(client: TestClient) -> None:
+    job = client.post("/jobs", json=SPEC)
+    assert job.status_code == 201
+    got = client.get(f"/jobs/{job.json()['id']}")
+    missing = client.get("/jobs/nope")
+    for r in (job, got, missing):
+        name, _, dur = r.headers["server-timing"].partition(";dur=")
+        assert name == "app" and 0.0 <= float(dur) < 60_000
+    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    counts = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in fams["esgd_http_request_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    # labelled by the route's template, not by the id in the path
+    assert counts[("POST", "/jobs", "201")] == 1.0
+    assert counts[("GET", "/jobs/{job_id}", "200")] == 1.0
+    assert counts[("GET", "/jobs/{job_id}", "404")] == 1.0

@@ -428,3 +428,54 @@ def test_runtime_errors_reach_the_caller_unwrapped(env: tuple) -> None:
     runner.scale = dead  # type: ignore[method-assign]
     with pytest.raises(InvalidTransition, match="did not answer"):
         mgr.scale(job.id, 3)
+
+
+def test_pending_jobs_are_worked_out_once_not_every_tick(
+    env: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr, backend, cluster, store = env
+    mgr.settings.max_running_jobs = 1
+    backend.script = Script(steps_per_poll=1)
+    cluster.cpus = 100.0
+    # one job the store knew before this manager (as after a restart): read back once
+    long = SPEC.model_copy(update={"steps": 10_000})
+    store.create_job("old", "t", long.model_dump(mode="json"), Path("/tmp/old"))
+    spec_reads: list[str] = []
+    sized: list[str] = []
+    real_spec_of, real_resources = mgr.spec_of, backend.resources
+    monkeypatch.setattr(mgr, "spec_of", lambda j: spec_reads.append(j) or real_spec_of(j))
+    monkeypatch.setattr(backend, "resources", lambda s: sized.append(s.name) or real_resources(s))
+    jobs = [mgr.submit(SPEC.model_copy(update={"name": f"n{i}"})) for i in range(5)]
+    for _ in range(10):
+        mgr.tick()
+    assert spec_reads == ["old"]  # submitted specs are kept from the submission
+    assert state_of(store, "old") != "pending"  # oldest first
+    assert all(state_of(store, j.id) == "pending" for j in jobs)
+    # each pending job sized once (plus the starting/live ones re-sized for the reservation)
+    assert all(sized.count(f"n{i}") == 1 for i in range(5))
+
+
+def test_a_burst_of_submissions_does_not_poll_live_jobs(env: tuple) -> None:
+    """A submission wakes an admission round only; live jobs are polled on the interval."""
+    mgr, backend, cluster, store = env
+    mgr.settings.poll_interval_s = 0.5
+    mgr.settings.max_running_jobs = 1
+    backend.script = Script(steps_per_poll=1)
+    cluster.cpus = 100.0
+    long = mgr.submit(SPEC.model_copy(update={"steps": 10_000}))
+    mgr.start()
+    deadline = time.monotonic() + 10
+    while state_of(store, long.id) != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner = backend.runners[long.id]
+    polls0, t0 = runner.calls.count("poll"), time.monotonic()
+    queued = [mgr.submit(SPEC) for _ in range(40)]
+    # every one is told promptly why it waits (an admission round, not the next poll)
+    while time.monotonic() - t0 < 0.4:
+        if all(any(e.kind == "queued" for e in store.events(j.id)) for j in queued):
+            break
+        time.sleep(0.01)
+    assert all(any(e.kind == "queued" for e in store.events(j.id)) for j in queued)
+    elapsed = time.monotonic() - t0
+    polls = runner.calls.count("poll") - polls0
+    assert polls <= elapsed / 0.5 + 1, f"{polls} polls in {elapsed:.2f} s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -255,3 +257,65 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
     seqs = [r["seq"] for r in s.metrics("job1", limit=100_000)]
     s.close()
     assert seqs[:acked] == list(range(1, acked + 1))  # every acknowledged record is there
+
+
+def test_queued_writes_share_a_commit_and_fail_alone(store: Store) -> None:
+    """Group commit: writes queued while the writer is busy run in one transaction, each in
+    its own savepoint, so a refused one (a stale compare-and-set) rolls back only itself."""
+    jid = _job(store)
+    gate = threading.Event()
+    # hold the writer thread inside a write until everything below is queued behind it
+    blocker = threading.Thread(target=store._write, args=(lambda c: gate.wait(10),))
+    blocker.start()
+    while store._writes.qsize() or not store._writer:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    results: dict[str, object] = {}
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        try:
+            results[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - the outcome is the assertion
+            results[name] = exc
+
+    calls = {
+        "a": lambda: store.ingest(jid, [_rec(1, 1)], []),
+        "stale": lambda: store.transition(jid, "running", "failed", detail="x"),
+        "b": lambda: store.ingest(jid, [_rec(2, 2)], []),
+        "move": lambda: store.transition(jid, "pending", "starting", detail="go"),
+    }
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for t in threads:
+        t.start()
+    while store._writes.qsize() < len(calls):
+        time.sleep(0.001)
+    gate.set()
+    for t in [*threads, blocker]:
+        t.join(10)
+    assert results["a"] == (1, 0) and results["b"] == (1, 0)
+    assert isinstance(results["stale"], StaleState)
+    row = store.get_job(jid)
+    assert row is not None and row.state == "starting"
+    assert [e.target for e in store.events(jid, kind="state")] == ["pending", "starting"]
+    assert [r["seq"] for r in store.metrics(jid)] == [1, 2]
+
+
+def test_async_writes_commit_before_returning(store: Store) -> None:
+    async def submit_all() -> list[str]:
+        rows = await asyncio.gather(
+            *(
+                store.create_job_async(f"j{i}", "j", {"i": i}, Path("/tmp/x") / f"j{i}")
+                for i in range(20)
+            )
+        )
+        return [r.id for r in rows]
+
+    ids = asyncio.run(submit_all())
+    assert sorted(ids) == sorted(f"j{i}" for i in range(20))
+    # visible to another connection (another thread), spec and first event included
+    seen: list[object] = []
+    t = threading.Thread(target=lambda: seen.extend(store.get_spec(i) for i in ids))
+    t.start()
+    t.join()
+    assert seen == [{"i": int(i[1:])} for i in ids]
+    assert set(store.ids_in_state("pending")) == set(ids)
