@@ -167,9 +167,12 @@ class CoordinatorCore:
         spec: JobSpec,
         data_dir: str | None = None,
         state_dir: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.job_id = job_id
         self.state_dir = Path(state_dir) if state_dir else None
+        # continue from the latest checkpoint in state_dir (as after a crash of this actor)
+        self.resume = resume
         self.spec = spec
         self.state = RunState.STARTING
         self.error: str | None = None
@@ -361,7 +364,7 @@ class CoordinatorCore:
         ids = list(range(self.spec.workers))
         self.plan[:] = bind_plan(self.spec.faults, ids, self.spec.seed)
         samplers: dict[int, dict[str, Any]] = {}
-        if self._reconstructed() and self.state_dir is not None:
+        if (self.resume or self._reconstructed()) and self.state_dir is not None:
             ids, samplers = self._resume()
         shards = make_shards(len(self.ds.x_train), len(ids), self.spec.seed + self.resizes)
         for i, wid in enumerate(ids):
@@ -987,6 +990,11 @@ class CoordinatorCore:
             ),
             default=None,
         )
+        if crash_step is None:  # not an injected crash: the last step the journal recorded
+            crash_step = max(
+                (int(e["step"]) for e in entries if "detail" not in e and "step" in e),
+                default=None,
+            )
         self.restarts = 1 + sum(1 for e in entries if e.get("kind") == "restart")
         fired_file = self.state_dir / "fired.json"
         if fired_file.exists():

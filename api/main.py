@@ -72,6 +72,10 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(jobs_mgr.stop)
+            if connect_ray:
+                # a cluster's detached jobs train on; an embedded Ray is stopped whole (left
+                # to the process's exit, its agents would outlive it)
+                await run_in_threadpool(ray_conn.disconnect)
 
     app = FastAPI(
         title="elastic-sgd",

@@ -208,6 +208,9 @@ class RunnerBackend(Protocol):
     def attach(
         self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
     ) -> RunnerLike | None: ...
+    def resumable(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> tuple[RunnerLike, int] | None: ...
     def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
 
 
@@ -235,6 +238,14 @@ class RayRunnerBackend:
 
         runner: RunnerLike | None = JobRunner.attach(job_id, spec, out_dir, data_dir=data_dir)
         return runner
+
+    def resumable(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> tuple[RunnerLike, int] | None:
+        from service.runner import JobRunner
+
+        found = JobRunner.resumable(job_id, spec, out_dir, data_dir=data_dir)
+        return None if found is None else (found[0], found[1])
 
     def resources(self, spec: JobSpec) -> list[dict[str, float]]:
         from service.runner import JobRunner
@@ -614,9 +625,10 @@ class JobManager:
     def reconcile(self) -> None:
         """Bring every non-terminal job the store knows back under supervision.
 
-        Pending jobs wait again; live ones are re-attached to their coordinator if it still
-        runs in Ray, else failed with the reason (resume-from-checkpoint comes with the
-        fault-tolerance work).
+        Pending jobs wait again. A live one is re-attached to its coordinator if that still
+        runs in Ray; if the coordinator is gone (it ran in the service's own Ray instance,
+        which died with the service, or it crashed) the job resumes from its latest valid
+        checkpoint; without one it is failed with the reason.
         """
         rows, _ = self.store.list_jobs(
             states=[s.value for s in JobState if s.live], limit=1_000_000, newest_first=False
@@ -627,20 +639,14 @@ class JobManager:
             except (ValidationError, JobNotFound) as exc:
                 self._fail(row.id, f"its stored spec no longer validates: {exc}")
                 continue
+            out_dir = Path(row.out_dir)
             try:
-                runner = self.backend.attach(
-                    row.id, spec, Path(row.out_dir), self.settings.data_dir
-                )
+                runner = self.backend.attach(row.id, spec, out_dir, self.settings.data_dir)
             except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 log.warning("job %s: attach failed: %r", row.id, exc)
                 runner = None
             if runner is None:
-                self._fail(
-                    row.id,
-                    f"the service restarted and coordinator esgd-{row.id} is no longer in Ray "
-                    "(it ran in the service's own Ray instance, or it crashed); resuming from "
-                    "a checkpoint is not supported yet: resubmit the job",
-                )
+                self._resume(row, spec)
                 continue
             with self._lock:
                 self._live[row.id] = _Live(runner=runner, spec=spec, seen_status=True)
@@ -651,6 +657,49 @@ class JobManager:
                 step=row.step,
             )
             log.info("job %s re-attached (%s)", row.id, row.state)
+
+    def _resume(self, row: JobRow, spec: JobSpec) -> None:
+        """Restart a live job whose coordinator is gone from its latest valid checkpoint."""
+        gone = (
+            f"the service restarted and coordinator esgd-{row.id} is no longer in Ray (it ran "
+            "in the service's own Ray instance, or it crashed)"
+        )
+        try:
+            found = self.backend.resumable(row.id, spec, Path(row.out_dir), self.settings.data_dir)
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is data
+            log.warning("job %s: looking for a checkpoint failed: %r", row.id, exc)
+            found = None
+        if found is None:
+            self._fail(
+                row.id,
+                f"{gone}, and it left no valid checkpoint to resume from (set "
+                "checkpoint.interval_steps or checkpoint.interval_s in the spec); resubmit it",
+            )
+            return
+        runner, ckpt_step = found
+        reason = (
+            f"{gone}; resuming from its checkpoint at step {ckpt_step} (the service had seen "
+            f"step {row.step}: {max(0, row.step - ckpt_step)} steps are trained again)"
+        )
+        current = JobState(row.state)
+        try:
+            if current is not JobState.RECOVERING:
+                self._transition(
+                    row.id,
+                    current,
+                    JobState.RECOVERING,
+                    f"resuming from the checkpoint at step {ckpt_step}",
+                    step=row.step,
+                )
+            self.store.add_event(row.id, "resume", reason, step=row.step)
+        except (StaleState, InvalidTransition) as exc:
+            log.warning("job %s: could not resume: %s", row.id, exc)
+            return
+        entry = _Live(runner=runner, spec=spec)
+        with self._lock:
+            self._live[row.id] = entry
+        entry.start = self._pool.submit(runner.start)
+        log.info("job %s resumes from its checkpoint at step %d", row.id, ckpt_step)
 
     # -- the supervisor -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from actors.checkpoint import latest_valid
 from actors.coordinator import Coordinator
 from service.errors import ElasticSGDError, TrainingFailed
 from service.spec import FaultSpec, JobSpec
@@ -80,6 +81,8 @@ class JobRunner:
         # checkpoints and the coordinator's journal live here (they outlive a crash)
         self.state_dir = Path(state_dir) if state_dir is not None else self.out_dir / "state"
         self.restarts = 0
+        # start() continues from the latest checkpoint in state_dir instead of from step 0
+        self.resume = False
         self.actor: Any = None
         self.run_ref: Any = None
         self._seen = 0  # highest seq handed to the caller
@@ -105,8 +108,9 @@ class JobRunner:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
         ensure_ray()
-        # a fresh start: checkpoints and journal of an earlier run in this folder are not ours
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if not self.resume:
+            # a fresh start: checkpoints and journal of an earlier run here are not ours
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         opts: dict[str, Any] = {
             "name": self.actor_name,
             "namespace": NAMESPACE,
@@ -121,6 +125,7 @@ class JobRunner:
             self.spec,
             None if self.data_dir is None else str(self.data_dir),
             str(self.state_dir),
+            self.resume,
         )
         info = self._start_remote()
         self.run_ref = self.actor.run.remote()
@@ -182,6 +187,20 @@ class JobRunner:
         except (ValueError, ray.exceptions.RayError):
             return None
         return runner
+
+    @classmethod
+    def resumable(
+        cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
+    ) -> tuple[JobRunner, int] | None:
+        """A runner whose :meth:`start` continues the job from its latest valid checkpoint
+        (its coordinator is gone, e.g. with the Ray instance of a killed service), and that
+        checkpoint's step; ``None`` if the job left no valid checkpoint."""
+        runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        loaded = latest_valid(runner.state_dir / "checkpoints")
+        if loaded is None:
+            return None
+        runner.resume = True
+        return runner, loaded.step
 
     def poll(self) -> Poll:
         """New records/events since the last poll, plus the status.

@@ -207,10 +207,15 @@ class ScaleAction(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    """How often the coordinator writes an atomic, checksummed checkpoint."""
+    """How often the coordinator writes an atomic, checksummed checkpoint (whichever of the
+    two intervals comes first; ``null`` turns one off).
+
+    By default every 30 s, so that any job can be resumed after its coordinator is lost
+    with the service's own Ray instance; a job with both intervals off cannot.
+    """
 
     interval_steps: int | None = Field(default=None, ge=1, le=10_000_000)
-    interval_s: float | None = Field(default=None, gt=0.0, le=1e6)
+    interval_s: float | None = Field(default=30.0, gt=0.0, le=1e6)
     keep: int = Field(default=3, ge=1, le=100)
 
 

@@ -3,11 +3,16 @@
 The Ray instance is started by this (pytest) process without a dashboard; each server is
 ``python -m service.cli serve`` on 127.0.0.1 with a free port and a temp state directory,
 pointed at that Ray with ``RAY_ADDRESS``, so that killing a server (even with -9) leaves
-its jobs training in Ray, as in a real deployment.
+its jobs training in Ray, as in a real deployment. A server made with ``ray_address=None``
+starts its own Ray instead (the embedded default), which dies with it.
+
+Each server runs in its own session (process group): stopping it also stops whatever it
+started and left behind (the agents of its own Ray instance outlive a ``kill -9``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -63,12 +68,13 @@ class Server:
     """One ``elastic-sgd serve`` subprocess."""
 
     state_dir: Path
-    ray_address: str
+    ray_address: str | None  # None: the server starts its own Ray
     token: str | None = None
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    groups: list[int] = field(default_factory=list)  # process groups of every start
 
     @property
     def url(self) -> str:
@@ -84,11 +90,13 @@ class Server:
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
-            "RAY_ADDRESS": self.ray_address,
             "ESGD_STATE_DIR": str(self.state_dir),
             "ESGD_POLL_INTERVAL_S": "0.25",
             **self.env_extra,
         }
+        env.pop("RAY_ADDRESS", None)
+        if self.ray_address is not None:
+            env["RAY_ADDRESS"] = self.ray_address
         env.pop("ESGD_TOKEN", None)
         if self.token:
             env["ESGD_TOKEN"] = self.token
@@ -110,7 +118,9 @@ class Server:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        self.groups.append(self.proc.pid)
         log.close()
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -125,19 +135,28 @@ class Server:
         raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.log()}")
 
     def kill9(self) -> None:
+        """SIGKILL the API process only (what it started is left to fend for itself)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
+    def reap(self) -> None:
+        """SIGKILL what is left of earlier runs' process groups (not the running server)."""
+        running = self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        for group in self.groups:
+            if group != running:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
+
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.reap()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""

@@ -181,12 +181,14 @@ class FakeRunner:
 
 
 class FakeBackend:
-    """Makes :class:`FakeRunner`s; ``survivors`` are what :meth:`attach` finds after a restart."""
+    """Makes :class:`FakeRunner`s; ``survivors`` are what :meth:`attach` finds after a restart,
+    ``checkpoints`` the step of the checkpoint :meth:`resumable` finds for a job."""
 
     def __init__(self, script: Script | None = None) -> None:
         self.script = script or Script()
         self.runners: dict[str, FakeRunner] = {}
         self.survivors: dict[str, FakeRunner] = {}
+        self.checkpoints: dict[str, int] = {}
 
     def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> FakeRunner:
         r = FakeRunner(job_id, spec, out_dir, self.script)
@@ -197,6 +199,16 @@ class FakeBackend:
         self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
     ) -> FakeRunner | None:
         return self.survivors.get(job_id)
+
+    def resumable(
+        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+    ) -> tuple[FakeRunner, int] | None:
+        if job_id not in self.checkpoints:
+            return None
+        r = FakeRunner(job_id, spec, out_dir, self.script)
+        r.step = self.checkpoints[job_id]
+        self.runners[job_id] = r
+        return r, r.step
 
     def resources(self, spec: JobSpec) -> list[dict[str, float]]:
         r = spec.resources

@@ -272,26 +272,34 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     for jid, state in (
         ("alive", "running"),
         ("gone", "running"),
+        ("saved", "running"),
         ("waiting", "pending"),
         ("done", "succeeded"),
     ):
         store.create_job(jid, "t", spec, tmp_path / jid, state=state)
+    store.update_progress("saved", step=5)
     backend = FakeBackend()
     survivor = FakeRunner("alive", SPEC, tmp_path / "alive", backend.script)
     survivor.state, survivor.step = "running", 2
     backend.survivors["alive"] = survivor
+    backend.checkpoints["saved"] = 3  # coordinator gone, a checkpoint at step 3 left
     mgr = JobManager(settings, store, backend=backend, cluster=FakeCluster(8.0))
     mgr.reconcile()
     gone = store.get_job("gone")
     assert gone is not None and gone.state == "failed"
-    assert "no longer in Ray" in (gone.error or "") and "resubmit" in (gone.error or "")
+    assert "no longer in Ray" in (gone.error or "") and "no valid checkpoint" in (gone.error or "")
     assert any(e.kind == "reattach" for e in store.events("alive"))
+    assert state_of(store, "saved") == "recovering"
+    resumed = [e.detail for e in store.events("saved") if e.kind == "resume"]
+    assert len(resumed) == 1 and "checkpoint at step 3" in resumed[0]
+    assert "2 steps are trained again" in resumed[0]
     until(
         mgr,
-        lambda: (
-            state_of(store, "alive") == "succeeded" and state_of(store, "waiting") == "succeeded"
-        ),
+        lambda: all(state_of(store, j) == "succeeded" for j in ("alive", "waiting", "saved")),
     )
+    assert backend.runners["saved"].calls[0] == "start"  # restarted, from step 3
+    states = [e.target for e in store.events("saved", kind="state")]
+    assert states == ["running", "recovering", "running", "succeeded"]
     assert state_of(store, "done") == "succeeded"
     mgr.stop()
     store.close()
