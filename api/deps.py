@@ -11,6 +11,7 @@ refused with 401 and a request with a wrong one with 403, before its body is loo
 from __future__ import annotations
 
 import hmac
+from collections import OrderedDict
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
@@ -37,6 +38,37 @@ async def get_jobs(request: Request) -> JobManager:
     return jobs
 
 
+class DetailCache:
+    """Serialised ``GET /jobs/{id}`` bodies, each for one version (``updated_at``) of its
+    job, the ``max_jobs`` most recently read kept. Used from the event loop only.
+
+    A running job changes once per supervisor poll (0.5 s), a finished one never: readers
+    polling it (dashboards, ``submit --watch``, a load test) mostly get bytes built once.
+    """
+
+    def __init__(self, max_jobs: int = 1024) -> None:
+        self.max_jobs = max_jobs
+        self._bodies: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, job_id: str, version: float) -> bytes | None:
+        hit = self._bodies.get(job_id)
+        if hit is None or hit[0] != version:
+            return None
+        self._bodies.move_to_end(job_id)
+        return hit[1]
+
+    def put(self, job_id: str, version: float, body: bytes) -> None:
+        self._bodies[job_id] = (version, body)
+        self._bodies.move_to_end(job_id)
+        while len(self._bodies) > self.max_jobs:
+            self._bodies.popitem(last=False)
+
+
+async def get_detail_cache(request: Request) -> DetailCache:
+    cache: DetailCache = request.app.state.detail_cache
+    return cache
+
+
 async def get_drills(request: Request) -> DrillService:
     drills: DrillService = request.app.state.drills
     return drills
@@ -46,6 +78,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 DrillsDep = Annotated[DrillService, Depends(get_drills)]
+DetailCacheDep = Annotated[DetailCache, Depends(get_detail_cache)]
 
 # Ids are 12 hex digits; anything up to 64 characters is looked up (and not found: 404).
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="job id")]

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import DetailCache
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestTiming
 from api.routes import dashboard, drills, health, jobs, metrics
@@ -87,6 +88,7 @@ def create_app(
     app.state.store = store
     app.state.jobs = jobs_mgr
     app.state.drills = drill_svc
+    app.state.detail_cache = DetailCache()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # outermost: times the whole request, a 413 from the body limit included

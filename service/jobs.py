@@ -408,13 +408,24 @@ class JobManager:
     def get(self, job_id: str) -> JobRow:
         row = self.store.get_job(job_id)
         if row is None:
-            raise JobNotFound(f"no job {job_id!r}: list the known jobs with GET /jobs")
+            raise _unknown(job_id)
         return row
+
+    def version(self, job_id: str) -> float:
+        """When the job last changed (see :meth:`Store.job_version`).
+
+        Raises:
+            JobNotFound: unknown id.
+        """
+        version = self.store.job_version(job_id)
+        if version is None:
+            raise _unknown(job_id)
+        return version
 
     def spec_of(self, job_id: str) -> JobSpec:
         data = self.store.get_spec(job_id)
         if data is None:
-            raise JobNotFound(f"no job {job_id!r}: list the known jobs with GET /jobs")
+            raise _unknown(job_id)
         return JobSpec.model_validate(data)
 
     def cancel(self, job_id: str) -> JobRow:
@@ -997,6 +1008,10 @@ class JobManager:
         with self._lock:
             self._live[job_id] = entry
         entry.start = self._pool.submit(runner.start)
+
+
+def _unknown(job_id: str) -> JobNotFound:
+    return JobNotFound(f"no job {job_id!r}: list the known jobs with GET /jobs")
 
 
 def parse_fault(data: Any) -> FaultSpec:

@@ -448,6 +448,12 @@ class Store:
         r = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if r is None else _job_row(r)
 
+    def job_version(self, job_id: str) -> float | None:
+        """When the job last changed (``updated_at``: every write to its row, its state, its
+        progress, its summary or its checkpoint list sets it); None for an unknown job."""
+        r = self._conn().execute("SELECT updated_at FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if r is None else float(r[0])
+
     def get_spec(self, job_id: str) -> dict[str, Any] | None:
         r = self._conn().execute("SELECT spec_json FROM specs WHERE job_id=?", (job_id,)).fetchone()
         return None if r is None else dict(json.loads(r[0]))
@@ -681,6 +687,8 @@ class Store:
                             str(e.get("detail", "")),
                         ),
                     )
+                    # the job's detail (GET /jobs/{id}) lists its checkpoints: a new version
+                    c.execute("UPDATE jobs SET updated_at=? WHERE id=?", (time.time(), job_id))
 
         self._write(write)
         return n_rec, n_ev

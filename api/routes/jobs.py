@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ExistingJob, JobId, JobsDep, RequireToken, StoreDep
+from api.deps import DetailCacheDep, ExistingJob, JobId, JobsDep, RequireToken, StoreDep
 from api.schemas import (
     CheckpointPublic,
     ErrorPublic,
@@ -98,12 +98,30 @@ def list_jobs(
 @router.get(
     "/{job_id}",
     response_model=JobDetail,
-    responses=_ID,
+    responses={**_ID, 304: {"description": "unchanged since the ETag sent in If-None-Match"}},
     summary="One job: state, progress, spec, summary",
 )
-async def get_job(job: ExistingJob, store: StoreDep) -> Response:
-    # two indexed reads on the event loop (see api.deps.existing_job): the most polled route
-    return json_response(detail_of(job, store))
+async def get_job(
+    job_id: JobId,
+    jobs: JobsDep,
+    store: StoreDep,
+    cache: DetailCacheDep,
+    if_none_match: Annotated[str | None, Header(max_length=256)] = None,
+) -> Response:
+    """The most polled route: on the event loop (indexed reads of SQLite; see
+    :func:`api.deps.existing_job`), and served from :class:`DetailCache` while the job's
+    row is unchanged. ``ETag`` names that version; ``If-None-Match`` with it gets a 304."""
+    version = jobs.version(job_id)
+    etag = f'"{job_id}-{version!r}"'
+    if if_none_match == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    body = cache.get(job_id, version)
+    if body is None:
+        row = jobs.get(job_id)
+        etag = f'"{job_id}-{row.updated_at!r}"'
+        body = detail_of(row, store).model_dump_json().encode()
+        cache.put(job_id, row.updated_at, body)
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 @router.get("/{job_id}/metrics", responses=_ID, summary="Metric records, oldest first")

@@ -359,3 +359,23 @@ def test_request_timing_header_and_histogram(client: TestClient) -> None:
     assert counts[("POST", "/jobs", "201")] == 1.0
     assert counts[("GET", "/jobs/{job_id}", "200")] == 1.0
     assert counts[("GET", "/jobs/{job_id}", "404")] == 1.0
+
+
+def test_job_detail_is_cached_per_version_with_an_etag(client: TestClient) -> None:
+    job = client.post("/jobs", json=SPEC).json()
+    done = wait_state(client, job["id"], {"succeeded"})
+    first = client.get(f"/jobs/{job['id']}")
+    etag = first.headers["etag"]
+    assert first.json() == done and first.json()["checkpoints"] == done["checkpoints"]
+    again = client.get(f"/jobs/{job['id']}")
+    assert again.headers["etag"] == etag and again.content == first.content
+    unchanged = client.get(f"/jobs/{job['id']}", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.headers["etag"] == etag
+    assert client.get(f"/jobs/{job['id']}", headers={"If-None-Match": '"x"'}).status_code == 200
+    # a change of the row is a new version: cancelling a pending job shows at once
+    pending = client.post("/jobs", json={**SPEC, "workers": 64, "max_workers": 64}).json()
+    tag = client.get(f"/jobs/{pending['id']}").headers["etag"]
+    assert client.post(f"/jobs/{pending['id']}/cancel").status_code == 202
+    after = client.get(f"/jobs/{pending['id']}", headers={"If-None-Match": tag})
+    assert after.status_code == 200 and after.json()["state"] == "cancelled"
+    assert after.headers["etag"] != tag

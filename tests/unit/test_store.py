@@ -150,7 +150,10 @@ def test_metric_filters(store: Store) -> None:
 
 
 def test_checkpoint_events_become_checkpoint_records(store: Store) -> None:
-    jid = _job(store)
+    jid = _job(store, now=1.0)
+    assert store.job_version(jid) == 1.0 and store.job_version("nope") is None
+    store.ingest(jid, [_rec(5, 5)], [])
+    assert store.job_version(jid) == 1.0  # metric records are not part of the job's row
     store.ingest(
         jid,
         [],
@@ -167,6 +170,8 @@ def test_checkpoint_events_become_checkpoint_records(store: Store) -> None:
     )
     (c,) = store.checkpoints(jid)
     assert (c.step, c.path, c.detail) == (20, "ckpt-20.pt", "sha256 ab")
+    v = store.job_version(jid)
+    assert v is not None and v > 1.0  # the job's detail lists its checkpoints: a new version
 
 
 def test_progress_summary_and_status_roundtrip(store: Store) -> None:
