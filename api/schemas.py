@@ -62,12 +62,30 @@ class ErrorPublic(BaseModel):
 # -- jobs -------------------------------------------------------------------------------------
 
 
+# A job spec as the API docs (and schema-driven clients and fuzzers) show it: digits, 4
+# workers, the elastic rule, a straggler; valid as it stands.
+JOB_EXAMPLE: dict[str, Any] = {
+    "name": "digits-elastic",
+    "model": {"name": "mlp", "hidden": [64]},
+    "dataset": {"name": "digits"},
+    "workers": 4,
+    "batch_size": 32,
+    "steps": 300,
+    "optimizer": {"lr": 0.1, "momentum": 0.9},
+    "mode": {"name": "elastic", "beta": 0.5, "max_lag": 2},
+    "checkpoint": {"interval_steps": 50},
+    "faults": [{"kind": "delay", "workers": [3], "delay_ms": 20.0, "distribution": "pareto"}],
+}
+
+
 class JobCreate(JobSpec):
     """Body of ``POST /jobs``: a job spec, exactly as in a YAML spec file."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
 
 class ScaleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"workers": 3}]})
 
     workers: int = Field(ge=1, le=4096, description="new number of workers")
 
@@ -77,6 +95,12 @@ class FaultCreate(FaultSpec):
 
     Without a trigger (``at_step``, ``at_s``, ``probability``, ``steps``) it fires now.
     """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"kind": "crash", "workers": [1], "rejoin_after_s": 2.0}],
+        }
+    )
 
 
 JobStateName = Literal[
@@ -240,6 +264,22 @@ class EventsPage(BaseModel):
 
 class DrillCreate(DrillSpec):
     """Body of ``POST /drills``: a drill file's content (``name``, ``job``, ``criteria``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "crash-one",
+                    "job": {
+                        **JOB_EXAMPLE,
+                        "name": "drill-crash-one",
+                        "faults": [{"kind": "crash", "workers": [1], "at_step": 100}],
+                    },
+                    "criteria": {"finished": True, "min_test_accuracy": 0.9},
+                }
+            ]
+        }
+    )
 
 
 class DrillCheck(BaseModel):
