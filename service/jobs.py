@@ -680,6 +680,13 @@ class JobManager:
         except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is data
             log.warning("job %s: looking for a checkpoint failed: %r", row.id, exc)
             found = None
+        if found is None and JobState(row.state) is JobState.STARTING and row.step == 0:
+            # it never trained: nothing to lose by starting it again from scratch
+            self.store.add_event(
+                row.id, "resume", f"{gone} before it trained; starting it again", step=0
+            )
+            self._launch(row.id, spec, Path(row.out_dir))
+            return
         if found is None:
             self._fail(
                 row.id,
@@ -706,10 +713,7 @@ class JobManager:
         except (StaleState, InvalidTransition) as exc:
             log.warning("job %s: could not resume: %s", row.id, exc)
             return
-        entry = _Live(runner=runner, spec=spec)
-        with self._lock:
-            self._live[row.id] = entry
-        entry.start = self._pool.submit(runner.start)
+        self._supervise(row.id, runner, spec)
         log.info("job %s resumes from its checkpoint at step %d", row.id, ckpt_step)
 
     # -- the supervisor -----------------------------------------------------------------
@@ -997,13 +1001,19 @@ class JobManager:
         except (StaleState, InvalidTransition):
             return  # cancelled meanwhile
         self._announced_wait.discard(job_id)
-        out_dir = self.settings.runs_dir / job_id
+        self._launch(job_id, spec, self.settings.runs_dir / job_id)
+
+    def _launch(self, job_id: str, spec: JobSpec, out_dir: Path) -> None:
+        """Create a starting job's runner and start it in the background."""
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             runner = self.backend.create(job_id, spec, out_dir, self.settings.data_dir)
         except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             self._fail(job_id, f"could not create its runner: {exc}")
             return
+        self._supervise(job_id, runner, spec)
+
+    def _supervise(self, job_id: str, runner: RunnerLike, spec: JobSpec) -> None:
         entry = _Live(runner=runner, spec=spec)
         with self._lock:
             self._live[job_id] = entry

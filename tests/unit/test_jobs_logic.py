@@ -273,6 +273,7 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
         ("alive", "running"),
         ("gone", "running"),
         ("saved", "running"),
+        ("unborn", "starting"),
         ("waiting", "pending"),
         ("done", "succeeded"),
     ):
@@ -295,8 +296,12 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     assert "2 steps are trained again" in resumed[0]
     until(
         mgr,
-        lambda: all(state_of(store, j) == "succeeded" for j in ("alive", "waiting", "saved")),
+        lambda: all(
+            state_of(store, j) == "succeeded" for j in ("alive", "waiting", "saved", "unborn")
+        ),
     )
+    # a job that was still starting (no step, no checkpoint) is simply started again
+    assert any("starting it again" in e.detail for e in store.events("unborn", kind="resume"))
     assert backend.runners["saved"].calls[0] == "start"  # restarted, from step 3
     states = [e.target for e in store.events("saved", kind="state")]
     assert states == ["running", "recovering", "running", "succeeded"]
