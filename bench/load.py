@@ -36,14 +36,12 @@ import argparse
 import asyncio
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +61,7 @@ from bench.common import (
     say,
     update_doc,
 )
+from service.process import ServiceProcess
 
 NAME = "load"
 CLIENTS = 50
@@ -126,82 +125,6 @@ Command: `.venv/bin/python -m bench.load` (`--quick` is a smoke test that writes
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """An ``elastic-sgd serve`` subprocess on loopback with a temp state dir and a token."""
-
-    state_dir: Path
-    ray_address: str | None
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ESGD_")}
-        env.pop("RAY_ADDRESS", None)
-        env.update(
-            PYTHONPATH=str(REPO),
-            ESGD_TOKEN=self.token,
-            ESGD_STATE_DIR=str(self.state_dir),
-            # the two training jobs fill it: POSTed jobs wait in pending
-            ESGD_MAX_RUNNING_JOBS="2",
-        )
-        if self.ray_address:
-            env["RAY_ADDRESS"] = self.ray_address
-        log = open(self.state_dir / "server.log", "wb")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                *("-m", "service.cli", "serve", "--host", "127.0.0.1"),
-                *("--port", str(self.port), "--log-level", "warning"),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited while starting:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the service was not ready after {START_TIMEOUT_S:g} s:\n{self.log()}")
-
-    def log(self) -> str:
-        path = self.state_dir / "server.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @dataclass
 class Sample:
     route: str
@@ -246,7 +169,7 @@ PHASES = (
 async def client_loop(
     index: int,
     clients: int,
-    svc: Service,
+    svc: ServiceProcess,
     job_ids: Sequence[str],
     n_requests: int,
     period_s: float,
@@ -259,7 +182,7 @@ async def client_loop(
     connector = aiohttp.TCPConnector(limit=1, force_close=False)
     timeout = aiohttp.ClientTimeout(total=30.0)
     async with aiohttp.ClientSession(
-        base_url=svc.url, headers=svc.headers, connector=connector, timeout=timeout
+        base_url=svc.url, headers=svc.headers(), connector=connector, timeout=timeout
     ) as session:
         # paced clients start spread over one period, not all in the same instant
         start = time.monotonic() + period_s * index / clients
@@ -299,7 +222,7 @@ def process_cpu_s(pid: int) -> float | None:
 
 def run_phase(
     phase: Phase,
-    svc: Service,
+    svc: ServiceProcess,
     job_ids: Sequence[str],
     clients: int,
     per_client: int,
@@ -493,10 +416,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"[load] load average {load_before}; starting the service")
     phases: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="esgd-load-") as tmp:
-        svc = Service(Path(tmp), args.ray_address)
+        settings = {"ESGD_MAX_RUNNING_JOBS": "2"}  # the training jobs fill it: POSTs pend
+        if args.ray_address:
+            settings["RAY_ADDRESS"] = args.ray_address
+        svc = ServiceProcess(
+            Path(tmp),
+            settings=settings,
+            token=secrets.token_hex(16),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
         try:
-            svc.start()
-            with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60) as client:
+            svc.start(START_TIMEOUT_S)
+            with svc.client(timeout_s=60) as client:
                 job_ids = []
                 for i in range(2):
                     r = client.post("/jobs", json={**TRAIN_SPEC, "name": f"load-train-{i}"})

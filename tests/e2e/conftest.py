@@ -12,20 +12,16 @@ started and left behind (the agents of its own Ray instance outlive a ``kill -9`
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from service.process import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,12 +39,6 @@ SMALL_SPEC: dict[str, Any] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A Ray instance for this module (4 logical CPUs: room for a few small jobs at once)."""
@@ -63,103 +53,24 @@ def ray_address() -> Iterator[str]:
         ray.shutdown()
 
 
-@dataclass
-class Server:
-    """One ``elastic-sgd serve`` subprocess."""
+# The tests' name for a server subprocess.
+Server = ServiceProcess
 
-    state_dir: Path
-    ray_address: str | None  # None: the server starts its own Ray
-    token: str | None = None
-    env_extra: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    groups: list[int] = field(default_factory=list)  # process groups of every start
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def client(self, timeout_s: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=timeout_s)
-
-    def start(self, ready_timeout_s: float = 90.0) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "ESGD_STATE_DIR": str(self.state_dir),
-            "ESGD_POLL_INTERVAL_S": "0.25",
-            **self.env_extra,
-        }
-        env.pop("RAY_ADDRESS", None)
-        if self.ray_address is not None:
-            env["RAY_ADDRESS"] = self.ray_address
-        env.pop("ESGD_TOKEN", None)
-        if self.token:
-            env["ESGD_TOKEN"] = self.token
-        self.log_path = self.state_dir / f"server-{int(time.time() * 1000)}.log"
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.groups.append(self.proc.pid)
-        log.close()
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.log()}")
-
-    def kill9(self) -> None:
-        """SIGKILL the API process only (what it started is left to fend for itself)."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def reap(self) -> None:
-        """SIGKILL what is left of earlier runs' process groups (not the running server)."""
-        running = self.proc.pid if self.proc is not None and self.proc.poll() is None else None
-        for group in self.groups:
-            if group != running:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.reap()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
+def e2e_server(
+    state_dir: Path, ray_address: str | None, token: str | None = None, **env: str
+) -> Server:
+    """A server (not started) for these tests: polls every 0.25 s, runs from the checkout."""
+    settings = {"ESGD_POLL_INTERVAL_S": "0.25", **env}
+    if ray_address is not None:
+        settings["RAY_ADDRESS"] = ray_address
+    return Server(
+        state_dir,
+        settings=settings,
+        token=token,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +80,7 @@ def make_server(
     servers: list[Server] = []
 
     def make(token: str | None = None, state_dir: Path | None = None, **env: str) -> Server:
-        s = Server(
-            state_dir=state_dir or tmp_path_factory.mktemp("state"),
-            ray_address=ray_address,
-            token=token,
-            env_extra=env,
-        )
+        s = e2e_server(state_dir or tmp_path_factory.mktemp("state"), ray_address, token, **env)
         servers.append(s)
         s.start()
         return s

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SMALL_SPEC, Server, job_in, wait_for
+from conftest import SMALL_SPEC, Server, e2e_server, job_in, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -29,7 +29,7 @@ SPEC: dict[str, Any] = {
 
 @pytest.fixture
 def own_ray_server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(state_dir=tmp_path / "state", ray_address=None)
+    srv = e2e_server(tmp_path / "state", ray_address=None)  # the service starts its own Ray
     srv.start(ready_timeout_s=180)
     yield srv
     srv.stop()

@@ -7,8 +7,8 @@ it stops *every* Ray instance on the machine, other test sessions' included. The
 also keeps ``ray_current_cluster`` (what a bare ``ray.init()`` connects to) private, so no
 other process on the machine joins these clusters by accident.
 
-:class:`ServiceProcess` is an ``elastic-sgd serve`` subprocess on 127.0.0.1 pointed at a
-cluster with ``RAY_ADDRESS`` and the cluster's token.
+The service under test is :class:`service.process.ServiceProcess`, pointed at a cluster by
+:func:`service_for` (``RAY_ADDRESS`` and the cluster's token).
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.process import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -37,12 +38,6 @@ RAY_BIN = str(Path(sys.executable).with_name("ray"))
 STARTED_MARK = "Ray runtime started"
 # 256 MiB of object store per node: digits and a small MLP need a few MB; Ray's floor is 75 MiB.
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(fn: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
@@ -82,6 +77,17 @@ def ray_env(token: str, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
+
+
+def service_for(state_dir: Path, token: str, address: str) -> ServiceProcess:
+    """The service (not started yet) on the cluster at ``address`` with its ``token``."""
+    return ServiceProcess(
+        state_dir,
+        settings={"RAY_ADDRESS": address, "ESGD_POLL_INTERVAL_S": "0.25"},
+        env=ray_env(token),
+        cwd=REPO,
+        log_level="info",
+    )
 
 
 def new_token() -> str:
@@ -228,71 +234,6 @@ def cluster_nodes(address: str, env: Mapping[str, str], timeout_s: float = 60.0)
             nodes: list[Any] = json.loads(line.removeprefix("NODES="))
             return nodes
     raise RuntimeError(f"could not list the nodes of {address}:\n{out.stderr[-3000:]}")
-
-
-@dataclass
-class ServiceProcess:
-    """``python -m service.cli serve`` on 127.0.0.1, pointed at a cluster by ``RAY_ADDRESS``."""
-
-    state_dir: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "server.log"
-
-    def log(self, tail_chars: int = 5000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail_chars:]
-
-    def start(self, ready_timeout_s: float = 90.0) -> None:
-        self.launch()
-        self.wait_ready(ready_timeout_s)
-
-    def launch(self) -> None:
-        """Start the server process; returns at once (see :meth:`wait_ready`)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **self.env,
-            "ESGD_STATE_DIR": str(self.state_dir),
-            "ESGD_POLL_INTERVAL_S": "0.25",
-        }
-        env.pop("ESGD_TOKEN", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited early:\n{self.log()}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, timeout_s, "the service's /readyz")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class Stopwatch:

@@ -39,6 +39,7 @@ from ray_procs import (
     job_state,
     new_token,
     ray_env,
+    service_for,
     short_temp_dir,
     start_node,
     wait_for,
@@ -193,8 +194,7 @@ def test_pending_job_gets_nodes_from_the_autoscaler(tmp_path: Path) -> None:
         try:
             cluster.start()
             sw.lap("head up")
-            service_env = ray_env(token, RAY_ADDRESS=cluster.address)
-            service = ServiceProcess(tmp_path / "state", service_env)
+            service = service_for(tmp_path / "state", token, cluster.address)
             service.start()
             sw.lap("service ready")
             with httpx.Client(base_url=service.url, timeout=30) as client:

@@ -27,6 +27,7 @@ from ray_procs import (
     job_state,
     new_token,
     ray_env,
+    service_for,
     short_temp_dir,
     start_node,
     wait_for,
@@ -73,7 +74,7 @@ def test_job_trains_across_two_nodes(tmp_path: Path) -> None:
             # the second node and the service start together (the service only needs the head)
             node_b = start_node("node-b", worker_args(address, 2, {"node_b": 2}), temp_dir, env)
             nodes.append(node_b)
-            service = ServiceProcess(tmp_path / "state", ray_env(token, RAY_ADDRESS=address))
+            service = service_for(tmp_path / "state", token, address)
             service.launch()
             node_b.wait_started()
             sw.lap("node_b up")
