@@ -100,6 +100,9 @@ def list_jobs(
     response_model=JobDetail,
     responses={**_ID, 304: {"description": "unchanged since the ETag sent in If-None-Match"}},
     summary="One job: state, progress, spec, summary",
+    description="The response's `ETag` names this version of the job; send it back in "
+    "`If-None-Match` to get `304 Not Modified` until the job changes (a running job changes "
+    "once per supervisor poll).",
 )
 async def get_job(
     job_id: JobId,
@@ -108,9 +111,8 @@ async def get_job(
     cache: DetailCacheDep,
     if_none_match: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    """The most polled route: on the event loop (indexed reads of SQLite; see
-    :func:`api.deps.existing_job`), and served from :class:`DetailCache` while the job's
-    row is unchanged. ``ETag`` names that version; ``If-None-Match`` with it gets a 304."""
+    # The most polled route: on the event loop (indexed reads of SQLite, see
+    # api.deps.existing_job), served from the DetailCache while the job's row is unchanged.
     version = jobs.version(job_id)
     etag = f'"{job_id}-{version!r}"'
     if if_none_match == etag:
