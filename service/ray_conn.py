@@ -6,8 +6,9 @@ Two ways in, one namespace (``elastic-sgd``, where the job coordinators are name
 * ``ESGD_RAY_ADDRESS`` / ``RAY_ADDRESS``: an existing cluster (``ray start --head`` on
   this machine, a ``ray up`` cluster, a KubeRay ``RayCluster``).
 
-Jobs survive a restart of the service only in the second case: a Ray instance started
-in-process ends with the process that started it.
+Jobs keep running through a restart of the service only in the second case (they are
+re-attached): a Ray instance started in-process ends with the process that started it, and
+its jobs resume from their latest checkpoints when the service starts again.
 """
 
 from __future__ import annotations
