@@ -281,17 +281,20 @@ NOT_A_VERDICT = "Not a verdict: the machine was loaded (see the warning above)."
 def load_note(load_before: Sequence[float], load_after: Sequence[float]) -> str:
     """A warning line when something else kept the cores busy (empty if the box was quiet).
 
-    A 1-minute load average above half the cores means other processes competed with the
-    benchmark; Ray runs its workers at niceness 15 (``RAY_worker_niceness``), so they lose
-    that competition, and a 2-thread torch loses more (its threads wait for each other).
+    Judged by the 1-minute load average *before* the run: above half the cores, other
+    processes were competing when the benchmark started. The load after the run is not
+    used: it counts the benchmark's own actors (a 4-worker job alone keeps it near 5 on 2
+    cores), so it would flag every run. Ray runs its workers at niceness 15
+    (``RAY_worker_niceness``), so they lose any competition with other processes, and a
+    2-thread torch loses more (its threads wait for each other).
     """
     cpus = os.cpu_count() or 1
-    worst = max(load_before[0], load_after[0])
-    if worst <= 0.5 * cpus:
+    before = load_before[0]
+    if before <= 0.5 * cpus:
         return ""
     return (
-        f"**Noisy: the 1-minute load average reached {worst:.1f} on {cpus} CPUs while this "
-        "ran; re-run on a quiet machine before reading the ratios.**"
+        f"**Noisy: the 1-minute load average was {before:.1f} on {cpus} CPUs when this "
+        "started; re-run on a quiet machine before reading the ratios.**"
     )
 
 
