@@ -244,8 +244,10 @@ class RayRunnerBackend:
     ) -> tuple[RunnerLike, int] | None:
         from service.runner import JobRunner
 
-        found = JobRunner.resumable(job_id, spec, out_dir, data_dir=data_dir)
-        return None if found is None else (found[0], found[1])
+        found: tuple[RunnerLike, int] | None = JobRunner.resumable(
+            job_id, spec, out_dir, data_dir=data_dir
+        )
+        return found
 
     def resources(self, spec: JobSpec) -> list[dict[str, float]]:
         from service.runner import JobRunner
@@ -680,19 +682,20 @@ class JobManager:
         except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is data
             log.warning("job %s: looking for a checkpoint failed: %r", row.id, exc)
             found = None
-        if found is None and JobState(row.state) is JobState.STARTING and row.step == 0:
-            # it never trained: nothing to lose by starting it again from scratch
-            self.store.add_event(
-                row.id, "resume", f"{gone} before it trained; starting it again", step=0
-            )
-            self._launch(row.id, spec, Path(row.out_dir))
-            return
         if found is None:
-            self._fail(
-                row.id,
-                f"{gone}, and it left no valid checkpoint to resume from (set "
-                "checkpoint.interval_steps or checkpoint.interval_s in the spec); resubmit it",
-            )
+            if JobState(row.state) is JobState.STARTING and row.step == 0:
+                # it never trained: nothing to lose by starting it again from scratch
+                self.store.add_event(
+                    row.id, "resume", f"{gone} before it trained; starting it again", step=0
+                )
+                self._launch(row.id, spec, Path(row.out_dir))
+            else:
+                self._fail(
+                    row.id,
+                    f"{gone}, and it left no valid checkpoint to resume from (set "
+                    "checkpoint.interval_steps or checkpoint.interval_s in the spec); "
+                    "resubmit it",
+                )
             return
         runner, ckpt_step = found
         reason = (
