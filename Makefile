@@ -31,9 +31,12 @@ demo: setup
 run: setup
 	$(BIN)/elastic-sgd run configs/digits_elastic.yaml --out runs/digits-elastic
 
+SOURCES := core actors service api cli tests bench scripts
+
 lint: setup
-	$(BIN)/ruff check actors service api tests bench scripts
-	$(BIN)/ruff format --check actors service api tests bench scripts
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy

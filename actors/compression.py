@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from service.spec import CompressionSpec
+from core.spec import CompressionSpec
 
 PayloadKind = Literal["dense", "sparse", "qsgd", "sign"]
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.spec import AsyncMode, ElasticMode, JobSpec, SyncMode
+from core.spec import AsyncMode, ElasticMode, JobSpec, SyncMode
 
 
 @dataclass

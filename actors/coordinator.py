@@ -29,7 +29,6 @@ import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +50,22 @@ from actors.sampler import make_shards
 from actors.scheduling import AsyncRule, StepBook, make_async_rule, make_step_rule
 from actors.transport import ShmPool, ShmRef, from_wire, host_id, sweep_stale, to_wire
 from actors.worker import Worker
-from service.errors import InvalidRequest, InvalidTransition
-from service.spec import AsyncMode, FaultSpec, JobSpec
+from core.errors import InvalidRequest, InvalidTransition
+from core.events import (
+    EvalRecord,
+    Event,
+    EventKind,
+    FaultKind,
+    Record,
+    StepRecord,
+    record_from_dict,
+)
+from core.spec import AsyncMode, FaultSpec, JobSpec
+from core.state import JobState
 
 NAMESPACE = "elastic-sgd"
 
 log = logging.getLogger("elastic_sgd.coordinator")
-
-
-class RunState(StrEnum):
-    """The coordinator's lifecycle."""
-
-    STARTING = "starting"  # creating workers
-    RUNNING = "running"  # training
-    RECOVERING = "recovering"  # replacing lost workers / restoring a checkpoint
-    SUCCEEDED = "succeeded"  # all steps applied
-    FAILED = "failed"  # could not go on (the error says why)
-    CANCELLED = "cancelled"  # stopped on request
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
 
 
 @dataclass
@@ -174,7 +168,7 @@ class CoordinatorCore:
         # continue from the latest checkpoint in state_dir (as after a crash of this actor)
         self.resume = resume
         self.spec = spec
-        self.state = RunState.STARTING
+        self.state = JobState.STARTING
         self.error: str | None = None
         self.t0 = time.time()
         self.t_run: float | None = None
@@ -224,9 +218,9 @@ class CoordinatorCore:
         self.workers: dict[int, WorkerSlot] = {}
         self.inflight: dict[int, asyncio.Future[Any]] = {}
         self.plan: list[ActiveFault] = []
-        self.records: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []  # not yet acknowledged by a poll
-        self.event_log: list[dict[str, Any]] = []  # every event of the run
+        self.records: list[Record] = []
+        self.events: list[Event] = []  # not yet acknowledged by a poll
+        self.event_log: list[Event] = []  # every event of the run
         self.seq = 0
         self.shm: ShmPool | None = None
         self.view_cache: OrderedDict[Any, Any] = OrderedDict()
@@ -258,42 +252,46 @@ class CoordinatorCore:
         return self.seq
 
     def event(
-        self, kind: str, detail: str, target: str | None = None, step: int | None = None
+        self,
+        kind: EventKind,
+        detail: str,
+        target: str | None = None,
+        step: int | None = None,
+        fault: FaultKind | None = None,
     ) -> None:
         now = time.time()
-        ev = {
-            "seq": self._next_seq(),
-            "wall_time": now,
-            "time_s": now - self.t0,
-            "step": self.book.completed
-            if step is None and not self.is_async
-            else (step if step is not None else self.version // max(self.p0, 1)),
-            "kind": kind,
-            "target": target,
-            "detail": detail,
-        }
+        ev = Event(
+            seq=self._next_seq(),
+            wall_time=now,
+            time_s=now - self.t0,
+            step=self.step if step is None else step,
+            kind=kind,
+            detail=detail,
+            target=target,
+            fault=fault,
+        )
         self.events.append(ev)
         self.event_log.append(ev)
         if self.journal is not None:
-            self.journal.append(ev)
+            self.journal.append(ev.to_dict())
         log.info("%s %s %s", kind, target or "", detail)
 
-    def _set_state(self, state: RunState, why: str) -> None:
+    def _set_state(self, state: JobState, why: str) -> None:
         if state == self.state:
             return
         old = self.state
         self.state = state
-        self.event("state", f"{old.value} -> {state.value}: {why}")
+        self.event(EventKind.STATE, f"{old.value} -> {state.value}: {why}")
         self._wake.set()
 
     @property
     def step(self) -> int:
         return self.version // self.p0 if self.is_async else self.book.completed
 
-    def _add_record(self, rec: dict[str, Any]) -> None:
+    def _add_record(self, rec: Record) -> None:
         self.records.append(rec)
         if self.journal is not None:
-            self.journal.append(rec)
+            self.journal.append(rec.to_dict())
 
     def _record_step(self, loss: float) -> None:
         now = time.time()
@@ -302,21 +300,20 @@ class CoordinatorCore:
         t_a, s_a = self.rate_window[0]
         rate = (self.samples - s_a) / (now - t_a) if now > t_a else 0.0
         self._add_record(
-            {
-                "seq": self._next_seq(),
-                "kind": "step",
-                "step": self.step,
-                "time_s": now - self.t0,
-                "wall_time": now,
-                "loss": loss,
-                "samples_per_s": rate,
-                "samples": self.samples,
-                "b_hat": self.last_b_hat,
-                "b_hat_max": self.monitor.b_max,
-                "bound": self._bound_or_none(),
-                "workers": len(self._live()),
-                "refused": self.refused,
-            }
+            StepRecord(
+                seq=self._next_seq(),
+                step=self.step,
+                time_s=now - self.t0,
+                wall_time=now,
+                loss=None if math.isnan(loss) else loss,
+                samples_per_s=rate,
+                samples=self.samples,
+                b_hat=self.last_b_hat,
+                b_hat_max=self.monitor.b_max,
+                bound=self._bound_or_none(),
+                workers=len(self._live()),
+                refused=self.refused,
+            )
         )
 
     def _bound(self) -> float:
@@ -331,22 +328,23 @@ class CoordinatorCore:
         metrics = evaluate(self.model, self.ds)
         self.last_eval = metrics
         now = time.time()
-        rec = {
-            "seq": self._next_seq(),
-            "kind": "eval",
-            "step": self.step,
-            "time_s": now - self.t0,
-            "wall_time": now,
-            "workers": len(self._live()),
+        values: dict[str, float | None] = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
         }
-        rec.update(
-            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        )
         if self.ds.optimum is not None:
             dist = float((self.x - torch.from_numpy(self.ds.optimum)).norm())
-            rec["dist_to_optimum"] = dist
+            values["dist_to_optimum"] = dist
             metrics["dist_to_optimum"] = dist
-        self._add_record(rec)
+        self._add_record(
+            EvalRecord(
+                seq=self._next_seq(),
+                step=self.step,
+                time_s=now - self.t0,
+                wall_time=now,
+                workers=len(self._live()),
+                metrics=values,
+            )
+        )
         return metrics
 
     # -- membership ----------------------------------------------------------------------
@@ -385,7 +383,7 @@ class CoordinatorCore:
         live = self._live()
         if len(live) < self.spec.min_workers:
             self._set_state(
-                RunState.FAILED,
+                JobState.FAILED,
                 f"only {len(live)} workers started; min_workers={self.spec.min_workers}",
             )
         return {
@@ -476,7 +474,9 @@ class CoordinatorCore:
                     )
         except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
             slot.state = "dead"
-            self.event("membership", f"worker failed to start: {exc}", target=f"worker-{wid}")
+            self.event(
+                EventKind.MEMBERSHIP, f"worker failed to start: {exc}", target=f"worker-{wid}"
+            )
             return False
         slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
         slot.shm = shm_ok
@@ -487,7 +487,7 @@ class CoordinatorCore:
         if not self.is_async:
             self.book.join(wid)
         self.event(
-            "membership",
+            EventKind.MEMBERSHIP,
             f"worker {'re-attached' if reattached else 'joined'} (node {slot.node[:8]}, "
             f"pid {slot.pid}, {'shared memory' if shm_ok else 'object store'})",
             target=f"worker-{wid}",
@@ -551,7 +551,7 @@ class CoordinatorCore:
         if not self.is_async:
             left = self.book.leave(w.id)
             why += f"; left steps {left}" if left else ""
-        self.event("detect", why, target=f"worker-{w.id}")
+        self.event(EventKind.DETECT, why, target=f"worker-{w.id}")
         self._save_members()
         rejoining = any(wid == w.id for _, wid in self.pending_joins)
         if not keep_actor and not rejoining and self.spec.replace_lost_workers:
@@ -560,7 +560,7 @@ class CoordinatorCore:
         live = [o for o in self._live() if o.state != "starting"]
         if len(live) < self.spec.min_workers:
             self._set_state(
-                RunState.FAILED, f"{len(live)} live workers < min_workers={self.spec.min_workers}"
+                JobState.FAILED, f"{len(live)} live workers < min_workers={self.spec.min_workers}"
             )
 
     # -- views -------------------------------------------------------------------------------
@@ -693,7 +693,12 @@ class CoordinatorCore:
         """The gradient message is lost on the way; the sequence gap is noticed at once."""
         step = int(res["step"])
         self.dropped += 1
-        self.event("fault", f"gradient of step {step} dropped", target=f"worker-{w.id}")
+        self.event(
+            EventKind.FAULT,
+            f"gradient of step {step} dropped",
+            target=f"worker-{w.id}",
+            fault=FaultKind.DROP,
+        )
         self.timing.see(res, time.perf_counter() - w.t_dispatch)
         w.sampler = res.get("sampler")
         self._release_view(w)
@@ -705,9 +710,10 @@ class CoordinatorCore:
         self.book.lose(w.id, step)
         w.state, w.last_step, w.own, w.own_norm = "waiting", step, None, 0.0
         self.event(
-            "detect",
+            EventKind.MISSING,
             f"step {step}: gradient missing, policy {self.spec.missing_policy}",
             target=f"worker-{w.id}",
+            fault=FaultKind.DROP,
         )
         self._complete_steps()
 
@@ -718,7 +724,9 @@ class CoordinatorCore:
         w.state = "waiting"
         if not self.book.arrive(w.id, step):
             self.event(
-                "drop", f"unexpected gradient for step {step} ignored", target=f"worker-{w.id}"
+                EventKind.REFUSED,
+                f"unexpected gradient for step {step} ignored",
+                target=f"worker-{w.id}",
             )
             return
         g = self._grad_of(w, res)
@@ -966,7 +974,7 @@ class CoordinatorCore:
         }
         path = write_checkpoint(self.ckpt_dir, self.step, state, self.spec.checkpoint.keep)
         self.last_ckpt_step, self.last_ckpt_t = self.step, time.time()
-        self.event("checkpoint", f"step {self.step} -> {path.name}")
+        self.event(EventKind.CHECKPOINT, f"step {self.step} -> {path.name}")
 
     def _resume(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
         """Restore the latest valid checkpoint and the journal; returns workers to start."""
@@ -977,33 +985,31 @@ class CoordinatorCore:
             self.t_run = self.t0
         for e in entries:
             self.seq = max(self.seq, int(e["seq"]))
-            if "kind" in e and "detail" in e:
-                self.events.append(e)
-                self.event_log.append(e)
+            if "detail" in e:
+                ev = Event.from_dict(e)
+                self.events.append(ev)
+                self.event_log.append(ev)
             else:
-                self.records.append(e)
+                self.records.append(record_from_dict(e))
         crash_step = max(
             (
-                int(e["step"])
-                for e in entries
-                if e.get("kind") == "fault" and "coordinator" in str(e.get("target"))
+                e.step
+                for e in self.event_log
+                if e.kind is EventKind.FAULT and e.fault is FaultKind.COORDINATOR_CRASH
             ),
             default=None,
         )
         if crash_step is None:  # not an injected crash: the last step the journal recorded
-            crash_step = max(
-                (int(e["step"]) for e in entries if "detail" not in e and "step" in e),
-                default=None,
-            )
-        self.restarts = 1 + sum(1 for e in entries if e.get("kind") == "restart")
+            crash_step = max((r.step for r in self.records), default=None)
+        self.restarts = 1 + sum(1 for e in self.event_log if e.kind is EventKind.RESTART)
         fired_file = self.state_dir / "fired.json"
         if fired_file.exists():
             self.driver.fired |= set(json.loads(fired_file.read_text()))
         loaded = latest_valid(self.ckpt_dir)
         for why in loaded.skipped if loaded else []:
-            self.event("checkpoint", f"skipped invalid checkpoint {why}")
+            self.event(EventKind.CHECKPOINT, f"skipped invalid checkpoint {why}")
         if loaded is None:
-            self.event("restart", "coordinator restarted; no valid checkpoint: from step 0")
+            self.event(EventKind.RESTART, "coordinator restarted; no valid checkpoint: from step 0")
             return list(range(self.spec.workers)), {}
         st = loaded.state
         self.x.copy_(st["x"])
@@ -1023,7 +1029,7 @@ class CoordinatorCore:
         lost = (crash_step - int(st["step"])) if crash_step is not None else 0
         self.steps_lost += max(lost, 0)
         self.event(
-            "restart",
+            EventKind.RESTART,
             f"coordinator restarted from {loaded.path.name} (step "
             f"{st['step']}); {max(lost, 0)} steps lost since the checkpoint",
             target="coordinator",
@@ -1049,7 +1055,10 @@ class CoordinatorCore:
         t_s, now = self._t_s(), time.time()
         if self.driver.coordinator_crash_due(self.step) is not None:
             self.event(
-                "fault", f"coordinator crash injected at step {self.step}", target="coordinator"
+                EventKind.FAULT,
+                f"coordinator crash injected at step {self.step}",
+                target="coordinator",
+                fault=FaultKind.COORDINATOR_CRASH,
             )
             if self.state_dir is not None:
                 # the restarted coordinator must not fire this one-shot fault again
@@ -1060,7 +1069,12 @@ class CoordinatorCore:
         live_ids = [w.id for w in self._live() if w.state != "starting"]
         for f, wid in self.driver.crashes_due(self.step, t_s, live_ids):
             w = self.workers[wid]
-            self.event("fault", f"crash injected: SIGKILL pid {w.pid}", target=f"worker-{wid}")
+            self.event(
+                EventKind.FAULT,
+                f"crash injected: SIGKILL pid {w.pid}",
+                target=f"worker-{wid}",
+                fault=FaultKind.CRASH,
+            )
             w.lost_at = None
             self._kill_process(w)
             self.recoveries.append({"kind": "crash", "worker": wid, "t_fault": now})
@@ -1068,9 +1082,10 @@ class CoordinatorCore:
                 self.pending_joins.append((now + f.spec.rejoin_after_s, wid))
         for f, wid in self.driver.delays_started(self.step, t_s, live_ids):
             self.event(
-                "fault",
+                EventKind.FAULT,
                 f"straggler delay on: {f.spec.distribution}, mean {f.spec.delay_ms:g} ms",
                 target=f"worker-{wid}",
+                fault=FaultKind.DELAY,
             )
         for w in self._live():
             if w.state == "starting":
@@ -1080,9 +1095,10 @@ class CoordinatorCore:
                 w.partition_until = math.inf
                 w.t_partition = now
                 self.event(
-                    "fault",
+                    EventKind.FAULT,
                     "partition: worker cut off from the coordinator",
                     target=f"worker-{w.id}",
+                    fault=FaultKind.PARTITION,
                 )
             elif p is None and w.partition_until is not None:
                 self._heal(w)
@@ -1111,7 +1127,10 @@ class CoordinatorCore:
                 and self.driver.partition_active(w.id, self.step, t_s) is None
             ):
                 self.event(
-                    "fault", "partition healed: worker reachable again", target=f"worker-{w.id}"
+                    EventKind.HEAL,
+                    "partition healed: worker reachable again",
+                    target=f"worker-{w.id}",
+                    fault=FaultKind.PARTITION,
                 )
                 w.partition_until = None
                 self._close_channel(w)
@@ -1145,7 +1164,12 @@ class CoordinatorCore:
     def _heal(self, w: WorkerSlot) -> None:
         """A partition shorter than the heartbeat timeout ends: deliver what was held."""
         w.partition_until = None
-        self.event("fault", "partition healed: held replies delivered", target=f"worker-{w.id}")
+        self.event(
+            EventKind.HEAL,
+            "partition healed: held replies delivered",
+            target=f"worker-{w.id}",
+            fault=FaultKind.PARTITION,
+        )
         if w.partition_held is not None:
             res, exc = w.partition_held
             w.partition_held = None
@@ -1174,7 +1198,9 @@ class CoordinatorCore:
                 "shard": shard.tolist(),
             }
         self.event(
-            "membership", "starting a worker" + (" (rejoin)" if old else ""), target=f"worker-{wid}"
+            EventKind.MEMBERSHIP,
+            "starting a worker" + (" (rejoin)" if old else ""),
+            target=f"worker-{wid}",
         )
 
         async def join() -> None:
@@ -1205,7 +1231,7 @@ class CoordinatorCore:
         if self.state.terminal:
             raise InvalidTransition(f"scale: the job is already {self.state.value}")
         live = sorted(self._live(), key=lambda w: w.id)
-        self.event("membership", f"scale requested: {len(live)} -> {n} workers")
+        self.event(EventKind.MEMBERSHIP, f"scale requested: {len(live)} -> {n} workers")
         if n < len(live):
             for w in live[n:]:
                 self._retire(w)
@@ -1236,7 +1262,7 @@ class CoordinatorCore:
         with contextlib.suppress(Exception):
             ray.kill(w.actor, no_restart=True)
         self._membership_changed()
-        self.event("membership", "worker removed on request", target=f"worker-{w.id}")
+        self.event(EventKind.MEMBERSHIP, "worker removed on request", target=f"worker-{w.id}")
 
     def _record_lost(
         self, step: int, entry_arrived: int, n_used: int, grads: list[torch.Tensor]
@@ -1272,18 +1298,18 @@ class CoordinatorCore:
 
     async def run(self) -> dict[str, Any]:
         """Train until every step is applied, the job fails, or it is cancelled."""
-        if self.state == RunState.STARTING:
-            self._set_state(RunState.RUNNING, f"{len(self._live())} workers")
+        if self.state == JobState.STARTING:
+            self._set_state(JobState.RUNNING, f"{len(self._live())} workers")
         if self.t_run is None:
             self.t_run = time.time()
         self._evaluate()
         wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
         while not self.state.terminal:
             if self.cancel_requested:
-                self._set_state(RunState.CANCELLED, "cancel requested")
+                self._set_state(JobState.CANCELLED, "cancel requested")
                 break
             if self._finished():
-                self._set_state(RunState.SUCCEEDED, f"{self.step} steps applied")
+                self._set_state(JobState.SUCCEEDED, f"{self.step} steps applied")
                 break
             self._tick()
             if self.state.terminal:
@@ -1293,7 +1319,7 @@ class CoordinatorCore:
                 self.journal.flush()
             waiting = set(self.inflight.values())
             if not waiting and not self._live() and not self.pending_joins:
-                self._set_state(RunState.FAILED, "no live workers")
+                self._set_state(JobState.FAILED, "no live workers")
                 break
             done_any: set[asyncio.Future[Any]] = set()
             done_any, _ = await asyncio.wait(
@@ -1314,15 +1340,15 @@ class CoordinatorCore:
         if self.journal is not None:
             self.journal.flush()
         self.t_end = time.time()
-        if self.state == RunState.SUCCEEDED or self.step > 0:
+        if self.state == JobState.SUCCEEDED or self.step > 0:
             self._evaluate()
         return self.summary()
 
     # -- control & reporting ------------------------------------------------------------------
     def poll(self, ack_seq: int = 0) -> dict[str, Any]:
         """New records and events since ``ack_seq`` (older ones are dropped as delivered)."""
-        self.records = [r for r in self.records if r["seq"] > ack_seq]
-        self.events = [e for e in self.events if e["seq"] > ack_seq]
+        self.records = [r for r in self.records if r.seq > ack_seq]
+        self.events = [e for e in self.events if e.seq > ack_seq]
         return {"records": list(self.records), "events": list(self.events), "status": self.status()}
 
     def status(self) -> dict[str, Any]:
@@ -1401,7 +1427,7 @@ class CoordinatorCore:
             "parameters": self.layout.numel,
             "consistency": cons,
             "timing": self.timing.summary(),
-            "events": [dict(e) for e in self.event_log],
+            "events": [e.to_dict() for e in self.event_log],
             "versions": _versions(),
             "host": host_id(),
             "pid": os.getpid(),
@@ -1435,7 +1461,10 @@ class CoordinatorCore:
         for w in self._live():
             w.send_plan = True
         self.event(
-            "fault", f"injected {fault.kind}", target=",".join(f"worker-{t}" for t in bound.targets)
+            EventKind.INJECT,
+            f"injected {fault.kind}",
+            target=",".join(f"worker-{t}" for t in bound.targets),
+            fault=FaultKind(fault.kind),
         )
 
     async def shutdown(self) -> None:

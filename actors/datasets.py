@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.errors import ElasticSGDError
-from service.spec import DatasetSpec
+from core.errors import ElasticSGDError
+from core.spec import DatasetSpec
 
 Task = Literal["classification", "regression"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.spec import FaultSpec
+from core.spec import FaultSpec
 
 
 def resolve_targets(fault: FaultSpec, worker_ids: list[int], seed: int, index: int) -> list[int]:

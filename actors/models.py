@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from service.errors import ElasticSGDError
-from service.spec import ModelSpec
+from core.errors import ElasticSGDError
+from core.spec import ModelSpec
 
 # The 2x2 max-pool of the CNN halves each spatial side.
 _POOL_SIDE = 2
@@ -118,7 +118,7 @@ _REGISTRY: dict[str, _Builder] = {
     "cnn": _build_cnn,
 }
 
-# Must equal the ``ModelName`` Literal in service/spec.py (a unit test checks it).
+# Must equal the ``ModelName`` Literal in core/spec.py (a unit test checks it).
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from service.spec import OptimizerSpec
+from core.spec import OptimizerSpec
 
 
 class FlatSGD:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from service.spec import AsyncMode, ElasticMode, SyncMode
+from core.spec import AsyncMode, ElasticMode, SyncMode
 
 
 @dataclass

@@ -30,7 +30,7 @@ from actors.flat import ParamLayout
 from actors.models import build_model
 from actors.sampler import ShardSampler
 from actors.transport import ShmCache, ShmRef, from_wire, host_id, to_wire
-from service.spec import JobSpec
+from core.spec import JobSpec
 
 
 class WorkerCore:

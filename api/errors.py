@@ -26,15 +26,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorPublic, FieldError
-from service.drill_jobs import DrillNotFound
-from service.errors import (
+from core.errors import (
     ElasticSGDError,
     InvalidRequest,
     InvalidTransition,
     JobNotFound,
     SpecError,
 )
-from service.spec import format_error_list
+from core.spec import format_error_list
+from service.drill_jobs import DrillNotFound
 
 log = logging.getLogger(__name__)
 

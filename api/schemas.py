@@ -1,7 +1,7 @@
 """HTTP models, one per direction: ``*Create`` / ``*Request`` come in, ``*Public`` go out.
 
 Incoming bodies reuse the service's own validated models (a job spec is a
-:class:`~service.spec.JobSpec`, a fault a :class:`~service.spec.FaultSpec`), so the API
+:class:`~core.spec.JobSpec`, a fault a :class:`~core.spec.FaultSpec`), so the API
 refuses exactly what the CLI refuses, with the same field paths and messages. Outgoing
 models never carry NaN or infinity (JSON has neither): those become null.
 """
@@ -14,8 +14,9 @@ from typing import Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.spec import FaultSpec, JobSpec
+from core.state import JobState
 from service.drill_jobs import DrillSpec
-from service.spec import FaultSpec, JobSpec
 from service.store import DrillRow, EventRow, JobRow
 
 
@@ -103,11 +104,6 @@ class FaultCreate(FaultSpec):
     )
 
 
-JobStateName = Literal[
-    "pending", "starting", "running", "recovering", "succeeded", "failed", "cancelled"
-]
-
-
 class WorkerPublic(BaseModel):
     id: int
     state: str
@@ -120,7 +116,7 @@ class JobPublic(BaseModel):
 
     id: str
     name: str
-    state: JobStateName
+    state: JobState
     terminal: bool
     created_at: datetime
     updated_at: datetime
@@ -160,7 +156,7 @@ class JobPublic(BaseModel):
         return cls(
             id=row.id,
             name=row.name,
-            state=cast(JobStateName, row.state),
+            state=JobState(row.state),
             terminal=row.state in ("succeeded", "failed", "cancelled"),
             created_at=ts(row.created_at),
             updated_at=ts(row.updated_at),

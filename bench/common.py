@@ -34,8 +34,8 @@ import ray
 import torch
 
 import actors
+from core.spec import JobSpec, parse_spec
 from service.local_run import run_local
-from service.spec import JobSpec, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"

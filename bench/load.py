@@ -64,7 +64,7 @@ from bench.common import (
     say,
     update_doc,
 )
-from service.process import ServiceProcess
+from bench.service_process import ServiceProcess
 
 NAME = "load"
 CLIENTS = 50

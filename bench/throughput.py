@@ -45,7 +45,7 @@ from bench.common import (
     steady_rate,
     step_points,
 )
-from service.spec import JobSpec, parse_spec
+from core.spec import JobSpec, parse_spec
 
 NAME = "throughput"
 WORKERS = 2

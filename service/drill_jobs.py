@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ElasticSGDError, SpecError
+from core.errors import ElasticSGDError, SpecError
+from core.spec import JobSpec, format_errors
 from service.jobs import JobManager, JobState
-from service.spec import JobSpec, format_errors
 from service.store import DrillRow, JobRow, Store, new_id
 
 log = logging.getLogger(__name__)

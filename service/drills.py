@@ -41,10 +41,10 @@ import ray
 import yaml
 
 from actors.faults import resolve_targets
+from core.errors import ElasticSGDError, SpecError
+from core.spec import FaultSpec, JobSpec
 from service.drill_jobs import DrillSpec, evaluate_drill, parse_drill
-from service.errors import ElasticSGDError, SpecError
 from service.local_run import run_local
-from service.spec import FaultSpec, JobSpec
 
 # Event kinds the timeline shows (state changes and checkpoints are in report.json).
 TIMELINE_KINDS = ("fault", "detect", "membership", "restart")

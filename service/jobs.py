@@ -33,47 +33,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from service.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
+from core.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
+from core.spec import FaultSpec, JobSpec, format_errors
+from core.events import Event, Record
+from core.state import JobState
 from service.settings import Settings
-from service.spec import FaultSpec, JobSpec, format_errors
 from service.store import JobRow, StaleState, Store, new_id
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class JobState(StrEnum):
-    """Where a job is in its life."""
-
-    PENDING = "pending"  # accepted; waiting for the cluster to have its resources
-    STARTING = "starting"  # coordinator and workers are being created
-    RUNNING = "running"  # training
-    RECOVERING = "recovering"  # a fault is being handled (membership change, restart)
-    SUCCEEDED = "succeeded"  # all steps done; outputs written
-    FAILED = "failed"  # stopped by an error; ``error`` says why and what to change
-    CANCELLED = "cancelled"  # stopped on request
-
-    @property
-    def terminal(self) -> bool:
-        """No transition leaves a terminal state."""
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-    @property
-    def live(self) -> bool:
-        """The job has (or is getting) actors in Ray."""
-        return self in (JobState.STARTING, JobState.RUNNING, JobState.RECOVERING)
-
-    @property
-    def accepts_changes(self) -> bool:
-        """Scale and fault injection are possible (the coordinator is up)."""
-        return self in (JobState.RUNNING, JobState.RECOVERING)
 
 
 _ENDS = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
@@ -184,8 +158,8 @@ def describe_resources(res: Mapping[str, float]) -> str:
 
 
 class PollLike(Protocol):
-    records: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    records: list[Record]
+    events: list[Event]
     status: dict[str, Any]
 
 

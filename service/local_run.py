@@ -10,8 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.events import EvalRecord, EventKind, StepRecord
+from core.spec import JobSpec
 from service.runner import JobRunner
-from service.spec import JobSpec
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -56,15 +57,15 @@ def run_local(
                 done = runner.done()
                 p = runner.poll()
                 for r in p.records:
-                    if r["kind"] == "step" and r.get("loss") is not None:
-                        loss = r["loss"]
-                    if r["kind"] == "eval":
+                    if isinstance(r, StepRecord) and r.loss is not None:
+                        loss = r.loss
+                    if isinstance(r, EvalRecord):
                         acc = r.get("test_accuracy")
                 for e in p.events:
-                    if e["kind"] != "state" and progress:
+                    if e.kind is not EventKind.STATE and progress:
                         console.print(
-                            f"[dim]{e['time_s']:7.2f}s step {e['step']:>5}[/] "
-                            f"{e['kind']:<10} {e['target'] or '':<10} {e['detail']}"
+                            f"[dim]{e.time_s:7.2f}s step {e.step:>5}[/] "
+                            f"{e.kind:<10} {e.target or '':<10} {e.detail}"
                         )
                 st = p.status
                 live = sum(w["state"] not in ("dead", "left") for w in st.get("workers", []))

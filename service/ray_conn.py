@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Any
 
-from service.errors import ElasticSGDError
+from core.errors import ElasticSGDError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ import ray
 
 from actors.checkpoint import latest_valid
 from actors.coordinator import Coordinator
-from service.errors import ElasticSGDError, TrainingFailed
-from service.spec import FaultSpec, JobSpec
+from core.errors import ElasticSGDError, TrainingFailed
+from core.events import Event, Record
+from core.spec import FaultSpec, JobSpec
 
 NAMESPACE = "elastic-sgd"
 # what a call to a coordinator whose process died raises (while Ray restarts it)
@@ -47,8 +48,8 @@ def ensure_ray(address: str | None = None) -> None:
 class Poll:
     """What one poll brought: new records and events, and the job's status now."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,19 +217,19 @@ class JobRunner:
             self._recover()
             out = ray.get(self.actor.poll_async.remote(self._acked))
         self._acked = self._seen
-        recs = [r for r in out["records"] if r["seq"] > self._seen]
-        evs = [e for e in out["events"] if e["seq"] > self._seen]
-        self._seen = max([self._seen] + [x["seq"] for x in recs + evs])
+        recs: list[Record] = [r for r in out["records"] if r.seq > self._seen]
+        evs: list[Event] = [e for e in out["events"] if e.seq > self._seen]
+        self._seen = max([self._seen] + [x.seq for x in [*recs, *evs]])
         self._append_metrics(recs)
         return Poll(recs, evs, out["status"])
 
-    def _append_metrics(self, recs: list[dict[str, Any]]) -> None:
+    def _append_metrics(self, recs: list[Record]) -> None:
         if not recs:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             for r in recs:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(r.to_dict()) + "\n")
 
     def done(self) -> bool:
         """True once the job reached a terminal state (a crashed coordinator is not done)."""

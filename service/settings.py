@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.errors import ElasticSGDError
-from service.spec import format_errors
+from core.errors import ElasticSGDError
+from core.spec import format_errors
 
 
 class SettingsError(ElasticSGDError):

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from service.errors import ElasticSGDError
+from core.errors import ElasticSGDError
+from core.events import Event, Record
 
 SCHEMA_VERSION = 1
 # At most this many queued writes share one transaction (one sync of the WAL).
@@ -616,8 +617,8 @@ class Store:
     def ingest(
         self,
         job_id: str,
-        records: Sequence[Mapping[str, Any]],
-        events: Sequence[Mapping[str, Any]],
+        typed_records: Sequence[Record],
+        typed_events: Sequence[Event],
     ) -> tuple[int, int]:
         """Store one poll's metric records and runner events; duplicates (same seq) are ignored.
 
@@ -628,6 +629,8 @@ class Store:
         """
         n_rec = n_ev = 0
         now = time.time()
+        records = [r.to_dict() for r in typed_records]
+        events = [e.to_dict() for e in typed_events]
 
         def write(c: sqlite3.Connection) -> None:
             nonlocal n_rec, n_ev

@@ -22,15 +22,14 @@ from api.schemas import (
     JobDetail,
     JobList,
     JobPublic,
-    JobStateName,
     MetricPublic,
     MetricsPage,
     ScaleRequest,
     clean,
     ts,
 )
-from service.jobs import JobState
-from service.spec import FaultSpec
+from core.spec import FaultSpec
+from core.state import JobState
 from service.store import JobRow, Store
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -87,7 +86,7 @@ async def create_job(body: JobCreate, jobs: JobsDep, store: StoreDep) -> Respons
 @router.get("", summary="List jobs, newest first", responses={422: _E})
 def list_jobs(
     store: StoreDep,
-    state: Annotated[list[JobStateName] | None, Query(description="only these states")] = None,
+    state: Annotated[list[JobState] | None, Query(description="only these states")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobList:

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from api.deps import StoreDep
-from service.jobs import JobState
+from core.state import JobState
 from service.store import Store
 
 router = APIRouter(tags=["metrics"])

@@ -1,7 +1,7 @@
 """End-to-end fixtures: one Ray instance per test module, real servers in subprocesses.
 
 The Ray instance is started by this (pytest) process without a dashboard; each server is
-``python -m service.cli serve`` on 127.0.0.1 with a free port and a temp state directory,
+``python -m cli serve`` on 127.0.0.1 with a free port and a temp state directory,
 pointed at that Ray with ``RAY_ADDRESS``, so that killing a server (even with -9) leaves
 its jobs training in Ray, as in a real deployment. A server made with ``ray_address=None``
 starts its own Ray instead (the embedded default), which dies with it.
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.process import ServiceProcess
+from bench.service_process import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -57,7 +57,7 @@ def submit(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_cli(server: Server, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=REPO,
         env=cli_env(server),
         capture_output=True,
@@ -112,7 +112,7 @@ def started(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "cli",
             "submit",
             str(spec_file),
             "--watch",

@@ -15,9 +15,9 @@ import torch
 
 from actors.datasets import Dataset, evaluate, load_dataset
 from actors.models import build_model
+from core.spec import JobSpec, load_spec, parse_spec
 from service.local_run import run_local
 from service.runner import JobRunner
-from service.spec import JobSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -7,7 +7,7 @@ it stops *every* Ray instance on the machine, other test sessions' included. The
 also keeps ``ray_current_cluster`` (what a bare ``ray.init()`` connects to) private, so no
 other process on the machine joins these clusters by accident.
 
-The service under test is :class:`service.process.ServiceProcess`, pointed at a cluster by
+The service under test is :class:`bench.service_process.ServiceProcess`, pointed at a cluster by
 :func:`service_for` (``RAY_ADDRESS`` and the cluster's token).
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from service.process import ServiceProcess, free_port
+from bench.service_process import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))

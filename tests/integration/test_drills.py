@@ -31,10 +31,10 @@ from typing import Any
 
 import pytest
 
+from core.spec import parse_spec
 from service.drill_jobs import DrillSpec
 from service.drills import load_drill, run_drill, write_report
 from service.runner import JobRunner
-from service.spec import parse_spec
 
 pytestmark = pytest.mark.integration
 

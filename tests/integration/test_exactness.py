@@ -20,7 +20,7 @@ from integration_helpers import config, final_params, initial_params, run_many
 from actors.datasets import load_dataset, loss_fn
 from actors.models import build_model
 from actors.sampler import ShardSampler, make_shards
-from service.spec import JobSpec
+from core.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 

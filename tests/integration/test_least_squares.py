@@ -20,7 +20,7 @@ import torch
 from integration_helpers import config, final_params, initial_params, records, run_many
 
 from actors.datasets import load_dataset
-from service.spec import JobSpec
+from core.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import ray
 import torch
 from integration_helpers import config, model_metrics, records, run_many
 
-from service.errors import SpecError
-from service.spec import JobSpec, parse_spec
+from core.errors import SpecError
+from core.spec import JobSpec, parse_spec
 
 pytestmark = pytest.mark.integration
 

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.errors import ElasticSGDError
-from service.spec import FaultSpec, JobSpec
+from core.errors import ElasticSGDError
+from core.events import Event, Record, record_from_dict
+from core.spec import FaultSpec, JobSpec
 
 
 @dataclass
 class FakePoll:
-    records: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,7 +50,7 @@ class FakeRunner:
         self.calls: list[Any] = []
         self._cancel = False
         self._queue: list[dict[str, Any]] = []
-        self._queued_events: list[dict[str, Any]] = []
+        self._queued_events: list[Event] = []
         self._last: FakePoll | None = None
         self.lock = threading.Lock()
 
@@ -69,7 +70,7 @@ class FakeRunner:
             self.calls.append("poll")
             if self.script.poll_error is not None:
                 raise self.script.poll_error
-            recs: list[dict[str, Any]] = []
+            recs: list[Record] = []
             evs = list(self._queued_events)
             self._queued_events.clear()
             if self._cancel and self.state in ("running", "recovering"):
@@ -80,33 +81,37 @@ class FakeRunner:
                         break
                     self.step += 1
                     recs.append(
-                        {
-                            "seq": self._next(),
-                            "kind": "step",
-                            "step": self.step,
-                            "time_s": 0.1 * self.step,
-                            "wall_time": 1e9 + self.step,
-                            "loss": 2.0 / self.step,
-                            "samples_per_s": 100.0,
-                            "b_hat": 0.0,
-                            "b_hat_max": 0.0,
-                            "bound": 0.0,
-                            "workers": self.workers,
-                        }
+                        record_from_dict(
+                            {
+                                "seq": self._next(),
+                                "kind": "step",
+                                "step": self.step,
+                                "time_s": 0.1 * self.step,
+                                "wall_time": 1e9 + self.step,
+                                "loss": 2.0 / self.step,
+                                "samples_per_s": 100.0,
+                                "b_hat": 0.0,
+                                "b_hat_max": 0.0,
+                                "bound": 0.0,
+                                "workers": self.workers,
+                                "samples": 0,
+                            }
+                        )
                     )
                     if self.step % 2 == 0:
                         recs.append(
-                            {
-                                "seq": self._next(),
-                                "kind": "eval",
-                                "step": self.step,
-                                "test_accuracy": 0.5 + 0.01 * self.step,
-                                "test_loss": 1.0,
-                                "time_s": 0.1,
-                                "wall_time": 1e9,
-                                "loss": None,
-                                "workers": self.workers,
-                            }
+                            record_from_dict(
+                                {
+                                    "seq": self._next(),
+                                    "kind": "eval",
+                                    "step": self.step,
+                                    "test_accuracy": 0.5 + 0.01 * self.step,
+                                    "test_loss": 1.0,
+                                    "time_s": 0.1,
+                                    "wall_time": 1e9,
+                                    "workers": self.workers,
+                                }
+                            )
                         )
                 if self.step >= self.total:
                     self.state = self.script.end
@@ -136,29 +141,34 @@ class FakeRunner:
         self.calls.append(("scale", n))
         self.workers = n
         self._queued_events.append(
-            {
-                "seq": self._next(),
-                "kind": "membership",
-                "target": None,
-                "detail": f"scaled to {n}",
-                "step": self.step,
-                "wall_time": 1e9,
-                "time_s": 0.0,
-            }
+            Event.from_dict(
+                {
+                    "seq": self._next(),
+                    "kind": "membership",
+                    "target": None,
+                    "detail": f"scaled to {n}",
+                    "step": self.step,
+                    "wall_time": 1e9,
+                    "time_s": 0.0,
+                }
+            )
         )
 
     def inject(self, fault: FaultSpec) -> None:
         self.calls.append(("inject", fault.kind))
         self._queued_events.append(
-            {
-                "seq": self._next(),
-                "kind": "fault",
-                "target": "worker-0",
-                "detail": fault.kind,
-                "step": self.step,
-                "wall_time": 1e9,
-                "time_s": 0.0,
-            }
+            Event.from_dict(
+                {
+                    "seq": self._next(),
+                    "kind": "inject",
+                    "target": "worker-0",
+                    "detail": fault.kind,
+                    "fault": fault.kind,
+                    "step": self.step,
+                    "wall_time": 1e9,
+                    "time_s": 0.0,
+                }
+            )
         )
 
     def cancel(self) -> None:

@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
+from core.errors import SpecError
+from core.spec import parse_spec
 from service import ray_conn
-from service.errors import SpecError
 from service.jobs import JobManager
 from service.settings import Settings
-from service.spec import parse_spec
 from service.store import Store
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

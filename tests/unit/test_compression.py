@@ -24,7 +24,7 @@ from actors.compression import (
     error_factor,
     make_compressor,
 )
-from service.spec import CompressionSpec
+from core.spec import CompressionSpec
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,7 @@ from actors.consistency import (
     elastic_amplification,
     residual_bound,
 )
-from service.spec import JobSpec, parse_spec
+from core.spec import JobSpec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

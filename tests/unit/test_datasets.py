@@ -14,7 +14,7 @@ from torch import nn
 
 from actors.datasets import Dataset, DatasetError, evaluate, load_dataset, loss_fn
 from actors.models import build_model
-from service.spec import DatasetSpec, ModelSpec
+from core.spec import DatasetSpec, ModelSpec
 
 pytestmark = pytest.mark.unit
 

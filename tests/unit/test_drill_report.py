@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import SpecError
 from service.drill_jobs import DrillSpec, evaluate_drill, parse_drill
 from service.drills import (
     coordinator_recoveries,
@@ -18,7 +19,6 @@ from service.drills import (
     worker_recoveries,
     write_report,
 )
-from service.errors import SpecError
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actors.faults import ActiveFault, WorkerFaults, bind_plan, resolve_targets
-from service.spec import FaultSpec
+from core.spec import FaultSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

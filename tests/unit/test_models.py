@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from actors.models import MODEL_NAMES, ModelError, build_model, n_parameters
-from service.spec import ModelName, ModelSpec
+from core.spec import ModelName, ModelSpec
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from actors.flat import flatten
 from actors.optim import FlatSGD
-from service.spec import OptimizerSpec
+from core.spec import OptimizerSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 

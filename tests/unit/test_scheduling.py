@@ -20,7 +20,7 @@ from actors.scheduling import (
     make_async_rule,
     make_step_rule,
 )
-from service.spec import AsyncMode, ElasticMode, SyncMode
+from core.spec import AsyncMode, ElasticMode, SyncMode
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 

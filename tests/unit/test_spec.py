@@ -1,4 +1,4 @@
-"""Unit tests for service/spec.py: every shipped config loads; unknown keys and out-of-range
+"""Unit tests for core/spec.py: every shipped config loads; unknown keys and out-of-range
 values are refused with the field's path and the allowed range; steps/epochs exclusivity; npz
 path traversal; the discriminated mode union."""
 
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.errors import SpecError
-from service.spec import JobSpec, load_spec, parse_spec
+from core.errors import SpecError
+from core.spec import JobSpec, load_spec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -288,7 +288,7 @@ def test_missing_mode_name_names_the_mode_field() -> None:
 
 
 def test_each_mode_parses_to_its_own_type() -> None:
-    from service.spec import AsyncMode, ElasticMode, SyncMode
+    from core.spec import AsyncMode, ElasticMode, SyncMode
 
     assert isinstance(parse_spec(_with(mode={"name": "sync"})).mode, SyncMode)
     e = parse_spec(_with(mode={"name": "elastic", "beta": 0.25, "max_lag": 3})).mode

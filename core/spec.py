@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.errors import SpecError
+from core.errors import SpecError
 
 ModelName = Literal["logreg", "mlp", "cnn"]
 DatasetName = Literal["digits", "synthetic_classification", "least_squares", "npz"]

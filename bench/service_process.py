@@ -33,7 +33,7 @@ def free_port() -> int:
 
 @dataclass
 class ServiceProcess:
-    """One ``python -m service.cli serve`` subprocess.
+    """One ``python -m cli serve`` subprocess.
 
     Args:
         state_dir: ``ESGD_STATE_DIR`` (created; the server's logs go there too).
@@ -86,7 +86,7 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
-                    *("-m", "service.cli", "serve", "--host", "127.0.0.1"),
+                    *("-m", "cli", "serve", "--host", "127.0.0.1"),
                     *("--port", str(self.port), "--log-level", self.log_level),
                 ],
                 cwd=self.cwd,

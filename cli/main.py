@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.errors import ElasticSGDError, SpecError
+from core.errors import ElasticSGDError, SpecError
+from core.spec import load_spec
 from service.jobs import parse_fault
-from service.spec import load_spec
 
 app = typer.Typer(
     name="elastic-sgd",
@@ -525,5 +525,5 @@ def run(
         raise typer.Exit(1)
 
 
-if __name__ == "__main__":  # python -m service.cli
+if __name__ == "__main__":  # python -m cli.main
     app()
