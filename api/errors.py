@@ -94,18 +94,18 @@ def _summary(problems: Sequence[tuple[str, str]], what: str) -> str:
     return f"{what}: {lines}{more}"
 
 
-async def _validation(request: Request, exc: Exception) -> JSONResponse:
+async def _validation(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = request_problems(list(exc.errors()))
     return error_response(422, _summary(problems, "invalid request"), problems)
 
 
-async def _spec_error(request: Request, exc: Exception) -> JSONResponse:
+async def _spec_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SpecError)
     return error_response(422, _summary(exc.problems, "invalid request"), exc.problems)
 
 
-async def _elastic(request: Request, exc: Exception) -> JSONResponse:
+async def _elastic(_request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, JobNotFound | DrillNotFound):
         return error_response(404, str(exc))
     if isinstance(exc, InvalidTransition):
@@ -129,7 +129,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(detail), headers=exc.headers)
 
 
-async def _bug(request: Request, exc: Exception) -> JSONResponse:
+async def _bug(request: Request, _exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(
         500,
@@ -139,6 +139,8 @@ async def _bug(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers above (Starlette calls each as ``handler(request, exc)``: a
+    ``_``-prefixed argument is one a handler does not need)."""
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(SpecError, _spec_error)
     app.add_exception_handler(ElasticSGDError, _elastic)

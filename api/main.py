@@ -52,7 +52,7 @@ def create_app(
     drill_svc = DrillService(jobs_mgr, store)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:  # FastAPI passes the app
         the_cluster = cluster
         if connect_ray:
             await run_in_threadpool(ray_conn.connect, settings.ray_address)

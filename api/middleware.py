@@ -71,33 +71,18 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_body_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
+        if self._declared_too_big(scope):
+            await self._refuse(send)
+            return
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)  # no body expected: keep streaming receive
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body, too_big = await self._read_body(receive)
+        if too_big:
+            await self._refuse(send)
+            return
+        if body is None:  # the client went away
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -108,6 +93,35 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _declared_too_big(self, scope: Scope) -> bool:
+        """Whether a Content-Length of the request (a number) is over the limit."""
+        for name, value in scope.get("headers", []):
+            if name != b"content-length":
+                continue
+            try:
+                if int(value) > self.max_body_bytes:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, bool]:
+        """``(body, too_big)``: the whole body, read until it ends or passes the limit
+        (``None`` if the client went away first)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None, True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
 
     async def _refuse(self, send: Send) -> None:
         payload = json.dumps(

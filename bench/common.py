@@ -1,6 +1,7 @@
 """What the benchmarks share: one Ray instance, running a job, rates, results and the doc.
 
-Every benchmark starts Ray once (:func:`init_ray`) and runs all its jobs through
+Every benchmark connects to Ray once (:func:`init_ray`: an embedded instance, or the
+cluster ``RAY_ADDRESS`` names, by :mod:`service.ray_conn`'s rule) and runs all its jobs through
 :func:`service.local_run.run_local`, which reuses that instance. A run's numbers come from the
 ``metrics.jsonl`` the runner writes: a *steady-state* rate is taken between the step record
 at :data:`STEADY_FROM` of the run and the last step record, so starting the actors, the
@@ -35,12 +36,12 @@ import torch
 
 import actors
 from core.spec import JobSpec, parse_spec
+from service import ray_conn
 from service.local_run import run_local
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
-NAMESPACE = "elastic-sgd"
 # Steady state starts at 20% of the run: by then every actor has started, the first view
 # and gradient buffers exist, and torch has warmed its kernels up.
 STEADY_FROM = 0.2
@@ -141,9 +142,8 @@ def machine_info(command: str) -> dict[str, Any]:
 
 
 def init_ray() -> None:
-    """Start the one local Ray instance every run of a benchmark uses."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    """Connect to the one Ray instance every run of a benchmark uses (idempotent)."""
+    ray_conn.ensure_connected()
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -278,15 +278,15 @@ def update_doc(name: str, body: str, doc: Path = DOC) -> None:
 NOT_A_VERDICT = "Not a verdict: the machine was loaded (see the warning above)."
 
 
-def load_note(load_before: Sequence[float], load_after: Sequence[float]) -> str:
+def load_note(load_before: Sequence[float]) -> str:
     """A warning line when something else kept the cores busy (empty if the box was quiet).
 
     Judged by the 1-minute load average *before* the run: above half the cores, other
-    processes were competing when the benchmark started. The load after the run is not
-    used: it counts the benchmark's own actors (a 4-worker job alone keeps it near 5 on 2
-    cores), so it would flag every run. Ray runs its workers at niceness 15
-    (``RAY_worker_niceness``), so they lose any competition with other processes, and a
-    2-thread torch loses more (its threads wait for each other).
+    processes were competing when the benchmark started. The load after the run (also
+    recorded in the results) does not tell: it counts the benchmark's own actors (a
+    4-worker job alone keeps it near 5 on 2 cores), so it would flag every run. Ray runs
+    its workers at niceness 15 (``RAY_worker_niceness``), so they lose any competition
+    with other processes, and a 2-thread torch loses more (its threads wait for each other).
     """
     cpus = os.cpu_count() or 1
     before = load_before[0]
@@ -322,7 +322,7 @@ def run_header(payload: dict[str, Any], suffix: str = "") -> list[str]:
         f"Load average before/after: {payload['load_before']} / {payload['load_after']}."
     )
     lines = [f"{first} {suffix}" if suffix else first, ""]
-    if note := load_note(payload["load_before"], payload["load_after"]):
+    if note := load_note(payload["load_before"]):
         lines += [note, ""]
     return lines
 

@@ -381,7 +381,7 @@ def render(payload: dict[str, Any]) -> str:
         )
         + ".",
     ]
-    note = load_note(payload["load_before"], payload["load_after"])
+    note = load_note(payload["load_before"])
     if note:
         lines += ["", note]
     return "\n".join(lines)

@@ -139,7 +139,7 @@ def _b_hat(r: dict[str, Any]) -> str:
 def render(payload: dict[str, Any]) -> str:
     """The markdown block for ``docs/benchmarks.md``."""
     cal = payload["calibration"]
-    note = load_note(payload["load_before"], payload["load_after"])
+    note = load_note(payload["load_before"])
     lines = run_header(payload)
     lines += [
         f"Straggler: worker {STRAGGLER}, exponential delays with mean "

@@ -294,7 +294,7 @@ def _step_ms(rate: float, global_batch: int) -> float:
 
 def render(payload: dict[str, Any]) -> str:
     """The markdown block for ``docs/benchmarks.md``."""
-    note = load_note(payload["load_before"], payload["load_after"])
+    note = load_note(payload["load_before"])
     lines = run_header(payload, f"Median of {payload['repeats']} runs.")
     lines += [
         "| workload | run | samples/s (steady) | x plain | step ms | whole-run samples/s "

@@ -38,10 +38,12 @@ from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from core.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError
-from core.spec import FaultSpec, JobSpec, format_errors
+from core.errors import InvalidTransition, JobNotFound, SpecError
 from core.events import Event, Record
+from core.names import coordinator_name
+from core.spec import FaultSpec, JobSpec, format_errors
 from core.state import JobState
+from service.ray_errors import describe, own_error, user_error
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
 
@@ -526,21 +528,18 @@ class JobManager:
         return row, live
 
     def _call_runner(self, job_id: str, what: str, fn: Callable[[], T]) -> T:
-        """Call the runner; turn Ray's own exceptions into a clean ElasticSGDError."""
+        """Call the runner; what it raises reaches the caller as :mod:`service.ray_errors`
+        words it (our own errors as they are, anything else as an InvalidTransition)."""
         try:
             return fn()
         except Exception as exc:
-            # Ray re-raises the coordinator's own error as a RayTaskError whose ``cause`` is
-            # the original (its str() would carry the remote traceback): raise that instead.
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, ElasticSGDError):
-                raise cause from None
-            if isinstance(exc, ElasticSGDError):
-                raise
-            log.warning("job %s: %s failed: %r", job_id, what, exc)
-            raise InvalidTransition(
-                f"job {job_id}: {what} failed because its coordinator did not answer "
-                f"({type(exc).__name__}); the job may be ending — check GET /jobs/{job_id}"
+            if own_error(exc) is None:
+                log.warning("job %s: %s failed: %r", job_id, what, exc)
+            raise user_error(
+                exc,
+                f"job {job_id}: {what} failed because its coordinator did not answer",
+                error_type=InvalidTransition,
+                advice=f"the job may be ending — check GET /jobs/{job_id}",
             ) from exc
 
     # -- the state machine ------------------------------------------------------------
@@ -640,7 +639,7 @@ class JobManager:
             self.store.add_event(
                 row.id,
                 "reattach",
-                f"service restarted; re-attached to coordinator esgd-{row.id}",
+                f"service restarted; re-attached to coordinator {coordinator_name(row.id)}",
                 step=row.step,
             )
             log.info("job %s re-attached (%s)", row.id, row.state)
@@ -648,8 +647,8 @@ class JobManager:
     def _resume(self, row: JobRow, spec: JobSpec) -> None:
         """Restart a live job whose coordinator is gone from its latest valid checkpoint."""
         gone = (
-            f"the service restarted and coordinator esgd-{row.id} is no longer in Ray (it ran "
-            "in the service's own Ray instance, or it crashed)"
+            f"the service restarted and coordinator {coordinator_name(row.id)} is no longer in "
+            "Ray (it ran in the service's own Ray instance, or it crashed)"
         )
         try:
             found = self.backend.resumable(row.id, spec, Path(row.out_dir), self.settings.data_dir)
@@ -734,33 +733,12 @@ class JobManager:
         self._admit_pending()
 
     def _follow(self, job_id: str, entry: _Live) -> None:
-        if entry.start is not None:
-            if not entry.start.done():
-                return
-            exc = entry.start.exception()
-            entry.start = None
-            entry.since = time.monotonic()
-            if exc is not None:
-                detail = str(exc) if isinstance(exc, ElasticSGDError) else repr(exc)
-                self._fail(job_id, f"could not start: {detail}")
-                return
-            if entry.cancel_requested_at is not None:
-                self._call_quietly(job_id, "cancel", entry.runner.cancel)
-        try:
-            p = entry.runner.poll()
-        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
-            entry.poll_failures += 1
-            log.warning("job %s: poll %d failed: %r", job_id, entry.poll_failures, exc)
-            if entry.poll_failures >= self.settings.max_poll_failures:
-                self._call_quietly(job_id, "finish", entry.runner.finish)
-                self._fail(
-                    job_id,
-                    f"lost contact with coordinator esgd-{job_id}: {entry.poll_failures} polls "
-                    f"in a row failed (ESGD_MAX_POLL_FAILURES={self.settings.max_poll_failures});"
-                    f" last error: {type(exc).__name__}: {exc}",
-                )
+        """One supervisor step for a live job: its start, a poll, its state."""
+        if not self._started(job_id, entry):
             return
-        entry.poll_failures = 0
+        p = self._poll(job_id, entry)
+        if p is None:
+            return
         self.store.ingest(job_id, p.records, p.events)
         status = dict(p.status or {})
         total = status.get("total_steps")
@@ -772,8 +750,51 @@ class JobManager:
             status=status,
         )
         row = self.store.get_job(job_id)
-        if row is None:
-            return
+        if row is not None:
+            self._follow_state(job_id, entry, row, status)
+
+    def _started(self, job_id: str, entry: _Live) -> bool:
+        """Whether the job's ``start()`` has returned and it can be polled (a failed start
+        fails the job; a cancel that came in while it started is sent now)."""
+        if entry.start is None:
+            return True
+        if not entry.start.done():
+            return False
+        exc = entry.start.exception()
+        entry.start = None
+        entry.since = time.monotonic()
+        if exc is not None:
+            self._fail(job_id, f"could not start: {user_error(exc)}")
+            return False
+        if entry.cancel_requested_at is not None:
+            self._call_quietly(job_id, "cancel", entry.runner.cancel)
+        return True
+
+    def _poll(self, job_id: str, entry: _Live) -> PollLike | None:
+        """The runner's poll, or ``None`` if it failed (the job fails after
+        ``max_poll_failures`` failures in a row)."""
+        try:
+            p = entry.runner.poll()
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
+            entry.poll_failures += 1
+            log.warning("job %s: poll %d failed: %r", job_id, entry.poll_failures, exc)
+            if entry.poll_failures >= self.settings.max_poll_failures:
+                self._call_quietly(job_id, "finish", entry.runner.finish)
+                self._fail(
+                    job_id,
+                    f"lost contact with coordinator {coordinator_name(job_id)}: "
+                    f"{entry.poll_failures} polls in a row failed "
+                    f"(ESGD_MAX_POLL_FAILURES={self.settings.max_poll_failures}); "
+                    f"last error: {describe(exc)}",
+                )
+            return None
+        entry.poll_failures = 0
+        return p
+
+    def _follow_state(
+        self, job_id: str, entry: _Live, row: JobRow, status: Mapping[str, Any]
+    ) -> None:
+        """Move the job to the state its coordinator reports (or check its timeouts)."""
         current = JobState(row.state)
         target = map_runner_state(status.get("state"))
         if target is not None and target is not JobState.STARTING:
@@ -816,7 +837,10 @@ class JobManager:
         except Exception as exc:
             log.exception("job %s: finish failed", job_id)
             if target is JobState.SUCCEEDED:
-                target, error = JobState.FAILED, f"writing the job's outputs failed: {exc!r}"
+                target, error = (
+                    JobState.FAILED,
+                    f"writing the job's outputs failed: {describe(exc)}",
+                )
         if summary is not None:
             self.store.set_summary(job_id, summary)
         reason = {

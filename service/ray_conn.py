@@ -1,74 +1,130 @@
-"""The service's connection to Ray, and its view of the cluster's resources.
+"""The one way this project connects a process to Ray, and its view of the cluster's resources.
 
-Two ways in, one namespace (``elastic-sgd``, where the job coordinators are named):
+The service (``api.main``), the job runner behind ``elastic-sgd run`` (:mod:`service.runner`),
+the benchmarks and the test fixtures all connect through :func:`connect`, in namespace
+:data:`core.names.NAMESPACE` (where the job coordinators are named). One rule decides where:
 
-* no address: a local Ray instance started in-process (embedded default, no dashboard);
-* ``ESGD_RAY_ADDRESS`` / ``RAY_ADDRESS``: an existing cluster (``ray start --head`` on
-  this machine, a ``ray up`` cluster, a KubeRay ``RayCluster``).
+* **an address** (``elastic-sgd serve --ray-address``, else ``ESGD_RAY_ADDRESS``, else
+  ``RAY_ADDRESS``): connect to that cluster (``host:port`` of a ``ray start --head``, a
+  ``ray up`` or KubeRay cluster; ``auto`` for the one started on this machine;
+  ``ray://...`` for Ray Client);
+* **no address** (both unset, or the first one set is empty): start a new Ray instance
+  embedded in this process (no dashboard). It never silently joins a ``ray start`` cluster
+  that happens to run on this machine, which a bare ``ray.init()`` would.
 
-Jobs keep running through a restart of the service only in the second case (they are
-re-attached): a Ray instance started in-process ends with the process that started it, and
-its jobs resume from their latest checkpoints when the service starts again.
+:func:`address_from_env` reads the two variables the same way the service's settings do
+(the first one *set* wins, so ``ESGD_RAY_ADDRESS=`` forces an embedded Ray even when
+``RAY_ADDRESS`` is set for something else).
+
+Jobs keep running through a restart of the service only on a cluster (they are
+re-attached): a Ray instance embedded in a process ends with it, and its jobs resume from
+their latest checkpoints when the service starts again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from core.errors import ElasticSGDError
+from core.names import NAMESPACE
+from service.ray_errors import describe
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "elastic-sgd"
+# the variables that name a cluster, in the order they are consulted
+ADDRESS_VARIABLES = ("ESGD_RAY_ADDRESS", "RAY_ADDRESS")
 
 
 class RayConnectionError(ElasticSGDError):
     """Ray could not be started or reached."""
 
 
-def connect(address: str | None) -> str:
-    """Connect this process to Ray (idempotent).
+def address_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The Ray address the environment names, or ``None`` for an embedded instance.
 
     Args:
-        address: a cluster address, or None for a local instance started in-process.
+        environ: the variables to read (default: ``os.environ``).
 
     Returns:
-        The GCS address of the cluster now connected.
+        The value of the first of ``ESGD_RAY_ADDRESS``, ``RAY_ADDRESS`` that is set, or
+        ``None`` if neither is set or that value is empty.
+    """
+    env = os.environ if environ is None else environ
+    for name in ADDRESS_VARIABLES:
+        if name in env:
+            return env[name].strip() or None
+    return None
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> str:
+    """Connect this process to Ray (idempotent: an existing connection is kept as it is).
+
+    Args:
+        address: a cluster address; ``None`` or empty starts an embedded instance.
+        num_cpus: logical CPUs of an embedded instance (default: the machine's cores).
+
+    Returns:
+        The GCS address of the Ray instance now connected.
 
     Raises:
-        RayConnectionError: with the address tried and what to change.
+        RayConnectionError: with the address tried and what to change; also when
+            ``num_cpus`` is given with an address (a cluster's size is its own).
     """
-    import ray
+    import ray  # here, not at the top: the API and the CLI load without Ray
 
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
-    # Quiet Ray's own log deduplication/warnings on the driver; job logs go to the store.
+    if address and num_cpus is not None:
+        raise RayConnectionError(
+            f"num_cpus={num_cpus} sizes an embedded Ray instance, but address {address!r} "
+            "names a cluster: drop one of them"
+        )
+    # Ray's log deduplication on the driver is off: job logs go to the store.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
-        if address:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-        else:
-            # An inherited RAY_ADDRESS would make ray.init() connect instead of start, and so
-            # would a `ray start` cluster on this machine (ray.init() without an address joins
-            # the one in /tmp/ray/ray_current_cluster): "local" always starts a new instance.
-            os.environ.pop("RAY_ADDRESS", None)
-            ray.init(
-                address="local", include_dashboard=False, namespace=NAMESPACE, log_to_driver=False
-            )
+        _init(address or None, num_cpus)
     except Exception as exc:
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        where = f"the Ray cluster at {address!r}" if address else "an embedded Ray instance"
         raise RayConnectionError(
-            f"could not connect to {where}: {exc}. Check that the cluster is up "
-            "(`ray status`) or unset ESGD_RAY_ADDRESS/RAY_ADDRESS to run Ray in-process"
+            f"could not connect to {where}: {describe(exc)}. Check that the "
+            "cluster is up (`ray status`), or unset ESGD_RAY_ADDRESS/RAY_ADDRESS to run Ray "
+            "in-process"
         ) from exc
     gcs = str(ray.get_runtime_context().gcs_address)
     log.info("connected to Ray at %s (namespace %s)", gcs, NAMESPACE)
     return gcs
 
 
+def _init(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if address is not None:
+        ray.init(address=address, **common)
+        return
+    # "local" starts a new instance whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster
+    # say; dropping the variable keeps the processes this one starts off the other cluster.
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **common)
+
+
+def ensure_connected() -> str:
+    """:func:`connect` to where the environment says (:func:`address_from_env`).
+
+    Returns:
+        The GCS address of the Ray instance now connected.
+
+    Raises:
+        RayConnectionError: as :func:`connect`.
+    """
+    return connect(address_from_env())
+
+
 def disconnect() -> None:
+    """Leave Ray (an embedded instance stops; a cluster's detached actors run on)."""
     import ray
 
     if ray.is_initialized():
@@ -76,6 +132,7 @@ def disconnect() -> None:
 
 
 def is_connected() -> bool:
+    """Whether this process is connected to a Ray instance."""
     import ray
 
     return bool(ray.is_initialized())
@@ -85,11 +142,14 @@ class RayCluster:
     """Free resources, node capacities and autoscaler requests of the connected cluster."""
 
     def available(self) -> dict[str, float]:
+        """Resources not held by any actor or task now, summed over the alive nodes."""
         import ray
 
-        return {str(k): float(v) for k, v in ray.available_resources().items()}
+        free: dict[str, Any] = ray.available_resources()
+        return {str(k): float(v) for k, v in free.items()}
 
     def node_capacities(self) -> list[dict[str, float]]:
+        """Total resources of each alive node (what one job's bundle can fit in)."""
         import ray
 
         nodes: list[dict[str, Any]] = ray.nodes()

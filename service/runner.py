@@ -4,14 +4,15 @@
 use. It creates the coordinator actor (named ``esgd-<job id>`` in namespace ``elastic-sgd``,
 detached when the service runs it, so an API restart can re-attach), forwards control calls,
 and hands back metrics and events exactly once per poller (the coordinator keeps them until a
-later poll acknowledges them).
+later poll acknowledges them). It connects to Ray on first use as :mod:`service.ray_conn`
+says (an embedded instance unless ``ESGD_RAY_ADDRESS``/``RAY_ADDRESS`` names a cluster), and
+errors raised by the coordinator reach the caller as :mod:`service.ray_errors` words them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,26 +23,15 @@ import ray
 
 from actors.checkpoint import latest_valid
 from actors.coordinator import Coordinator
-from core.errors import ElasticSGDError, TrainingFailed
+from core.errors import TrainingFailed
 from core.events import Event, Record
+from core.names import NAMESPACE, coordinator_name, worker_prefix
 from core.spec import FaultSpec, JobSpec
+from service.ray_conn import ensure_connected
+from service.ray_errors import user_error
 
-NAMESPACE = "elastic-sgd"
 # what a call to a coordinator whose process died raises (while Ray restarts it)
 _ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in this process."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
-    if address is None:
-        # "local": start our own, never silently join a `ray start` cluster on this machine
-        address = "local"
-        kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
 
 
 @dataclass
@@ -91,7 +81,7 @@ class JobRunner:
 
     @property
     def actor_name(self) -> str:
-        return f"esgd-{self.job_id}"
+        return coordinator_name(self.job_id)
 
     @staticmethod
     def resources(spec: JobSpec) -> list[dict[str, float]]:
@@ -108,7 +98,7 @@ class JobRunner:
         Raises:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
-        ensure_ray()
+        ensure_connected()
         if not self.resume:
             # a fresh start: checkpoints and journal of an earlier run here are not ours
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -133,19 +123,19 @@ class JobRunner:
         return info
 
     def _start_remote(self) -> dict[str, Any]:
+        """The coordinator's ``start()`` (its workers up); a failure says why, in a line.
+
+        Raises:
+            ElasticSGDError: the coordinator's own error, or a TrainingFailed naming the
+                cause (its constructor or ``start()`` raised, or the actor died).
+        """
         try:
             info: dict[str, Any] = ray.get(self.actor.start.remote())
-            return info
-        except ray.exceptions.RayActorError as exc:
-            cause = exc.__cause__ or exc
-            if isinstance(cause, ElasticSGDError):
-                raise cause from None
-            raise TrainingFailed(f"the coordinator could not start: {exc}") from exc
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if hasattr(exc, "cause") else exc
-            if isinstance(cause, ElasticSGDError):
-                raise cause from None
-            raise
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            raise user_error(
+                exc, "the coordinator could not start", advice="see the Ray logs"
+            ) from exc
+        return info
 
     def _recover(self, timeout_s: float = 120.0) -> None:
         """The coordinator's process died: Ray restarts it; resume it and run again."""
@@ -166,21 +156,24 @@ class JobRunner:
         self.run_ref = self.actor.run.remote()
 
     def _call(self, method: str, *args: Any) -> Any:
-        """Call a coordinator method; our own errors raised inside it are unwrapped."""
+        """Call a coordinator method.
+
+        Raises:
+            ElasticSGDError: the method raised (our own error as it is, another one as a
+                TrainingFailed naming it).
+            ray.exceptions.RayActorError: the coordinator did not answer.
+        """
         try:
             return ray.get(getattr(self.actor, method).remote(*args))
         except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, ElasticSGDError):
-                raise cause from None
-            raise
+            raise user_error(exc, f"the coordinator's {method} failed") from exc
 
     @classmethod
     def attach(
         cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
     ) -> JobRunner | None:
         """Re-attach to a detached coordinator that still runs; ``None`` if it is gone."""
-        ensure_ray()
+        ensure_connected()
         runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)
         try:
             runner.actor = ray.get_actor(runner.actor_name, namespace=NAMESPACE)
@@ -249,6 +242,8 @@ class JobRunner:
                 return True
             self._recover()
             return False
+        except ray.exceptions.RayTaskError as exc:
+            raise user_error(exc, "the coordinator's training loop failed") from exc
         return True
 
     def scale(self, n: int) -> None:
@@ -256,21 +251,31 @@ class JobRunner:
         self._call("scale", n)
 
     def inject(self, fault: FaultSpec) -> None:
+        """Inject ``fault`` into the running job now (a live injection)."""
         self._call("inject_async", fault)
 
     def cancel(self) -> None:
-        ray.get(self.actor.cancel_async.remote())
+        """Ask the coordinator to stop the job (it ends as cancelled)."""
+        self._call("cancel_async")
 
     def model_bytes(self) -> bytes:
-        data: bytes = ray.get(self.actor.model_bytes_async.remote())
+        """The current model's ``state_dict``, as ``torch.save`` wrote it."""
+        data: bytes = self._call("model_bytes_async")
         return data
 
     def finish(self) -> dict[str, Any]:
-        """Wait for the end, write the run's files, release the actors; returns the summary."""
+        """Wait for the end, write the run's files, release the actors; returns the summary.
+
+        Raises:
+            ElasticSGDError: the training loop raised, or the coordinator is gone for good.
+        """
         if self.run_ref is not None:
-            summary: dict[str, Any] = ray.get(self.run_ref)
+            try:
+                summary: dict[str, Any] = ray.get(self.run_ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                raise user_error(exc, "the coordinator's training loop failed") from exc
         else:
-            summary = ray.get(self.actor.summary_async.remote())
+            summary = self._call("summary_async")
         self.poll()  # the last records
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "model.pt").write_bytes(self.model_bytes())
@@ -288,7 +293,7 @@ class JobRunner:
             ray.kill(self.actor, no_restart=True)
         self.actor = None
         # workers are detached (they outlive a coordinator crash): make sure none is left
-        prefix = f"esgd-{self.job_id}-w"
+        prefix = worker_prefix(self.job_id)
         with contextlib.suppress(Exception):
             for entry in ray.util.list_named_actors(all_namespaces=True):
                 if entry.get("namespace") == NAMESPACE and entry["name"].startswith(prefix):

@@ -12,7 +12,14 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ElasticSGDError
@@ -59,7 +66,9 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     # 1 MiB: a job spec is a few KiB; this leaves room for long fault plans.
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
-    # Ray cluster to use (``ray://`` or ``host:port``); None starts Ray in-process.
+    # Ray cluster to use (``host:port``, ``auto``, ``ray://...``); None (unset or empty)
+    # starts Ray in-process. The rule, and the order of the two variables, are those of
+    # service.ray_conn (the first variable set wins).
     ray_address: str | None = Field(
         default=None, validation_alias=AliasChoices("ESGD_RAY_ADDRESS", "RAY_ADDRESS")
     )
@@ -72,6 +81,11 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(default=8, ge=0, le=10_000)
     # Consecutive failed polls of a live job before it is declared failed (bounded retry).
     max_poll_failures: int = Field(default=10, ge=1, le=10_000)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _empty_address_is_none(cls, value: str | None) -> str | None:
+        return None if value is None else value.strip() or None
 
     @model_validator(mode="after")
     def _refuse_public_without_token(self) -> Settings:

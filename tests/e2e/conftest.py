@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from bench.service_process import ServiceProcess
+from service import ray_conn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,15 +43,11 @@ SMALL_SPEC: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A Ray instance for this module (4 logical CPUs: room for a few small jobs at once)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, namespace="elastic-sgd", log_to_driver=False)
-    address = str(ray.get_runtime_context().gcs_address)
+    started = not ray_conn.is_connected()
+    address = ray_conn.connect(None, num_cpus=4)
     yield address
     if started:
-        ray.shutdown()
+        ray_conn.disconnect()
 
 
 # The tests' name for a server subprocess.

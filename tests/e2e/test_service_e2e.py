@@ -258,7 +258,7 @@ def test_sse_stream_delivers_updates_while_running(client: httpx.Client, started
     seqs = [d["seq"] for k, d in got if k == "metric"]
     assert seqs == sorted(set(seqs))
     # a finished job's stream replays its history and ends
-    done = read_sse(client, f"/jobs/{started.small_id()}/stream", lambda g: False)
+    done = read_sse(client, f"/jobs/{started.small_id()}/stream", lambda _g: False)
     assert done[-1] == ("end", {"state": "succeeded"})
     assert sum(k == "metric" for k, _ in done) >= 60
 

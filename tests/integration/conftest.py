@@ -8,15 +8,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import ray
+
+from service import ray_conn
 
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session() -> Iterator[None]:
     """One Ray instance per test session (4 logical CPUs: a coordinator and 4 workers at
-    0.25 CPU each fit several times over), shut down at the end."""
-    ray.init(num_cpus=4, include_dashboard=False, namespace="elastic-sgd", log_to_driver=False)
+    0.25 CPU each fit several times over), embedded in this process whatever RAY_ADDRESS
+    says (the cluster tests start their own clusters), shut down at the end."""
+    ray_conn.connect(None, num_cpus=4)
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_conn.disconnect()

@@ -125,7 +125,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         self,
         head_resources: dict[str, float],
         worker_node_types: dict[str, Any],
-        autoscaler_v2: bool = False,
+        autoscaler_v2: bool = False,  # noqa: ARG002 - the overridden method's signature
         **config_kwargs: Any,
     ) -> dict[str, Any]:
         config = copy.deepcopy(BASE_CONFIG)

@@ -41,8 +41,9 @@ def main(out: Path) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
+    from service import ray_conn
     from service.drills import load_drill, write_report
-    from service.runner import NAMESPACE, JobRunner
+    from service.runner import JobRunner
 
     drill = load_drill(DRILL)
     cluster = Cluster(
@@ -50,7 +51,7 @@ def main(out: Path) -> int:
     )
     node = cluster.add_node(num_cpus=2, resources={DOOMED: 1.0})
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    ray_conn.connect(cluster.address)
     runner = JobRunner(f"nodeloss-{uuid.uuid4().hex[:8]}", drill.job, out, detached=False)
     removed: dict[str, Any] = {}
     summary: dict[str, Any] | None = None

@@ -200,18 +200,33 @@ class FakeBackend:
         self.survivors: dict[str, FakeRunner] = {}
         self.checkpoints: dict[str, int] = {}
 
-    def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> FakeRunner:
+    # the RunnerBackend protocol's signatures: a fake needs no data directory
+    def create(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        out_dir: Path,
+        data_dir: Path,  # noqa: ARG002
+    ) -> FakeRunner:
         r = FakeRunner(job_id, spec, out_dir, self.script)
         self.runners[job_id] = r
         return r
 
     def attach(
-        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+        self,
+        job_id: str,
+        spec: JobSpec,  # noqa: ARG002
+        out_dir: Path,  # noqa: ARG002
+        data_dir: Path,  # noqa: ARG002
     ) -> FakeRunner | None:
         return self.survivors.get(job_id)
 
     def resumable(
-        self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
+        self,
+        job_id: str,
+        spec: JobSpec,
+        out_dir: Path,
+        data_dir: Path,  # noqa: ARG002
     ) -> tuple[FakeRunner, int] | None:
         if job_id not in self.checkpoints:
             return None

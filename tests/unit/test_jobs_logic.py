@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from fake_runner import BoomError, FakeBackend, FakeCluster, FakeRunner, Script
+from ray.exceptions import ActorDiedError
+from ray_exception_objects import remote
 
 from core.errors import InvalidRequest, InvalidTransition, JobNotFound, SpecError
 from core.spec import FaultSpec, JobSpec, parse_spec
@@ -422,25 +424,27 @@ def test_runtime_errors_reach_the_caller_unwrapped(env: tuple) -> None:
     until(mgr, lambda: state_of(store, job.id) == "running")
     runner = backend.runners[job.id]
 
-    class RemoteError(RuntimeError):  # how Ray hands back an actor method's exception
-        def __init__(self, cause: Exception) -> None:
-            super().__init__("Traceback (most recent call last): ... remote frames ...")
-            self.cause = cause
+    refused = InvalidRequest("scale: n=3 is outside [...]; set max_workers")
 
-    def refuse(n: int) -> None:
-        raise RemoteError(InvalidRequest("scale: n=3 is outside [...]; set max_workers"))
+    def refuse(_n: int) -> None:  # Ray's wrapper of an error the coordinator raised
+        raise remote(refused)
 
     runner.scale = refuse  # type: ignore[method-assign]
     with pytest.raises(InvalidRequest, match="set max_workers") as ei:
         mgr.scale(job.id, 3)
-    assert "Traceback" not in str(ei.value)
+    assert ei.value is refused and "Traceback" not in str(ei.value)
 
-    def dead(n: int) -> None:
-        raise RuntimeError("actor died")
+    def dead(_n: int) -> None:
+        raise ActorDiedError()
 
     runner.scale = dead  # type: ignore[method-assign]
-    with pytest.raises(InvalidTransition, match="did not answer"):
+    with pytest.raises(InvalidTransition, match="did not answer") as ei2:
         mgr.scale(job.id, 3)
+    assert str(ei2.value) == (
+        f"job {job.id}: scale failed because its coordinator did not answer: ActorDiedError: "
+        "The actor died unexpectedly before finishing this task; the job may be ending — "
+        f"check GET /jobs/{job.id}"
+    )
 
 
 def test_pending_jobs_are_worked_out_once_not_every_tick(
