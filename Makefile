@@ -33,11 +33,15 @@ run: setup
 
 SOURCES := core actors service api cli tests bench scripts
 
+# ruff's rules (complexity: mccabe at most 12; unused arguments) and the import-linter
+# layer contracts are configured in pyproject.toml.
 lint: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/lint-imports
 
+# mypy strict on the packages core actors service api cli (the list, and the per-library
+# overrides, are pyproject.toml's [tool.mypy])
 typecheck: setup
 	$(BIN)/mypy
 

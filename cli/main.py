@@ -155,7 +155,13 @@ def serve(
     token: Annotated[
         str | None, typer.Option(help="bearer token [ESGD_TOKEN]", show_default=False)
     ] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster [RAY_ADDRESS]")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster: host:port, auto or ray://...; none (or empty) starts Ray "
+            "in-process [ESGD_RAY_ADDRESS, else RAY_ADDRESS]"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Start the service (REST API, dashboard at /, Prometheus at /metrics)."""
