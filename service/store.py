@@ -721,7 +721,8 @@ class Store:
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
         """Metric records in seq order: ``step >= since_step`` and ``seq > after_seq``."""
-        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        where: list[str] = ["job_id=?"]
+        args: list[Any] = [job_id]
         if since_step is not None:
             where.append("step>=?")
             args.append(since_step)
@@ -761,7 +762,8 @@ class Store:
         kind: str | None = None,
         limit: int = 1000,
     ) -> list[EventRow]:
-        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        where: list[str] = ["job_id=?"]
+        args: list[Any] = [job_id]
         if after_id is not None:
             where.append("id>?")
             args.append(after_id)
