@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.drill_jobs import DrillService
+from service.drills.service import DrillService
 from service.jobs import JobManager
 from service.settings import Settings
 from service.store import JobRow, Store

@@ -34,7 +34,7 @@ from core.errors import (
     SpecError,
 )
 from core.spec import format_error_list
-from service.drill_jobs import DrillNotFound
+from service.drills.service import DrillNotFound
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestTiming
 from api.routes import dashboard, drills, health, jobs, metrics
 from service import ray_conn
-from service.drill_jobs import DrillService
+from service.drills.service import DrillService
 from service.jobs import Cluster, JobManager
 from service.settings import Settings
 from service.store import Store

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.spec import FaultSpec, JobSpec
 from core.state import JobState
-from service.drill_jobs import DrillSpec
+from service.drills.spec import DrillSpec
 from service.store import DrillRow, EventRow, JobRow
 
 

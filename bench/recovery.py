@@ -40,7 +40,8 @@ from bench.common import (
     run_job,
     say,
 )
-from service.drills import coordinator_recoveries
+from core.events import Event, record_from_dict
+from service.drills.analyse import coordinator_recoveries
 
 NAME = "recovery"
 DEFAULT_REPEATS = 3
@@ -131,11 +132,12 @@ def worker_samples(mode: str, seed: int, run: Run) -> list[dict[str, Any]]:
 
 def coordinator_sample(seed: int, run: Run) -> dict[str, Any]:
     """The coordinator crash of one run (from its events and metrics records)."""
-    records = sorted(run.records, key=lambda r: float(r.get("wall_time", 0.0)))
-    (crash,) = coordinator_recoveries(run.summary["events"], records)
+    records = sorted((record_from_dict(r) for r in run.records), key=lambda r: (r.wall_time, r.seq))
+    events = [Event.from_dict(e) for e in run.summary["events"]]
+    (crash,) = coordinator_recoveries(events, records)
     return {
         "seed": seed,
-        **crash,
+        **crash.to_dict(),
         "steps_lost_summary": run.summary["steps_lost"],
         "restarts": run.summary["restarts"],
         "final_test_accuracy": run.summary["final_test_accuracy"],

@@ -428,14 +428,14 @@ def drill(
 ) -> None:
     """Run a drill on the service (or locally with --out DIR) and print its report (exit 0
     if it passed)."""
-    from service.drill_jobs import parse_drill
+    from service.drills.spec import parse_drill
 
     try:
         spec = parse_drill(_read_yaml(file))
     except SpecError as exc:
         fail_problems(exc)
     if out is not None:  # local: run_drill writes report.{json,md,png} into out
-        from service.drills import run_drill
+        from service.drills.run import run_drill
 
         rep = run_drill(spec, out, data_dir=data_dir, progress=True)
         state = "passed" if rep["passed"] else "failed"

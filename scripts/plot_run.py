@@ -7,7 +7,8 @@
 * ``metrics.jsonl`` and ``events.json``: every metric record and event of the job;
 * ``plot.png``: training loss, test accuracy and B̂ (with its analytic bound) over the job's
   time, every injected fault drawn as a labelled vertical line
-  (:func:`service.drills.plot_run`, the drills' own plot);
+  (:func:`service.drills.plot.plot_run`, the drills' own plot, from the runtime's
+  typed events in the job's summary);
 
 then prints a few lines: where the files are, and the numbers that matter.
 
@@ -17,6 +18,7 @@ Exit codes: 0 written, 2 the service refused or could not be reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=os.environ.get("ESGD_TOKEN"), help="bearer token")
     args = p.parse_args(argv)
 
-    from service.drills import plot_run  # matplotlib's Figure (no pyplot, no GUI backend)
+    from core.events import Event, Record, record_from_dict
+    from service.drills.plot import plot_run  # matplotlib's Figure (no pyplot, no GUI backend)
 
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
@@ -77,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "events.json").write_text(json.dumps(events, indent=2) + "\n")
     plot = out / "plot.png"
     title = f"{job['name']} ({job['id']}): {job['state']}"
-    drawn = plot_run(records, events, plot, title=title)
+    typed: list[Record] = []
+    for rec in records:
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # a record without times
+            typed.append(record_from_dict(rec))
+    # the runtime's own events carry each fault's kind (the /events page is for people)
+    runtime_events = [Event.from_dict(e) for e in (job.get("summary") or {}).get("events") or []]
+    drawn = plot_run(typed, runtime_events, plot, title=title)
 
     s = job.get("summary") or {}
     cons = s.get("consistency") or {}

@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from core.errors import ElasticSGDError
-from core.events import Event, Record
+from core.events import Event, Record, record_from_dict
 
-SCHEMA_VERSION = 1
+# 2: events.fault (the fault kind of a fault, heal, detect or missing-gradient event)
+SCHEMA_VERSION = 2
 # At most this many queued writes share one transaction (one sync of the WAL).
 GROUP_COMMIT_MAX = 128
 
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     target TEXT,
     detail TEXT NOT NULL DEFAULT '',
+    fault TEXT,                    -- a FaultKind value, or NULL (added in schema 2)
     UNIQUE (job_id, source, seq)
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
@@ -169,6 +171,7 @@ class EventRow:
     kind: str
     target: str | None
     detail: str
+    fault: str | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,14 @@ class Store:
                 f"{self.path} was written by a newer elastic-sgd (schema {row[0]} > "
                 f"{SCHEMA_VERSION}): upgrade, or point ESGD_STATE_DIR elsewhere"
             )
+        elif int(row[0]) < SCHEMA_VERSION:
+            self._write(lambda c: _migrate(c, int(row[0])))
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the database is at (:data:`SCHEMA_VERSION` once opened)."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0])
 
     # -- connections -------------------------------------------------------------------
 
@@ -663,9 +674,10 @@ class Store:
                 wall = _num(e.get("wall_time"))
                 step = e.get("step")
                 target = e.get("target")
+                fault = e.get("fault")
                 cur = c.execute(
                     "INSERT OR IGNORE INTO events(job_id, source, seq, wall_time, time_s, step,"
-                    " kind, target, detail) VALUES (?, 'runner', ?, ?, ?, ?, ?, ?, ?)",
+                    " kind, target, detail, fault) VALUES (?, 'runner', ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         seq,
@@ -675,6 +687,7 @@ class Store:
                         str(e.get("kind", "event")),
                         None if target is None else str(target),
                         str(e.get("detail", "")),
+                        None if fault is None else str(fault),
                     ),
                 )
                 n_ev += cur.rowcount
@@ -708,7 +721,8 @@ class Store:
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
         """Metric records in seq order: ``step >= since_step`` and ``seq > after_seq``."""
-        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        where: list[str] = ["job_id=?"]
+        args: list[Any] = [job_id]
         if since_step is not None:
             where.append("step>=?")
             args.append(since_step)
@@ -748,7 +762,8 @@ class Store:
         kind: str | None = None,
         limit: int = 1000,
     ) -> list[EventRow]:
-        where, args = ["job_id=?"], cast(list[Any], [job_id])
+        where: list[str] = ["job_id=?"]
+        args: list[Any] = [job_id]
         if after_id is not None:
             where.append("id>?")
             args.append(after_id)
@@ -771,9 +786,41 @@ class Store:
                 kind=str(r["kind"]),
                 target=r["target"],
                 detail=str(r["detail"]),
+                fault=r["fault"],
             )
             for r in rows
         ]
+
+    def typed_events(self, job_id: str) -> list[Event]:
+        """The coordinator's events of a job, typed, in the order they were stored.
+
+        Service-side events (state changes, queueing) are left out: they are not the run's.
+        A row whose kind or fault kind this version does not know (an older database) is
+        skipped rather than guessed.
+        """
+        rows = self._conn().execute(
+            "SELECT seq, wall_time, time_s, step, kind, target, detail, fault FROM events"
+            " WHERE job_id=? AND source='runner' ORDER BY id",
+            (job_id,),
+        )
+        out = []
+        for r in rows:
+            with suppress(ValueError):
+                out.append(Event.from_dict(dict(r)))
+        return out
+
+    def typed_records(self, job_id: str) -> list[Record]:
+        """Every step and eval record of a job, typed, in seq order."""
+        rows = self._conn().execute(
+            "SELECT seq, data_json FROM metrics WHERE job_id=? ORDER BY seq", (job_id,)
+        )
+        out = []
+        for r in rows:
+            d = dict(json.loads(r[1]))
+            d["seq"] = int(r[0])
+            with suppress(KeyError, TypeError, ValueError):  # a record of an older version
+                out.append(record_from_dict(d))
+        return out
 
     def event_counts(self, kinds: Sequence[str]) -> dict[tuple[str, str], int]:
         """``{(job_id, kind): count}`` of runner and service events of the given kinds."""
@@ -880,6 +927,20 @@ class Store:
             )
         ]
         return [d for i in ids if (d := self.get_drill(i)) is not None]
+
+
+def _migrate(c: sqlite3.Connection, version: int) -> None:
+    """Bring a database written at schema ``version`` to :data:`SCHEMA_VERSION`, in place.
+
+    Each step is one schema version; all run in one transaction (the caller's write), so a
+    failed migration leaves the database as it was.
+    """
+    if version < 2:
+        # events.fault: rows written before it have NULL (their fault kind was not stored)
+        cols = {str(r[1]) for r in c.execute("PRAGMA table_info(events)")}
+        if "fault" not in cols:
+            c.execute("ALTER TABLE events ADD COLUMN fault TEXT")
+    c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
 
 def _insert_job(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import FileResponse
 
 from api.deps import DrillId, DrillsDep, RequireToken
 from api.schemas import DrillCreate, DrillPublic, ErrorPublic
-from service.drill_jobs import DrillSpec
+from service.drills.spec import DrillSpec
 
 router = APIRouter(prefix="/drills", tags=["drills"])
 
@@ -28,3 +29,13 @@ def create_drill(body: DrillCreate, drills: DrillsDep) -> DrillPublic:
 @router.get("/{drill_id}", responses={404: _E, 422: _E}, summary="A drill and its report")
 def get_drill(drill_id: DrillId, drills: DrillsDep) -> DrillPublic:
     return DrillPublic.of(drills.get(drill_id))
+
+
+@router.get(
+    "/{drill_id}/plot.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, 404: _E, 422: _E},
+    summary="A finished drill's plot: loss, test accuracy and B̂ over time, faults marked",
+)
+def get_drill_plot(drill_id: DrillId, drills: DrillsDep) -> FileResponse:
+    return FileResponse(drills.plot_path(drill_id), media_type="image/png")

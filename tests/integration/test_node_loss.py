@@ -7,7 +7,7 @@ machine (a head with 2 CPUs for the driver and the coordinator, plus a worker no
 CPUs and a custom resource that marks it) under a private Ray temp dir, runs the drill's job
 with :class:`~service.runner.JobRunner`, removes the worker node once the job reaches step
 ~50 and some of its workers live there, lets the job finish, and writes the drill report
-with :func:`~service.drills.write_report`. The test then reads the report.
+with :func:`~service.drills.run.write_report`. The test then reads the report.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main(out: Path) -> int:
     from ray.cluster_utils import Cluster
 
     from service import ray_conn
-    from service.drills import load_drill, write_report
+    from service.drills.analyse import ExternalFault
+    from service.drills.run import write_report
+    from service.drills.spec import load_drill
     from service.runner import JobRunner
 
     drill = load_drill(DRILL)
@@ -94,11 +96,11 @@ def main(out: Path) -> int:
         ray.shutdown()
         cluster.shutdown()
     external = [
-        {
-            "wall_time": removed["wall_time"],
-            "target": target,
-            "detail": f"its node {node.node_id[:8]} removed from the cluster",
-        }
+        ExternalFault(
+            wall_time=removed["wall_time"],
+            target=target,
+            detail=f"its node {node.node_id[:8]} removed from the cluster",
+        )
         for target in removed.get("workers_on_node", [])
     ]
     report = write_report(
@@ -151,7 +153,7 @@ def test_node_loss(tmp_path: Path) -> None:
         # actor death, or the heartbeat deadline at the latest (+ a margin for a busy box)
         assert detects[0]["wall_time"] - removed["wall_time"] <= 5.0 + 10.0
         (loss,) = [w for w in report["recoveries"]["workers"] if w["worker"] == target]
-        assert loss["cause"].startswith("external: its node")
+        assert loss["fault"] == "external" and loss["cause"].startswith("its node")
         assert loss["replacement_started"], f"{target} was not replaced"
     assert s["state"] == "succeeded" and s["steps"] == s["total_steps"]
 

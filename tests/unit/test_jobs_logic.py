@@ -12,8 +12,7 @@ from ray.exceptions import ActorDiedError
 from ray_exception_objects import remote
 
 from core.errors import InvalidRequest, InvalidTransition, JobNotFound, SpecError
-from core.spec import FaultSpec, JobSpec, parse_spec
-from service.drill_jobs import DrillCriteria, DrillSpec, evaluate_drill
+from core.spec import FaultSpec, parse_spec
 from service.jobs import (
     ALLOWED,
     JobManager,
@@ -348,56 +347,6 @@ def test_parse_fault_reports_paths() -> None:
     with pytest.raises(SpecError):
         parse_fault(["crash"])
     assert parse_fault({"kind": "crash", "workers": [0]}).workers == [0]
-
-
-# -- drills ---------------------------------------------------------------------------------
-
-
-def _drill(**criteria: object) -> DrillSpec:
-    job = JobSpec.model_validate(
-        {"steps": 5, "faults": [{"kind": "crash", "workers": [0], "at_step": 2}]}
-    )
-    return DrillSpec(name="d", job=job, criteria=DrillCriteria.model_validate(criteria))
-
-
-def test_drill_passes_when_every_evaluated_criterion_holds() -> None:
-    summary = {"final_test_accuracy": 0.96, "consistency": {"b_hat_max": 0.5, "bound": 1.0}}
-    rep = evaluate_drill(
-        _drill(min_test_accuracy=0.95, b_hat_within_bound=True, max_recovery_s=5.0),
-        "succeeded",
-        summary,
-        ["fault", "state"],
-    )
-    assert rep["passed"] is True
-    assert rep["not_evaluated"] == ["max_recovery_s"]
-
-
-@pytest.mark.parametrize(
-    ("state", "summary", "kinds", "failing"),
-    [
-        ("failed", {"final_test_accuracy": 0.99}, ["fault"], "finished"),
-        ("succeeded", {"final_test_accuracy": 0.90}, ["fault"], "min_test_accuracy"),
-        (
-            "succeeded",
-            {"final_test_accuracy": 0.99, "consistency": {"b_hat_max": 2.0, "bound": 1.0}},
-            ["fault"],
-            "b_hat_within_bound",
-        ),
-        ("succeeded", {"final_test_accuracy": 0.99}, ["state"], "faults_recorded"),
-        ("succeeded", {"final_test_accuracy": 0.99, "steps_lost": 7}, ["fault"], "max_steps_lost"),
-    ],
-)
-def test_drill_fails_on_each_broken_criterion(
-    state: str, summary: dict[str, object], kinds: list[str], failing: str
-) -> None:
-    rep = evaluate_drill(
-        _drill(min_test_accuracy=0.95, b_hat_within_bound=True, max_steps_lost=0),
-        state,
-        summary,
-        kinds,
-    )
-    assert rep["passed"] is False
-    assert [c["name"] for c in rep["checks"] if c["passed"] is False] == [failing]
 
 
 def test_max_running_jobs_caps_admission(env: tuple) -> None:

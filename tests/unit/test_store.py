@@ -268,7 +268,7 @@ def test_queued_writes_share_a_commit_and_fail_alone(store: Store) -> None:
     jid = _job(store)
     gate = threading.Event()
     # hold the writer thread inside a write until everything below is queued behind it
-    blocker = threading.Thread(target=store._write, args=(lambda c: gate.wait(10),))
+    blocker = threading.Thread(target=store._write, args=(lambda _c: gate.wait(10),))
     blocker.start()
     while store._writes.qsize() or not store._writer:
         time.sleep(0.001)
@@ -322,3 +322,67 @@ def test_async_writes_commit_before_returning(store: Store) -> None:
     t.join()
     assert seen == [{"i": int(i[1:])} for i in ids]
     assert set(store.ids_in_state("pending")) == set(ids)
+
+
+# -- events keep their fault kind; typed reads; schema 1 -> 2 --------------------------------
+
+
+def test_events_keep_their_fault_kind_and_read_back_typed(store: Store) -> None:
+    jid = _job(store)
+    crash = _ev(seq=1, wall_time=1e9, time_s=0.5, step=3, kind="fault", target="worker-1")
+    crash = Event.from_dict({**crash.to_dict(), "fault": "crash"})
+    lost = _ev(seq=2, wall_time=1e9 + 1, time_s=1.5, step=4, kind="detect", target="worker-1")
+    store.ingest(jid, [_rec(3, 1), _rec(4, 2, "eval", test_accuracy=0.5)], [crash, lost])
+    (row, _) = [e for e in store.events(jid) if e.source == "runner"]
+    assert row.fault == "crash"
+    # the service's own events (the job's state) are not the run's
+    assert store.typed_events(jid) == [crash, lost]
+    recs = store.typed_records(jid)
+    assert [type(r).__name__ for r in recs] == ["StepRecord", "EvalRecord"]
+    assert recs == [_rec(3, 1), _rec(4, 2, "eval", test_accuracy=0.5)]
+
+
+def _schema_1_db(path: Path) -> None:
+    """A database as schema 1 wrote it: no events.fault; one job with a runner event."""
+    from service import store as store_module
+
+    v1 = store_module._SCHEMA.replace(
+        "    fault TEXT,                    -- a FaultKind value, or NULL (added in schema 2)\n",
+        "",
+    )
+    assert "fault TEXT" not in v1
+    conn = sqlite3.connect(path)
+    conn.executescript(v1)
+    conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
+    conn.execute(
+        "INSERT INTO jobs(id, name, state, created_at, updated_at, out_dir) "
+        "VALUES ('old', 'old', 'succeeded', 1.0, 1.0, '/tmp/old')"
+    )
+    conn.execute(
+        "INSERT INTO events(job_id, source, seq, wall_time, time_s, step, kind, target, detail)"
+        " VALUES ('old', 'runner', 1, 5.0, 0.5, 2, 'fault', 'worker-0', 'crash injected')"
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_a_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    _schema_1_db(path)
+    s = Store(path)
+    try:
+        assert s.schema_version == SCHEMA_VERSION == 2
+        cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
+        assert "fault" in cols
+        (old,) = s.typed_events("old")  # kept; its fault kind was never stored
+        assert old.kind == "fault" and old.fault is None and old.target == "worker-0"
+        new = Event.from_dict({**old.to_dict(), "seq": 2, "fault": "crash"})
+        assert s.ingest("old", [], [new]) == (0, 1)
+        assert [e.fault for e in s.typed_events("old")] == [None, "crash"]
+    finally:
+        s.close()
+    again = Store(path)  # opening a migrated database changes nothing
+    try:
+        assert again.schema_version == SCHEMA_VERSION and len(again.typed_events("old")) == 2
+    finally:
+        again.close()
