@@ -163,18 +163,19 @@ def read_batch(store: Store, job_id: str, cursor: Cursor) -> Batch:
 
 @dataclass
 class _Position:
-    """What a subscriber has: its cursor, and the version of the last job state it sent."""
+    """What a subscriber has: its cursor, and the last job state it sent (its version)."""
 
     cursor: Cursor
     version: float = float("-inf")
+    job: str = ""
 
     def take(self, item: FeedItem) -> bool:
         """True (and move past ``item``) when ``item`` is new to this subscriber."""
         c = self.cursor
         if isinstance(item, JobItem):
-            if item.version <= self.version:
+            if item.version <= self.version or item.payload == self.job:
                 return False
-            self.version = item.version
+            self.version, self.job = item.version, item.payload
         elif isinstance(item, MetricItem):
             if item.seq <= c.after_seq:
                 return False
