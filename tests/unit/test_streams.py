@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -251,3 +252,42 @@ def test_a_finished_job_streams_its_history_and_ends_at_once(store: Store) -> No
         "EventItem",  # the job's 'state' event at its creation
         "EndItem",
     ]
+
+
+class FailingStore(Store):
+    """The real store whose reads of new records can be told to fail (a broken disk)."""
+
+    fail = False
+
+    def metrics(self, job_id: str, **kw: Any) -> list[dict[str, Any]]:
+        if self.fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().metrics(job_id, **kw)
+
+
+def test_when_the_feed_cannot_read_its_streams_end_and_a_new_one_starts_over(
+    tmp_path: Path,
+) -> None:
+    store = FailingStore(tmp_path / "db.sqlite3")
+    job_id = make_job(store)
+
+    async def main() -> list[tuple[FeedItem, Cursor]]:
+        hub = StreamHub(store, max_subscribers=2, poll_s=POLL_S)
+        sub = await hub.subscribe(job_id)
+        task = asyncio.create_task(collect(sub, Cursor()))
+        await asyncio.sleep(5 * POLL_S)
+        store.fail = True
+        got = await task  # ends (without an 'end'): no stream waits for ever
+        sub.close()
+        assert hub.feeds() == {} and hub.open == 0
+        store.fail = False
+        again = await hub.subscribe(job_id)  # a new feed
+        assert job_id in hub.feeds()
+        again.close()
+        return got
+
+    try:
+        got = run(main())
+    finally:
+        store.close()
+    assert [type(i).__name__ for i, _ in got] == ["JobItem", "EventItem"]
