@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.streams import StreamHub, Subscription, TooManyStreams
 from service.drills.service import DrillService
 from service.jobs import JobManager
 from service.settings import Settings
@@ -127,3 +129,27 @@ async def existing_job(job_id: JobId, jobs: JobsDep) -> JobRow:
 
 
 ExistingJob = Annotated[JobRow, Depends(existing_job)]
+
+
+async def stream_subscription(job: ExistingJob, request: Request) -> AsyncIterator[Subscription]:
+    """A place among the live streams for the job in the path, freed when its stream ends
+    (however it ends: this exits after the response).
+
+    Raises:
+        HTTPException: 429 when ``max_stream_subscribers`` streams are open already.
+    """
+    hub: StreamHub = request.app.state.streams
+    try:
+        sub = await hub.subscribe(job.id)
+    except TooManyStreams as exc:
+        # 5 s: a browser's EventSource retries after ~3 s by itself; a script should wait
+        raise HTTPException(
+            status_code=429, detail=str(exc), headers={"Retry-After": "5"}
+        ) from None
+    try:
+        yield sub
+    finally:
+        sub.close()
+
+
+StreamSubscription = Annotated[Subscription, Depends(stream_subscription)]

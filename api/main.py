@@ -22,6 +22,7 @@ from api.deps import DetailCache
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestTiming
 from api.routes import dashboard, drills, health, jobs, metrics
+from api.streams import StreamHub
 from service import ray_conn
 from service.drills.service import DrillService
 from service.jobs import Cluster, JobManager
@@ -50,6 +51,10 @@ def create_app(
     store = manager.store if manager is not None else Store(settings.db_path)
     jobs_mgr = manager or JobManager(settings, store)
     drill_svc = DrillService(jobs_mgr, store)
+    # the live streams' one reader per job; the store changes once per supervisor poll
+    streams = StreamHub(
+        store, max_subscribers=settings.max_stream_subscribers, poll_s=settings.poll_interval_s
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:  # FastAPI passes the app
@@ -72,6 +77,7 @@ def create_app(
         try:
             yield
         finally:
+            await streams.close()
             await run_in_threadpool(jobs_mgr.stop)
             if connect_ray:
                 # a cluster's detached jobs train on; an embedded Ray is stopped whole (left
@@ -89,6 +95,7 @@ def create_app(
     app.state.jobs = jobs_mgr
     app.state.drills = drill_svc
     app.state.detail_cache = DetailCache()
+    app.state.streams = streams
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # outermost: times the whole request, a 413 from the body limit included

@@ -223,6 +223,27 @@ class MetricsPage(BaseModel):
     last_seq: int | None = Field(description="pass as after_seq to read only newer records")
 
 
+class SeriesPublic(BaseModel):
+    """One kind of a job's metric records, as many as a chart needs."""
+
+    items: list[MetricPublic] = Field(description="oldest first")
+    thinned: bool = Field(
+        description="records were left out: the kind has more than max_points, and these are "
+        "the first record of each of max_points - 1 equal spans of seq, and the last one"
+    )
+
+
+class HistoryPublic(BaseModel):
+    """A job's charts in one response; the stream goes on from ``last_seq``/``last_event_id``."""
+
+    job_id: str
+    steps: SeriesPublic
+    evals: SeriesPublic
+    events: list[EventPublic] = Field(description="the latest events, oldest first")
+    last_seq: int = Field(description="pass as after_seq to the stream (-1: no records yet)")
+    last_event_id: int = Field(description="pass as after_id to the stream (0: no events yet)")
+
+
 class EventPublic(BaseModel):
     id: int = Field(description="store-wide order; pass the last one as after_id")
     source: Literal["service", "runner"]

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(default=8, ge=0, le=10_000)
     # Consecutive failed polls of a live job before it is declared failed (bounded retry).
     max_poll_failures: int = Field(default=10, ge=1, le=10_000)
+    # Live streams (GET /jobs/{id}/stream) open at once, all jobs together; past it a new
+    # one is refused with 429. They share one reader of the store per job; each holds a
+    # queue of at most 2,048 items (api.streams). 0 turns streams off.
+    max_stream_subscribers: int = Field(default=64, ge=0, le=100_000)
 
     @field_validator("ray_address")
     @classmethod

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import DetailCacheDep, ExistingJob, JobId, JobsDep, RequireToken, StoreDep
+from api.deps import (
+    DetailCacheDep,
+    ExistingJob,
+    JobId,
+    JobsDep,
+    RequireToken,
+    StoreDep,
+    StreamSubscription,
+)
 from api.schemas import (
     CheckpointPublic,
     ErrorPublic,
     EventPublic,
     EventsPage,
     FaultCreate,
+    HistoryPublic,
     JobCreate,
     JobDetail,
     JobList,
@@ -25,9 +32,11 @@ from api.schemas import (
     MetricPublic,
     MetricsPage,
     ScaleRequest,
+    SeriesPublic,
     clean,
     ts,
 )
+from api.streams import CURSOR_PATTERN, Cursor, sse_of
 from core.spec import FaultSpec
 from core.state import JobState
 from service.store import JobRow, Store
@@ -40,9 +49,6 @@ _AUTH: dict[int | str, dict[str, Any]] = {401: _E, 403: _E}
 _ID: dict[int | str, dict[str, Any]] = {404: _E, 422: _E}
 _BODY: dict[int | str, dict[str, Any]] = {413: _E, 422: _E}
 _STATE: dict[int | str, dict[str, Any]] = {409: _E}
-
-# Seconds between two looks at the store while streaming (the supervisor's own pace).
-STREAM_POLL_S = 0.5
 
 
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
@@ -161,48 +167,79 @@ def get_events(
 
 
 @router.get(
-    "/{job_id}/stream",
-    response_class=EventSourceResponse,
+    "/{job_id}/history",
+    response_model=HistoryPublic,
     responses=_ID,
-    summary="Server-sent events: 'job' (state/progress), 'metric', 'event', then 'end'",
+    summary="A job's charts in one request: step and eval records (thinned), latest events",
 )
-async def stream(
+def get_history(
     job: ExistingJob,
     store: StoreDep,
-    request: Request,
+    max_points: Annotated[
+        int, Query(ge=2, le=20_000, description="records per kind at most (steps, evals)")
+    ] = 2000,
+    events: Annotated[int, Query(ge=0, le=10_000, description="latest events to include")] = 200,
+) -> Response:
+    """What a dashboard draws first, in one response; then it follows ``/stream`` from
+    ``last_seq`` and ``last_event_id`` for what is new.
+
+    A kind with more than ``max_points`` records is thinned on the server: the first record
+    of each of ``max_points - 1`` equal spans of ``seq`` (the job's counter of records and
+    events, so equal spans of its progress) and the last record; kept records are real
+    ones. A 100,000-step job comes as 2,000 points per chart in one query
+    (:meth:`service.store.Store.metric_history`).
+    """
+    history = store.metric_history(job.id, max_points=max_points)
+    recent = store.recent_events(job.id, events) if events else []
+    series = {
+        kind: SeriesPublic(
+            items=[MetricPublic.model_validate(clean(r)) for r in s.records], thinned=s.thinned
+        )
+        for kind, s in history.items()
+    }
+    empty = SeriesPublic(items=[], thinned=False)
+    last_seqs = [s.records[-1]["seq"] for s in history.values() if s.records]
+    # without events asked for, the stream still starts after the latest one
+    last_event_id = (recent[-1].id if recent else 0) if events else store.stream_head(job.id)[1]
+    body = HistoryPublic(
+        job_id=job.id,
+        steps=series.get("step", empty),
+        evals=series.get("eval", empty),
+        events=[EventPublic.of(e) for e in recent],
+        last_seq=max(last_seqs, default=-1),
+        last_event_id=last_event_id,
+    )
+    return json_response(body)
+
+
+@router.get(
+    "/{job_id}/stream",
+    response_class=EventSourceResponse,
+    responses={**_ID, 429: _E},
+    summary="Server-sent events: 'job' (state/progress), 'metric', 'event', then 'end'",
+    description="Starts after `after_seq`/`after_id` (from `/history`), or after the cursor "
+    "in `Last-Event-ID`, which wins: each 'metric' and 'event' carries the cursor just after "
+    "it as its SSE `id`, which a browser sends back when it reconnects. All streams of a job "
+    "share one reader of the store; one that falls too far behind is closed (reconnect "
+    "with `Last-Event-ID`). At most `max_stream_subscribers` streams are open at once: "
+    "429 past it.",
+)
+async def stream(
+    sub: StreamSubscription,
     after_seq: Annotated[int, Query(ge=-1, le=1_000_000_000_000)] = -1,
     after_id: Annotated[int, Query(ge=0, le=1_000_000_000_000)] = 0,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            max_length=40,
+            pattern=CURSOR_PATTERN,
+            description="'<seq>:<event id>', the `id` of the last event received",
+        ),
+    ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    job_id = job.id
-    last_job: dict[str, Any] | None = None
-    while True:
-        row = await run_in_threadpool(store.get_job, job_id)
-        if row is None:
-            return
-        recs = await run_in_threadpool(store.metrics, job_id, after_seq=after_seq, limit=500)
-        evs = await run_in_threadpool(store.events, job_id, after_id=after_id, limit=500)
-        public = JobPublic.of(row).model_dump(mode="json", exclude={"updated_at"})
-        if public != last_job:
-            last_job = public
-            yield ServerSentEvent(event="job", data=public)
-        for r in recs:
-            after_seq = int(r["seq"])
-            yield ServerSentEvent(
-                event="metric", id=f"m{after_seq}", data=MetricPublic.model_validate(clean(r))
-            )
-        for e in evs:
-            after_id = e.id
-            yield ServerSentEvent(
-                event="event", id=f"e{e.id}", data=EventPublic.of(e).model_dump(mode="json")
-            )
-        caught_up = len(recs) < 500 and len(evs) < 500
-        if JobState(row.state).terminal and caught_up:
-            yield ServerSentEvent(event="end", data={"state": row.state})
-            return
-        if await request.is_disconnected():
-            return
-        if caught_up:
-            await asyncio.sleep(STREAM_POLL_S)
+    cursor = Cursor(after_seq, after_id) if last_event_id is None else Cursor.parse(last_event_id)
+    async for item, after in sub.items(cursor):
+        yield sse_of(item, after)
 
 
 @router.post(

@@ -1,9 +1,10 @@
-// The dashboard: a jobs list (polled), and for the selected job live charts, workers and
-// events from the server-sent event stream GET /jobs/{id}/stream.
+// The dashboard: a jobs list (polled), and for the selected job charts, workers and events:
+// first its history in one request (GET /jobs/{id}/history), then what is new from the
+// server-sent event stream GET /jobs/{id}/stream.
 "use strict";
 
-const S = { selected: null, es: null, steps: [], evals: [], events: [], job: null,
-            lastSeq: -1, lastEventId: 0, drawQueued: false, ended: false };
+const S = { selected: null, es: null, series: null, lastStep: null, lastEval: null, job: null,
+            lastSeq: -1, lastEventId: 0, drawQueued: false, ended: false, retry: null };
 const $ = sel => document.querySelector(sel);
 const fmt = (v, d = 4) => (v === null || v === undefined || !Number.isFinite(v)) ? "–" : Number(v.toPrecision(d)).toString();
 const when = iso => iso ? new Date(iso).toLocaleString() : "–";
@@ -43,45 +44,87 @@ async function refreshReady() {
   } catch (e) { pill.textContent = "unreachable"; pill.className = "pill bad"; }
 }
 
-function select(id) {
+function newSeries() {
+  return { steps: new Columns(["loss", "b_hat", "b_hat_max", "bound"]), evals: new Columns(["test_accuracy"]) };
+}
+
+const charts = {
+  loss: new StepChart($("#chart-loss"), { series: [{ label: "loss", color: "#2563eb" }] }),
+  acc: new StepChart($("#chart-acc"), {
+    series: [{ label: "test accuracy", color: "#16a34a" }], yRange: () => [0, 1] }),
+  bhat: new StepChart($("#chart-bhat"), {
+    series: [{ label: "B̂", color: "#9333ea" }, { label: "B̂ max", color: "#db2777" },
+             { label: "bound", color: "#6b7280", dash: [5, 4] }],
+    yRange: (min, max) => [0, max > 0 ? max * 1.05 : 1] }),
+};
+$("#loss-log").onchange = e => charts.loss.setLog(e.target.checked);
+
+async function select(id) {
   if (S.es) S.es.close();
-  Object.assign(S, { selected: id, steps: [], evals: [], events: [], job: null, lastSeq: -1,
-                     lastEventId: 0, ended: false });
+  clearTimeout(S.retry);
+  Object.assign(S, { selected: id, es: null, series: newSeries(), lastStep: null, lastEval: null,
+                     job: null, lastSeq: -1, lastEventId: 0, ended: false });
   history.replaceState(null, "", "#job=" + encodeURIComponent(id));
   for (const tr of document.querySelectorAll("#jobs tbody tr")) tr.classList.toggle("selected", tr.dataset.jobId === id);
   $("#detail").hidden = false;
   $("#events").innerHTML = "";
+  queueDraw();
+  // the history in one request (thinned on the server for long jobs), then the stream
+  // for what is newer only
+  try {
+    const h = await getJSON(`/jobs/${encodeURIComponent(id)}/history`);
+    if (S.selected !== id) return;
+    for (const r of h.steps.items) addMetric(r);
+    for (const r of h.evals.items) addMetric(r);
+    for (const ev of h.events) renderEvent(ev);
+    S.lastSeq = h.last_seq; S.lastEventId = h.last_event_id;
+  } catch (e) { console.warn(e); }
+  if (S.selected !== id) return;
   openStream();
   queueDraw();
 }
 
+function addMetric(r) {
+  if (r.kind === "eval") {
+    S.series.evals.push(r);
+    if (!S.lastEval || r.seq > S.lastEval.seq) S.lastEval = r;
+  } else {
+    S.series.steps.push(r);
+    if (!S.lastStep || r.seq > S.lastStep.seq) S.lastStep = r;
+  }
+}
+
 function openStream() {
   const id = S.selected;
+  // a reconnection by the browser itself sends the id of the last message (Last-Event-ID):
+  // the server goes on from there, whatever this URL says
   const es = new EventSource(`/jobs/${encodeURIComponent(id)}/stream?after_seq=${S.lastSeq}&after_id=${S.lastEventId}`);
   S.es = es;
   es.addEventListener("job", e => {
     const prev = S.job && S.job.state;
     S.job = JSON.parse(e.data);
-    renderJob();
+    queueDraw();
     if (prev !== S.job.state) refreshJobs();  // keep the list's state in step
   });
   es.addEventListener("metric", e => {
     const r = JSON.parse(e.data);
-    S.lastSeq = Math.max(S.lastSeq, r.seq);
-    (r.kind === "eval" ? S.evals : S.steps).push(r);
+    if (r.seq <= S.lastSeq) return;
+    S.lastSeq = r.seq;
+    addMetric(r);
     queueDraw();
   });
   es.addEventListener("event", e => {
     const ev = JSON.parse(e.data);
-    S.lastEventId = Math.max(S.lastEventId, ev.id);
-    S.events.push(ev);
+    if (ev.id <= S.lastEventId) return;
+    S.lastEventId = ev.id;
     renderEvent(ev);
   });
   es.addEventListener("end", () => { S.ended = true; es.close(); queueDraw(); });
   es.onerror = () => {
-    // reconnect from where we are (the browser's own retry would replay everything)
-    es.close();
-    if (!S.ended && S.selected === id) setTimeout(() => { if (S.selected === id && S.es === es) openStream(); }, 1000);
+    // CONNECTING: the browser reconnects by itself. CLOSED: it gave up (a 429 past the
+    // server's limit on streams, a restart): try again from where we are, a bit later.
+    if (es.readyState !== EventSource.CLOSED || S.ended || S.selected !== id) return;
+    S.retry = setTimeout(() => { if (S.selected === id && S.es === es) openStream(); }, 3000);
   };
 }
 
@@ -93,8 +136,8 @@ function renderJob() {
   st.textContent = j.state; st.className = "state " + j.state;
   $("#job-progress").style.width = `${Math.round(100 * j.progress)}%`;
   const ratio = (j.b_hat_max !== null && j.bound) ? j.b_hat_max / j.bound : null;
-  const last = S.steps[S.steps.length - 1] || {};
-  const lastEval = S.evals[S.evals.length - 1] || {};
+  const last = S.lastStep || {};
+  const lastEval = S.lastEval || {};
   const stats = [
     ["step", `${j.step} / ${j.total_steps ?? "?"}`], ["loss", fmt(last.loss)],
     ["test accuracy", fmt(lastEval.test_accuracy, 3)], ["samples/s", fmt(last.samples_per_s, 3)],
@@ -126,14 +169,11 @@ function queueDraw() {
 }
 
 function draw() {
-  const pts = (rs, key) => rs.filter(r => r[key] !== null && r[key] !== undefined).map(r => [r.step, r[key]]);
-  drawChart($("#chart-loss"), { series: [{ name: "loss", color: "#2563eb", points: pts(S.steps, "loss") }] });
-  drawChart($("#chart-acc"), { yMin: 0, yMax: 1, series: [{ name: "test accuracy", color: "#16a34a", points: pts(S.evals, "test_accuracy") }] });
-  drawChart($("#chart-bhat"), { yMin: 0, series: [
-    { name: "B̂", color: "#9333ea", points: pts(S.steps, "b_hat") },
-    { name: "B̂ max", color: "#db2777", points: pts(S.steps, "b_hat_max") },
-    { name: "bound", color: "#6b7280", dash: [5, 4], points: pts(S.steps, "bound") },
-  ] });
+  if (!S.series) return;
+  charts.loss.setData(S.series.steps.cols.slice(0, 2));
+  charts.acc.setData(S.series.evals.cols);
+  const [xs, , bHat, bHatMax, bound] = S.series.steps.cols;
+  charts.bhat.setData([xs, bHat, bHatMax, bound]);
 }
 
 refreshJobs(); refreshReady();

@@ -1,86 +1,114 @@
-// A small line-chart renderer on <canvas>: axes with "nice" ticks, several series,
-// dashed lines for bounds. No dependencies; nothing is fetched.
+// The dashboard's charts, on uPlot (vendored in /static/vendor/uplot/, served by the service
+// itself: nothing is fetched from elsewhere). x is the training step. Each chart has a
+// cursor whose values show in its legend, drag-to-zoom on x (double-click resets), and,
+// when asked, a log scale for y. The chart's container carries data-points (finite values
+// it holds, all series together) and data-drawn (how many times it drew), for the tests.
 "use strict";
 
-function niceStep(span, maxTicks) {
-  // the smallest of 1, 2, 5 x 10^k that gives at most maxTicks intervals
-  const raw = span / Math.max(1, maxTicks);
-  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
-  for (const m of [1, 2, 5, 10]) if (m * mag >= raw) return m * mag;
-  return 10 * mag;
-}
+const CHART_W = 420, CHART_H = 200;
 
-function fmtTick(v) {
-  const a = Math.abs(v);
-  if (a === 0) return "0";
-  if (a >= 1e4 || a < 1e-3) return v.toExponential(0);
-  return String(Number(v.toPrecision(3)));
+class StepChart {
+  /**
+   * @param {HTMLElement} el the container (uPlot puts its canvas and legend in it)
+   * @param {{series: {label: string, color: string, dash?: number[]}[],
+   *          yRange?: (min: number, max: number) => [number, number]}} spec
+   */
+  constructor(el, spec) {
+    this.el = el;
+    this.spec = spec;
+    this.log = false;
+    this.zoomed = false;
+    this.data = [[], ...spec.series.map(() => [])];
+    el.dataset.points = "0";
+    el.dataset.drawn = "0";
+    this.u = null;
+    this.make();
+  }
+
+  options() {
+    const y = this.log
+      ? { distr: 3, log: 10 }
+      : { range: this.spec.yRange ? (u, min, max) => this.spec.yRange(min, max) : undefined };
+    return {
+      width: CHART_W, height: CHART_H,
+      scales: { x: { time: false }, y },
+      series: [
+        { label: "step", value: (u, v) => (v === null || v === undefined ? "–" : String(v)) },
+        ...this.spec.series.map(s => ({
+          label: s.label, stroke: s.color, width: 1.5, dash: s.dash, spanGaps: true,
+          value: (u, v) => (v === null || v === undefined ? "–" : Number(v.toPrecision(4)).toString()),
+        })),
+      ],
+      axes: [{ size: 36 }, { size: 56 }],
+      cursor: { drag: { x: true, y: false, setScale: true } },
+      legend: { live: true },
+      hooks: {
+        draw: [() => { this.el.dataset.drawn = String(+this.el.dataset.drawn + 1); }],
+        setScale: [(u, key) => { if (key === "x") this.zoomed = this.isZoomed(u); }],
+      },
+    };
+  }
+
+  isZoomed(u) {
+    const xs = this.data[0];
+    if (!xs.length || u.scales.x.min === null) return false;
+    return u.scales.x.min > xs[0] || u.scales.x.max < xs[xs.length - 1];
+  }
+
+  /** What uPlot draws: on a log scale, values <= 0 have no place (left out). */
+  view() {
+    if (!this.log) return this.data;
+    return [this.data[0], ...this.data.slice(1).map(ys => ys.map(v => (v !== null && v > 0 ? v : null)))];
+  }
+
+  make() {
+    if (this.u) this.u.destroy();
+    this.zoomed = false;
+    this.u = new uPlot(this.options(), this.view(), this.el);
+    this.count();
+  }
+
+  setLog(on) {
+    if (on === this.log) return;
+    this.log = on;
+    this.make();
+  }
+
+  /** Replace the data (columns: xs, then one array per series; xs ascending). */
+  setData(data) {
+    this.data = data;
+    // a zoomed chart keeps the user's range; otherwise it follows the data
+    this.u.setData(this.view(), !this.zoomed);
+    this.count();
+  }
+
+  count() {
+    let n = 0;
+    for (const ys of this.data.slice(1)) for (const v of ys) if (v !== null && Number.isFinite(v)) n++;
+    this.el.dataset.points = String(n);
+  }
 }
 
 /**
- * Draw series on a canvas.
- * @param {HTMLCanvasElement} canvas
- * @param {{series: {name: string, color: string, dash?: number[], points: [number, number][]}[],
- *          yMin?: number, yMax?: number, xLabel?: string}} spec
+ * Columns for a chart, x ascending: a step seen again (the run went back to a checkpoint)
+ * replaces what was drawn from it on.
  */
-function drawChart(canvas, spec) {
-  const dpr = window.devicePixelRatio || 1;
-  const cssW = canvas.clientWidth || canvas.width, cssH = canvas.clientHeight || canvas.height;
-  if (canvas.width !== Math.round(cssW * dpr)) { canvas.width = Math.round(cssW * dpr); canvas.height = Math.round(cssH * dpr); }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, cssW, cssH);
-  const legend = spec.series.length > 1;
-  const pad = { l: 48, r: 10, t: legend ? 22 : 8, b: 26 };
-  const w = cssW - pad.l - pad.r, h = cssH - pad.t - pad.b;
-  const pts = spec.series.flatMap(s => s.points).filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
-  canvas.dataset.points = String(pts.length);
-  ctx.font = "11px system-ui, sans-serif";
-  ctx.fillStyle = "#6b7280";
-  if (pts.length === 0) {
-    ctx.fillText("waiting for data…", pad.l + 8, pad.t + h / 2);
-    return;
+class Columns {
+  constructor(keys) {
+    this.keys = keys;
+    this.cols = [[], ...keys.map(() => [])];
   }
-  let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
-  let y0 = spec.yMin ?? Math.min(...pts.map(p => p[1])), y1 = spec.yMax ?? Math.max(...pts.map(p => p[1]));
-  if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y1 = y0 + (Math.abs(y0) || 1) * 0.1; if (spec.yMin === undefined) y0 -= (Math.abs(y0) || 1) * 0.1; }
-  const X = x => pad.l + (x - x0) / (x1 - x0) * w;
-  const Y = y => pad.t + h - (y - y0) / (y1 - y0) * h;
-  // grid and ticks
-  ctx.strokeStyle = "#e2e5ea"; ctx.lineWidth = 1;
-  const ys = niceStep(y1 - y0, 5);
-  ctx.textAlign = "right"; ctx.textBaseline = "middle";
-  for (let v = Math.ceil(y0 / ys) * ys; v <= y1 + ys * 1e-9; v += ys) {
-    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(pad.l + w, Y(v)); ctx.stroke();
-    ctx.fillText(fmtTick(v), pad.l - 4, Y(v));
+
+  push(rec) {
+    const xs = this.cols[0];
+    while (xs.length && xs[xs.length - 1] >= rec.step) for (const c of this.cols) c.pop();
+    xs.push(rec.step);
+    this.keys.forEach((k, i) => {
+      const v = rec[k];
+      this.cols[i + 1].push(v === null || v === undefined || !Number.isFinite(v) ? null : v);
+    });
   }
-  const xs = niceStep(x1 - x0, 6);
-  ctx.textAlign = "center"; ctx.textBaseline = "top";
-  for (let v = Math.ceil(x0 / xs) * xs; v <= x1 + xs * 1e-9; v += xs) {
-    ctx.beginPath(); ctx.moveTo(X(v), pad.t + h); ctx.lineTo(X(v), pad.t + h + 3); ctx.stroke();
-    ctx.fillText(fmtTick(v), X(v), pad.t + h + 5);
-  }
-  ctx.strokeStyle = "#9aa1ad";
-  ctx.strokeRect(pad.l, pad.t, w, h);
-  // series
-  let legendX = pad.l + 6;
-  for (const s of spec.series) {
-    const p = s.points.filter(q => Number.isFinite(q[0]) && Number.isFinite(q[1]));
-    ctx.strokeStyle = s.color; ctx.lineWidth = 1.6; ctx.setLineDash(s.dash || []);
-    ctx.beginPath();
-    p.forEach((q, i) => (i ? ctx.lineTo(X(q[0]), Y(Math.min(Math.max(q[1], y0), y1))) : ctx.moveTo(X(q[0]), Y(Math.min(Math.max(q[1], y0), y1)))));
-    ctx.stroke();
-    if (p.length === 1) { ctx.fillStyle = s.color; ctx.fillRect(X(p[0][0]) - 2, Y(p[0][1]) - 2, 4, 4); }
-    ctx.setLineDash([]);
-    if (legend) {
-      ctx.fillStyle = s.color; ctx.fillRect(legendX, 7, 10, 3);
-      ctx.fillStyle = "#1d2330"; ctx.textAlign = "left"; ctx.textBaseline = "middle";
-      ctx.fillText(s.name, legendX + 14, 9);
-      legendX += 24 + ctx.measureText(s.name).width;
-    }
-  }
-  canvas.dataset.drawn = String(Number(canvas.dataset.drawn || 0) + 1);
 }
 
-window.drawChart = drawChart;
+window.StepChart = StepChart;
+window.Columns = Columns;
