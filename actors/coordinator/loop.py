@@ -18,36 +18,34 @@ on the same loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from actors.compression import error_factor
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
 from actors.coordinator.dataplane import DataPlane
 from actors.coordinator.faulting import Faulting, Loss
-from actors.coordinator.membership import Membership, WorkerSlot, kill_process
+from actors.coordinator.membership import Membership, WorkerSlot, kill_process, worker_template
 from actors.coordinator.recovery import Recovery
 from actors.coordinator.reporting import Reporter, RunFacts
 from actors.coordinator.training import Training
 from actors.datasets import Dataset, load_dataset
 from actors.flat import ParamLayout, flatten, load_flat
-from actors.messages import WorkerInit
 from actors.models import build_model
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
 from actors.optim import FlatSGD
-from core.errors import InvalidRequest, InvalidTransition
+from core.errors import InvalidTransition
 from core.events import EventKind
 from core.spec import FaultSpec, JobSpec
 from core.state import JobState
 
-# the loop wakes at least this often (faults and heartbeats are checked on every turn)
+# the loop wakes at least this often: faults (at_s triggers, partitions) and heartbeats are
+# checked on every turn, so they act within 0.2 s; an idle turn costs microseconds
 TICK_S = 0.2
 
 
@@ -109,9 +107,8 @@ class CoordinatorCore:
             (self.data, self.members, self.faults, self.recovery, self.reporter),
         )
         self.restarts = self.steps_lost = 0
-        self.data_refs: tuple[Any, Any] | None = None
         self.cancel_requested = False
-        self._wake = asyncio.Event()
+        self._wake = self.train.wake  # one event wakes the loop, whoever has news
         self._tasks: set[asyncio.Future[Any]] = set()
 
     @property
@@ -133,7 +130,6 @@ class CoordinatorCore:
     # -- start-up and resume -----------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         """Create the workers (the job's initial membership), resuming if asked to."""
-        self.data_refs = (ray.put(self.ds.x_train), ray.put(self.ds.y_train))
         self.record.x = self.data.open(self.record.x, self.mode.shares_model_slot)
         ids = list(range(self.spec.workers))
         self.faults.bind(ids)
@@ -142,6 +138,7 @@ class CoordinatorCore:
             ids, samplers = self._resume()
         self.members.cut_shards(ids)
         members = self.recovery.load_members() if samplers else {}
+        self.members.template = worker_template(self.spec, self.ds, self.faults.plan, self.t0)
 
         async def bring(wid: int) -> None:
             if wid in members:
@@ -165,53 +162,20 @@ class CoordinatorCore:
 
     def _resume(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
         """Restore the latest valid checkpoint and the journal; returns workers to start."""
-        replay = self.recovery.replay_journal()
-        if replay.t0 is not None:
-            self.t_run = self.reporter.t0 = replay.t0
-        for item in replay.items:
-            self.reporter.replay(item)
-        self.restarts = replay.restarts
-        self.faults.driver.fired |= self.recovery.load_fired()
-        loaded, st = self.recovery.latest()
-        for why in loaded.skipped if loaded else []:
-            self.reporter.event(EventKind.CHECKPOINT, f"skipped invalid checkpoint {why}")
-        if loaded is None or st is None:
-            self.reporter.event(
-                EventKind.RESTART, "coordinator restarted; no valid checkpoint: from step 0"
-            )
-            return list(range(self.spec.workers)), {}
-        self.train.restore(st)
-        lost = max((replay.crash_step - st.step) if replay.crash_step is not None else 0, 0)
-        self.steps_lost += lost
-        self.reporter.event(
-            EventKind.RESTART,
-            f"coordinator restarted from {loaded.path.name} (step "
-            f"{st.step}); {lost} steps lost since the checkpoint",
-            target="coordinator",
-        )
-        return list(st.workers) or list(range(self.spec.workers)), st.samplers
+        got = self.recovery.resume(self.reporter, self.spec.workers)
+        if got.t0 is not None:
+            self.t_run = got.t0
+        self.restarts, self.steps_lost = got.restarts, self.steps_lost + got.steps_lost
+        self.faults.driver.fired |= got.fired
+        if got.state is not None:
+            self.train.restore(got.state)
+        return got.workers, got.samplers
 
     # -- membership --------------------------------------------------------------------------
     async def _add_worker(
         self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None
     ) -> WorkerSlot | None:
-        assert self.data_refs is not None
-        ds, (x_ref, y_ref) = self.ds, self.data_refs
-        init = WorkerInit(
-            worker_id=wid,
-            spec=self.spec,
-            x_train=x_ref,
-            y_train=y_ref,
-            task=ds.task,
-            n_features=ds.n_features,
-            n_outputs=ds.n_outputs,
-            input_shape=ds.input_shape,
-            shard=shard,
-            sampler_state=sampler_state,
-            faults=self.faults.plan,
-            t0=self.t0,
-        )
-        slot = self.members.spawn(init)
+        slot = self.members.spawn(wid, shard, sampler_state)
         return slot if await self._attach(slot) else None
 
     async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:
@@ -235,7 +199,8 @@ class CoordinatorCore:
         ready = self.members.ready()
         if len(ready) < self.spec.min_workers:
             self._set_state(
-                JobState.FAILED, f"{len(ready)} live workers < min_workers={self.spec.min_workers}"
+                JobState.FAILED,
+                f"{len(ready)} live workers < min_workers={self.spec.min_workers}",
             )
 
     def _apply_loss(self, loss: Loss) -> None:
@@ -282,12 +247,7 @@ class CoordinatorCore:
             InvalidRequest: ``n`` is outside ``[min_workers, max_workers]``.
             InvalidTransition: the job has ended.
         """
-        hi = self.spec.max_workers_or_workers
-        if not self.spec.min_workers <= n <= hi:
-            raise InvalidRequest(
-                f"scale: n={n} is outside [min_workers={self.spec.min_workers}, "
-                f"max_workers={hi}]; set max_workers in the job spec to allow more"
-            )
+        self.members.check_size(n)
         if self.state.terminal:
             raise InvalidTransition(f"scale: the job is already {self.state.value}")
         live = self.members.live()
@@ -419,13 +379,6 @@ class CoordinatorCore:
         return buf.getvalue()
 
     def summary(self) -> dict[str, Any]:
-        cons = self.meter.monitor.summary(self.train.bound())
-        cons["norms"] = {
-            "grad_max": self.norms.grad_max,
-            "raw_grad_max": self.norms.raw_grad_max,
-            "update_max": self.norms.update_max,
-        }
-        cons["compression_q"] = self.train.q
         return self.reporter.summary(
             RunFacts(
                 job_id=self.job_id,
@@ -442,7 +395,7 @@ class CoordinatorCore:
                 restarts=self.restarts,
                 steps_lost=self.steps_lost,
                 parameters=self.layout.numel,
-                consistency=cons,
+                consistency=self.train.consistency(),
                 t_start=self.t_run or self.t0,
                 t_end=self.t_end,
             )
@@ -455,8 +408,5 @@ class CoordinatorCore:
     async def shutdown(self) -> None:
         for w in self.members.workers.values():
             self.data.close_channel(w)
-        for w in self.members.workers.values():
-            if w.state != "dead":
-                with contextlib.suppress(Exception):  # already gone
-                    ray.kill(w.actor, no_restart=True)
+        self.members.kill_all()
         self.data.close()

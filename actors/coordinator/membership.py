@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,10 +23,13 @@ import ray
 
 from actors.channel import CoordinatorEnd
 from actors.coordinator.reporting import Reporter
+from actors.datasets import Dataset
+from actors.faults import ActiveFault
 from actors.messages import WorkerInit
 from actors.sampler import make_shards
 from actors.transport import ShmPool, ShmRef, host_id
 from actors.worker import Worker
+from core.errors import InvalidRequest
 from core.events import EventKind
 from core.names import NAMESPACE, worker_name
 from core.spec import JobSpec
@@ -91,6 +94,25 @@ def kill_process(w: WorkerSlot) -> None:
             ray.kill(w.actor, no_restart=True)
 
 
+def worker_template(spec: JobSpec, ds: Dataset, plan: list[ActiveFault], t0: float) -> WorkerInit:
+    """What every worker of the job is created with (the training set goes into Ray's object
+    store once; id, shard and sampler are filled in per worker)."""
+    return WorkerInit(
+        worker_id=-1,
+        spec=spec,
+        x_train=ray.put(ds.x_train),
+        y_train=ray.put(ds.y_train),
+        task=ds.task,
+        n_features=ds.n_features,
+        n_outputs=ds.n_outputs,
+        input_shape=ds.input_shape,
+        shard=np.zeros(0, dtype=np.int64),
+        sampler_state=None,
+        faults=plan,  # the plan's own list: live injections reach new workers too
+        t0=t0,
+    )
+
+
 @dataclass
 class Resize:
     """A planned resize: who leaves, which new ids start."""
@@ -118,6 +140,20 @@ class Membership:
         self.shards: dict[int, np.ndarray] = {}
         self.pending_joins: list[tuple[float, int]] = []  # (wall time due, worker id)
         self.resizes = 0
+        self.template: WorkerInit | None = None  # what every worker is created with
+
+    def check_size(self, n: int) -> None:
+        """Refuse a size outside ``[min_workers, max_workers]``.
+
+        Raises:
+            InvalidRequest: naming the limit to change.
+        """
+        hi = self.spec.max_workers_or_workers
+        if not self.spec.min_workers <= n <= hi:
+            raise InvalidRequest(
+                f"scale: n={n} is outside [min_workers={self.spec.min_workers}, "
+                f"max_workers={hi}]; set max_workers in the job spec to allow more"
+            )
 
     def live(self) -> list[WorkerSlot]:
         """Workers not dead or left, by id."""
@@ -156,9 +192,12 @@ class Membership:
             "namespace": NAMESPACE,
         }
 
-    def spawn(self, init: WorkerInit) -> WorkerSlot:
-        """Create worker ``init.worker_id``'s next incarnation (not yet probed)."""
-        wid = init.worker_id
+    def spawn(
+        self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None
+    ) -> WorkerSlot:
+        """Create worker ``wid``'s next incarnation (not yet probed)."""
+        assert self.template is not None, "start() sets the template first"
+        init = replace(self.template, worker_id=wid, shard=shard, sampler_state=sampler_state)
         old = self.workers.get(wid)
         gen = old.gen + 1 if old is not None else 0
         actor = Worker.options(**self._worker_options(wid, gen)).remote(init)  # type: ignore[attr-defined]
@@ -197,13 +236,16 @@ class Membership:
         except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
             slot.state = "dead"
             self.reporter.event(
-                EventKind.MEMBERSHIP, f"worker failed to start: {exc}", target=f"worker-{slot.id}"
+                EventKind.MEMBERSHIP,
+                f"worker failed to start: {exc}",
+                target=f"worker-{slot.id}",
             )
             return False
         slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
         slot.shm = shm_ok
         slot.grad_ref = shm.grad_slot(slot.id) if shm is not None and shm_ok else None
         slot.state = "idle"
+        # node ids are 56 hex digits; 8 tell the nodes of a cluster apart in an event
         self.reporter.event(
             EventKind.MEMBERSHIP,
             f"worker {'re-attached' if reattached else 'joined'} (node {slot.node[:8]}, "
@@ -244,6 +286,13 @@ class Membership:
         for w in keep:
             w.reshard = self.shards[w.id].tolist()
         return Resize(retire=retire, start=new)
+
+    def kill_all(self) -> None:
+        """Kill every worker actor still there (the job ended)."""
+        for w in self.workers.values():
+            if w.state != "dead":
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(w.actor, no_restart=True)
 
     def due_joins(self, now: float) -> list[int]:
         """Workers whose (re)start is due now (taken off the queue)."""

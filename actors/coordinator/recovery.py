@@ -29,6 +29,7 @@ import ray
 import torch
 
 from actors.checkpoint import Journal, Loaded, latest_valid, write_checkpoint
+from actors.coordinator.reporting import Reporter
 from core.events import Event, EventKind, FaultKind, Record, record_from_dict
 from core.spec import CheckpointSpec
 
@@ -70,7 +71,11 @@ class CheckpointState:
             samplers={int(k): v for k, v in d["samplers"].items()},
             fired=list(d["fired"]),
             resizes=int(d["resizes"]),
-            monitor=(float(d["monitor"][0]), int(d["monitor"][1]), float(d["monitor"][2])),
+            monitor=(
+                float(d["monitor"][0]),
+                int(d["monitor"][1]),
+                float(d["monitor"][2]),
+            ),
             norms=dict(d["norms"]),
             elapsed_s=float(d["elapsed_s"]),
             residuals=dict(d["residuals"]),
@@ -97,6 +102,29 @@ class JournalReplay:
     items: list[Event | Record] = field(default_factory=list)
     crash_step: int | None = None
     restarts: int = 1
+
+
+@dataclass
+class Resumed:
+    """What a resume found.
+
+    Attributes:
+        workers: the ids to bring back.
+        samplers: their samplers' states, from the checkpoint.
+        state: the checkpoint to restore (``None``: none valid, start from step 0).
+        t0: the job's start, from the journal.
+        restarts: restarts so far, this one included.
+        steps_lost: steps done after the checkpoint, lost with the crash.
+        fired: one-shot faults fired after the checkpoint.
+    """
+
+    workers: list[int]
+    samplers: dict[int, dict[str, Any]]
+    state: CheckpointState | None
+    t0: float | None
+    restarts: int
+    steps_lost: int
+    fired: set[str]
 
 
 class Recovery:
@@ -174,6 +202,44 @@ class Recovery:
                 (r.step for r in out.items if not isinstance(r, Event)), default=None
             )
         out.restarts = 1 + sum(1 for e in events if e.kind is EventKind.RESTART)
+        return out
+
+    def resume(self, reporter: Reporter, n_workers: int) -> Resumed:
+        """Replay the journal into ``reporter`` and load the latest valid checkpoint (the
+        events of a restart are recorded); the loop restores what it returns."""
+        replay = self.replay_journal()
+        if replay.t0 is not None:
+            reporter.t0 = replay.t0
+        for item in replay.items:
+            reporter.replay(item)
+        loaded, st = self.latest()
+        for why in loaded.skipped if loaded else []:
+            reporter.event(EventKind.CHECKPOINT, f"skipped invalid checkpoint {why}")
+        out = Resumed(
+            list(range(n_workers)),
+            {},
+            st,
+            replay.t0,
+            replay.restarts,
+            0,
+            self.load_fired(),
+        )
+        if loaded is None or st is None:
+            reporter.event(
+                EventKind.RESTART,
+                "coordinator restarted; no valid checkpoint: from step 0",
+            )
+            return out
+        crash = replay.crash_step
+        out.steps_lost = max((crash - st.step) if crash is not None else 0, 0)
+        reporter.event(
+            EventKind.RESTART,
+            f"coordinator restarted from {loaded.path.name} (step "
+            f"{st.step}); {out.steps_lost} steps lost since the checkpoint",
+            target="coordinator",
+            step=st.step,
+        )
+        out.workers, out.samplers = list(st.workers) or out.workers, st.samplers
         return out
 
     def flush(self) -> None:

@@ -64,6 +64,7 @@ class Training:
         self.data, self.members, self.faults, self.recovery, self.reporter = parts
         self.inflight: dict[int, asyncio.Future[Outcome]] = {}
         self.lost_idle: list[Loss] = []  # workers whose serving loop ended between requests
+        self.wake = asyncio.Event()  # set when lost_idle gets one (the loop acts at once)
         self.samples = 0
         self.refused = 0
 
@@ -77,6 +78,18 @@ class Training:
     def bound_or_none(self) -> float | None:
         b = self.bound()
         return b if math.isfinite(b) else None
+
+    def consistency(self) -> dict[str, Any]:
+        """The summary's consistency section: B̂ against the bound, and the bound's norms."""
+        cons = self.monitor.summary(self.bound())
+        n = self.norms
+        cons["norms"] = {
+            "grad_max": n.grad_max,
+            "raw_grad_max": n.raw_grad_max,
+            "update_max": n.update_max,
+        }
+        cons["compression_q"] = self.q
+        return cons
 
     # -- transports of a worker ------------------------------------------------------------
     def attach(self, slot: WorkerSlot) -> None:
@@ -103,6 +116,7 @@ class Training:
             fut.set_result((wid, gen, None, err))
         else:
             self.lost_idle.append(Loss(w, f"worker lost while idle: {type(err).__name__}"))
+            self.wake.set()
 
     def _on_pipe_reply(self, wid: int, gen: int, msg: GradientReply) -> None:
         fut = self.inflight.get(wid)
@@ -147,6 +161,7 @@ class Training:
             w.partition_held = (reply, exc)  # the message waits out the partition
             return None
         if exc is not None or reply is None:
+            # 200 characters: a Ray error's first line (its traceback stays in the logs)
             return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}")
         self.data.release_view(w)
         grad = self.data.decode(w, reply)

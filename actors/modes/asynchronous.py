@@ -19,7 +19,7 @@ from typing_extensions import override
 from actors.consistency import ObservedNorms
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
-from actors.scheduling import AsyncRule
+from actors.scheduling import AsyncRule, make_async_rule
 from core.spec import AsyncMode, JobSpec
 
 
@@ -32,7 +32,7 @@ class AsyncEngine(Mode):
         super().__init__(ctx)
         mode = ctx.spec.mode
         assert isinstance(mode, AsyncMode)
-        self.rule = AsyncRule(max_staleness=mode.max_staleness, on_stale=mode.on_stale)
+        self.rule: AsyncRule = make_async_rule(mode)
         # one step is one update per initial worker (the samples of a synchronous step)
         self.p0 = ctx.spec.workers
         self.total_updates = self.total_steps * self.p0

@@ -16,7 +16,7 @@ from typing_extensions import override
 from actors.consistency import ObservedNorms, elastic_amplification
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
-from actors.scheduling import ElasticRule
+from actors.scheduling import make_step_rule
 from core.spec import ElasticMode, JobSpec
 
 
@@ -28,7 +28,7 @@ class ElasticEngine(StepEngine):
     def __init__(self, ctx: ModeContext) -> None:
         mode = ctx.spec.mode
         assert isinstance(mode, ElasticMode)
-        super().__init__(ctx, ElasticRule(beta=mode.beta, max_lag=mode.max_lag))
+        super().__init__(ctx, make_step_rule(mode))
 
     @override
     @classmethod

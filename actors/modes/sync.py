@@ -12,8 +12,8 @@ from typing_extensions import override
 from actors.consistency import ObservedNorms
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
-from actors.scheduling import SyncRule
-from core.spec import JobSpec
+from actors.scheduling import make_step_rule
+from core.spec import JobSpec, SyncMode
 
 
 class SyncEngine(StepEngine):
@@ -25,7 +25,9 @@ class SyncEngine(StepEngine):
     shares_model_slot: ClassVar[bool] = True
 
     def __init__(self, ctx: ModeContext) -> None:
-        super().__init__(ctx, SyncRule())
+        mode = ctx.spec.mode
+        assert isinstance(mode, SyncMode)
+        super().__init__(ctx, make_step_rule(mode))
 
     @override
     @classmethod
