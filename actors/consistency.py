@@ -17,10 +17,13 @@ and the settings (``tau``, ``max_lag``, momentum, weight decay, compression fact
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.spec import AsyncMode, ElasticMode, JobSpec, SyncMode
+import torch
+
+from core.spec import JobSpec
 
 
 @dataclass
@@ -66,23 +69,15 @@ def residual_bound(q: float, raw_grad_max: float) -> float:
     return q / (1.0 - q) * raw_grad_max
 
 
-def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
-    """The bound on B for this run's mode, settings and observed norms (see the docs)."""
-    mode = spec.mode
+def shared_bound_terms(
+    spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool
+) -> float:
+    """The terms of the bound every mode shares: missing gradients and error feedback.
+
+    Each mode adds its own term (:meth:`actors.modes.base.Mode.bound_term`).
+    """
     opt = spec.optimizer
-    if isinstance(mode, SyncMode):
-        base = 0.0
-    elif isinstance(mode, ElasticMode):
-        # at most max_lag provisional steps, each off by at most 2G (docs: elastic)
-        amp = elastic_amplification(
-            mode.max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov
-        )
-        base = 2.0 * norms.grad_max * amp
-    elif isinstance(mode, AsyncMode):
-        # a view at most tau updates old: triangle inequality over those updates
-        base = mode.max_staleness * norms.update_max
-    else:  # pragma: no cover - the spec's union is closed
-        raise TypeError(type(mode))
+    base = 0.0
     # lost gradients (dropped messages): per step the applied mean differs from the full one
     # by f ||g_lost|| <= f G (skip) or f ||mean_arrived - mean_lost|| <= 2 f G (substitute),
     # f = lost / contributors (docs: missing gradients)
@@ -93,6 +88,15 @@ def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback
     if error_feedback:
         base += residual_bound(q, norms.raw_grad_max)
     return base
+
+
+def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
+    """The bound on B for this run's mode, settings and observed norms (see the docs):
+    the mode's term (:mod:`actors.modes`) plus :func:`shared_bound_terms`."""
+    # imported here: the modes build on this module (norms, amplification)
+    from actors.modes.registry import analytic_bound as bound
+
+    return bound(spec, norms, q, error_feedback)
 
 
 @dataclass
@@ -153,3 +157,55 @@ class ConsistencyMonitor:
             "b_hat_over_bound": ratio,
             "views_measured": self.count,
         }
+
+
+@dataclass
+class Meter:
+    """B̂ samples: ``||x - v|| / lr`` per view, minus the error-feedback residual mass.
+
+    Args:
+        monitor: where samples go (max, mean, series).
+        error_feedback: whether workers keep residual memories (they count as inconsistency).
+        monitor_interval: measure every n-th view handed out (the spec's ``monitor_interval``).
+    """
+
+    monitor: ConsistencyMonitor
+    error_feedback: bool
+    monitor_interval: int
+    # live workers (the mean residual divides by it); a query, set by the coordinator
+    live_workers: Callable[[], int] = lambda: 1
+    residuals: dict[int, Any] = field(default_factory=dict)  # worker -> np.ndarray memory
+    last: float = 0.0
+    views_handed: int = 0
+
+    def sample_view(self) -> bool:
+        """True for every ``monitor_interval``-th view handed out (the first included)."""
+        self.views_handed += 1
+        return (self.views_handed - 1) % self.monitor_interval == 0
+
+    def mean_residual(self) -> torch.Tensor | None:
+        """``mean_i e_i`` over the live workers (``None`` without error feedback)."""
+        if not self.error_feedback or not self.residuals:
+            return None
+        first = next(iter(self.residuals.values()))
+        acc = torch.zeros(len(first), dtype=torch.float64)
+        for r in self.residuals.values():
+            acc += torch.from_numpy(r)
+        return (acc / max(self.live_workers(), 1)).to(torch.float32)
+
+    def measure(self, step: int, diff_over_lr: torch.Tensor | None) -> None:
+        """Record ``||(x - v)/lr - mean(e)||`` (``None`` diff: the view was ``x``)."""
+        res = self.mean_residual()
+        if diff_over_lr is None:
+            b = 0.0 if res is None else float(res.norm())
+        else:
+            b = (
+                float((diff_over_lr - res).norm())
+                if res is not None
+                else float(diff_over_lr.norm())
+            )
+        self.record(step, b)
+
+    def record(self, step: int, b_hat: float) -> None:
+        self.last = b_hat
+        self.monitor.record(step, b_hat)

@@ -67,6 +67,7 @@ class SyncRule:
         received_norm: float | None,
         last_complete: bool,
     ) -> Decision:
+        del own_norm, received_norm, last_complete  # sync looks at completed steps only
         if oldest_incomplete is None or oldest_incomplete >= target:
             return Decision(True, "all earlier steps applied")
         return Decision(False, f"waiting for step {oldest_incomplete} to complete")

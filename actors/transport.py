@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.names import coordinator_name
+
 SHM_ROOT = Path(os.environ.get("ESGD_SHM_ROOT", "/dev/shm"))
 
 
@@ -78,7 +80,8 @@ class ShmPool:
 
     def __init__(self, job_id: str, numel: int) -> None:
         self.numel = numel
-        self.dir = SHM_ROOT / f"esgd-{job_id}-{uuid.uuid4().hex[:8]}"
+        # named after the job's coordinator (core.names), so a sweep finds every folder of it
+        self.dir = SHM_ROOT / f"{coordinator_name(job_id)}-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True, exist_ok=False)
         self.host = host_id()
         self._free: list[int] = []
@@ -145,7 +148,7 @@ class ShmPool:
 
 def sweep_stale(job_id: str) -> None:
     """Remove shared folders a crashed coordinator of this job left behind."""
-    for p in SHM_ROOT.glob(f"esgd-{job_id}-*"):
+    for p in SHM_ROOT.glob(f"{coordinator_name(job_id)}-*"):
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -1,13 +1,21 @@
 """The worker actor: a data shard, a model replica and a seeded sampler.
 
-Each call to :meth:`Worker.compute` takes a *view* of the parameters (a shared-memory
-handle or an object-store array), draws the next batch of the worker's shard, computes the
-gradient on that view and hands it back (into its shared-memory slot, or as an array, or as
-a compressed payload with error-feedback memory). The fault plan is consulted on the way:
-a delay stalls the reply (crashes, drops and partitions are carried out by the
-coordinator, see :mod:`actors.fault_driver`).
+Each :meth:`WorkerCore.compute` takes a :class:`~actors.messages.GradientRequest`: a *view*
+of the parameters (a shared-memory handle or an object-store array), draws the next batch of
+the worker's shard, computes the gradient on that view and hands it back in a
+:class:`~actors.messages.GradientReply` (into its shared-memory slot, or as an array, or as
+a compressed payload with error-feedback memory).
 
-The worker uses ``cuda`` when Ray gave it a GPU, the CPU otherwise.
+What a worker computes is the consistency mode's choice (``local_steps`` of the request):
+with 1 it is one stochastic gradient on the view; with ``H > 1`` (``local`` mode) the worker
+takes ``H`` plain SGD steps ``y_{t+1} = y_t - lr g(y_t)`` on its own replica ``y_0 = view``
+(no momentum, no weight decay: those are the coordinator's optimizer's business) and sends
+``sum_t g(y_t) = (view - y_H) / lr``, the model delta in gradient units. With ``H = 1`` that
+is exactly the one gradient, so ``local`` with ``H = 1`` is ``sync``.
+
+The fault plan is consulted on the way: a delay stalls the reply (crashes, drops and
+partitions are carried out by the coordinator). The worker uses ``cuda`` when Ray gave it a
+GPU, the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -25,64 +33,44 @@ from torch.func import functional_call
 from actors.channel import serve
 from actors.compression import ErrorFeedback, Payload, make_compressor
 from actors.datasets import loss_fn
-from actors.faults import ActiveFault, WorkerFaults
+from actors.faults import WorkerFaults
 from actors.flat import ParamLayout
+from actors.messages import GradientReply, GradientRequest, WorkerInit
 from actors.models import build_model
 from actors.sampler import ShardSampler
 from actors.transport import ShmCache, ShmRef, from_wire, host_id, to_wire
-from core.spec import JobSpec
 
 
 class WorkerCore:
     """Everything a worker does, without Ray (so it can be driven in-process too).
 
     Args:
-        worker_id: the worker's id in the job (stable across rejoins).
-        spec: the job.
-        x_train / y_train: the training set (the worker reads only its shard's rows).
-        task, n_features, n_outputs, input_shape: what the dataset is.
-        shard: training-set row indices this worker samples from.
-        sampler_state: resume the sampler from here (after a restart), else start fresh.
-        faults: the job's bound fault plan.
-        t0: wall time the job started (fault windows in seconds are relative to it).
-        grad_slot: shared-memory slot for gradients, if the worker shares the host.
+        init: what the worker is created with (arrays, not object refs, here).
     """
 
-    def __init__(
-        self,
-        worker_id: int,
-        spec: JobSpec,
-        x_train: np.ndarray,
-        y_train: np.ndarray,
-        task: str,
-        n_features: int,
-        n_outputs: int,
-        input_shape: tuple[int, ...] | None,
-        shard: np.ndarray,
-        sampler_state: dict[str, Any] | None,
-        faults: list[ActiveFault],
-        t0: float,
-        grad_slot: ShmRef | None,
-    ) -> None:
+    def __init__(self, init: WorkerInit) -> None:
+        spec = init.spec
         torch.set_num_threads(spec.resources.torch_threads)
-        self.id = worker_id
+        self.id = init.worker_id
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.x = torch.from_numpy(np.ascontiguousarray(x_train))
-        self.y = torch.from_numpy(np.ascontiguousarray(y_train))
+        self.x = torch.from_numpy(np.ascontiguousarray(init.x_train))
+        self.y = torch.from_numpy(np.ascontiguousarray(init.y_train))
         if self.device.type == "cuda":
             self.x, self.y = self.x.to(self.device), self.y.to(self.device)
-        self.loss = loss_fn(task)
-        self.model = build_model(spec.model, n_features, n_outputs, input_shape).to(self.device)
+        self.loss = loss_fn(init.task)
+        self.model = build_model(spec.model, init.n_features, init.n_outputs, init.input_shape).to(
+            self.device
+        )
         self.layout = ParamLayout.of(self.model)
-        if sampler_state is not None:
-            self.sampler = ShardSampler.from_state(sampler_state)
+        if init.sampler_state is not None:
+            self.sampler = ShardSampler.from_state(init.sampler_state)
         else:
-            self.sampler = ShardSampler(np.asarray(shard), seed=spec.seed, shard_key=worker_id)
-        self.faults = WorkerFaults(faults, worker_id, spec.seed)
-        self.t0 = t0
+            self.sampler = ShardSampler(np.asarray(init.shard), seed=spec.seed, shard_key=self.id)
+        self.faults = WorkerFaults(init.faults, self.id, spec.seed)
+        self.t0 = init.t0
         self.shm = ShmCache()
-        self.grad_slot = grad_slot
+        self.grad_slot = init.grad_slot
         self.local_grad = torch.zeros(self.layout.numel)
         self.compressor = None
         self.ef: ErrorFeedback | None = None
@@ -90,7 +78,7 @@ class WorkerCore:
             self.compressor = make_compressor(spec.compression, self.layout.numel)
             if spec.compression.error_feedback:
                 self.ef = ErrorFeedback(self.compressor, self.layout.numel)
-        self.rng = np.random.default_rng([spec.seed, 31337, worker_id])  # fixed salt
+        self.rng = np.random.default_rng([spec.seed, 31337, self.id])  # fixed salt
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
@@ -110,35 +98,28 @@ class WorkerCore:
         except OSError:
             return False
 
-    def _view(self, view: ShmRef | np.ndarray) -> torch.Tensor:
+    def _view(self, view: Any) -> torch.Tensor:
         if isinstance(view, ShmRef):
             flat = self.shm.get(view)
         else:
+            if isinstance(view, ray.ObjectRef):
+                view = ray.get(view)
             with warnings.catch_warnings():
                 # object-store arrays are read-only; we never write to the view
                 warnings.simplefilter("ignore", UserWarning)
                 flat = from_wire(view, self.spec.transfer_dtype)
         return flat.to(self.device) if self.device.type == "cuda" else flat
 
-    def compute(
-        self,
-        step: int,
-        view: ShmRef | np.ndarray,
-        want_residual: bool,
-        set_grad_slot: ShmRef | None = None,
-        reshard: list[int] | None = None,
-        faults: list[ActiveFault] | None = None,
-    ) -> dict[str, Any]:
-        """One gradient on ``view`` for ``step``; see the module docstring."""
-        t_call = time.perf_counter()
-        t_s = time.time() - self.t0
-        if set_grad_slot is not None:
-            self.grad_slot = set_grad_slot
-        if reshard is not None:
-            self.sampler.reshard(np.asarray(reshard, dtype=np.int64))
-        if faults is not None:
-            self.faults.faults = faults
-        flat = self._view(view)
+    def _apply_request(self, req: GradientRequest) -> None:
+        if req.grad_slot is not None:
+            self.grad_slot = req.grad_slot
+        if req.reshard is not None:
+            self.sampler.reshard(np.asarray(req.reshard, dtype=np.int64))
+        if req.faults is not None:
+            self.faults.faults = req.faults
+
+    def _batch_grads(self, flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float, int]:
+        """The gradient of the next batch's loss at ``flat``; with the loss and batch size."""
         idx = torch.from_numpy(self.sampler.next_batch(self.spec.batch_size))
         xb = self.x[idx.to(self.x.device)]
         yb = self.y[idx.to(self.y.device)]
@@ -146,29 +127,57 @@ class WorkerCore:
         out = functional_call(self.model, self.layout.params(pieces), (xb,))
         loss = self.loss(out, yb)
         grads = torch.autograd.grad(loss, pieces)
+        return grads, float(loss.detach()), int(idx.numel())
+
+    def _local_sum(self, flat: torch.Tensor, steps: int, out: torch.Tensor) -> tuple[float, int]:
+        """``out = sum_t g(y_t)`` over ``steps`` plain SGD steps from ``y_0 = flat``.
+
+        Returns:
+            The mean loss over the steps and the samples drawn.
+        """
+        lr = self.spec.optimizer.lr
+        tmp = torch.empty(self.layout.numel, device=out.device) if steps > 1 else out
+        loss_sum, n = 0.0, 0
+        for t in range(steps):
+            # y_t = y_0 - lr * sum_{s<t} g(y_s)
+            replica = flat if t == 0 else flat.add(out, alpha=-lr)
+            grads, loss, k = self._batch_grads(replica)
+            if t == 0:
+                self.layout.write_grads(grads, out)
+            else:
+                self.layout.write_grads(grads, tmp)
+                out.add_(tmp)
+            loss_sum, n = loss_sum + loss, n + k
+        return loss_sum / steps, n
+
+    def compute(self, req: GradientRequest) -> GradientReply:
+        """The mode's gradient on ``req.view`` for ``req.step``; see the module docstring."""
+        t_call = time.perf_counter()
+        t_s = time.time() - self.t0
+        self._apply_request(req)
+        flat = self._view(req.view)
         gbuf = self.local_grad
         shm_out = self.grad_slot is not None and self.compressor is None
         if shm_out:
             assert self.grad_slot is not None
             gbuf = self.shm.get(self.grad_slot)
         if self.device.type == "cuda":
-            tmp = torch.empty(self.layout.numel, device=self.device)
-            self.layout.write_grads(grads, tmp)
-            gbuf.copy_(tmp.cpu())
+            dev = torch.empty(self.layout.numel, device=self.device)
+            loss, n = self._local_sum(flat, req.local_steps, dev)
+            gbuf.copy_(dev.cpu())
         else:
-            self.layout.write_grads(grads, gbuf)
+            loss, n = self._local_sum(flat, req.local_steps, gbuf)
         raw_norm = float(gbuf.norm())
-        result: dict[str, Any] = {
-            "worker": self.id,
-            "step": step,
-            "loss": float(loss.detach()),
-            "raw_norm": raw_norm,
-            "n": int(idx.numel()),
-            "sampler": {
-                "epoch": self.sampler.state_dict()["epoch"],
-                "pos": self.sampler.state_dict()["pos"],
-            },
-        }
+        pos = self.sampler.state_dict()
+        reply = GradientReply(
+            worker=self.id,
+            step=req.step,
+            loss=loss,
+            n=n,
+            raw_norm=raw_norm,
+            sent_norm=raw_norm,
+            sampler_pos={"epoch": int(pos["epoch"]), "pos": int(pos["pos"])},
+        )
         if self.compressor is not None:
             g = gbuf.numpy()
             payload: Payload = (
@@ -176,22 +185,19 @@ class WorkerCore:
                 if self.ef is not None
                 else self.compressor.compress(g, self.rng)
             )
-            result["payload"] = payload
-            result["sent_norm"] = float(np.linalg.norm(payload.decode()))
-            if self.ef is not None and want_residual:
-                result["residual"] = self.ef.memory.copy()
+            reply.payload = payload
+            reply.sent_norm = float(np.linalg.norm(payload.decode()))
+            if self.ef is not None and req.want_residual:
+                reply.residual = self.ef.memory.copy()
         elif shm_out:
-            result["grad"] = "shm"
-            result["sent_norm"] = raw_norm
+            reply.grad_in_slot = True
         else:
-            result["grad"] = to_wire(gbuf, self.spec.transfer_dtype)
-            result["sent_norm"] = raw_norm
-        result["compute_s"] = time.perf_counter() - t_call
-        delay = self.faults.delay_s(step, t_s)
-        if delay > 0:
-            time.sleep(delay)
-        result["delay_s"] = delay
-        return result
+            reply.grad = to_wire(gbuf, self.spec.transfer_dtype)
+        reply.compute_s = time.perf_counter() - t_call
+        reply.delay_s = self.faults.delay_s(req.step, t_s)  # the fault plan's straggler delay
+        if reply.delay_s > 0:
+            time.sleep(reply.delay_s)
+        return reply
 
     def sampler_state(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -207,14 +213,23 @@ class WorkerCore:
 # max_concurrency: the pipe-serving loop occupies one thread; ping/info/exit need others
 @ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)  # type: ignore[call-overload]
 class Worker(WorkerCore):
-    """The Ray actor around :class:`WorkerCore` (methods are called by the coordinator)."""
+    """The Ray actor around :class:`WorkerCore` (methods are called by the coordinator).
+
+    Args:
+        init: as for :class:`WorkerCore`; ``x_train``/``y_train`` may be object refs.
+    """
+
+    def __init__(self, init: WorkerInit) -> None:
+        if isinstance(init.x_train, ray.ObjectRef):
+            init.x_train, init.y_train = ray.get([init.x_train, init.y_train])
+        super().__init__(init)
 
     def ping(self) -> int:
         return self.id
 
     def serve_pipe(self, req_path: str, rep_path: str) -> int:
         """Serve :meth:`compute` requests over the same-host channel until told to stop."""
-        return serve(req_path, rep_path, lambda msg: self.compute(**msg))
+        return serve(req_path, rep_path, self.compute)
 
     def exit(self) -> None:
         ray.actor.exit_actor()

@@ -116,7 +116,17 @@ class AsyncMode(_Strict):
     on_stale: Literal["refuse", "wait"] = "refuse"
 
 
-ModeSpec = Annotated[SyncMode | ElasticMode | AsyncMode, Field(discriminator="name")]
+class LocalMode(_Strict):
+    """Local SGD: each worker takes ``local_steps`` plain SGD steps on its own replica from
+    the model of record, then the coordinator applies the mean of the model deltas (one
+    round is one step; see actors/modes/local.py and docs/consistency.md)."""
+
+    name: Literal["local"] = "local"
+    # H: local steps per round (1 is sync; 1024 caps a round at a sane amount of drift)
+    local_steps: int = Field(default=4, ge=1, le=1024)
+
+
+ModeSpec = Annotated[SyncMode | ElasticMode | AsyncMode | LocalMode, Field(discriminator="name")]
 
 
 class CompressionSpec(_Strict):

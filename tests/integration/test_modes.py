@@ -171,3 +171,25 @@ def test_async_wait_with_tau_below_workers_minus_one_finishes(tmp_path: Path) ->
     (summary,) = run_many([(spec, tmp_path)], deadline_s=60.0)
     assert summary["state"] == "succeeded"
     assert summary["consistency"]["b_hat_max"] == 0.0  # tau = 0: every view was current
+
+
+@pytest.mark.timeout(600)
+def test_local_sgd_reaches_the_bar_with_b_hat_within_its_bound(tmp_path: Path) -> None:
+    """configs/digits_local.yaml as shipped: 4 workers, H = 4 local steps per round. B-hat is
+    the farthest replica's distance from the replicas' average at each round's end."""
+    spec = config("digits_local.yaml")
+    assert spec.mode.name == "local" and spec.mode.local_steps == 4 and spec.workers == 4
+    assert spec.steps is not None
+    (summary,) = run_many([(spec, tmp_path)])
+    assert summary["state"] == "succeeded", summary.get("error")
+    assert summary["steps"] == spec.steps
+    assert summary["final_test_accuracy"] >= 0.95
+    # a round draws H batches per worker
+    assert summary["samples"] == spec.steps * 4 * 4 * spec.batch_size
+    cons = summary["consistency"]
+    assert cons["b_hat_max"] > 0.0
+    assert cons["bound"] is not None and math.isfinite(cons["bound"])
+    assert cons["b_hat_max"] <= cons["bound"], cons
+    assert cons["views_measured"] == spec.steps  # one sample per round
+    steps = [r for r in records(tmp_path) if r["kind"] == "step"]
+    assert sorted({r["step"] for r in steps}) == list(range(1, spec.steps + 1))

@@ -1,0 +1,412 @@
+"""The coordinator's loop: model of record, the mode, membership, faults, wired together.
+
+One asyncio loop drives the job. Each live worker has at most one gradient request in
+flight; when a reply arrives the loop passes it through the fault plan's network path
+(:mod:`.faulting`) to the consistency mode (:mod:`actors.modes`), which folds it in and
+applies every update that became applicable; then the mode says which waiting workers may
+start next, on which view, and the data plane (:mod:`.dataplane`) sends those views.
+
+The collaborators decide and report; this class acts: :mod:`.membership` (who is in the
+job), :mod:`.dataplane` (views, transports, gradient decoding), :mod:`.recovery`
+(checkpoints, journal, resume), :mod:`.reporting` (records, events, summary),
+:mod:`.faulting` (fault firing, heartbeats) and B̂ measurement (:class:`Meter`, used by the
+mode: every view handed out is compared with the consistent model of the iteration it is
+used at). Control calls (``poll``, ``scale``, ``inject``, ``cancel``) are other coroutines
+on the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.compression import error_factor
+from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
+from actors.coordinator.dataplane import DataPlane
+from actors.coordinator.faulting import Faulting, Loss
+from actors.coordinator.membership import Membership, WorkerSlot, kill_process, worker_template
+from actors.coordinator.recovery import Recovery
+from actors.coordinator.reporting import Reporter, RunFacts
+from actors.coordinator.training import Training
+from actors.datasets import Dataset, load_dataset
+from actors.flat import ParamLayout, flatten, load_flat
+from actors.models import build_model
+from actors.modes.base import ModeContext, ModelOfRecord
+from actors.modes.registry import make_mode
+from actors.optim import FlatSGD
+from core.errors import InvalidTransition
+from core.events import EventKind
+from core.spec import FaultSpec, JobSpec
+from core.state import JobState
+
+# the loop wakes at least this often: faults (at_s triggers, partitions) and heartbeats are
+# checked on every turn, so they act within 0.2 s; an idle turn costs microseconds
+TICK_S = 0.2
+
+
+class CoordinatorCore:
+    """The coordinator's logic; :class:`~actors.coordinator.actor.Coordinator` is the Ray
+    actor around it.
+
+    Args:
+        job_id: the job's id (names actors and shared-memory files).
+        spec: the job.
+        data_dir: where ``npz`` datasets live.
+        state_dir: checkpoints, journal and members file (``None``: not resumable).
+        resume: continue from the latest checkpoint in ``state_dir`` (as after a crash).
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        data_dir: str | None = None,
+        state_dir: str | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.job_id, self.spec, self.resume = job_id, spec, resume
+        self.state = JobState.STARTING
+        self.error: str | None = None
+        self.t_run: float | None = None
+        self.t_end: float | None = None
+        torch.manual_seed(spec.seed)
+        self.ds: Dataset = load_dataset(
+            spec.dataset, spec.seed, None if data_dir is None else Path(data_dir)
+        )
+        self.model = build_model(
+            spec.model, self.ds.n_features, self.ds.n_outputs, self.ds.input_shape
+        )
+        self.layout = ParamLayout.of(self.model)
+        self.total_steps = spec.total_steps(len(self.ds.x_train))
+        q, _ = error_factor(spec.compression, self.layout.numel)
+        ef = spec.compression.name != "none" and spec.compression.error_feedback
+        self.norms = ObservedNorms()
+        self.meter = Meter(ConsistencyMonitor(), ef, spec.monitor_interval)
+        self.meter.live_workers = lambda: len(self.members.live())
+        self.record = ModelOfRecord(flatten(self.model), FlatSGD(spec.optimizer))
+        self.mode = make_mode(
+            ModeContext(spec, self.total_steps, self.record, self.meter, self.norms)
+        )
+        self.recovery = Recovery(Path(state_dir) if state_dir else None, spec.checkpoint)
+        self.reporter = Reporter(time.time(), self.recovery.journal, lambda: self.mode.step)
+        self.members = Membership(job_id, spec, self.reporter, len(self.ds.x_train))
+        self.data = DataPlane(job_id, spec, self.layout.numel)
+        self.faults = Faulting(spec, self.reporter, self.recovery)
+        self.train = Training(
+            spec,
+            self.mode,
+            self.meter,
+            self.norms,
+            q,
+            (self.model, self.ds),
+            (self.data, self.members, self.faults, self.recovery, self.reporter),
+        )
+        self.restarts = self.steps_lost = 0
+        self.cancel_requested = False
+        self._wake = self.train.wake  # one event wakes the loop, whoever has news
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    @property
+    def step(self) -> int:
+        return self.mode.step
+
+    @property
+    def t0(self) -> float:
+        """The job's start (wall time); kept across coordinator restarts."""
+        return self.reporter.t0
+
+    def _set_state(self, state: JobState, why: str) -> None:
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        self.reporter.event(EventKind.STATE, f"{old.value} -> {state.value}: {why}")
+        self._wake.set()
+
+    # -- start-up and resume -----------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        """Create the workers (the job's initial membership), resuming if asked to."""
+        self.record.x = self.data.open(self.record.x, self.mode.shares_model_slot)
+        ids = list(range(self.spec.workers))
+        self.faults.bind(ids)
+        samplers: dict[int, dict[str, Any]] = {}
+        if (self.resume or self.recovery.reconstructed()) and self.recovery.state_dir:
+            ids, samplers = self._resume()
+        self.members.cut_shards(ids)
+        members = self.recovery.load_members() if samplers else {}
+        self.members.template = worker_template(self.spec, self.ds, self.faults.plan, self.t0)
+
+        async def bring(wid: int) -> None:
+            if wid in members:
+                slot = await self.members.reattach(wid, members[wid], samplers.get(wid))
+                if slot is not None and await self._attach(slot, reattached=True):
+                    return
+            await self._add_worker(wid, self.members.shards[wid], samplers.get(wid))
+
+        await asyncio.gather(*(bring(w) for w in ids))
+        live = self.members.live()
+        if len(live) < self.spec.min_workers:
+            self._set_state(
+                JobState.FAILED,
+                f"only {len(live)} workers started; min_workers={self.spec.min_workers}",
+            )
+        return {
+            "workers": [w.public() for w in live],
+            "total_steps": self.total_steps,
+            "parameters": self.layout.numel,
+        }
+
+    def _resume(self) -> tuple[list[int], dict[int, dict[str, Any]]]:
+        """Restore the latest valid checkpoint and the journal; returns workers to start."""
+        got = self.recovery.resume(self.reporter, self.spec.workers)
+        if got.t0 is not None:
+            self.t_run = got.t0
+        self.restarts, self.steps_lost = got.restarts, self.steps_lost + got.steps_lost
+        self.faults.driver.fired |= got.fired
+        if got.state is not None:
+            self.train.restore(got.state)
+        return got.workers, got.samplers
+
+    # -- membership --------------------------------------------------------------------------
+    async def _add_worker(
+        self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None
+    ) -> WorkerSlot | None:
+        slot = self.members.spawn(wid, shard, sampler_state)
+        return slot if await self._attach(slot) else None
+
+    async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:
+        """Probe a worker and add it to the job (its transport, the mode's membership)."""
+        if not await self.members.probe(slot, self.data.shm, reattached):
+            return False
+        self.train.attach(slot)
+        self.recovery.save_members(self.members.members())
+        return True
+
+    def _lose_worker(self, w: WorkerSlot, why: str, keep_actor: bool = False) -> None:
+        """Take a worker out of the membership; start a replacement unless told otherwise."""
+        if w.gone:
+            return
+        self.members.mark_lost(w, keep_actor)
+        left = self.train.leave(w)
+        why += f"; left steps {left}" if left else ""
+        self.reporter.event(EventKind.DETECT, why, target=f"worker-{w.id}")
+        self.recovery.save_members(self.members.members())
+        self._membership_changed()
+        ready = self.members.ready()
+        if len(ready) < self.spec.min_workers:
+            self._set_state(
+                JobState.FAILED,
+                f"{len(ready)} live workers < min_workers={self.spec.min_workers}",
+            )
+
+    def _apply_loss(self, loss: Loss) -> None:
+        self._lose_worker(loss.worker, loss.why, keep_actor=loss.keep_actor)
+        if loss.kill:
+            kill_process(loss.worker)
+
+    def _membership_changed(self) -> None:
+        """A worker left: updates may have become applicable."""
+        if not self.state.terminal:
+            self.train.apply_ready()
+            self._wake.set()
+
+    def _start_join(self, wid: int) -> None:
+        """(Re)start worker ``wid`` in the background with its shard."""
+        if self.state.terminal or self.cancel_requested or self.mode.finished():
+            return
+        old = self.members.workers.get(wid)
+        if old is not None and not old.gone:
+            return
+        old, shard, sampler = self.members.placeholder(wid)
+        self.reporter.event(
+            EventKind.MEMBERSHIP,
+            "starting a worker" + (" (rejoin)" if old else ""),
+            target=f"worker-{wid}",
+        )
+
+        async def join() -> None:
+            if await self._add_worker(wid, shard, sampler) is not None:
+                self.reporter.worker_rejoined(wid, time.time())
+            self._wake.set()
+
+        self._spawn(join())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def scale(self, n: int) -> dict[str, Any]:
+        """Grow or shrink the job to ``n`` workers while it runs; data is re-sharded.
+
+        Raises:
+            InvalidRequest: ``n`` is outside ``[min_workers, max_workers]``.
+            InvalidTransition: the job has ended.
+        """
+        self.members.check_size(n)
+        if self.state.terminal:
+            raise InvalidTransition(f"scale: the job is already {self.state.value}")
+        live = self.members.live()
+        self.reporter.event(EventKind.MEMBERSHIP, f"scale requested: {len(live)} -> {n} workers")
+        resize = self.members.plan_resize(n)
+        for w in resize.retire:
+            self.train.leave(w)
+            self.members.retire(w)
+            self._membership_changed()
+        for wid in resize.start:
+            self._start_join(wid)
+        self._wake.set()
+        return {"workers": n}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Fire due faults, watch heartbeats, bring back workers; once per loop turn."""
+        now = time.time()
+        deadline_s = self.faults.reply_deadline_s(self.reporter.timing.mean_roundtrip_s)
+        out = self.faults.tick(
+            self.step, now - self.t0, list(self.members.workers.values()), deadline_s
+        )
+        for w, res, exc in out.deliver:
+            self._handle(w, res, exc)
+        for loss in [*out.lose, *self.train.lost_idle]:
+            self._apply_loss(loss)
+        self.train.lost_idle.clear()
+        for w in out.restart:
+            self.data.close_channel(w)
+            kill_process(w)
+            self.members.pending_joins.append((now, w.id))
+        self.members.pending_joins.extend(out.joins)
+        for i, a in enumerate(self.spec.scale_plan):
+            key = f"scale:{i}"  # fired once, remembered across restarts like a fault
+            if key not in self.faults.driver.fired and self.step >= a.at_step:
+                self.faults.driver.fired.add(key)
+                self._spawn(self.scale(a.workers))
+        for wid in self.members.due_joins(now):
+            self._start_join(wid)
+
+    def _handle(self, w: WorkerSlot, res: Any, exc: BaseException | None) -> None:
+        loss = self.train.handle_reply(w, res, exc)
+        if loss is not None:
+            self._apply_loss(loss)
+
+    async def run(self) -> dict[str, Any]:
+        """Train until every step is applied, the job fails, or it is cancelled."""
+        if self.state == JobState.STARTING:
+            self._set_state(JobState.RUNNING, f"{len(self.members.live())} workers")
+        if self.t_run is None:
+            self.t_run = time.time()
+        self.train.evaluate()
+        wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+        while not self.state.terminal and not self._should_stop():
+            self._tick()
+            if self.state.terminal:
+                break
+            if not self.cancel_requested:
+                self.train.schedule()
+            self.recovery.flush()
+            waiting = set(self.train.inflight.values())
+            if not waiting and not self.members.live() and not self.members.pending_joins:
+                self._set_state(JobState.FAILED, "no live workers")
+                break
+            done, _ = await asyncio.wait(
+                waiting | {wake}, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if wake in done:
+                done.discard(wake)
+                self._wake.clear()
+                wake = asyncio.ensure_future(self._wake.wait())
+            for fut in done:
+                self._arrived(fut)
+        wake.cancel()
+        self.recovery.flush()
+        self.t_end = time.time()
+        if self.state == JobState.SUCCEEDED or self.step > 0:
+            self.train.evaluate()
+        return self.summary()
+
+    def _should_stop(self) -> bool:
+        """Cancelled or finished: set the final state and say so."""
+        if self.cancel_requested:
+            self._set_state(JobState.CANCELLED, "cancel requested")
+            return True
+        if self.mode.finished():
+            self._set_state(JobState.SUCCEEDED, f"{self.step} steps applied")
+            return True
+        return False
+
+    def _arrived(self, fut: asyncio.Future[Any]) -> None:
+        wid, gen, res, exc = fut.result()
+        w = self.members.workers.get(wid)
+        if w is None or w.gen != gen or self.train.inflight.get(wid) is not fut:
+            return  # an older incarnation's, or a request already given up on
+        self.train.inflight.pop(wid, None)
+        self._handle(w, res, exc)
+
+    # -- control & reporting ------------------------------------------------------------------
+    def poll(self, ack_seq: int = 0) -> dict[str, Any]:
+        """New records and events since ``ack_seq`` (older ones are dropped as delivered)."""
+        records, events = self.reporter.poll(ack_seq)
+        return {"records": records, "events": events, "status": self.status()}
+
+    def status(self) -> dict[str, Any]:
+        summ = self.meter.monitor.summary(self.train.bound())
+        return {
+            "state": self.state.value,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "workers": [w.public() for w in self.members.workers.values()],
+            "b_hat_max": summ["b_hat_max"],
+            "b_hat_mean": summ["b_hat_mean"],
+            "bound": summ["bound"],
+            "error": self.error,
+            "test_accuracy": self.reporter.last_eval.get("test_accuracy"),
+            "test_loss": self.reporter.last_eval.get("test_loss"),
+        }
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        self._wake.set()
+
+    def model_bytes(self) -> bytes:
+        load_flat(self.model, self.record.x)
+        buf = io.BytesIO()
+        state = {"state_dict": self.model.state_dict(), "spec": self.spec.model_dump()}
+        torch.save({**state, "step": self.step}, buf)
+        return buf.getvalue()
+
+    def summary(self) -> dict[str, Any]:
+        return self.reporter.summary(
+            RunFacts(
+                job_id=self.job_id,
+                spec=self.spec,
+                state=self.state.value,
+                error=self.error,
+                steps=self.step,
+                total_steps=self.total_steps,
+                updates=self.record.version,
+                samples=self.train.samples,
+                workers_final=len(self.members.live()),
+                refused=self.train.refused,
+                dropped=self.faults.dropped,
+                restarts=self.restarts,
+                steps_lost=self.steps_lost,
+                parameters=self.layout.numel,
+                consistency=self.train.consistency(),
+                t_start=self.t_run or self.t0,
+                t_end=self.t_end,
+            )
+        )
+
+    def inject(self, fault: FaultSpec) -> None:
+        """Add a fault to the running plan (targets resolved now, among live workers)."""
+        self.faults.inject(fault, self.members.live(), self.step)
+
+    async def shutdown(self) -> None:
+        for w in self.members.workers.values():
+            self.data.close_channel(w)
+        self.members.kill_all()
+        self.data.close()

@@ -1,0 +1,321 @@
+"""Membership: which workers the job has, where they run, and who comes or goes.
+
+A :class:`WorkerSlot` is the coordinator's record of one worker incarnation. The
+:class:`Membership` creates workers (detached, named actors, so they outlive a crash of the
+coordinator and are re-attached by name), probes where they run, marks them lost or
+retired, plans resizes (which workers leave, which ids are new, every shard re-cut) and
+keeps the queue of workers to (re)start. It returns what it decided; the loop tells the
+mode and the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.channel import CoordinatorEnd
+from actors.coordinator.reporting import Reporter
+from actors.datasets import Dataset
+from actors.faults import ActiveFault
+from actors.messages import WorkerInit
+from actors.sampler import make_shards
+from actors.transport import ShmPool, ShmRef, host_id
+from actors.worker import Worker
+from core.errors import InvalidRequest
+from core.events import EventKind
+from core.names import NAMESPACE, worker_name
+from core.spec import JobSpec
+
+# a re-attach ping answers in milliseconds; 5 s covers a loaded 2-core machine
+REATTACH_PING_S = 5.0
+GONE = ("dead", "left")
+
+
+@dataclass
+class WorkerSlot:
+    """The coordinator's record of one worker."""
+
+    id: int
+    actor: Any
+    gen: int = 0  # incarnation: replies from an older incarnation are ignored
+    state: str = "starting"  # starting | idle | busy | waiting | held | dead | left
+    node: str = ""
+    host: str = ""
+    pid: int = 0
+    shm: bool = False
+    grad_ref: ShmRef | None = None
+    view_slot: int | None = None
+    last_step: int | None = None
+    steps_done: int = 0
+    t_dispatch: float = 0.0
+    sampler: dict[str, int] | None = None  # sampler position after its last reply
+    reshard: list[int] | None = None  # new shard, sent with the next request
+    send_plan: bool = False  # the fault plan changed: send it with the next request
+    partition_until: float | None = None  # replies are held back until then (t_s)
+    partition_held: tuple[Any, Any] | None = None
+    lost_at: float | None = None  # wall time its loss was detected
+    t_partition: float = 0.0
+    channel: CoordinatorEnd | None = None  # same-host pipe; None: Ray calls
+    serve_task: asyncio.Future[Any] | None = None
+    shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def gone(self) -> bool:
+        return self.state in GONE
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "node": self.node,
+            "host": self.host,
+            "pid": self.pid,
+            "step": self.last_step,
+            "steps_done": self.steps_done,
+            "transport": "shared_memory" if self.shm else "object_store",
+        }
+
+
+def kill_process(w: WorkerSlot) -> None:
+    """Kill a worker's process for real: SIGKILL on this host, Ray's kill elsewhere."""
+    if w.host == host_id() and w.pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(Exception):
+            ray.kill(w.actor, no_restart=True)
+
+
+def worker_template(spec: JobSpec, ds: Dataset, plan: list[ActiveFault], t0: float) -> WorkerInit:
+    """What every worker of the job is created with (the training set goes into Ray's object
+    store once; id, shard and sampler are filled in per worker)."""
+    return WorkerInit(
+        worker_id=-1,
+        spec=spec,
+        x_train=ray.put(ds.x_train),
+        y_train=ray.put(ds.y_train),
+        task=ds.task,
+        n_features=ds.n_features,
+        n_outputs=ds.n_outputs,
+        input_shape=ds.input_shape,
+        shard=np.zeros(0, dtype=np.int64),
+        sampler_state=None,
+        faults=plan,  # the plan's own list: live injections reach new workers too
+        t0=t0,
+    )
+
+
+@dataclass
+class Resize:
+    """A planned resize: who leaves, which new ids start."""
+
+    retire: list[WorkerSlot]
+    start: list[int]
+
+
+class Membership:
+    """The job's workers (see the module docstring).
+
+    Args:
+        job_id: names the worker actors.
+        spec: the job.
+        reporter: membership events go here.
+        n_train: training-set size (shards are cut from it).
+    """
+
+    def __init__(self, job_id: str, spec: JobSpec, reporter: Reporter, n_train: int) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.reporter = reporter
+        self.n_train = n_train
+        self.workers: dict[int, WorkerSlot] = {}
+        self.shards: dict[int, np.ndarray] = {}
+        self.pending_joins: list[tuple[float, int]] = []  # (wall time due, worker id)
+        self.resizes = 0
+        self.template: WorkerInit | None = None  # what every worker is created with
+
+    def check_size(self, n: int) -> None:
+        """Refuse a size outside ``[min_workers, max_workers]``.
+
+        Raises:
+            InvalidRequest: naming the limit to change.
+        """
+        hi = self.spec.max_workers_or_workers
+        if not self.spec.min_workers <= n <= hi:
+            raise InvalidRequest(
+                f"scale: n={n} is outside [min_workers={self.spec.min_workers}, "
+                f"max_workers={hi}]; set max_workers in the job spec to allow more"
+            )
+
+    def live(self) -> list[WorkerSlot]:
+        """Workers not dead or left, by id."""
+        return sorted((w for w in self.workers.values() if not w.gone), key=lambda w: w.id)
+
+    def ready(self) -> list[WorkerSlot]:
+        """Live workers past start-up."""
+        return [w for w in self.live() if w.state != "starting"]
+
+    def members(self) -> dict[int, int]:
+        """Live worker ids and their incarnations (what a restarted coordinator adopts)."""
+        return {w.id: w.gen for w in self.ready()}
+
+    def cut_shards(self, ids: list[int]) -> None:
+        """New shards for ``ids`` (seeded by the resize count: a resize re-cuts them all)."""
+        shards = make_shards(self.n_train, len(ids), self.spec.seed + self.resizes)
+        for i, wid in enumerate(ids):
+            self.shards[wid] = shards[i]
+
+    def _worker_options(self, wid: int, gen: int) -> dict[str, Any]:
+        r = self.spec.resources
+        gpus: float = 0.0
+        if r.worker_gpus == "auto":
+            total = ray.cluster_resources().get("GPU", 0.0)
+            if total > 0:
+                gpus = min(1.0, total / max(self.spec.workers, 1))
+        else:
+            gpus = float(r.worker_gpus)
+        return {
+            "num_cpus": r.worker_cpus,
+            "num_gpus": gpus,
+            "scheduling_strategy": "SPREAD",
+            # detached and named: the worker outlives a coordinator crash and is re-attached
+            "lifetime": "detached",
+            "name": worker_name(self.job_id, wid, gen),
+            "namespace": NAMESPACE,
+        }
+
+    def spawn(
+        self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None
+    ) -> WorkerSlot:
+        """Create worker ``wid``'s next incarnation (not yet probed)."""
+        assert self.template is not None, "start() sets the template first"
+        init = replace(self.template, worker_id=wid, shard=shard, sampler_state=sampler_state)
+        old = self.workers.get(wid)
+        gen = old.gen + 1 if old is not None else 0
+        actor = Worker.options(**self._worker_options(wid, gen)).remote(init)  # type: ignore[attr-defined]
+        slot = WorkerSlot(id=wid, actor=actor, shard=init.shard, gen=gen)
+        self.shards[wid] = init.shard
+        self.workers[wid] = slot
+        return slot
+
+    async def reattach(
+        self, wid: int, gen: int, sampler_state: dict[str, Any] | None
+    ) -> WorkerSlot | None:
+        """Adopt a worker that outlived the previous coordinator incarnation."""
+        try:
+            actor = ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE)
+            await asyncio.wait_for(actor.ping.remote(), timeout=REATTACH_PING_S)
+            if sampler_state is not None:
+                await actor.reset_sampler.remote(sampler_state)
+        except Exception:  # noqa: BLE001 - gone or unreachable: start a new one instead
+            return None
+        slot = WorkerSlot(id=wid, actor=actor, shard=self.shards[wid], gen=gen)
+        self.workers[wid] = slot
+        return slot
+
+    async def probe(self, slot: WorkerSlot, shm: ShmPool | None, reattached: bool) -> bool:
+        """Learn where a worker runs and pick its transport; False if it failed to start."""
+        try:
+            info = await slot.actor.info.remote()
+            shm_ok = False
+            if shm is not None:
+                shm_ok = await slot.actor.shm_ok.remote(shm.probe_path())
+                if not shm_ok and self.spec.transport == "shared_memory":
+                    raise RuntimeError(
+                        "transport=shared_memory but the worker is on another "
+                        "host; use transport=auto or object_store"
+                    )
+        except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
+            slot.state = "dead"
+            self.reporter.event(
+                EventKind.MEMBERSHIP,
+                f"worker failed to start: {exc}",
+                target=f"worker-{slot.id}",
+            )
+            return False
+        slot.node, slot.host, slot.pid = info["node"], info["host"], info["pid"]
+        slot.shm = shm_ok
+        slot.grad_ref = shm.grad_slot(slot.id) if shm is not None and shm_ok else None
+        slot.state = "idle"
+        # node ids are 56 hex digits; 8 tell the nodes of a cluster apart in an event
+        self.reporter.event(
+            EventKind.MEMBERSHIP,
+            f"worker {'re-attached' if reattached else 'joined'} (node {slot.node[:8]}, "
+            f"pid {slot.pid}, {'shared memory' if shm_ok else 'object store'})",
+            target=f"worker-{slot.id}",
+        )
+        return True
+
+    def mark_lost(self, w: WorkerSlot, keep_actor: bool) -> None:
+        """``w`` is dead; queue a replacement unless told otherwise (or one is queued)."""
+        w.state = "dead"
+        w.lost_at = time.time()
+        self.reporter.worker_lost(w.id, w.lost_at)
+        rejoining = any(wid == w.id for _, wid in self.pending_joins)
+        if not keep_actor and not rejoining and self.spec.replace_lost_workers:
+            self.pending_joins.append((time.time(), w.id))
+
+    def retire(self, w: WorkerSlot) -> None:
+        """Remove a worker on request (its actor is killed)."""
+        w.state = "left"
+        with contextlib.suppress(Exception):
+            ray.kill(w.actor, no_restart=True)
+        self.reporter.event(
+            EventKind.MEMBERSHIP, "worker removed on request", target=f"worker-{w.id}"
+        )
+
+    def plan_resize(self, n: int) -> Resize:
+        """Resize to ``n`` workers: the highest ids leave, new ids start, shards re-cut
+        (live workers get theirs with their next request)."""
+        live = self.live()
+        retire = live[n:] if n < len(live) else []
+        keep = live[:n]
+        self.resizes += 1
+        ids = [w.id for w in keep]
+        next_id = max(self.workers, default=-1) + 1
+        new = list(range(next_id, next_id + max(0, n - len(ids))))
+        self.cut_shards(ids + new)
+        for w in keep:
+            w.reshard = self.shards[w.id].tolist()
+        return Resize(retire=retire, start=new)
+
+    def kill_all(self) -> None:
+        """Kill every worker actor still there (the job ended)."""
+        for w in self.workers.values():
+            if w.state != "dead":
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(w.actor, no_restart=True)
+
+    def due_joins(self, now: float) -> list[int]:
+        """Workers whose (re)start is due now (taken off the queue)."""
+        due = [wid for t, wid in self.pending_joins if t <= now]
+        self.pending_joins = [(t, wid) for t, wid in self.pending_joins if t > now]
+        return due
+
+    def placeholder(self, wid: int) -> tuple[WorkerSlot | None, np.ndarray, dict[str, Any] | None]:
+        """Reserve ``wid``'s next incarnation; returns the old slot, its shard and the sampler
+        state to continue from."""
+        old = self.workers.get(wid)
+        self.workers[wid] = WorkerSlot(
+            id=wid, actor=None, state="starting", gen=(old.gen + 1) if old else 0
+        )
+        shard = self.shards.get(wid)
+        if shard is None:
+            shard = make_shards(self.n_train, 1, self.spec.seed)[0]
+        sampler = None
+        if old is not None and old.sampler is not None:
+            sampler = {
+                **old.sampler,
+                "seed": self.spec.seed,
+                "shard_key": wid,
+                "shard": shard.tolist(),
+            }
+        return old, shard, sampler

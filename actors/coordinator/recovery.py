@@ -1,0 +1,276 @@
+"""Recovery: checkpoints, the journal, and the files a restarted coordinator reads.
+
+A job with a state folder keeps there
+
+* ``checkpoints/``: atomic, checksummed snapshots (:mod:`actors.checkpoint`) of everything
+  needed to continue: the model of record and optimizer, the counters, the monitor, the
+  samplers' positions, which one-shot faults fired (:class:`CheckpointState`);
+* ``journal.jsonl``: every record and event, so a restarted coordinator replays the run's
+  history and keeps its clock (:meth:`Recovery.replay_journal`);
+* ``members.json``: which worker incarnations are live (a restarted coordinator re-attaches
+  to them, they outlive it);
+* ``fired.json``: one-shot faults fired after the last checkpoint (a coordinator crash must
+  not fire again after the restart).
+
+Nothing here decides what to do: :class:`Recovery` reads and writes, the loop acts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.checkpoint import Journal, Loaded, latest_valid, write_checkpoint
+from actors.coordinator.reporting import Reporter
+from core.events import Event, EventKind, FaultKind, Record, record_from_dict
+from core.spec import CheckpointSpec
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint holds (the keys of the stored dict are these field names)."""
+
+    x: torch.Tensor
+    opt: dict[str, Any]
+    step: int
+    version: int
+    samples: int
+    workers: list[int]
+    samplers: dict[int, dict[str, Any]]
+    fired: list[str]
+    resizes: int
+    monitor: tuple[float, int, float]  # (b_max, count, total)
+    norms: dict[str, float]
+    elapsed_s: float
+    residuals: dict[int, np.ndarray]
+    torch_rng: torch.Tensor
+    refused: int
+    dropped: int
+    t0: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointState:
+        return cls(
+            x=d["x"],
+            opt=d["opt"],
+            step=int(d["step"]),
+            version=int(d["version"]),
+            samples=int(d["samples"]),
+            workers=[int(w) for w in d["workers"]],
+            samplers={int(k): v for k, v in d["samplers"].items()},
+            fired=list(d["fired"]),
+            resizes=int(d["resizes"]),
+            monitor=(
+                float(d["monitor"][0]),
+                int(d["monitor"][1]),
+                float(d["monitor"][2]),
+            ),
+            norms=dict(d["norms"]),
+            elapsed_s=float(d["elapsed_s"]),
+            residuals=dict(d["residuals"]),
+            torch_rng=d["torch_rng"],
+            refused=int(d["refused"]),
+            dropped=int(d["dropped"]),
+            t0=float(d["t0"]),
+        )
+
+
+@dataclass
+class JournalReplay:
+    """What the journal of earlier incarnations says.
+
+    Attributes:
+        t0: the job's start (its clock continues), ``None`` for an empty journal.
+        items: its records and events, in order.
+        crash_step: the step of the last injected coordinator crash, else the last step
+            recorded (``None``: nothing recorded).
+        restarts: restarts so far, this one included.
+    """
+
+    t0: float | None
+    items: list[Event | Record] = field(default_factory=list)
+    crash_step: int | None = None
+    restarts: int = 1
+
+
+@dataclass
+class Resumed:
+    """What a resume found.
+
+    Attributes:
+        workers: the ids to bring back.
+        samplers: their samplers' states, from the checkpoint.
+        state: the checkpoint to restore (``None``: none valid, start from step 0).
+        t0: the job's start, from the journal.
+        restarts: restarts so far, this one included.
+        steps_lost: steps done after the checkpoint, lost with the crash.
+        fired: one-shot faults fired after the checkpoint.
+    """
+
+    workers: list[int]
+    samplers: dict[int, dict[str, Any]]
+    state: CheckpointState | None
+    t0: float | None
+    restarts: int
+    steps_lost: int
+    fired: set[str]
+
+
+class Recovery:
+    """The job's state folder (``None``: a job that cannot be resumed).
+
+    Args:
+        state_dir: the folder.
+        policy: the spec's checkpoint intervals and how many to keep.
+    """
+
+    def __init__(self, state_dir: Path | None, policy: CheckpointSpec) -> None:
+        self.state_dir = state_dir
+        self.policy = policy
+        self.journal = Journal(state_dir / "journal.jsonl") if state_dir is not None else None
+        self.last_ckpt_step = 0
+        self.last_ckpt_t = time.time()
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / "checkpoints"
+
+    @staticmethod
+    def reconstructed() -> bool:
+        """True when Ray restarted this actor after its process died."""
+        try:
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - outside an actor
+            return False
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint_due(self, step: int) -> bool:
+        c = self.policy
+        if self.ckpt_dir is None or (c.interval_steps is None and c.interval_s is None):
+            return False
+        if c.interval_steps is not None and step - self.last_ckpt_step >= c.interval_steps:
+            return True
+        return c.interval_s is not None and time.time() - self.last_ckpt_t >= c.interval_s
+
+    def write(self, state: CheckpointState) -> Path:
+        assert self.ckpt_dir is not None
+        path = write_checkpoint(self.ckpt_dir, state.step, state.to_dict(), self.policy.keep)
+        self.last_ckpt_step, self.last_ckpt_t = state.step, time.time()
+        return path
+
+    def latest(self) -> tuple[Loaded | None, CheckpointState | None]:
+        """The latest valid checkpoint (its file and what it holds), if any."""
+        assert self.ckpt_dir is not None
+        loaded = latest_valid(self.ckpt_dir)
+        if loaded is None:
+            return None, None
+        self.last_ckpt_step = loaded.step
+        return loaded, CheckpointState.from_dict(loaded.state)
+
+    # -- the journal ---------------------------------------------------------------------
+    def replay_journal(self) -> JournalReplay:
+        assert self.state_dir is not None
+        entries = Journal.read(self.state_dir / "journal.jsonl")
+        if not entries:
+            return JournalReplay(t0=None)
+        # keep the job's clock: time_s continues across the restart
+        out = JournalReplay(t0=float(entries[0]["wall_time"]) - float(entries[0]["time_s"]))
+        for e in entries:
+            out.items.append(Event.from_dict(e) if "detail" in e else record_from_dict(e))
+        events = [i for i in out.items if isinstance(i, Event)]
+        out.crash_step = max(
+            (
+                e.step
+                for e in events
+                if e.kind is EventKind.FAULT and e.fault is FaultKind.COORDINATOR_CRASH
+            ),
+            default=None,
+        )
+        if out.crash_step is None:  # not an injected crash: the last step the journal recorded
+            out.crash_step = max(
+                (r.step for r in out.items if not isinstance(r, Event)), default=None
+            )
+        out.restarts = 1 + sum(1 for e in events if e.kind is EventKind.RESTART)
+        return out
+
+    def resume(self, reporter: Reporter, n_workers: int) -> Resumed:
+        """Replay the journal into ``reporter`` and load the latest valid checkpoint (the
+        events of a restart are recorded); the loop restores what it returns."""
+        replay = self.replay_journal()
+        if replay.t0 is not None:
+            reporter.t0 = replay.t0
+        for item in replay.items:
+            reporter.replay(item)
+        loaded, st = self.latest()
+        for why in loaded.skipped if loaded else []:
+            reporter.event(EventKind.CHECKPOINT, f"skipped invalid checkpoint {why}")
+        out = Resumed(
+            list(range(n_workers)),
+            {},
+            st,
+            replay.t0,
+            replay.restarts,
+            0,
+            self.load_fired(),
+        )
+        if loaded is None or st is None:
+            reporter.event(
+                EventKind.RESTART,
+                "coordinator restarted; no valid checkpoint: from step 0",
+            )
+            return out
+        crash = replay.crash_step
+        out.steps_lost = max((crash - st.step) if crash is not None else 0, 0)
+        reporter.event(
+            EventKind.RESTART,
+            f"coordinator restarted from {loaded.path.name} (step "
+            f"{st.step}); {out.steps_lost} steps lost since the checkpoint",
+            target="coordinator",
+            step=st.step,
+        )
+        out.workers, out.samplers = list(st.workers) or out.workers, st.samplers
+        return out
+
+    def flush(self) -> None:
+        if self.journal is not None:
+            self.journal.flush()
+
+    # -- members and fired faults --------------------------------------------------------
+    def _write_json(self, name: str, value: Any) -> None:
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.state_dir / name)
+
+    def save_members(self, members: dict[int, int]) -> None:
+        """Which worker incarnations (id -> generation) are live."""
+        if self.state_dir is not None:
+            self._write_json("members.json", {str(k): v for k, v in members.items()})
+
+    def load_members(self) -> dict[int, int]:
+        if self.state_dir is None or not (self.state_dir / "members.json").exists():
+            return {}
+        raw = json.loads((self.state_dir / "members.json").read_text())
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def save_fired(self, fired: set[str]) -> None:
+        """One-shot faults that fired (the restarted coordinator must not fire them again)."""
+        if self.state_dir is not None:
+            self._write_json("fired.json", sorted(fired))
+
+    def load_fired(self) -> set[str]:
+        if self.state_dir is None or not (self.state_dir / "fired.json").exists():
+            return set()
+        return set(json.loads((self.state_dir / "fired.json").read_text()))

@@ -1,0 +1,123 @@
+"""The typed messages between the coordinator and its workers.
+
+Three messages cross the coordinator-worker boundary, over a Ray call or the same-host pipe
+(:mod:`actors.channel`, which pickles them; every field here pickles):
+
+* :class:`WorkerInit`: everything a worker is created with (its shard, the plan, ...).
+* :class:`GradientRequest`: one step's work: the view to compute on and what to send back.
+* :class:`GradientReply`: the worker's answer: loss, norms, timing, and the gradient (in
+  the worker's shared-memory slot, as an array, or as a compressed payload).
+
+A "gradient" is whatever the consistency mode asks the worker to compute: one stochastic
+gradient, or for ``local`` mode the sum of ``local_steps`` gradients along the worker's own
+plain-SGD trajectory (the model delta divided by the learning rate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.compression import Payload
+from actors.faults import ActiveFault
+from actors.transport import ShmRef
+from core.spec import JobSpec
+
+
+@dataclass
+class WorkerInit:
+    """How a worker is created.
+
+    Attributes:
+        worker_id: the worker's id in the job (stable across rejoins).
+        spec: the job.
+        x_train: the training set's inputs (an array, or a Ray object ref the actor resolves).
+        y_train: the training set's targets (likewise).
+        task: the dataset's task (picks the loss).
+        n_features: input width of the model.
+        n_outputs: output width of the model.
+        input_shape: the image shape for ``cnn`` models, else ``None``.
+        shard: training-set row indices this worker samples from.
+        sampler_state: resume the sampler from here (after a restart), else start fresh.
+        faults: the job's bound fault plan.
+        t0: wall time the job started (fault windows in seconds are relative to it).
+        grad_slot: shared-memory slot for gradients, if the worker shares the host.
+    """
+
+    worker_id: int
+    spec: JobSpec
+    x_train: Any
+    y_train: Any
+    task: str
+    n_features: int
+    n_outputs: int
+    input_shape: tuple[int, ...] | None
+    shard: np.ndarray
+    sampler_state: dict[str, Any] | None
+    faults: list[ActiveFault]
+    t0: float
+    grad_slot: ShmRef | None = None
+
+
+@dataclass
+class GradientRequest:
+    """One step's work for a worker.
+
+    Attributes:
+        step: the step (or round, or async step) the gradient is for.
+        view: the parameters to compute on: a shared-memory handle, a wire array, or a Ray
+            object ref to a wire array (the worker fetches it).
+        want_residual: send the error-feedback memory back (B̂ measures it).
+        grad_slot: the shared-memory slot to write the gradient into from now on.
+        reshard: a new shard (after a resize), applied before the batch is drawn.
+        faults: the updated fault plan (after a live injection).
+        local_steps: plain-SGD steps to take on the worker's own replica (``local`` mode);
+            1 means one gradient on the view.
+    """
+
+    step: int
+    view: Any
+    want_residual: bool = False
+    grad_slot: ShmRef | None = None
+    reshard: list[int] | None = None
+    faults: list[ActiveFault] | None = None
+    local_steps: int = 1
+
+
+@dataclass
+class GradientReply:
+    """A worker's answer to a :class:`GradientRequest`.
+
+    Exactly one of ``grad_in_slot``, ``grad`` and ``payload`` carries the gradient.
+
+    Attributes:
+        worker: the worker's id.
+        step: the request's step.
+        loss: mean training loss of the batches drawn.
+        n: samples drawn.
+        raw_norm: norm of the gradient before compression.
+        sent_norm: norm of what was sent (after compression).
+        compute_s: seconds the worker spent computing.
+        delay_s: seconds of injected straggler delay.
+        sampler_pos: the sampler's position after the batch (``epoch``, ``pos``).
+        grad_in_slot: the gradient is in the worker's shared-memory slot.
+        grad: the gradient as a wire array (object-store transport).
+        payload: the compressed gradient.
+        residual: the error-feedback memory, when it was asked for.
+    """
+
+    worker: int
+    step: int
+    loss: float
+    n: int
+    raw_norm: float
+    sent_norm: float
+    compute_s: float = 0.0
+    delay_s: float = 0.0
+    sampler_pos: dict[str, int] = field(default_factory=dict)
+    grad_in_slot: bool = False
+    grad: np.ndarray | None = None
+    payload: Payload | None = None
+    residual: np.ndarray | None = None

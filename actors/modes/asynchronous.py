@@ -1,0 +1,139 @@
+"""``async(tau)``: workers never wait; each gradient is an update of its own.
+
+A worker starts at once on the current model of record. Its gradient, computed on a view
+``s`` updates old, is applied on arrival, unless ``s > tau``: then it is refused (counted),
+or, with ``on_stale=wait``, fresher gradients are held back so that no outstanding one can
+become stale (:class:`actors.scheduling.AsyncRule`). One *step* is ``workers`` applied
+updates (the samples of one synchronous step), so ``total_steps`` and records mean the same
+as in the step modes. (The module is not called ``async``: that is a Python keyword.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+import torch
+from typing_extensions import override
+
+from actors.consistency import ObservedNorms
+from actors.messages import GradientReply
+from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
+from actors.scheduling import AsyncRule, make_async_rule
+from core.spec import AsyncMode, JobSpec
+
+
+class AsyncEngine(Mode):
+    """Bounded-staleness asynchronous updates (see the module docstring)."""
+
+    name: ClassVar[str] = "async"
+
+    def __init__(self, ctx: ModeContext) -> None:
+        super().__init__(ctx)
+        mode = ctx.spec.mode
+        assert isinstance(mode, AsyncMode)
+        self.rule: AsyncRule = make_async_rule(mode)
+        # one step is one update per initial worker (the samples of a synchronous step)
+        self.p0 = ctx.spec.workers
+        self.total_updates = self.total_steps * self.p0
+        self.outstanding: dict[int, int] = {}  # busy or held worker -> its view's version
+        self.view_vec: dict[int, torch.Tensor] = {}  # sampled views, kept until applied
+        self.held: dict[int, tuple[Member, GradientReply, torch.Tensor]] = {}
+
+    @property
+    @override
+    def step(self) -> int:
+        return self.model.version // self.p0
+
+    @override
+    def finished(self) -> bool:
+        return self.model.version >= self.total_updates
+
+    @override
+    def restore(self, step: int) -> None:
+        """Nothing beyond ``model.version``: async keeps no per-step book."""
+
+    @override
+    def join(self, worker: int) -> None:
+        """A new worker is idle; it starts on the next schedule."""
+
+    @override
+    def leave(self, worker: int) -> list[int]:
+        self._forget(worker)
+        return []
+
+    def _forget(self, worker: int) -> None:
+        self.outstanding.pop(worker, None)
+        self.view_vec.pop(worker, None)
+        self.held.pop(worker, None)
+
+    @override
+    def schedule(self, members: Sequence[Member]) -> list[Dispatch]:
+        out: list[Dispatch] = []
+        version = self.model.version
+        for w in members:
+            if w.state != "idle":
+                continue
+            flying = list(self.outstanding.values())
+            if version + len(flying) >= self.total_updates:
+                break
+            if not self.rule.may_dispatch(version, flying).allowed:
+                break
+            self.outstanding[w.id] = version
+            if self.meter.sample_view():
+                self.view_vec[w.id] = self.model.x.clone()
+            w.state = "busy"
+            out.append(Dispatch(w.id, self.step, ("x", version), self.model.x))
+        return out
+
+    @override
+    def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
+        view = self.outstanding.get(w.id, self.model.version)
+        if self.rule.verdict(self.model.version, view) == "refuse":
+            self._forget(w.id)
+            w.state = "idle"
+            return Verdict(accepted=False, refused_stale=True)
+        self.held[w.id] = (w, reply, grad)
+        w.state = "held"
+        return Verdict(accepted=True)
+
+    @override
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
+        self._forget(w.id)
+        w.state = "idle"
+        return False
+
+    @override
+    def apply_ready(self) -> Iterator[Applied]:
+        progress = True
+        while progress:
+            progress = False
+            for wid in sorted(self.held, key=lambda k: self.outstanding[k]):
+                others = [v for o, v in self.outstanding.items() if o != wid]
+                if not self.rule.may_apply(
+                    self.model.version, self.outstanding[wid], others
+                ).allowed:
+                    continue
+                yield self._apply(wid)
+                progress = True
+
+    def _apply(self, wid: int) -> Applied:
+        w, reply, grad = self.held.pop(wid)
+        x, opt = self.model.x, self.model.opt
+        v = self.view_vec.pop(wid, None)
+        if v is not None:
+            self.meter.measure(self.step, (x - v) / opt.lr)
+        d = opt.step(x, grad)
+        self.norms.see_update(float(d.norm()))
+        self.model.version += 1
+        self.outstanding.pop(wid, None)
+        w.state = "idle"
+        return Applied(loss=reply.loss, record=self.model.version % self.p0 == 0)
+
+    @override
+    @classmethod
+    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
+        mode = spec.mode
+        assert isinstance(mode, AsyncMode)
+        # a view at most tau updates old: triangle inequality over those updates
+        return mode.max_staleness * norms.update_max

@@ -1,0 +1,191 @@
+"""The interface every consistency mode implements, and what the coordinator hands it.
+
+A mode is the part of the coordinator that decides *when* a worker may compute, *on which
+view*, and *what happens to what comes back*. It owns the model of record's updates (it
+applies them to :class:`ModelOfRecord` through the job's optimizer) and its own
+bookkeeping (steps, rounds or versions). It does not talk to workers, Ray or the clock:
+the loop (:mod:`actors.coordinator.loop`) asks it and acts on its answers.
+
+One turn of the loop, as the mode sees it:
+
+* :meth:`Mode.schedule`: which waiting workers start now, on which view (a list of
+  :class:`Dispatch`; the worker computes :meth:`Mode.local_steps` steps on it);
+* :meth:`Mode.on_reply` / :meth:`Mode.on_lost`: a gradient arrived / was lost on the way;
+* :meth:`Mode.leave`: a worker left (crashed, retired);
+* :meth:`Mode.apply_ready`: apply every update that became applicable, yielding one
+  :class:`Applied` per update *after* it is applied (the loop records, evaluates and
+  checkpoints between updates, so each sees the model of its own step);
+* :meth:`Mode.finished`, :attr:`Mode.step`, :meth:`Mode.restore`: the mode's accounting;
+* :meth:`Mode.bound_term`: the mode's term of the analytic bound on B (docs/consistency.md).
+
+Modes are registered by the spec's mode name in :mod:`actors.modes.registry`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from actors.consistency import Meter, ObservedNorms
+from actors.messages import GradientReply
+from actors.optim import FlatSGD
+from core.spec import JobSpec
+
+# A view's identity: identical keys are the same vector (the data plane shares one copy).
+# ("x", version) is the model of record itself; other keys name provisional views.
+ViewKey = tuple[Any, ...]
+
+
+class Member(Protocol):
+    """What a mode sees of a worker (the coordinator's slot has more)."""
+
+    id: int
+    # idle | busy | waiting | held (| starting | dead | left, never handed to a mode)
+    state: str
+    last_step: int | None
+
+
+@dataclass
+class ModelOfRecord:
+    """The consistent model ``x``, its optimizer, and the count of updates applied."""
+
+    x: torch.Tensor
+    opt: FlatSGD
+    version: int = 0
+
+
+@dataclass
+class ModeContext:
+    """What a mode is built with.
+
+    Args:
+        spec: the job.
+        total_steps: steps the job runs (records count these).
+        model: the model of record the mode updates.
+        meter: where B̂ samples go.
+        norms: observed norms (the bound's constants); the mode adds update norms.
+    """
+
+    spec: JobSpec
+    total_steps: int
+    model: ModelOfRecord
+    meter: Meter
+    norms: ObservedNorms
+
+
+@dataclass
+class Dispatch:
+    """Start ``worker`` on ``step`` with view ``view`` (identified by ``key``)."""
+
+    worker: int
+    step: int
+    key: ViewKey
+    view: torch.Tensor
+
+
+@dataclass
+class Applied:
+    """One update applied to the model of record.
+
+    Attributes:
+        loss: the step's mean training loss (``nan``: no gradient arrived).
+        record: whether this update ends a step (async: one step is ``workers`` updates).
+        apply_s: seconds the optimizer step took (``None``: not timed, or nothing applied).
+    """
+
+    loss: float
+    record: bool = True
+    apply_s: float | None = None
+
+
+@dataclass
+class Verdict:
+    """What became of a reply.
+
+    Attributes:
+        accepted: the gradient counts (it is, or will be, applied).
+        refused_stale: refused as too stale (async); counted as ``refused``.
+        unexpected: nobody asked for it (a step the worker no longer holds).
+    """
+
+    accepted: bool
+    refused_stale: bool = False
+    unexpected: bool = False
+
+
+class Mode(ABC):
+    """A consistency mode (see the module docstring).
+
+    Args:
+        ctx: the model of record, the meter and the job.
+    """
+
+    #: the spec's mode name this class runs (the registry's key)
+    name: ClassVar[str]
+    #: views of ``x`` may be the model of record's own memory (shared in place): true when
+    #: ``x`` only changes while no worker computes on it, and gradients may stay in the
+    #: workers' slots until their step is applied (no worker overwrites its slot before)
+    shares_model_slot: ClassVar[bool] = False
+
+    def __init__(self, ctx: ModeContext) -> None:
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.model = ctx.model
+        self.meter = ctx.meter
+        self.norms = ctx.norms
+        self.total_steps = ctx.total_steps
+
+    # -- what a worker computes ------------------------------------------------------------
+    def local_steps(self) -> int:
+        """Optimizer steps a worker takes per request (1: one gradient on the view)."""
+        return 1
+
+    # -- accounting --------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def step(self) -> int:
+        """Steps completed (what records and ``total_steps`` count)."""
+
+    @abstractmethod
+    def finished(self) -> bool:
+        """True once the job's last step is applied."""
+
+    @abstractmethod
+    def restore(self, step: int) -> None:
+        """Continue from a checkpoint taken at ``step`` (``model.version`` is restored)."""
+
+    # -- membership --------------------------------------------------------------------------
+    @abstractmethod
+    def join(self, worker: int) -> None:
+        """A worker joined (or re-joined) and may be scheduled."""
+
+    @abstractmethod
+    def leave(self, worker: int) -> list[int]:
+        """A worker left; returns the steps it left without a gradient."""
+
+    # -- scheduling and replies --------------------------------------------------------------
+    @abstractmethod
+    def schedule(self, members: Sequence[Member]) -> list[Dispatch]:
+        """Which of ``members`` (live, by id) start now; marks those ``busy``."""
+
+    @abstractmethod
+    def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
+        """A reply arrived (through the fault plan's network path); ``grad`` is decoded."""
+
+    @abstractmethod
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
+        """A reply was lost on the way; True if a step now misses a gradient."""
+
+    @abstractmethod
+    def apply_ready(self) -> Iterator[Applied]:
+        """Apply every update that became applicable, one :class:`Applied` after each."""
+
+    # -- the bound ---------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
+        """The mode's own term of the bound on B (docs/consistency.md)."""

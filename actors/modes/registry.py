@@ -1,0 +1,49 @@
+"""The consistency modes by the spec's mode name, and the analytic bound built from them.
+
+Adding a mode: a config model in ``core/spec.py`` (added to ``ModeSpec``), a module here
+implementing :class:`actors.modes.base.Mode`, and one line below.
+"""
+
+from __future__ import annotations
+
+from actors.consistency import ObservedNorms, shared_bound_terms
+from actors.modes.asynchronous import AsyncEngine
+from actors.modes.base import Mode, ModeContext
+from actors.modes.elastic import ElasticEngine
+from actors.modes.local import LocalEngine
+from actors.modes.sync import SyncEngine
+from core.errors import SpecError
+from core.spec import JobSpec
+
+MODES: dict[str, type[Mode]] = {
+    "sync": SyncEngine,
+    "elastic": ElasticEngine,
+    "async": AsyncEngine,
+    "local": LocalEngine,
+}
+
+
+def mode_class(spec: JobSpec) -> type[Mode]:
+    """The class that runs ``spec.mode``.
+
+    Raises:
+        SpecError: no mode of that name is registered.
+    """
+    try:
+        return MODES[spec.mode.name]
+    except KeyError:
+        raise SpecError(
+            [("mode.name", f"unknown mode {spec.mode.name!r}; registered: {sorted(MODES)}")]
+        ) from None
+
+
+def make_mode(ctx: ModeContext) -> Mode:
+    """The mode object for ``ctx.spec``."""
+    return mode_class(ctx.spec)(ctx)
+
+
+def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
+    """The bound on B for this run: the mode's term plus the terms every mode shares."""
+    return mode_class(spec).bound_term(spec, norms) + shared_bound_terms(
+        spec, norms, q, error_feedback
+    )

@@ -1,0 +1,170 @@
+"""Unit tests for actors/coordinator/recovery.py and faulting.py (no Ray): a checkpoint
+round trip, what a journal replay yields (clock, history, crash step, restarts), members and
+fired-fault files, when a checkpoint is due; and the fault decisions the loop acts on
+(drops, partitions and heartbeats, injections)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.coordinator.faulting import Faulting
+from actors.coordinator.membership import WorkerSlot
+from actors.coordinator.recovery import CheckpointState, Recovery
+from actors.coordinator.reporting import Reporter
+from actors.messages import GradientReply
+from core.events import EventKind, FaultKind
+from core.spec import CheckpointSpec, FaultSpec, parse_spec
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+def _state(step: int = 40) -> CheckpointState:
+    return CheckpointState(
+        x=torch.arange(5, dtype=torch.float32),
+        opt={"buf": torch.ones(5), "steps": step},
+        step=step,
+        version=step * 4,
+        samples=step * 128,
+        workers=[0, 2],
+        samplers={0: {"epoch": 1, "pos": 3}, 2: {"epoch": 0, "pos": 9}},
+        fired=["crash:0:1"],
+        resizes=1,
+        monitor=(0.7, 12, 3.5),
+        norms={"grad_max": 2.0, "raw_grad_max": 2.0, "update_max": 0.0, "lost_fraction_max": 0.0},
+        elapsed_s=12.5,
+        residuals={0: np.ones(5, dtype=np.float32)},
+        torch_rng=torch.get_rng_state(),
+        refused=3,
+        dropped=1,
+        t0=1000.0,
+    )
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec(interval_steps=10, interval_s=None))
+    path = rec.write(_state())
+    assert rec.last_ckpt_step == 40
+    loaded, st = Recovery(tmp_path, CheckpointSpec()).latest()
+    assert loaded is not None and loaded.path == path and st is not None
+    want = _state()
+    assert torch.equal(st.x, want.x) and torch.equal(st.opt["buf"], want.opt["buf"])
+    assert (st.step, st.version, st.samples, st.workers) == (40, 160, 5120, [0, 2])
+    assert st.samplers == want.samplers and st.fired == want.fired
+    assert st.monitor == (0.7, 12, 3.5) and st.norms == want.norms
+    assert np.array_equal(st.residuals[0], want.residuals[0])
+    assert (st.refused, st.dropped, st.t0) == (3, 1, 1000.0)
+
+
+def test_no_checkpoint_yields_none(tmp_path: Path) -> None:
+    assert Recovery(tmp_path, CheckpointSpec()).latest() == (None, None)
+
+
+def test_checkpoint_due_by_steps_or_seconds(tmp_path: Path) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec(interval_steps=10, interval_s=None))
+    assert not rec.checkpoint_due(9) and rec.checkpoint_due(10)
+    by_time = Recovery(tmp_path, CheckpointSpec(interval_steps=None, interval_s=0.01))
+    by_time.last_ckpt_t = time.time() - 1.0
+    assert by_time.checkpoint_due(0)
+    assert not Recovery(None, CheckpointSpec(interval_steps=1)).checkpoint_due(100)
+
+
+def test_journal_replay_keeps_the_clock_and_finds_the_crash(tmp_path: Path) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec())
+    rep = Reporter(500.0, rec.journal, lambda: 17)
+    rep.event(EventKind.STATE, "starting -> running")
+    rep.step_record(loss=0.3, samples=10, b_hat=0.0, b_hat_max=0.0, bound=0.0, workers=2, refused=0)
+    rep.event(EventKind.FAULT, "crash", target="coordinator", fault=FaultKind.COORDINATOR_CRASH)
+    rep.event(EventKind.RESTART, "restarted")
+    rec.flush()
+    replay = Recovery(tmp_path, CheckpointSpec()).replay_journal()
+    assert replay.t0 == pytest.approx(500.0)
+    assert [i.seq for i in replay.items] == [1, 2, 3, 4]
+    assert replay.crash_step == 17
+    assert replay.restarts == 2  # one before, this one
+
+
+def test_members_and_fired_files(tmp_path: Path) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec())
+    assert rec.load_members() == {} and rec.load_fired() == set()
+    rec.save_members({0: 2, 3: 0})
+    rec.save_fired({"coordinator_crash:0", "crash:1:2"})
+    assert rec.load_members() == {0: 2, 3: 0}
+    assert rec.load_fired() == {"coordinator_crash:0", "crash:1:2"}
+    Recovery(None, CheckpointSpec()).save_members({1: 1})  # no folder: nothing, no error
+
+
+# -- faulting -----------------------------------------------------------------------------
+
+
+def _faulting(faults: list[dict[str, object]], **spec: object) -> Faulting:
+    s = parse_spec({"steps": 50, "workers": 3, "faults": faults, **spec})
+    f = Faulting(s, Reporter(time.time(), None, lambda: 0), Recovery(None, s.checkpoint))
+    f.bind([0, 1, 2])
+    return f
+
+
+def _slots(n: int = 3) -> list[WorkerSlot]:
+    return [
+        WorkerSlot(id=i, actor=None, state="busy", t_dispatch=time.perf_counter()) for i in range(n)
+    ]
+
+
+def test_a_planned_drop_is_recorded_and_counted() -> None:
+    f = _faulting([{"kind": "drop", "workers": [1], "steps": [3]}])
+    w = _slots()[1]
+    reply = GradientReply(1, 2, 0.5, 32, 1.0, 1.0)
+    assert not f.drop_due(w, reply, 0.0)
+    reply.step = 3
+    assert f.drop_due(w, reply, 0.0) and f.dropped == 1
+    (ev,) = f.reporter.events
+    assert (ev.kind, ev.fault, ev.target) == (EventKind.FAULT, FaultKind.DROP, "worker-1")
+
+
+def test_a_partition_past_the_heartbeat_timeout_loses_the_worker() -> None:
+    f = _faulting(
+        [{"kind": "partition", "workers": [0], "at_step": 0, "duration_s": 60.0}],
+        heartbeat_timeout_s=0.5,
+    )
+    slots = _slots()
+    out = f.tick(0, 0.0, slots, reply_deadline_s=100.0)
+    assert slots[0].partition_until is not None and out.lose == []
+    assert f.reporter.events[-1].fault is FaultKind.PARTITION
+    slots[0].t_partition -= 1.0  # a second of silence > 0.5 s
+    out = f.tick(0, 1.0, slots, reply_deadline_s=100.0)
+    (loss,) = out.lose
+    assert loss.worker is slots[0] and loss.keep_actor and not loss.kill
+
+
+def test_a_silent_busy_worker_is_lost_and_killed() -> None:
+    f = _faulting([])
+    slots = _slots()
+    slots[2].t_dispatch -= 10.0
+    out = f.tick(0, 0.0, slots, reply_deadline_s=f.reply_deadline_s(0.001))
+    (loss,) = out.lose
+    assert loss.worker is slots[2] and loss.kill
+    assert f.reply_deadline_s(1.0) == pytest.approx(20.0)  # 20 round trips past the floor
+
+
+def test_a_healed_partition_delivers_the_held_reply() -> None:
+    f = _faulting([{"kind": "partition", "workers": [0], "at_step": 0, "duration_steps": 2}])
+    slots = _slots()
+    f.tick(0, 0.0, slots, 100.0)
+    held = GradientReply(0, 0, 0.5, 32, 1.0, 1.0)
+    slots[0].partition_held = (held, None)
+    out = f.tick(2, 0.1, slots, 100.0)  # the window [0, 2) is over
+    assert out.deliver == [(slots[0], held, None)] and slots[0].partition_until is None
+
+
+def test_an_injection_without_trigger_fires_now_and_reaches_every_worker() -> None:
+    f = _faulting([])
+    slots = _slots()
+    f.inject(FaultSpec(kind="crash", workers=[1]), slots, step=12)
+    (bound,) = f.plan
+    assert bound.spec.at_step == 12 and bound.targets == [1]
+    assert all(w.send_plan for w in slots)
+    assert f.reporter.events[-1].kind is EventKind.INJECT

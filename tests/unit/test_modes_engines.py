@@ -1,0 +1,261 @@
+"""Unit tests for actors/modes (no Ray): each mode object driven through schedule, reply,
+loss and leave with fake members and hand-made gradients, checked against the model of
+record computed by hand; the registry and the per-mode bound terms."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms, analytic_bound
+from actors.messages import GradientReply
+from actors.modes.base import Mode, ModeContext, ModelOfRecord
+from actors.modes.local import LocalEngine
+from actors.modes.registry import MODES, make_mode
+from actors.optim import FlatSGD
+from core.spec import JobSpec, ModeSpec, parse_spec
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+LR = 0.1
+
+
+@dataclass
+class FakeMember:
+    id: int
+    state: str = "idle"
+    last_step: int | None = None
+
+
+def _spec(mode: dict[str, Any], workers: int = 3, steps: int = 10, **extra: Any) -> JobSpec:
+    return parse_spec(
+        {"steps": steps, "workers": workers, "mode": mode, "optimizer": {"lr": LR}, **extra}
+    )
+
+
+def _mode(spec: JobSpec, dim: int = 3) -> Mode:
+    record = ModelOfRecord(torch.zeros(dim), FlatSGD(spec.optimizer))
+    meter = Meter(ConsistencyMonitor(), False, spec.monitor_interval)
+    meter.live_workers = lambda: spec.workers
+    mode = make_mode(ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms()))
+    for w in range(spec.workers):
+        mode.join(w)
+    return mode
+
+
+def _reply(worker: int, step: int, grad: torch.Tensor, loss: float = 1.0) -> GradientReply:
+    n = float(grad.norm())
+    return GradientReply(worker=worker, step=step, loss=loss, n=32, raw_norm=n, sent_norm=n)
+
+
+def _g(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+def test_sync_applies_the_mean_once_every_worker_replied() -> None:
+    mode = _mode(_spec({"name": "sync"}))
+    members = [FakeMember(i) for i in range(3)]
+    ds = mode.schedule(members)
+    assert [(d.worker, d.step, d.key) for d in ds] == [
+        (0, 0, ("x", 0)),
+        (1, 0, ("x", 0)),
+        (2, 0, ("x", 0)),
+    ]
+    assert all(m.state == "busy" for m in members)
+    assert mode.schedule(members) == []  # nobody is idle
+    grads = [_g(1, 0, 0), _g(0, 2, 0), _g(0, 0, 3)]
+    for m, g in zip(members[:2], grads[:2], strict=True):
+        assert mode.on_reply(m, _reply(m.id, 0, g), g).accepted
+    assert list(mode.apply_ready()) == []  # worker 2 still computes
+    assert mode.schedule(members) == []  # sync: nobody starts step 1 before step 0 is applied
+    mode.on_reply(members[2], _reply(2, 0, grads[2], loss=4.0), grads[2])
+    applied = list(mode.apply_ready())
+    assert len(applied) == 1 and applied[0].loss == pytest.approx(2.0)
+    assert torch.allclose(mode.model.x, -LR * torch.stack(grads).mean(0))
+    assert mode.step == 1 and mode.model.version == 1
+    assert [d.step for d in mode.schedule(members)] == [1, 1, 1]
+    assert mode.meter.monitor.b_max == 0.0 and mode.meter.monitor.count == 6  # 2 x 3 views
+
+
+def test_sync_step_completes_without_a_worker_that_left() -> None:
+    mode = _mode(_spec({"name": "sync"}))
+    members = [FakeMember(i) for i in range(3)]
+    mode.schedule(members)
+    for m in members[:2]:
+        mode.on_reply(m, _reply(m.id, 0, _g(1, 1, 1)), _g(1, 1, 1))
+    assert mode.leave(2) == [0]  # it left step 0 without a gradient
+    assert len(list(mode.apply_ready())) == 1
+    assert torch.allclose(mode.model.x, -LR * _g(1, 1, 1))  # re-weighted over the two
+
+
+@pytest.mark.parametrize(("policy", "divisor"), [("skip", 3), ("substitute", 2)])
+def test_lost_gradient_follows_the_missing_policy(policy: str, divisor: int) -> None:
+    mode = _mode(_spec({"name": "sync"}, missing_policy=policy))
+    members = [FakeMember(i) for i in range(3)]
+    mode.schedule(members)
+    for m in members[:2]:
+        mode.on_reply(m, _reply(m.id, 0, _g(1, 0, 0)), _g(1, 0, 0))
+    assert mode.on_lost(members[2], _reply(2, 0, _g(0, 3, 0)), _g(0, 3, 0)) is True
+    (applied,) = list(mode.apply_ready())
+    assert applied.loss == pytest.approx(1.0)
+    assert torch.allclose(mode.model.x, -LR * _g(2, 0, 0) / divisor)
+    assert mode.norms.lost_fraction_max == pytest.approx(1 / 3)
+    assert mode.meter.monitor.b_max > 0.0  # the lost share is measured
+
+
+def test_an_unexpected_gradient_is_not_counted() -> None:
+    mode = _mode(_spec({"name": "sync"}))
+    m = FakeMember(0)
+    verdict = mode.on_reply(m, _reply(0, 5, _g(1, 1, 1)), _g(1, 1, 1))
+    assert not verdict.accepted and verdict.unexpected
+    assert list(mode.apply_ready()) == []
+
+
+# -- elastic ------------------------------------------------------------------------------
+
+
+def test_elastic_starts_ahead_on_a_provisional_view() -> None:
+    mode = _mode(_spec({"name": "elastic", "beta": 0.5, "max_lag": 2}))
+    members = [FakeMember(i) for i in range(3)]
+    mode.schedule(members)
+    g0, g1 = _g(1, 0, 0), _g(0, 1, 0)
+    mode.on_reply(members[0], _reply(0, 0, g0), g0)
+    # worker 0 has only its own gradient of step 0: received 0 < beta x own
+    assert mode.schedule(members) == []
+    mode.on_reply(members[1], _reply(1, 0, g1), g1)
+    ds = mode.schedule(members)  # received ||g1|| = 1 >= 0.5 x ||own|| for both
+    assert [d.worker for d in ds] == [0, 1] and all(d.step == 1 for d in ds)
+    assert ds[0].key[0] == "p"
+    # the view: x_0 plus the partial mean of step 0 over its 3 assigned workers
+    assert torch.allclose(ds[0].view, -LR * (g0 + g1) / 3)
+    assert mode.step == 0  # nothing applied yet: step 0 waits for worker 2
+
+
+def test_elastic_never_runs_more_than_max_lag_ahead() -> None:
+    mode = _mode(_spec({"name": "elastic", "beta": 0.0, "max_lag": 1}, workers=2))
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    g = _g(1, 1, 1)
+    mode.on_reply(members[0], _reply(0, 0, g), g)
+    (d,) = mode.schedule(members)  # beta 0: worker 0 starts step 1 at once
+    assert d.step == 1
+    mode.on_reply(members[0], _reply(0, 1, g), g)
+    assert mode.schedule(members) == []  # step 2 would be 2 > max_lag ahead of step 0
+
+
+# -- async --------------------------------------------------------------------------------
+
+
+def test_async_refuses_a_gradient_older_than_tau() -> None:
+    mode = _mode(_spec({"name": "async", "max_staleness": 0}, workers=2))
+    members = [FakeMember(i) for i in range(2)]
+    assert [d.key for d in mode.schedule(members)] == [("x", 0), ("x", 0)]
+    g = _g(1, 2, 3)
+    assert mode.on_reply(members[0], _reply(0, 0, g), g).accepted
+    (applied,) = list(mode.apply_ready())
+    assert not applied.record  # one step is 2 updates
+    assert torch.allclose(mode.model.x, -LR * g)
+    verdict = mode.on_reply(members[1], _reply(1, 0, g), g)
+    assert verdict.refused_stale and not verdict.accepted and members[1].state == "idle"
+    assert list(mode.apply_ready()) == [] and mode.model.version == 1
+
+
+def test_async_wait_holds_a_fresher_gradient_back() -> None:
+    mode = _mode(_spec({"name": "async", "max_staleness": 1, "on_stale": "wait"}, workers=3))
+    members = [FakeMember(i) for i in range(3)]
+    # tau = 1: at most 2 gradients in flight on version 0 (the third would land 2 late)
+    assert [d.worker for d in mode.schedule(members)] == [0, 1]
+    g = _g(1, 0, 0)
+    mode.on_reply(members[0], _reply(0, 0, g), g)
+    assert len(list(mode.apply_ready())) == 1  # worker 1's gradient still lands within tau
+    (d,) = mode.schedule(members)
+    assert (d.worker, d.key) == (0, ("x", 1))
+    mode.on_reply(members[0], _reply(0, 0, g), g)  # on view 1: would leave worker 1 late
+    assert list(mode.apply_ready()) == [] and members[0].state == "held"
+    mode.on_reply(members[1], _reply(1, 0, g), g)
+    assert len(list(mode.apply_ready())) == 2  # the oldest view first, then the held one
+    assert mode.model.version == 3
+
+
+def test_async_finishes_after_workers_times_steps_updates() -> None:
+    mode = _mode(_spec({"name": "async"}, workers=2, steps=1))
+    members = [FakeMember(i) for i in range(2)]
+    g = _g(1, 1, 1)
+    for _ in range(2):
+        for d in mode.schedule(members):
+            m = members[d.worker]
+            mode.on_reply(m, _reply(m.id, 0, g), g)
+        list(mode.apply_ready())
+    assert mode.finished() and mode.step == 1
+    assert mode.schedule(members) == []
+
+
+# -- local --------------------------------------------------------------------------------
+
+
+def test_local_asks_for_h_steps_and_measures_the_replica_spread() -> None:
+    mode = _mode(_spec({"name": "local", "local_steps": 4}))
+    assert isinstance(mode, LocalEngine) and mode.local_steps() == 4
+    members = [FakeMember(i) for i in range(3)]
+    ds = mode.schedule(members)
+    assert all(d.key == ("x", 0) for d in ds)
+    assert mode.meter.monitor.count == 0  # views are x: nothing measured at dispatch
+    ps = [_g(3, 0, 0), _g(0, 3, 0), _g(0, 0, 0)]
+    for m, p in zip(members, ps, strict=True):
+        mode.on_reply(m, _reply(m.id, 0, p), p)
+    assert len(list(mode.apply_ready())) == 1
+    mean = torch.stack(ps).mean(0)
+    assert torch.allclose(mode.model.x, -LR * mean)  # plain SGD: the average of the replicas
+    spread = max(float((p - mean).norm()) for p in ps)
+    assert mode.meter.monitor.count == 1
+    assert mode.meter.monitor.b_max == pytest.approx(spread)
+    assert spread <= LocalEngine.bound_term(mode.spec, ObservedNorms(grad_max=3.0))
+
+
+def test_local_with_one_step_is_sync() -> None:
+    out = []
+    for mode_spec in ({"name": "sync"}, {"name": "local", "local_steps": 1}):
+        spec = _spec(mode_spec, optimizer={"lr": LR, "momentum": 0.9, "weight_decay": 1e-3})
+        mode = _mode(spec)
+        members = [FakeMember(i) for i in range(3)]
+        for step in range(3):
+            for d in mode.schedule(members):
+                g = _g(d.worker + 1.0, step, -1.0)
+                mode.on_reply(members[d.worker], _reply(d.worker, d.step, g), g)
+            list(mode.apply_ready())
+        out.append(mode.model.x.clone())
+    assert torch.equal(out[0], out[1])
+
+
+def test_local_bound_is_twice_the_largest_delta() -> None:
+    spec = _spec({"name": "local", "local_steps": 8})
+    assert analytic_bound(spec, ObservedNorms(grad_max=2.5), 0.0, False) == pytest.approx(5.0)
+
+
+# -- registry -----------------------------------------------------------------------------
+
+
+def test_every_mode_of_the_spec_is_registered() -> None:
+    (union, _) = typing.get_args(ModeSpec)
+    names = {
+        typing.get_args(cls.model_fields["name"].annotation)[0] for cls in typing.get_args(union)
+    }
+    assert names == set(MODES)
+    for name, cls in MODES.items():
+        assert cls.name == name
+
+
+def test_restore_continues_the_step_count() -> None:
+    mode = _mode(_spec({"name": "sync"}))
+    mode.restore(7)
+    assert mode.step == 7
+    for w in range(3):
+        mode.join(w)
+    assert {d.step for d in mode.schedule([FakeMember(i) for i in range(3)])} == {7}

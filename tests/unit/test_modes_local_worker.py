@@ -1,0 +1,84 @@
+"""Unit test of what a worker computes for each mode (no Ray: WorkerCore in-process): one
+gradient on the view for ``local_steps = 1``, and for ``local_steps = H`` the sum of the H
+gradients along its own plain-SGD trajectory, i.e. ``(view - y_H) / lr``, checked against
+the same trajectory run with torch.optim.SGD on a copy of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.datasets import load_dataset, loss_fn
+from actors.flat import flatten, load_flat
+from actors.messages import GradientRequest, WorkerInit
+from actors.models import build_model
+from actors.sampler import ShardSampler
+from actors.transport import to_wire
+from actors.worker import WorkerCore
+from core.spec import JobSpec, parse_spec
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+
+LR = 0.1
+
+
+def _worker(spec: JobSpec) -> tuple[WorkerCore, np.ndarray]:
+    ds = load_dataset(spec.dataset, spec.seed)
+    shard = np.arange(200, dtype=np.int64)
+    init = WorkerInit(
+        worker_id=0,
+        spec=spec,
+        x_train=ds.x_train,
+        y_train=ds.y_train,
+        task=ds.task,
+        n_features=ds.n_features,
+        n_outputs=ds.n_outputs,
+        input_shape=ds.input_shape,
+        shard=shard,
+        sampler_state=None,
+        faults=[],
+        t0=0.0,
+    )
+    return WorkerCore(init), shard
+
+
+def _reference(spec: JobSpec, view: torch.Tensor, shard: np.ndarray, h: int) -> torch.Tensor:
+    """``(view - y_H) / lr`` from torch.optim.SGD on the worker's batches, in order."""
+    ds = load_dataset(spec.dataset, spec.seed)
+    model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
+    load_flat(model, view.clone())  # the model gets its own copy: SGD steps it in place
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    sampler = ShardSampler(shard, seed=spec.seed, shard_key=0)
+    loss = loss_fn(ds.task)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    for _ in range(h):
+        idx = torch.from_numpy(sampler.next_batch(spec.batch_size))
+        opt.zero_grad()
+        loss(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    return (view - flatten(model)) / LR
+
+
+@pytest.mark.parametrize("h", [1, 3])
+def test_a_worker_sends_the_sum_of_its_local_gradients(h: int) -> None:
+    spec = parse_spec(
+        {
+            "steps": 5,
+            "workers": 1,
+            "batch_size": 16,
+            "optimizer": {"lr": LR},
+            "mode": {"name": "local", "local_steps": h},
+            "transport": "object_store",
+        }
+    )
+    worker, shard = _worker(spec)
+    torch.manual_seed(1)
+    view = torch.randn(worker.layout.numel) * 0.1
+    reply = worker.compute(GradientRequest(step=0, view=to_wire(view, "float32"), local_steps=h))
+    assert reply.grad is not None and reply.n == h * spec.batch_size
+    got = torch.from_numpy(reply.grad)
+    want = _reference(spec, view, shard, h)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert reply.raw_norm == pytest.approx(float(got.norm()), rel=1e-6)
+    assert reply.sampler_pos["pos"] == (h * spec.batch_size) % shard.size
