@@ -128,7 +128,8 @@ class Identity:
 
     name = "none"
 
-    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:
+    # rng: the Compressor protocol's argument; a deterministic compressor draws nothing
+    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:  # noqa: ARG002
         v = _as_vector(vec)
         return Payload("dense", v.size, v.copy())
 
@@ -143,7 +144,8 @@ class TopK:
             raise ValueError(f"TopK needs k >= 1, got {k}")
         self.k = k
 
-    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:
+    # rng: the Compressor protocol's argument; a deterministic compressor draws nothing
+    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:  # noqa: ARG002
         v = _as_vector(vec)
         dim, k = v.size, min(self.k, v.size)
         # O(d) selection: after argpartition the k largest |v_j| sit past position dim - k.
@@ -211,7 +213,8 @@ class ScaledSign:
 
     name = "sign"
 
-    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:
+    # rng: the Compressor protocol's argument; a deterministic compressor draws nothing
+    def compress(self, vec: np.ndarray, rng: np.random.Generator) -> Payload:  # noqa: ARG002
         v = _as_vector(vec)
         scale = float(np.abs(v).sum(dtype=np.float64)) / max(v.size, 1)
         return Payload("sign", v.size, np.packbits(v >= 0), scale=scale)

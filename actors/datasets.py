@@ -97,13 +97,14 @@ def _split(
     try:
         from sklearn.model_selection import train_test_split  # heavy: only where data loads
 
-        x_tr, x_te, y_tr, y_te = train_test_split(
+        parts: list[np.ndarray] = train_test_split(
             x,
             y,
             test_size=spec.test_fraction,
             random_state=seed,
             stratify=y if stratify else None,
         )
+        x_tr, x_te, y_tr, y_te = parts
     except ValueError as exc:
         raise DatasetError(
             f"cannot split {len(y)} samples with dataset.test_fraction={spec.test_fraction}: "
@@ -120,7 +121,8 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
     std[std <= _CONSTANT_STD_RTOL * np.maximum(1.0, np.abs(mean))] = 1.0
 
     def scale(a: np.ndarray) -> np.ndarray:
-        return ((a.astype(np.float64, copy=False) - mean) / std).astype(np.float32)
+        out: np.ndarray = ((a.astype(np.float64, copy=False) - mean) / std).astype(np.float32)
+        return out
 
     return scale(x_train), scale(x_test)
 
@@ -203,6 +205,12 @@ def _npz(spec: DatasetSpec, data_dir: Path | None) -> tuple[np.ndarray, np.ndarr
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{where} cannot be read as .npz (no pickles allowed): {exc}") from exc
+    _check_arrays(where, x, y)
+    return x, y
+
+
+def _check_arrays(where: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse ``x``/``y`` arrays a model cannot train on (shapes, dtypes, non-finite)."""
     if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise DatasetError(
             f"{where}: need x of shape (n, features...) and y of shape (n,), "
@@ -215,7 +223,6 @@ def _npz(spec: DatasetSpec, data_dir: Path | None) -> tuple[np.ndarray, np.ndarr
             raise DatasetError(f"{where}: integer labels y must be class ids >= 0")
     elif not np.issubdtype(y.dtype, np.floating) or not np.isfinite(y).all():
         raise DatasetError(f"{where}: y must be int class ids or finite floats, got {y.dtype}")
-    return x, y
 
 
 def load_dataset(spec: DatasetSpec, seed: int, data_dir: Path | None = None) -> Dataset:

@@ -29,15 +29,23 @@ class ModelError(ElasticSGDError, ValueError):
     """A model cannot be built for this data (the message says which setting to change)."""
 
 
+# Every builder takes the same arguments (the registry below calls them alike); a builder
+# that needs fewer ignores the rest.
 def _build_logreg(
-    spec: ModelSpec, n_features: int, n_outputs: int, input_shape: tuple[int, ...] | None
+    spec: ModelSpec,  # noqa: ARG001 - the builders' common signature
+    n_features: int,
+    n_outputs: int,
+    input_shape: tuple[int, ...] | None,  # noqa: ARG001 - the builders' common signature
 ) -> nn.Module:
     """One affine layer: convex with cross-entropy (classification) or MSE (least squares)."""
     return nn.Linear(n_features, n_outputs)
 
 
 def _build_mlp(
-    spec: ModelSpec, n_features: int, n_outputs: int, input_shape: tuple[int, ...] | None
+    spec: ModelSpec,
+    n_features: int,
+    n_outputs: int,
+    input_shape: tuple[int, ...] | None,  # noqa: ARG001 - the builders' common signature
 ) -> nn.Module:
     """Linear + ReLU per entry of ``spec.hidden``, then a linear read-out."""
     layers: list[nn.Module] = []
