@@ -101,6 +101,8 @@ class GradientReply:
         sent_norm: norm of what was sent (after compression).
         compute_s: seconds the worker spent computing.
         delay_s: seconds of injected straggler delay.
+        corrupted: the fault plan corrupted this gradient (the injector's mark, for
+            accounting only: the coordinator screens the values themselves).
         sampler_pos: the sampler's position after the batch (``epoch``, ``pos``).
         grad_in_slot: the gradient is in the worker's shared-memory slot.
         grad: the gradient as a wire array (object-store transport).
@@ -116,6 +118,7 @@ class GradientReply:
     sent_norm: float
     compute_s: float = 0.0
     delay_s: float = 0.0
+    corrupted: bool = False
     sampler_pos: dict[str, int] = field(default_factory=dict)
     grad_in_slot: bool = False
     grad: np.ndarray | None = None

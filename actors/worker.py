@@ -13,9 +13,12 @@ takes ``H`` plain SGD steps ``y_{t+1} = y_t - lr g(y_t)`` on its own replica ``y
 ``sum_t g(y_t) = (view - y_H) / lr``, the model delta in gradient units. With ``H = 1`` that
 is exactly the one gradient, so ``local`` with ``H = 1`` is ``sync``.
 
-The fault plan is consulted on the way: a delay stalls the reply (crashes, drops and
-partitions are carried out by the coordinator). The worker uses ``cuda`` when Ray gave it a
-GPU, the CPU otherwise.
+The fault plan is consulted on the way (:class:`actors.faults.WorkerFaults`): a ``corrupt``
+fault alters the gradient after it is computed and before it is compressed and sent (the
+reply's ``corrupted`` flag says so, for accounting only), a ``delay`` stalls the reply
+(crashes, drops and partitions are carried out by the coordinator, see
+:mod:`actors.faults.engine`). The worker uses ``cuda`` when Ray gave it a GPU, the CPU
+otherwise.
 """
 
 from __future__ import annotations
@@ -167,6 +170,9 @@ class WorkerCore:
             gbuf.copy_(dev.cpu())
         else:
             loss, n = self._local_sum(flat, req.local_steps, gbuf)
+        effect = self.faults.on_gradient(req.step, t_s)
+        for corruption in effect.corruptions:  # before compression: what is sent is corrupt
+            corruption.apply(gbuf)
         raw_norm = float(gbuf.norm())
         pos = self.sampler.state_dict()
         reply = GradientReply(
@@ -176,6 +182,8 @@ class WorkerCore:
             n=n,
             raw_norm=raw_norm,
             sent_norm=raw_norm,
+            # the injector's knowledge, for accounting only (the coordinator checks values)
+            corrupted=effect.corrupted,
             sampler_pos={"epoch": int(pos["epoch"]), "pos": int(pos["pos"])},
         )
         if self.compressor is not None:
@@ -194,7 +202,7 @@ class WorkerCore:
         else:
             reply.grad = to_wire(gbuf, self.spec.transfer_dtype)
         reply.compute_s = time.perf_counter() - t_call
-        reply.delay_s = self.faults.delay_s(req.step, t_s)  # the fault plan's straggler delay
+        reply.delay_s = effect.delay_s  # the fault plan's straggler delay
         if reply.delay_s > 0:
             time.sleep(reply.delay_s)
         return reply

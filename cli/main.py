@@ -369,7 +369,8 @@ def scale(
 def inject(
     job_id: Annotated[str, typer.Argument(help="job id")],
     kind: Annotated[
-        str, typer.Option("--kind", help="crash, drop, delay, partition or coordinator_crash")
+        str,
+        typer.Option("--kind", help="crash, drop, delay, partition, coordinator_crash or corrupt"),
     ],
     workers: Annotated[str | None, typer.Option(help="worker ids, e.g. 0,2")] = None,
     count: Annotated[int | None, typer.Option(help="or: this many workers, picked by seed")] = None,
@@ -380,6 +381,10 @@ def inject(
     delay_ms: Annotated[float | None, typer.Option(help="delay per step (ms)")] = None,
     distribution: Annotated[str | None, typer.Option(help="constant, exponential, pareto")] = None,
     rejoin_after_s: Annotated[float | None, typer.Option(help="crash: rejoin after (s)")] = None,
+    corruption: Annotated[str | None, typer.Option(help="corrupt: nan, inf or scale")] = None,
+    scale_factor: Annotated[
+        float | None, typer.Option(help="corrupt (scale): multiply each gradient by this")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
 ) -> None:
@@ -399,6 +404,8 @@ def inject(
         ("delay_ms", delay_ms),
         ("distribution", distribution),
         ("rejoin_after_s", rejoin_after_s),
+        ("corruption", corruption),
+        ("scale_factor", scale_factor),
     ):
         if value is not None:
             data[key] = value

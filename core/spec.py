@@ -162,7 +162,7 @@ class ResourcesSpec(_Strict):
 class FaultSpec(_Strict):
     """One injected fault: what, on whom, when, for how long."""
 
-    kind: Literal["crash", "drop", "delay", "partition", "coordinator_crash"]
+    kind: Literal["crash", "drop", "delay", "partition", "coordinator_crash", "corrupt"]
     # Target: explicit worker ids, or a count of workers picked by the seeded RNG.
     workers: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
     count: int | None = Field(default=None, ge=1, le=4096)
@@ -172,7 +172,7 @@ class FaultSpec(_Strict):
     probability: float | None = Field(default=None, ge=0.0, le=1.0)
     # Exact steps (for ``drop``).
     steps: list[Annotated[int, Field(ge=0)]] | None = None
-    # Window length for delay and partition (steps or seconds; whichever is given).
+    # Window length for delay, partition and corrupt (steps or seconds; whichever is given).
     duration_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     duration_s: float | None = Field(default=None, gt=0.0, le=1e6)
     # ``crash``: restart the worker after this many seconds.
@@ -182,6 +182,12 @@ class FaultSpec(_Strict):
     delay_ms: float = Field(default=0.0, ge=0.0, le=600_000.0)
     # Pareto shape (tail index); smaller is heavier. Mean exists for shape > 1.
     pareto_shape: float = Field(default=1.5, gt=1.0, le=100.0)
+    # ``corrupt``: what each gradient of the window becomes before it is sent: ``nan`` or
+    # ``inf`` in every entry (refused by the coordinator, never applied), or ``scale``d by
+    # ``scale_factor`` (finite: applied; a negative factor flips it, 0 zeroes it).
+    corruption: Literal["nan", "inf", "scale"] | None = None
+    # 1e6: far past any useful attack, and a float32 entry below 3e32 stays finite
+    scale_factor: float | None = Field(default=None, ge=-1e6, le=1e6)
 
     @model_validator(mode="after")
     def _check(self) -> FaultSpec:
@@ -206,7 +212,31 @@ class FaultSpec(_Strict):
             raise ValueError("partition needs duration_s or duration_steps")
         if self.steps is not None and self.kind != "drop":
             raise ValueError("steps (an exact list) is only allowed for drop faults")
+        self._check_corrupt()
         return self
+
+    def _check_corrupt(self) -> None:
+        """``corruption`` and ``scale_factor`` belong to ``corrupt`` faults, and agree."""
+        if self.kind != "corrupt":
+            if self.corruption is not None or self.scale_factor is not None:
+                raise ValueError("corruption and scale_factor are only allowed for corrupt faults")
+            return
+        if self.corruption is None:
+            raise ValueError("corrupt needs corruption: nan, inf or scale")
+        if self.corruption != "scale":
+            if self.scale_factor is not None:
+                raise ValueError(
+                    f"scale_factor is only allowed with corruption: scale (got "
+                    f"corruption: {self.corruption}); remove it"
+                )
+            return
+        if self.scale_factor is None:
+            raise ValueError(
+                "corruption: scale needs scale_factor (the factor each gradient is "
+                "multiplied by, in [-1e6, 1e6])"
+            )
+        if self.scale_factor == 1.0:
+            raise ValueError("scale_factor 1 leaves the gradient unchanged; give another factor")
 
 
 class ScaleAction(_Strict):

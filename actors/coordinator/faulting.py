@@ -1,11 +1,14 @@
-"""Fault firing on the coordinator's side: crashes, delays, partitions, drops, a crash of
-the coordinator itself, live injections, and the heartbeats that notice silent workers.
+"""Fault firing on the coordinator's side: crashes, delays, corruptions, partitions, drops,
+a crash of the coordinator itself, live injections, and the heartbeats that notice silent
+workers.
 
-Which fault fires when is decided by :class:`actors.fault_driver.FaultDriver` (pure logic);
-this module carries the firings out for real (a SIGKILL of a worker's process, replies held
-back for a partition window, the coordinator's own process killed) and records each as a
-typed event. What it cannot do alone (lose a worker, deliver held replies, restart a worker)
-it returns in a :class:`TickOutcome` for the loop to act on.
+Which fault fires when is decided by :class:`actors.faults.FaultEngine` (pure logic: one
+class per kind in :mod:`actors.faults`, typed actions back); this module carries the
+firings out for real (a SIGKILL of a worker's process, replies held back for a partition
+window, the coordinator's own process killed) and records each as a typed event. What it
+cannot do alone (lose a worker, deliver held replies, restart a worker) it returns in a
+:class:`TickOutcome` for the loop to act on. On the receive path :meth:`Faulting.on_reply`
+says what the network does with a reply (deliver, drop, hold).
 """
 
 from __future__ import annotations
@@ -20,8 +23,20 @@ from actors.coordinator.membership import WorkerSlot, kill_process
 from actors.coordinator.recovery import Recovery
 from actors.coordinator.reporting import Recovery as RecoveryTiming
 from actors.coordinator.reporting import Reporter
-from actors.fault_driver import FaultDriver
-from actors.faults import ActiveFault, bind_plan
+from actors.faults import (
+    ActiveFault,
+    CorruptOn,
+    DelayOn,
+    FaultEngine,
+    KillCoordinator,
+    KillWorker,
+    PartitionHeal,
+    PartitionStart,
+    ReplyVerdict,
+    Tick,
+    TickAction,
+    bind_plan,
+)
 from actors.messages import GradientReply
 from core.events import EventKind, FaultKind
 from core.spec import FaultSpec, JobSpec
@@ -56,6 +71,12 @@ class TickOutcome:
     joins: list[tuple[float, int]] = field(default_factory=list)
 
 
+def corruption_text(on: CorruptOn) -> str:
+    """How a corruption window reads in its event (``scale x10``, ``nan, p=0.1 per gradient``)."""
+    what = f"scale x{on.scale_factor:g}" if on.corruption == "scale" else on.corruption
+    return what if on.probability is None else f"{what}, p={on.probability:g} per gradient"
+
+
 class Faulting:
     """The job's fault plan, carried out (see the module docstring).
 
@@ -70,7 +91,7 @@ class Faulting:
         self.reporter = reporter
         self.recovery = recovery
         self.plan: list[ActiveFault] = []
-        self.driver = FaultDriver(self.plan, spec.seed)
+        self.driver = FaultEngine(self.plan, spec.seed)
         self.dropped = 0
 
     def bind(self, worker_ids: list[int]) -> None:
@@ -89,38 +110,56 @@ class Faulting:
             reply_deadline_s: how long a busy worker may stay silent.
         """
         out = TickOutcome()
-        self._coordinator_crash(step)
-        ready = [w for w in workers if not w.gone and w.state != "starting"]
-        self._crashes(step, t_s, ready, out)
-        for f, wid in self.driver.delays_started(step, t_s, [w.id for w in ready]):
-            self.reporter.event(
-                EventKind.FAULT,
-                f"straggler delay on: {f.spec.distribution}, mean {f.spec.delay_ms:g} ms",
-                target=f"worker-{wid}",
-                fault=FaultKind.DELAY,
-            )
-        for w in ready:
-            self._partition_and_heartbeat(w, step, t_s, reply_deadline_s, out)
-        # partitioned workers declared lost come back when their window ends
-        for w in workers:
-            if (
-                w.state == "dead"
-                and w.partition_until is not None
-                and self.driver.partition_active(w.id, step, t_s) is None
-            ):
-                self.reporter.event(
-                    EventKind.HEAL,
-                    "partition healed: worker reachable again",
-                    target=f"worker-{w.id}",
-                    fault=FaultKind.PARTITION,
-                )
-                w.partition_until = None
-                out.restart.append(w)
+        started = [w for w in workers if not w.gone and w.state != "starting"]
+        cut_off = frozenset(
+            w.id
+            for w in workers
+            if w.partition_until is not None and (w.state == "dead" or w in started)
+        )
+        by_id = {w.id: w for w in workers}
+        now = Tick(step, t_s, [w.id for w in started], cut_off)
+        for action in self.driver.tick(now):
+            self._act(action, by_id, out)
+        for w in started:
+            self._heartbeat(w, reply_deadline_s, out)
         return out
 
-    def _coordinator_crash(self, step: int) -> None:
-        if self.driver.coordinator_crash_due(step) is None:
-            return
+    def _act(self, action: TickAction, by_id: dict[int, WorkerSlot], out: TickOutcome) -> None:
+        """Carry out one fault action and record its event."""
+        match action:
+            case KillCoordinator(step=step):
+                self._crash_coordinator(step)
+            case KillWorker(worker=wid, rejoin_after_s=rejoin_s):
+                self._crash(by_id[wid], rejoin_s, out)
+            case DelayOn(worker=wid, distribution=dist, delay_ms=delay_ms):
+                self.reporter.event(
+                    EventKind.FAULT,
+                    f"straggler delay on: {dist}, mean {delay_ms:g} ms",
+                    target=f"worker-{wid}",
+                    fault=FaultKind.DELAY,
+                )
+            case CorruptOn(worker=wid):
+                self.reporter.event(
+                    EventKind.FAULT,
+                    f"gradient corruption on: {corruption_text(action)}",
+                    target=f"worker-{wid}",
+                    fault=FaultKind.CORRUPT,
+                )
+            case PartitionStart(worker=wid):
+                w = by_id[wid]
+                w.partition_until = math.inf
+                w.t_partition = time.time()
+                self.reporter.event(
+                    EventKind.FAULT,
+                    "partition: worker cut off from the coordinator",
+                    target=f"worker-{wid}",
+                    fault=FaultKind.PARTITION,
+                )
+            case PartitionHeal(worker=wid):
+                self._end_partition(by_id[wid], out)
+
+    def _crash_coordinator(self, step: int) -> None:
+        """SIGKILL this process (an injected coordinator crash); Ray restarts the actor."""
         self.reporter.event(
             EventKind.FAULT,
             f"coordinator crash injected at step {step}",
@@ -132,39 +171,37 @@ class Faulting:
         self.reporter.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def _crashes(self, step: int, t_s: float, ready: list[WorkerSlot], out: TickOutcome) -> None:
+    def _crash(self, w: WorkerSlot, rejoin_after_s: float | None, out: TickOutcome) -> None:
         now = time.time()
-        by_id = {w.id: w for w in ready}
-        for f, wid in self.driver.crashes_due(step, t_s, list(by_id)):
-            w = by_id[wid]
-            self.reporter.event(
-                EventKind.FAULT,
-                f"crash injected: SIGKILL pid {w.pid}",
-                target=f"worker-{wid}",
-                fault=FaultKind.CRASH,
-            )
-            w.lost_at = None
-            kill_process(w)
-            self.reporter.recoveries.append(RecoveryTiming("crash", wid, now))
-            if f.spec.rejoin_after_s is not None:
-                out.joins.append((now + f.spec.rejoin_after_s, wid))
+        self.reporter.event(
+            EventKind.FAULT,
+            f"crash injected: SIGKILL pid {w.pid}",
+            target=f"worker-{w.id}",
+            fault=FaultKind.CRASH,
+        )
+        w.lost_at = None
+        kill_process(w)
+        self.reporter.recoveries.append(RecoveryTiming("crash", w.id, now))
+        if rejoin_after_s is not None:
+            out.joins.append((now + rejoin_after_s, w.id))
 
-    def _partition_and_heartbeat(
-        self, w: WorkerSlot, step: int, t_s: float, reply_deadline_s: float, out: TickOutcome
-    ) -> None:
-        now = time.time()
-        p = self.driver.partition_active(w.id, step, t_s)
-        if p is not None and w.partition_until is None:
-            w.partition_until = math.inf
-            w.t_partition = now
-            self.reporter.event(
-                EventKind.FAULT,
-                "partition: worker cut off from the coordinator",
-                target=f"worker-{w.id}",
-                fault=FaultKind.PARTITION,
-            )
-        elif p is None and w.partition_until is not None:
+    def _end_partition(self, w: WorkerSlot, out: TickOutcome) -> None:
+        """A partition window ended: deliver what a live worker's link held, or bring back
+        a worker that was declared lost while cut off."""
+        if w.state != "dead":
             self._heal(w, out)
+            return
+        self.reporter.event(
+            EventKind.HEAL,
+            "partition healed: worker reachable again",
+            target=f"worker-{w.id}",
+            fault=FaultKind.PARTITION,
+        )
+        w.partition_until = None
+        out.restart.append(w)
+
+    def _heartbeat(self, w: WorkerSlot, reply_deadline_s: float, out: TickOutcome) -> None:
+        now = time.time()
         timeout_s = self.spec.heartbeat_timeout_s
         if w.partition_until is not None and now - w.t_partition > timeout_s:
             why = f"no heartbeat for {timeout_s:g} s (partitioned)"
@@ -194,18 +231,22 @@ class Faulting:
         """How long a busy worker may stay silent before it counts as lost."""
         return max(self.spec.heartbeat_timeout_s, HUNG_ROUNDTRIPS * mean_roundtrip_s)
 
-    def drop_due(self, w: WorkerSlot, reply: GradientReply, t_s: float) -> bool:
-        """True if the plan loses this gradient message on the way (recorded as a fault)."""
-        if self.driver.drop_due(w.id, reply.step, t_s) is None:
-            return False
-        self.dropped += 1
-        self.reporter.event(
-            EventKind.FAULT,
-            f"gradient of step {reply.step} dropped",
-            target=f"worker-{w.id}",
-            fault=FaultKind.DROP,
-        )
-        return True
+    def on_reply(self, w: WorkerSlot, reply: GradientReply | None, t_s: float) -> ReplyVerdict:
+        """What the network path does with ``w``'s reply (``None``: the call failed): held
+        while ``w`` is cut off, lost on the way if the plan drops it (recorded as a fault
+        and counted), else delivered."""
+        step = None if reply is None else reply.step
+        cut_off = w.partition_until is not None
+        verdict = self.driver.on_reply(w.id, step, t_s, cut_off)
+        if verdict is ReplyVerdict.DROP:
+            self.dropped += 1
+            self.reporter.event(
+                EventKind.FAULT,
+                f"gradient of step {step} dropped",
+                target=f"worker-{w.id}",
+                fault=FaultKind.DROP,
+            )
+        return verdict
 
     def inject(self, fault: FaultSpec, live: list[WorkerSlot], step: int) -> None:
         """Add a fault to the running plan (targets resolved now, among live workers)."""

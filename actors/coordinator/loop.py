@@ -166,7 +166,7 @@ class CoordinatorCore:
         if got.t0 is not None:
             self.t_run = got.t0
         self.restarts, self.steps_lost = got.restarts, self.steps_lost + got.steps_lost
-        self.faults.driver.fired |= got.fired
+        self.faults.driver.fired.update(got.fired)
         if got.state is not None:
             self.train.restore(got.state)
         return got.workers, got.samplers
@@ -392,6 +392,8 @@ class CoordinatorCore:
                 workers_final=len(self.members.live()),
                 refused=self.train.refused,
                 dropped=self.faults.dropped,
+                corrupted=self.train.corrupted,
+                refused_nonfinite=self.train.refused_nonfinite,
                 restarts=self.restarts,
                 steps_lost=self.steps_lost,
                 parameters=self.layout.numel,

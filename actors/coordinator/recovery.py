@@ -54,6 +54,8 @@ class CheckpointState:
     torch_rng: torch.Tensor
     refused: int
     dropped: int
+    corrupted: int  # replies the injector marked corrupted
+    refused_nonfinite: int  # gradients refused for a NaN or an infinite entry
     t0: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,9 @@ class CheckpointState:
             torch_rng=d["torch_rng"],
             refused=int(d["refused"]),
             dropped=int(d["dropped"]),
+            # absent from checkpoints written before the corrupt fault existed
+            corrupted=int(d.get("corrupted", 0)),
+            refused_nonfinite=int(d.get("refused_nonfinite", 0)),
             t0=float(d["t0"]),
         )
 

@@ -108,6 +108,8 @@ class RunFacts:
     workers_final: int
     refused: int
     dropped: int
+    corrupted: int  # replies the injector marked corrupted
+    refused_nonfinite: int  # gradients refused for a NaN or an infinite entry
     restarts: int
     steps_lost: int
     parameters: int
@@ -297,6 +299,11 @@ class Reporter:
             "workers_final": f.workers_final,
             "refused_stale": f.refused,
             "dropped_gradients": f.dropped,
+            # replies the injector marked corrupted, among those that passed the network
+            # path (a dropped or never-delivered one is neither counted nor checked)
+            "gradients_corrupted": f.corrupted,
+            # gradients refused for a NaN or an infinite entry (never applied)
+            "gradients_refused_nonfinite": f.refused_nonfinite,
             "restarts": f.restarts,
             "steps_lost": f.steps_lost,
             "recoveries": recoveries,

@@ -1,5 +1,11 @@
 """The data flow of one step: dispatch views, take replies in, apply updates, record them.
 
+A reply goes through the fault plan's network path (:meth:`Faulting.on_reply`: delivered,
+dropped or held) and then the finite-value screen (:func:`actors.faults.screen_gradient`): a
+gradient with a NaN or an infinite entry is refused, counted and recorded, and the mode
+treats it as lost (in the step modes its step counts it as missing, without a copy for the
+B̂ monitor: it is no part of the consistent model); only the rest reach the mode.
+
 :class:`Training` owns the model of record, the consistency mode, the B̂ meter and the data
 plane, and the futures of the requests in flight. The loop hands it replies; it returns
 what the loop must do about the membership (a worker to take out) rather than doing it.
@@ -23,6 +29,7 @@ from actors.coordinator.membership import Membership, WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
 from actors.datasets import Dataset, evaluate
+from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
 from actors.flat import load_flat
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
@@ -67,6 +74,8 @@ class Training:
         self.wake = asyncio.Event()  # set when lost_idle gets one (the loop acts at once)
         self.samples = 0
         self.refused = 0
+        self.corrupted = 0  # replies the injector marked corrupted (accounting only)
+        self.refused_nonfinite = 0  # gradients refused for a NaN or an infinite entry
 
     @property
     def monitor(self) -> ConsistencyMonitor:
@@ -152,12 +161,15 @@ class Training:
     def handle_reply(
         self, w: WorkerSlot, reply: GradientReply | None, exc: BaseException | None
     ) -> Loss | None:
-        """One reply (or failure) from a worker, through the fault plan's network path.
+        """One reply (or failure) from a worker, through the fault plan's network path and
+        the finite-value screen (a non-finite gradient is refused, never applied).
 
         Returns:
             The worker to take out of the membership, if the reply says it is lost.
         """
-        if w.partition_until is not None:
+        t_s = time.time() - self.reporter.t0
+        verdict = self.faults.on_reply(w, None if exc is not None else reply, t_s)
+        if verdict is ReplyVerdict.HOLD:
             w.partition_held = (reply, exc)  # the message waits out the partition
             return None
         if exc is not None or reply is None:
@@ -165,8 +177,9 @@ class Training:
             return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}")
         self.data.release_view(w)
         grad = self.data.decode(w, reply)
-        if self.faults.drop_due(w, reply, time.time() - self.reporter.t0):
+        if verdict is ReplyVerdict.DROP:
             self._seen(w, reply, counted=False)
+            # the lost gradient is kept for the B̂ monitor only
             if self.mode.on_lost(w, reply, grad):
                 self.reporter.event(
                     EventKind.MISSING,
@@ -174,19 +187,43 @@ class Training:
                     target=f"worker-{w.id}",
                     fault=FaultKind.DROP,
                 )
-        else:
-            verdict = self.mode.on_reply(w, reply, grad)
-            if verdict.unexpected:
+        elif not self._refuse_nonfinite(w, reply, grad):
+            mode_verdict = self.mode.on_reply(w, reply, grad)
+            if mode_verdict.unexpected:
                 self.reporter.event(
                     EventKind.REFUSED,
                     f"unexpected gradient for step {reply.step} ignored",
                     target=f"worker-{w.id}",
                 )
                 return None
-            self.refused += verdict.refused_stale
+            self.refused += mode_verdict.refused_stale
             self._seen(w, reply, counted=True)
         self.apply_ready()
         return None
+
+    def _refuse_nonfinite(self, w: WorkerSlot, reply: GradientReply, grad: torch.Tensor) -> bool:
+        """The defence against corrupt gradients: a gradient with a NaN or an infinite entry
+        is refused (never applied), counted and recorded; True if it was.
+
+        The mode treats it as lost without a copy for B̂: in the step modes it counts as
+        missing (the missing policy decides, as for a dropped one), in async mode it is
+        simply not applied. A finite gradient passes, however large (a scaled one is
+        applied: the size of an update is the consistency guard's business).
+        """
+        self.corrupted += int(reply.corrupted)  # the injector's mark: accounting only
+        if screen_gradient(grad) is GradientVerdict.ACCEPT:
+            return False
+        self.refused_nonfinite += 1
+        self._seen(w, reply, counted=False)
+        missing = self.mode.on_lost(w, reply, None)
+        then = f"missing, policy {self.spec.missing_policy}" if missing else "not applied"
+        self.reporter.event(
+            EventKind.REFUSED,
+            f"step {reply.step}: non-finite gradient refused, never applied; {then}",
+            target=f"worker-{w.id}",
+            fault=FaultKind.CORRUPT if reply.corrupted else None,
+        )
+        return True
 
     def _seen(self, w: WorkerSlot, reply: GradientReply, counted: bool) -> None:
         """Bookkeeping of a reply that arrived (``counted``: not lost on the way)."""
@@ -269,6 +306,8 @@ class Training:
                 torch_rng=torch.get_rng_state(),
                 refused=self.refused,
                 dropped=self.faults.dropped,
+                corrupted=self.corrupted,
+                refused_nonfinite=self.refused_nonfinite,
                 t0=self.reporter.t0,
             )
         )
@@ -279,7 +318,7 @@ class Training:
         self.record.x.copy_(st.x)
         self.record.opt.load_state_dict(st.opt)
         self.record.version, self.samples = st.version, st.samples
-        self.faults.driver.fired |= set(st.fired)
+        self.faults.driver.fired.update(st.fired)
         self.members.resizes = st.resizes
         m = self.monitor
         m.b_max, m.count, m.total = st.monitor
@@ -287,5 +326,6 @@ class Training:
             setattr(self.norms, k, v)
         self.meter.residuals = dict(st.residuals)
         self.refused, self.faults.dropped = st.refused, st.dropped
+        self.corrupted, self.refused_nonfinite = st.corrupted, st.refused_nonfinite
         torch.set_rng_state(st.torch_rng)
         self.mode.restore(st.step)

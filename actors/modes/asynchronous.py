@@ -98,7 +98,7 @@ class AsyncEngine(Mode):
         return Verdict(accepted=True)
 
     @override
-    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor | None) -> bool:
         self._forget(w.id)
         w.state = "idle"
         return False

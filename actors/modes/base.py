@@ -10,7 +10,8 @@ One turn of the loop, as the mode sees it:
 
 * :meth:`Mode.schedule`: which waiting workers start now, on which view (a list of
   :class:`Dispatch`; the worker computes :meth:`Mode.local_steps` steps on it);
-* :meth:`Mode.on_reply` / :meth:`Mode.on_lost`: a gradient arrived / was lost on the way;
+* :meth:`Mode.on_reply` / :meth:`Mode.on_lost`: a gradient arrived / was lost on the way
+  (or refused as non-finite);
 * :meth:`Mode.leave`: a worker left (crashed, retired);
 * :meth:`Mode.apply_ready`: apply every update that became applicable, yielding one
   :class:`Applied` per update *after* it is applied (the loop records, evaluates and
@@ -177,8 +178,14 @@ class Mode(ABC):
         """A reply arrived (through the fault plan's network path); ``grad`` is decoded."""
 
     @abstractmethod
-    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
-        """A reply was lost on the way; True if a step now misses a gradient."""
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor | None) -> bool:
+        """A reply's gradient is not applied; True if a step now misses a gradient.
+
+        Args:
+            grad: the gradient lost on the way (dropped): kept for the B̂ monitor, since it is
+                part of the consistent model; ``None`` for one refused as non-finite, which
+                is not.
+        """
 
     @abstractmethod
     def apply_ready(self) -> Iterator[Applied]:

@@ -152,9 +152,10 @@ class StepEngine(Mode):
         self.own[w.id], self.own_norm[w.id] = grad, reply.sent_norm
         return Verdict(accepted=True)
 
-    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor | None) -> bool:
         step = reply.step
-        self.lost_grads.setdefault(step, []).append(grad.clone())
+        if grad is not None:  # a refused (non-finite) gradient adds nothing to B̂
+            self.lost_grads.setdefault(step, []).append(grad.clone())
         self.book.lose(w.id, step)
         w.state, w.last_step = "waiting", step
         self.own[w.id], self.own_norm[w.id] = None, 0.0

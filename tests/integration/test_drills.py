@@ -169,12 +169,26 @@ def _heavy_tail_straggler(r: dict[str, Any]) -> None:
     assert not events_of(r, "detect"), "a straggler is slow, not lost"
 
 
+def _corrupt_gradient(r: dict[str, Any]) -> None:
+    s = r["summary"]
+    # worker 2's 50 steps of NaN gradients (the elastic rule may skip a few): each refused
+    assert 40 <= s["gradients_corrupted"] <= 50
+    assert s["gradients_refused_nonfinite"] == s["gradients_corrupted"]
+    refused = events_of(r, "refused", "worker-2", "corrupt")
+    assert len(refused) == s["gradients_refused_nonfinite"]
+    # an event's step is the steps completed, which trail the gradient's step by at most
+    # the elastic rule's max_lag (2)
+    assert all(100 - 2 <= e["step"] < 150 for e in refused)
+    assert not events_of(r, "detect"), "a corrupting worker is not lost"
+
+
 EXTRA: dict[str, Callable[[dict[str, Any]], None]] = {
     "crash_one_of_four": _crash_one_of_four,
     "crash_rejoin": _crash_rejoin,
     "partition_window": _partition_window,
     "coordinator_crash": _coordinator_crash,
     "heavy_tail_straggler": _heavy_tail_straggler,
+    "corrupt_gradient": _corrupt_gradient,
 }
 
 

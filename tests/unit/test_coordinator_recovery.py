@@ -1,7 +1,7 @@
 """Unit tests for actors/coordinator/recovery.py and faulting.py (no Ray): a checkpoint
 round trip, what a journal replay yields (clock, history, crash step, restarts), members and
 fired-fault files, when a checkpoint is due; and the fault decisions the loop acts on
-(drops, partitions and heartbeats, injections)."""
+(drops, partitions and heartbeats, corruption windows, injections)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.coordinator.faulting import Faulting
+from actors.coordinator.faulting import Faulting, corruption_text
 from actors.coordinator.membership import WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
+from actors.faults import CorruptOn, ReplyVerdict
 from actors.messages import GradientReply
 from core.events import EventKind, FaultKind
 from core.spec import CheckpointSpec, FaultSpec, parse_spec
@@ -41,6 +42,8 @@ def _state(step: int = 40) -> CheckpointState:
         torch_rng=torch.get_rng_state(),
         refused=3,
         dropped=1,
+        corrupted=2,
+        refused_nonfinite=1,
         t0=1000.0,
     )
 
@@ -58,6 +61,14 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert st.monitor == (0.7, 12, 3.5) and st.norms == want.norms
     assert np.array_equal(st.residuals[0], want.residuals[0])
     assert (st.refused, st.dropped, st.t0) == (3, 1, 1000.0)
+    assert (st.corrupted, st.refused_nonfinite) == (2, 1)
+
+
+def test_a_checkpoint_from_before_the_corrupt_fault_loads_with_zero_counts() -> None:
+    old = _state().to_dict()
+    del old["corrupted"], old["refused_nonfinite"]
+    st = CheckpointState.from_dict(old)
+    assert (st.corrupted, st.refused_nonfinite, st.dropped) == (0, 0, 1)
 
 
 def test_no_checkpoint_yields_none(tmp_path: Path) -> None:
@@ -118,9 +129,10 @@ def test_a_planned_drop_is_recorded_and_counted() -> None:
     f = _faulting([{"kind": "drop", "workers": [1], "steps": [3]}])
     w = _slots()[1]
     reply = GradientReply(1, 2, 0.5, 32, 1.0, 1.0)
-    assert not f.drop_due(w, reply, 0.0)
+    assert f.on_reply(w, reply, 0.0) is ReplyVerdict.DELIVER
     reply.step = 3
-    assert f.drop_due(w, reply, 0.0) and f.dropped == 1
+    assert f.on_reply(w, reply, 0.0) is ReplyVerdict.DROP and f.dropped == 1
+    assert f.on_reply(w, None, 0.0) is ReplyVerdict.DELIVER  # a failed call: nothing to lose
     (ev,) = f.reporter.events
     assert (ev.kind, ev.fault, ev.target) == (EventKind.FAULT, FaultKind.DROP, "worker-1")
 
@@ -158,6 +170,53 @@ def test_a_healed_partition_delivers_the_held_reply() -> None:
     slots[0].partition_held = (held, None)
     out = f.tick(2, 0.1, slots, 100.0)  # the window [0, 2) is over
     assert out.deliver == [(slots[0], held, None)] and slots[0].partition_until is None
+
+
+def test_a_cut_off_workers_replies_are_held() -> None:
+    f = _faulting([{"kind": "partition", "workers": [0], "at_step": 0, "duration_steps": 2}])
+    slots = _slots()
+    reply = GradientReply(0, 0, 0.5, 32, 1.0, 1.0)
+    assert f.on_reply(slots[0], reply, 0.0) is ReplyVerdict.DELIVER
+    f.tick(0, 0.0, slots, 100.0)
+    assert f.on_reply(slots[0], reply, 0.0) is ReplyVerdict.HOLD
+    assert f.on_reply(slots[0], None, 0.0) is ReplyVerdict.HOLD  # a failure waits too
+    assert f.on_reply(slots[1], reply, 0.0) is ReplyVerdict.DELIVER
+
+
+def test_a_worker_lost_while_cut_off_is_restarted_when_its_window_ends() -> None:
+    f = _faulting([{"kind": "partition", "workers": [1], "at_step": 0, "duration_steps": 3}])
+    slots = _slots()
+    f.tick(0, 0.0, slots, 100.0)
+    slots[1].state = "dead"  # declared lost for want of a heartbeat, actor kept
+    assert f.tick(2, 0.1, slots, 100.0).restart == []
+    out = f.tick(3, 0.2, slots, 100.0)
+    assert out.restart == [slots[1]] and slots[1].partition_until is None
+    ev = f.reporter.events[-1]
+    assert (ev.kind, ev.fault, ev.target) == (EventKind.HEAL, FaultKind.PARTITION, "worker-1")
+
+
+def test_a_corruption_window_opening_is_recorded() -> None:
+    f = _faulting(
+        [
+            {
+                "kind": "corrupt",
+                "workers": [2],
+                "corruption": "scale",
+                "scale_factor": 10.0,
+                "at_step": 1,
+                "duration_steps": 3,
+            }
+        ]
+    )
+    slots = _slots()
+    f.tick(0, 0.0, slots, 100.0)
+    assert f.reporter.events == []
+    f.tick(1, 0.0, slots, 100.0)
+    f.tick(2, 0.0, slots, 100.0)  # still the same window: recorded once
+    (ev,) = f.reporter.events
+    assert (ev.kind, ev.fault, ev.target) == (EventKind.FAULT, FaultKind.CORRUPT, "worker-2")
+    assert ev.detail == "gradient corruption on: scale x10"
+    assert corruption_text(CorruptOn(0, "nan", probability=0.1)) == "nan, p=0.1 per gradient"
 
 
 def test_an_injection_without_trigger_fires_now_and_reaches_every_worker() -> None:

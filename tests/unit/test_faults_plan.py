@@ -1,5 +1,5 @@
-"""Unit tests for actors/faults.py (pure, no Ray): delay distributions, seeded target
-resolution, and fault windows in steps and in seconds."""
+"""Unit tests for the fault plan (actors/faults/: plan, worker side, delay; pure, no Ray):
+delay distributions, seeded target resolution, and fault windows in steps and in seconds."""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
-"""The fault plan: which injected fault hits which worker, when (pure logic).
+"""The fault plan bound to a job: which injected fault hits which worker, when (pure logic).
 
-Faults are first-class inputs, not ``if testing`` branches: the worker consults its
-:class:`WorkerFaults` before and after every gradient (delay, crash, partition), and the
-coordinator's receive path consults it for message drops. Targets given as a ``count`` are
-resolved once, by the job's seed, against the initial worker ids, so a plan replays the same
-way every run.
+A :class:`~core.spec.FaultSpec` says what to inject; :func:`bind_plan` resolves its targets
+once per job and numbers it (its ``index`` keys its firings, see
+:mod:`actors.faults.engine`). Targets given as a ``count`` are drawn by the job's seed
+against the initial worker ids, so a plan replays the same way every run.
+:class:`ActiveFault` answers the two timing questions every kind asks: is its window open
+(:meth:`ActiveFault.in_window`), and does a one-shot trigger fire now
+(:meth:`ActiveFault.triggers_at`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +38,7 @@ class ActiveFault:
     index: int
 
     def hits(self, worker: int) -> bool:
+        """Whether ``worker`` is one of the fault's targets."""
         return worker in self.targets
 
     def in_window(
@@ -45,7 +48,7 @@ class ActiveFault:
         starts: dict[str, tuple[int, float]] | None = None,
         key: str = "",
     ) -> bool:
-        """Whether a windowed fault (delay, partition) is active at ``step`` / ``t_s``.
+        """Whether a windowed fault (delay, partition, corrupt) is active at ``step`` / ``t_s``.
 
         The window opens at ``at_step`` or ``at_s`` (or at once) and lasts ``duration_steps``
         or ``duration_s`` (or forever). A window whose length is in the other unit than its
@@ -70,7 +73,7 @@ class ActiveFault:
         return step < s0 + f.duration_steps
 
     def triggers_at(self, step: int, t_s: float, rng: np.random.Generator) -> bool:
-        """Whether a one-shot fault (crash, drop) fires at this step."""
+        """Whether a one-shot fault (crash) fires at this step."""
         f = self.spec
         if f.steps is not None:
             return step in f.steps
@@ -81,47 +84,6 @@ class ActiveFault:
         if f.at_s is not None:
             return t_s >= f.at_s
         return False
-
-
-@dataclass
-class WorkerFaults:
-    """What the plan does to one worker.
-
-    Args:
-        faults: the bound faults of the job (all workers).
-        worker: this worker's id.
-        seed: the job seed; the RNG for delays and probabilities derives from it.
-    """
-
-    faults: list[ActiveFault]
-    worker: int
-    seed: int
-    starts: dict[str, tuple[int, float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng([self.seed, 104729, self.worker])  # fixed salt
-
-    def _mine(self, kind: str) -> list[ActiveFault]:
-        return [f for f in self.faults if f.spec.kind == kind and f.hits(self.worker)]
-
-    def delay_s(self, step: int, t_s: float) -> float:
-        """Seconds to stall before returning this step's gradient (0 if none)."""
-        total = 0.0
-        for f in self._mine("delay"):
-            if not f.in_window(step, t_s, self.starts, f"delay:{f.index}"):
-                continue
-            mean_s = f.spec.delay_ms / 1000.0
-            if f.spec.distribution == "constant":
-                total += mean_s
-            elif f.spec.distribution == "exponential":
-                total += float(self.rng.exponential(mean_s))
-            else:
-                # Pareto with shape a and minimum m has mean a m / (a - 1): pick m so that
-                # the mean is delay_ms
-                a = f.spec.pareto_shape
-                m = mean_s * (a - 1.0) / a
-                total += float(m * (1.0 + self.rng.pareto(a)))
-        return total
 
 
 def bind_plan(faults: list[FaultSpec], worker_ids: list[int], seed: int) -> list[ActiveFault]:
