@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.schemas import ErrorPublic, FieldError
+from api.schemas import MAX_FIELD_ERRORS, ErrorPublic, FieldError
 from core.errors import (
     ElasticSGDError,
     InvalidRequest,
@@ -45,7 +45,13 @@ def error_response(
     problems: Sequence[tuple[str, str]] = (),
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorPublic(detail=detail, errors=[FieldError(path=p, message=m) for p, m in problems])
+    """An :class:`ErrorPublic` response; only the first :data:`MAX_FIELD_ERRORS` problems are
+    listed, the rest counted in ``errors_omitted``."""
+    body = ErrorPublic(
+        detail=detail,
+        errors=[FieldError(path=p, message=m) for p, m in problems[:MAX_FIELD_ERRORS]],
+        errors_omitted=max(0, len(problems) - MAX_FIELD_ERRORS),
+    )
     return JSONResponse(body.model_dump(), status_code=status, headers=dict(headers or {}))
 
 

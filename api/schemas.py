@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.spec import FaultSpec, JobSpec
 from core.state import JobState
 from service.drills.spec import DrillSpec
+from service.public_errors import NO_REASON
 from service.store import DrillRow, EventRow, JobRow
 
 
@@ -53,11 +54,22 @@ class FieldError(BaseModel):
     message: str = Field(description="what is wrong and what is allowed")
 
 
+# At most this many field errors in a body (60,000 unknown keys made a 4.7 MB answer).
+MAX_FIELD_ERRORS = 50
+
+
 class ErrorPublic(BaseModel):
     """Every 4xx/5xx body: ``detail`` says what went wrong and what to change."""
 
     detail: str
-    errors: list[FieldError] = Field(default_factory=list)
+    errors: list[FieldError] = Field(
+        default_factory=list,
+        max_length=MAX_FIELD_ERRORS,
+        description=f"the refused fields, the first {MAX_FIELD_ERRORS}",
+    )
+    errors_omitted: int = Field(
+        default=0, ge=0, description="how many more fields were refused than are listed"
+    )
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -169,10 +181,23 @@ class JobPublic(BaseModel):
             b_hat_max=_f(st.get("b_hat_max")),
             b_hat_mean=_f(st.get("b_hat_mean")),
             bound=_f(st.get("bound")),
-            error=row.error,
+            # a failed job always says why (rows written before reasons were required)
+            error=row.error or (NO_REASON if row.state == JobState.FAILED.value else None),
             drill_id=row.drill_id,
             **extra,
         )
+
+
+class JobErrorDetail(BaseModel):
+    """A job's failure for operators: the public reason and the full text behind it."""
+
+    job_id: str
+    state: JobState
+    error: str | None = Field(description="the public reason (as in GET /jobs/{id})")
+    detail: str | None = Field(
+        description="the full record: messages and tracebacks as the service received them "
+        "(may name paths, pids and hosts of the cluster: not for end users)"
+    )
 
 
 class CheckpointPublic(BaseModel):

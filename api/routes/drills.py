@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import DrillId, DrillsDep, RequireToken
+from api.deps import DrillId, DrillsDep, RequireToken, TokenFirstRoute
 from api.schemas import DrillCreate, DrillPublic, ErrorPublic
 from service.drills.spec import DrillSpec
 
-router = APIRouter(prefix="/drills", tags=["drills"])
+router = APIRouter(prefix="/drills", tags=["drills"], route_class=TokenFirstRoute)
 
 _E = {"model": ErrorPublic}
 

@@ -11,7 +11,15 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DetailCacheDep, ExistingJob, JobId, JobsDep, RequireToken, StoreDep
+from api.deps import (
+    DetailCacheDep,
+    ExistingJob,
+    JobId,
+    JobsDep,
+    RequireToken,
+    StoreDep,
+    TokenFirstRoute,
+)
 from api.schemas import (
     CheckpointPublic,
     ErrorPublic,
@@ -20,6 +28,7 @@ from api.schemas import (
     FaultCreate,
     JobCreate,
     JobDetail,
+    JobErrorDetail,
     JobList,
     JobPublic,
     MetricPublic,
@@ -32,7 +41,7 @@ from core.spec import FaultSpec
 from core.state import JobState
 from service.store import JobRow, Store
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=TokenFirstRoute)
 
 _E = {"model": ErrorPublic}
 # Documented refusals, shared by the routes below.
@@ -237,6 +246,22 @@ def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
 def inject_fault(job_id: JobId, body: FaultCreate, jobs: JobsDep) -> JobPublic:
     fault = FaultSpec.model_validate(body.model_dump())
     return JobPublic.of(jobs.inject(job_id, fault))
+
+
+@router.get(
+    "/{job_id}/error",
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_ID},
+    summary="A job's full failure record, tracebacks included (operators: needs the token)",
+    description="`error` is the public reason shown by `GET /jobs/{job_id}`; `detail` is the "
+    "full text the service received (Ray tracebacks, paths, hosts), also in the server log.",
+)
+def get_job_error(job: ExistingJob, store: StoreDep) -> JobErrorDetail:
+    found = store.error_detail(job.id)
+    detail = None if found is None else found[1]
+    return JobErrorDetail(
+        job_id=job.id, state=JobState(job.state), error=JobPublic.of(job).error, detail=detail
+    )
 
 
 @router.get(
