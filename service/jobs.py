@@ -45,7 +45,7 @@ from core.events import Event, Record
 from core.names import coordinator_name
 from core.spec import FaultSpec, JobSpec, format_errors
 from core.state import JobState
-from service.public_errors import public_error
+from service.public_errors import NO_REASON, public_error
 from service.ray_errors import describe, own_error, user_error
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
@@ -879,7 +879,7 @@ class JobManager:
         reason = {
             JobState.SUCCEEDED: "all steps done",
             JobState.CANCELLED: "cancelled on request",
-            JobState.FAILED: f"training failed: {error or 'no reason given'}",
+            JobState.FAILED: f"training failed: {error or NO_REASON}",
         }[target]
         try:
             self._transition(
