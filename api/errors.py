@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.schemas import MAX_FIELD_ERRORS, ErrorPublic, FieldError
 from core.errors import (
@@ -121,6 +122,9 @@ async def _elastic(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(400, str(exc))
 
 
+# The methods the API documents (it serves no others).
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
 _ROUTE_HINT = {
     404: "no such route: see GET /docs for the API",
     405: "this method is not allowed on this route: see GET /docs for the API",
@@ -130,9 +134,24 @@ _ROUTE_HINT = {
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
+    headers = dict(exc.headers or {})
     if exc.status_code in _ROUTE_HINT and detail in ("Not Found", "Method Not Allowed"):
         detail = f"{request.method} {request.url.path}: {_ROUTE_HINT[exc.status_code]}"
-    return error_response(exc.status_code, str(detail), headers=exc.headers)
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, str(detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves on the request's path (Starlette's own
+    ``Allow`` names only the first route that matches the path, e.g. ``POST`` for ``/jobs``,
+    which also has a ``GET``). ``HEAD`` is left out, as the API's documentation does."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
 
 
 async def _bug(request: Request, _exc: Exception) -> JSONResponse:

@@ -9,16 +9,30 @@ models never carry NaN or infinity (JSON has neither): those become null.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Self, cast
+from typing import Annotated, Any, Literal, Self, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from core.spec import FaultSpec, JobSpec
 from core.state import JobState
 from service.drills.spec import DrillSpec
 from service.public_errors import NO_REASON
 from service.store import DrillRow, EventRow, JobRow
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def strictly(model: type[M]) -> Callable[[Any, ValidatorFunctionWrapHandler], M]:
+    """A wrap validator that validates a request body as its JSON Schema types it: strict
+    (no lax coercion: ``0`` is not ``false``, ``"2"`` is not ``2``), nested sections included.
+    A YAML spec file keeps pydantic's lax reading; an HTTP body does what its schema says."""
+
+    def validate(value: Any, _handler: ValidatorFunctionWrapHandler) -> M:
+        return model.model_validate(value, strict=True)
+
+    return validate
 
 
 def clean(obj: Any) -> Any:
@@ -114,6 +128,11 @@ class FaultCreate(FaultSpec):
             "examples": [{"kind": "crash", "workers": [1], "rejoin_after_s": 2.0}],
         }
     )
+
+
+JobBody = Annotated[JobCreate, WrapValidator(strictly(JobCreate))]
+FaultBody = Annotated[FaultCreate, WrapValidator(strictly(FaultCreate))]
+ScaleBody = Annotated[ScaleRequest, WrapValidator(strictly(ScaleRequest))]
 
 
 class WorkerPublic(BaseModel):
@@ -359,3 +378,6 @@ class ReadyPublic(BaseModel):
     ray: bool
     supervisor: bool
     detail: str = ""
+
+
+DrillBody = Annotated[DrillCreate, WrapValidator(strictly(DrillCreate))]

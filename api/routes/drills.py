@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from api.deps import DrillId, DrillsDep, RequireToken, TokenFirstRoute
-from api.schemas import DrillCreate, DrillPublic, ErrorPublic
+from api.schemas import DrillBody, DrillPublic, ErrorPublic
 from service.drills.spec import DrillSpec
 
 router = APIRouter(prefix="/drills", tags=["drills"], route_class=TokenFirstRoute)
@@ -21,7 +21,7 @@ _E = {"model": ErrorPublic}
     responses={401: _E, 403: _E, 413: _E, 422: _E},
     summary="Start a drill; its report appears when its job ends",
 )
-def create_drill(body: DrillCreate, drills: DrillsDep) -> DrillPublic:
+def create_drill(body: DrillBody, drills: DrillsDep) -> DrillPublic:
     spec = DrillSpec.model_validate(body.model_dump())
     return DrillPublic.of(drills.submit(spec))
 

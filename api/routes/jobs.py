@@ -25,15 +25,15 @@ from api.schemas import (
     ErrorPublic,
     EventPublic,
     EventsPage,
-    FaultCreate,
-    JobCreate,
+    FaultBody,
+    JobBody,
     JobDetail,
     JobErrorDetail,
     JobList,
     JobPublic,
     MetricPublic,
     MetricsPage,
-    ScaleRequest,
+    ScaleBody,
     clean,
     ts,
 )
@@ -85,7 +85,7 @@ def detail_of(row: JobRow, store: Store, spec: dict[str, Any] | None = None) -> 
     responses={**_AUTH, **_BODY},
     summary="Submit a job (a job spec, as in a YAML file)",
 )
-async def create_job(body: JobCreate, jobs: JobsDep, store: StoreDep) -> Response:
+async def create_job(body: JobBody, jobs: JobsDep, store: StoreDep) -> Response:
     # on the event loop: it awaits the insert's commit (see JobManager.submit_async);
     # the body is already a validated JobSpec (JobCreate adds nothing to it)
     row = await jobs.submit_async(body)
@@ -232,7 +232,7 @@ def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
     responses={**_AUTH, **_ID, **_STATE, **_BODY},
     summary="Change the number of workers of a running job",
 )
-def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
+def scale_job(job_id: JobId, body: ScaleBody, jobs: JobsDep) -> JobPublic:
     return JobPublic.of(jobs.scale(job_id, body.workers))
 
 
@@ -243,7 +243,7 @@ def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
     responses={**_AUTH, **_ID, **_STATE, **_BODY},
     summary="Inject a fault into a running job",
 )
-def inject_fault(job_id: JobId, body: FaultCreate, jobs: JobsDep) -> JobPublic:
+def inject_fault(job_id: JobId, body: FaultBody, jobs: JobsDep) -> JobPublic:
     fault = FaultSpec.model_validate(body.model_dump())
     return JobPublic.of(jobs.inject(job_id, fault))
 

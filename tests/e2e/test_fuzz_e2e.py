@@ -21,6 +21,10 @@ from conftest import Server
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 TOKEN = "fuzz-token-0123456789abcdef"
+# Every check but one: positive_data_acceptance expects every schema-valid body to be
+# accepted, but a job spec has cross-field rules JSON Schema does not carry (steps or
+# epochs, min_workers <= workers, one fault trigger, ...): those are 422s that name them.
+EXCLUDED_CHECKS = "positive_data_acceptance"
 
 
 def st_binary() -> str:
@@ -39,7 +43,9 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(
         "run",
         f"{srv.url}/openapi.json",
         "--checks",
-        "not_a_server_error",
+        "all",
+        "--exclude-checks",
+        EXCLUDED_CHECKS,
         "--phases",
         "examples,coverage,fuzzing",
         "--max-examples",

@@ -500,3 +500,38 @@ def test_scaling_past_the_rows_of_the_dataset_is_422_naming_workers(tmp_path: Pa
         assert "cannot cut 1437 training rows into 4096" in problem["message"]
         assert "RayTaskError" not in r.text
         assert c.post(f"/jobs/{job['id']}/cancel").status_code == 202
+
+
+def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    r = client.request("OPTIONS", "/jobs")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.delete("/jobs/abc/cancel")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/jobs", {**SPEC, "optimizer": {"nesterov": 0}}, "optimizer.nesterov"),
+        ("/jobs", {**SPEC, "workers": "2"}, "workers"),
+        ("/jobs", {**SPEC, "steps": 6.0}, "steps"),
+        ("/jobs/abc/scale", {"workers": "3"}, "workers"),
+        ("/jobs/abc/faults", {"kind": "crash", "workers": ["1"]}, "workers.0"),
+        ("/drills", {"job": SPEC, "criteria": {"corrupt_refused": 0}}, "criteria.corrupt_refused"),
+    ],
+)
+def test_request_bodies_are_read_as_their_schema_types_them(
+    client: TestClient, path: str, body: dict[str, Any], where: str
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert where in [e["path"] for e in r.json()["errors"]]
+
+
+def test_a_body_that_is_not_utf8_is_422_saying_so(secured: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    assert secured.post("/jobs", content=b"\xff\x1e", headers=headers).status_code == 401
+    r = secured.post("/jobs", content=b'{"name": "\xff"}', headers={**headers, **AUTH})
+    assert r.status_code == 422 and "not UTF-8 (byte 10" in r.json()["detail"]
+    r = secured.post("/drills", content=b"7\xef\xbfK\n", headers={**headers, **AUTH})
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]
