@@ -218,7 +218,7 @@ async def stream(
     "/{job_id}/cancel",
     status_code=202,
     dependencies=[RequireToken],
-    responses={**_AUTH, **_ID, **_STATE},
+    responses={**_AUTH, **_ID, **_STATE, 413: _E},
     summary="Cancel a job (pending ones at once, live ones when the coordinator stops)",
 )
 def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
