@@ -1044,7 +1044,7 @@ class JobManager:
             out_dir.mkdir(parents=True, exist_ok=True)
             runner = self.backend.create(job_id, spec, out_dir, self.settings.data_dir)
         except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
-            self._fail(job_id, f"could not create its runner: {exc}", exc)
+            self._fail(job_id, f"could not create its runner: {user_error(exc)}", exc)
             return
         self._supervise(job_id, runner, spec)
 
