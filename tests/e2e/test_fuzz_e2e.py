@@ -1,7 +1,11 @@
 """Schema-driven fuzzing of the whole API (schemathesis against the served OpenAPI schema).
 
 Every operation gets valid and invalid inputs (wrong types, huge numbers, odd strings,
-missing and unknown fields); the check is that none is answered with a 5xx. Admission is
+missing and unknown fields, undocumented methods, missing auth); the checks are that none is
+answered with a 5xx and that every answer conforms to the schema: a documented status code,
+content type and headers, a body that validates against the documented model (ErrorPublic
+for every refusal), invalid input refused, an ``Allow`` header that lists the path's
+methods. Admission is
 paused (``ESGD_MAX_RUNNING_JOBS=0``) so the hundreds of valid specs it submits are
 accepted and stored but never train.
 """
@@ -33,7 +37,7 @@ def st_binary() -> str:
     return found
 
 
-def test_fuzzing_the_openapi_schema_finds_no_server_error(
+def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violation(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     srv = make_server(token=TOKEN, ESGD_MAX_RUNNING_JOBS="0")
