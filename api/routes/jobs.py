@@ -20,6 +20,7 @@ from api.deps import (
     StoreDep,
     TokenFirstRoute,
 )
+from api.routes import links
 from api.schemas import (
     CheckpointPublic,
     ErrorPublic,
@@ -49,6 +50,20 @@ _AUTH: dict[int | str, dict[str, Any]] = {401: _E, 403: _E}
 _ID: dict[int | str, dict[str, Any]] = {404: _E, 422: _E}
 _BODY: dict[int | str, dict[str, Any]] = {413: _E, 422: _E}
 _STATE: dict[int | str, dict[str, Any]] = {409: _E}
+
+
+# What a submitted job's id leads to (FastAPI's operation ids: function, path, method).
+_JOB_LINKS = links(
+    "job_id",
+    GetJob="get_job_jobs__job_id__get",
+    GetMetrics="get_metrics_jobs__job_id__metrics_get",
+    GetEvents="get_events_jobs__job_id__events_get",
+    GetError="get_job_error_jobs__job_id__error_get",
+    GetModel="get_model_jobs__job_id__model_get",
+    ScaleJob="scale_job_jobs__job_id__scale_post",
+    InjectFault="inject_fault_jobs__job_id__faults_post",
+    CancelJob="cancel_job_jobs__job_id__cancel_post",
+)
 
 # Seconds between two looks at the store while streaming (the supervisor's own pace).
 STREAM_POLL_S = 0.5
@@ -82,7 +97,7 @@ def detail_of(row: JobRow, store: Store, spec: dict[str, Any] | None = None) -> 
     status_code=201,
     response_model=JobDetail,
     dependencies=[RequireToken],
-    responses={**_AUTH, **_BODY},
+    responses={**_AUTH, **_BODY, 201: {"links": _JOB_LINKS}},
     summary="Submit a job (a job spec, as in a YAML file)",
 )
 async def create_job(body: JobBody, jobs: JobsDep, store: StoreDep) -> Response:

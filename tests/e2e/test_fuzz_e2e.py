@@ -51,7 +51,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violatio
         "--exclude-checks",
         EXCLUDED_CHECKS,
         "--phases",
-        "examples,coverage,fuzzing",
+        "examples,coverage,fuzzing,stateful",
         "--max-examples",
         "40",  # per operation: ~15 operations x 40 keeps this under a minute
         "--seed",
