@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import MAX_FIELD_ERRORS, ErrorPublic, FieldError
 from core.errors import (
@@ -163,9 +164,44 @@ async def _bug(request: Request, _exc: Exception) -> JSONResponse:
     )
 
 
+class BugsAnswered:
+    """Answer a bug (an exception no handler took) with the 500 of :func:`_bug`, and do not
+    raise it further.
+
+    Starlette's outermost middleware also answers it, but then raises it again, and uvicorn
+    closes the connection of a request that raised: a client's keep-alive connection would
+    not outlive one bug. Installed innermost (just outside the exception handlers), so that
+    the body limit and the request timing see the 500 like any answer.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise  # half an answer is out: only closing the connection can end it
+            response = await _bug(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers above (Starlette calls each as ``handler(request, exc)``: a
-    ``_``-prefixed argument is one a handler does not need)."""
+    ``_``-prefixed argument is one a handler does not need), and :class:`BugsAnswered`
+    (call this before adding other middleware: it must be the innermost)."""
+    app.add_middleware(BugsAnswered)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(SpecError, _spec_error)
     app.add_exception_handler(ElasticSGDError, _elastic)
