@@ -27,6 +27,7 @@ state machine and the policies can be tested without Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -1059,8 +1060,8 @@ def _unusable_path(exc: BaseException) -> str:
     """Why the filesystem refused a ``dataset.path``, and what to change."""
     if isinstance(exc, ValueError):
         why = "it holds a NUL byte"
-    elif isinstance(exc, RuntimeError):
-        why = "it runs into a symlink loop"
+    elif isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        why = "it runs into a symlink loop"  # RuntimeError up to Python 3.12, ELOOP after
     else:
         why = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
     return (

@@ -7,6 +7,7 @@ the reasons the job manager writes, and a database written at schema 2.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
@@ -135,3 +136,20 @@ def test_a_schema_2_database_keeps_the_full_text_and_sanitizes_the_public_one(
         assert row is not None and row.error == f"could not start: ValueError: {SHARDS}"
     finally:
         s.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "says"),
+    [
+        (RuntimeError("Symlink loop from '/srv/data/a'"), "symlink loop"),  # Python <= 3.12
+        (OSError(errno.ELOOP, "Too many levels of symbolic links"), "symlink loop"),
+        (OSError(errno.ENAMETOOLONG, "File name too long"), "File name too long"),
+        (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+        (ValueError("embedded null byte"), "NUL byte"),
+    ],
+)
+def test_why_a_dataset_path_cannot_be_resolved(exc: BaseException, says: str) -> None:
+    from service.jobs import _unusable_path
+
+    message = _unusable_path(exc)
+    assert says in message and "ESGD_DATA_DIR" in message and "/srv" not in message
