@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import Server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 TOKEN = "fuzz-token-0123456789abcdef"
 # Every check but one: positive_data_acceptance expects every schema-valid body to be
@@ -75,7 +75,8 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violatio
         "--no-color",
     ]
     # cwd: schemathesis keeps a cache directory there; keep it out of the repository
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    # ~60 s on an idle 2-core machine (the stateful phase included); room for a busy one
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-2000:]}\n{srv.log()}"
     suite = ET.parse(report).getroot()
     assert int(suite.attrib["tests"]) >= 14, r.stdout  # every operation was exercised
