@@ -74,8 +74,8 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violatio
         str(report),
         "--no-color",
     ]
+    # ~60 s on an idle 2-core machine (the stateful phase included); room for a busy one.
     # cwd: schemathesis keeps a cache directory there; keep it out of the repository
-    # ~60 s on an idle 2-core machine (the stateful phase included); room for a busy one
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-2000:]}\n{srv.log()}"
     suite = ET.parse(report).getroot()
