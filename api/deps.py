@@ -5,18 +5,23 @@ Routes ask for what they need by type (``jobs: JobsDep``); the objects live on
 FastAPI runs a plain ``def`` dependency in its thread pool, a hop that costs more than
 what these do. Mutating routes carry
 ``dependencies=[RequireToken]``: when the server has a token, a request without one is
-refused with 401 and a request with a wrong one with 403, before its body is looked at.
+refused with 401 and a request with a wrong one with 403, before its body is looked at:
+FastAPI reads and parses a body before it runs any dependency, so the routers of such
+routes use :class:`TokenFirstRoute`, which checks the token before the route's handler
+starts (malformed JSON from a client without the token is a 401, not a 422).
 """
 
 from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, HTTPException, Path, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from api.streams import StreamHub, Subscription, TooManyStreams
 from service.drills.service import DrillService
@@ -98,17 +103,26 @@ async def require_token(
     Raises:
         HTTPException: 401 without an ``Authorization: Bearer`` header, 403 with a wrong token.
     """
+    check_token(settings, None if credentials is None else credentials.credentials)
+
+
+def check_token(settings: Settings, presented: str | None) -> None:
+    """Compare the bearer token ``presented`` (``None``: none was sent) with the server's.
+
+    Raises:
+        HTTPException: 401 without a token, 403 with a wrong one.
+    """
     expected = settings.token_value
     if expected is None:
         return
-    if credentials is None:
+    if presented is None:
         raise HTTPException(
             status_code=401,
             detail="this route needs a bearer token: send 'Authorization: Bearer <token>' "
             "with the server's ESGD_TOKEN (the CLI reads it from ESGD_TOKEN or --token)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+    if not hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode()):
         raise HTTPException(
             status_code=403,
             detail="the bearer token is not the server's: use the ESGD_TOKEN the server "
@@ -117,6 +131,52 @@ async def require_token(
 
 
 RequireToken = Depends(require_token)
+
+
+def bearer_of(request: Request) -> str | None:
+    """The token of the request's ``Authorization: Bearer`` header (``None`` if it has none),
+    read as :class:`~fastapi.security.HTTPBearer` reads it."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class TokenFirstRoute(APIRoute):
+    """A route that checks, before FastAPI reads its body: the token (if the route depends
+    on :data:`RequireToken`), then that the body is UTF-8 (FastAPI answers a body that is
+    not with a bare 400 "error parsing the body"; this says what to send, as a 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        needs_token = any(d.dependency is require_token for d in self.dependencies)
+        has_body = self.body_field is not None
+        if not needs_token and not has_body:
+            return handler
+
+        async def checked_first(request: Request) -> Response:
+            if needs_token:
+                check_token(request.app.state.settings, bearer_of(request))
+            if has_body:
+                check_utf8(await request.body())  # cached: the handler reads it again
+            return await handler(request)
+
+        return checked_first
+
+
+def check_utf8(body: bytes) -> None:
+    """Refuse a request body that is not UTF-8 (JSON is).
+
+    Raises:
+        HTTPException: 422 naming the first offending byte.
+    """
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(
+            status_code=422,
+            detail=f"the request body is not UTF-8 (byte {exc.start}: "
+            f"{body[exc.start : exc.start + 1]!r}); send a JSON object encoded as UTF-8 with "
+            "Content-Type: application/json",
+        ) from None
 
 
 async def existing_job(job_id: JobId, jobs: JobsDep) -> JobRow:

@@ -24,8 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.schemas import ErrorPublic, FieldError
+from api.schemas import MAX_FIELD_ERRORS, ErrorPublic, FieldError
 from core.errors import (
     ElasticSGDError,
     InvalidRequest,
@@ -45,7 +47,13 @@ def error_response(
     problems: Sequence[tuple[str, str]] = (),
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorPublic(detail=detail, errors=[FieldError(path=p, message=m) for p, m in problems])
+    """An :class:`ErrorPublic` response; only the first :data:`MAX_FIELD_ERRORS` problems are
+    listed, the rest counted in ``errors_omitted``."""
+    body = ErrorPublic(
+        detail=detail,
+        errors=[FieldError(path=p, message=m) for p, m in problems[:MAX_FIELD_ERRORS]],
+        errors_omitted=max(0, len(problems) - MAX_FIELD_ERRORS),
+    )
     return JSONResponse(body.model_dump(), status_code=status, headers=dict(headers or {}))
 
 
@@ -115,6 +123,9 @@ async def _elastic(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(400, str(exc))
 
 
+# The methods the API documents (it serves no others).
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
 _ROUTE_HINT = {
     404: "no such route: see GET /docs for the API",
     405: "this method is not allowed on this route: see GET /docs for the API",
@@ -124,9 +135,24 @@ _ROUTE_HINT = {
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
+    headers = dict(exc.headers or {})
     if exc.status_code in _ROUTE_HINT and detail in ("Not Found", "Method Not Allowed"):
         detail = f"{request.method} {request.url.path}: {_ROUTE_HINT[exc.status_code]}"
-    return error_response(exc.status_code, str(detail), headers=exc.headers)
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, str(detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves on the request's path (Starlette's own
+    ``Allow`` names only the first route that matches the path, e.g. ``POST`` for ``/jobs``,
+    which also has a ``GET``). ``HEAD`` is left out, as the API's documentation does."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
 
 
 async def _bug(request: Request, _exc: Exception) -> JSONResponse:
@@ -138,9 +164,44 @@ async def _bug(request: Request, _exc: Exception) -> JSONResponse:
     )
 
 
+class BugsAnswered:
+    """Answer a bug (an exception no handler took) with the 500 of :func:`_bug`, and do not
+    raise it further.
+
+    Starlette's outermost middleware also answers it, but then raises it again, and uvicorn
+    closes the connection of a request that raised: a client's keep-alive connection would
+    not outlive one bug. Installed innermost (just outside the exception handlers), so that
+    the body limit and the request timing see the 500 like any answer.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise  # half an answer is out: only closing the connection can end it
+            response = await _bug(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers above (Starlette calls each as ``handler(request, exc)``: a
-    ``_``-prefixed argument is one a handler does not need)."""
+    ``_``-prefixed argument is one a handler does not need), and :class:`BugsAnswered`
+    (call this before adding other middleware: it must be the innermost)."""
+    app.add_middleware(BugsAnswered)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(SpecError, _spec_error)
     app.add_exception_handler(ElasticSGDError, _elastic)

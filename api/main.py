@@ -22,6 +22,7 @@ from api.deps import DetailCache
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestTiming
 from api.routes import dashboard, drills, health, jobs, metrics
+from api.schemas import ErrorPublic
 from api.streams import StreamHub
 from service import ray_conn
 from service.drills.service import DrillService
@@ -89,6 +90,8 @@ def create_app(
         version="0.1.0",
         summary="Elastic-consistency distributed SGD as a service, on Ray actors",
         lifespan=lifespan,
+        # any route may meet a bug: documented, so that clients can read its body
+        responses={500: {"model": ErrorPublic, "description": "a bug in elastic-sgd (logged)"}},
     )
     app.state.settings = settings
     app.state.store = store

@@ -9,15 +9,30 @@ models never carry NaN or infinity (JSON has neither): those become null.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Self, cast
+from typing import Annotated, Any, Literal, Self, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from core.spec import FaultSpec, JobSpec
 from core.state import JobState
 from service.drills.spec import DrillSpec
+from service.public_errors import NO_REASON
 from service.store import DrillRow, EventRow, JobRow
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def strictly(model: type[M]) -> Callable[[Any, ValidatorFunctionWrapHandler], M]:
+    """A wrap validator that validates a request body as its JSON Schema types it: strict
+    (no lax coercion: ``0`` is not ``false``, ``"2"`` is not ``2``), nested sections included.
+    A YAML spec file keeps pydantic's lax reading; an HTTP body does what its schema says."""
+
+    def validate(value: Any, _handler: ValidatorFunctionWrapHandler) -> M:
+        return model.model_validate(value, strict=True)
+
+    return validate
 
 
 def clean(obj: Any) -> Any:
@@ -53,11 +68,22 @@ class FieldError(BaseModel):
     message: str = Field(description="what is wrong and what is allowed")
 
 
+# At most this many field errors in a body (60,000 unknown keys made a 4.7 MB answer).
+MAX_FIELD_ERRORS = 50
+
+
 class ErrorPublic(BaseModel):
     """Every 4xx/5xx body: ``detail`` says what went wrong and what to change."""
 
     detail: str
-    errors: list[FieldError] = Field(default_factory=list)
+    errors: list[FieldError] = Field(
+        default_factory=list,
+        max_length=MAX_FIELD_ERRORS,
+        description=f"the refused fields, the first {MAX_FIELD_ERRORS}",
+    )
+    errors_omitted: int = Field(
+        default=0, ge=0, description="how many more fields were refused than are listed"
+    )
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -102,6 +128,11 @@ class FaultCreate(FaultSpec):
             "examples": [{"kind": "crash", "workers": [1], "rejoin_after_s": 2.0}],
         }
     )
+
+
+JobBody = Annotated[JobCreate, WrapValidator(strictly(JobCreate))]
+FaultBody = Annotated[FaultCreate, WrapValidator(strictly(FaultCreate))]
+ScaleBody = Annotated[ScaleRequest, WrapValidator(strictly(ScaleRequest))]
 
 
 class WorkerPublic(BaseModel):
@@ -169,10 +200,23 @@ class JobPublic(BaseModel):
             b_hat_max=_f(st.get("b_hat_max")),
             b_hat_mean=_f(st.get("b_hat_mean")),
             bound=_f(st.get("bound")),
-            error=row.error,
+            # a failed job always says why (rows written before reasons were required)
+            error=row.error or (NO_REASON if row.state == JobState.FAILED.value else None),
             drill_id=row.drill_id,
             **extra,
         )
+
+
+class JobErrorDetail(BaseModel):
+    """A job's failure for operators: the public reason and the full text behind it."""
+
+    job_id: str
+    state: JobState
+    error: str | None = Field(description="the public reason (as in GET /jobs/{id})")
+    detail: str | None = Field(
+        description="the full record: messages and tracebacks as the service received them "
+        "(may name paths, pids and hosts of the cluster: not for end users)"
+    )
 
 
 class CheckpointPublic(BaseModel):
@@ -355,3 +399,6 @@ class ReadyPublic(BaseModel):
     ray: bool
     supervisor: bool
     detail: str = ""
+
+
+DrillBody = Annotated[DrillCreate, WrapValidator(strictly(DrillCreate))]

@@ -22,6 +22,19 @@ ModelName = Literal["logreg", "mlp", "cnn"]
 DatasetName = Literal["digits", "synthetic_classification", "least_squares", "npz"]
 
 
+# Bounds of the spec's lists (every number and list of a spec has a bound; see
+# tests/unit/test_spec.py): deeper networks, longer fault plans or exact-step lists than
+# these are not experiments this service runs, and each item costs work in the coordinator.
+MAX_LAYERS = 32
+MAX_FAULTS = 1000
+MAX_SCALE_ACTIONS = 1000
+MAX_FAULT_STEPS = 10_000
+# The largest step a spec may name (= the bound of ``JobSpec.steps``).
+MAX_STEPS = 100_000_000
+# The most workers a job may have (= the bound of ``JobSpec.workers``); ids are below it.
+MAX_WORKERS = 4096
+
+
 class _Strict(BaseModel):
     """Base for every spec section: unknown keys are refused, values are checked on assignment."""
 
@@ -33,7 +46,9 @@ class ModelSpec(_Strict):
 
     name: ModelName = "mlp"
     # Hidden layer widths for ``mlp``; channels of the two conv layers for ``cnn``.
-    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [64])
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=lambda: [64], max_length=MAX_LAYERS
+    )
 
 
 class DatasetSpec(_Strict):
@@ -164,14 +179,18 @@ class FaultSpec(_Strict):
 
     kind: Literal["crash", "drop", "delay", "partition", "coordinator_crash", "corrupt"]
     # Target: explicit worker ids, or a count of workers picked by the seeded RNG.
-    workers: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
-    count: int | None = Field(default=None, ge=1, le=4096)
+    workers: list[Annotated[int, Field(ge=0, le=MAX_WORKERS - 1)]] | None = Field(
+        default=None, max_length=MAX_WORKERS
+    )
+    count: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     # Trigger: at a step, at seconds since start, or with a probability per step.
     at_step: int | None = Field(default=None, ge=0, le=10_000_000)
     at_s: float | None = Field(default=None, ge=0.0, le=1e6)
     probability: float | None = Field(default=None, ge=0.0, le=1.0)
     # Exact steps (for ``drop``).
-    steps: list[Annotated[int, Field(ge=0)]] | None = None
+    steps: list[Annotated[int, Field(ge=0, le=MAX_STEPS)]] | None = Field(
+        default=None, max_length=MAX_FAULT_STEPS
+    )
     # Window length for delay, partition and corrupt (steps or seconds; whichever is given).
     duration_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     duration_s: float | None = Field(default=None, gt=0.0, le=1e6)
@@ -243,7 +262,7 @@ class ScaleAction(_Strict):
     """Resize the running job to ``workers`` when it reaches ``at_step`` (drills, rehearsals)."""
 
     at_step: int = Field(ge=1, le=100_000_000)
-    workers: int = Field(ge=1, le=4096)
+    workers: int = Field(ge=1, le=MAX_WORKERS)
 
 
 class CheckpointSpec(_Strict):
@@ -271,11 +290,11 @@ class JobSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
-    steps: int | None = Field(default=None, ge=1, le=100_000_000)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     epochs: float | None = Field(default=None, gt=0.0, le=1_000_000.0)
-    workers: int = Field(default=4, ge=1, le=4096)
-    min_workers: int = Field(default=1, ge=1, le=4096)
-    max_workers: int | None = Field(default=None, ge=1, le=4096)
+    workers: int = Field(default=4, ge=1, le=MAX_WORKERS)
+    min_workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    max_workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     mode: ModeSpec = Field(default_factory=SyncMode)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
@@ -296,9 +315,9 @@ class JobSpec(_Strict):
     replace_lost_workers: bool = True
     # How often Ray may restart a crashed coordinator (it resumes from the last checkpoint).
     max_coordinator_restarts: int = Field(default=3, ge=0, le=100)
-    faults: list[FaultSpec] = Field(default_factory=list)
+    faults: list[FaultSpec] = Field(default_factory=list, max_length=MAX_FAULTS)
     # Planned resizes while the job runs (each within [min_workers, max_workers]).
-    scale_plan: list[ScaleAction] = Field(default_factory=list)
+    scale_plan: list[ScaleAction] = Field(default_factory=list, max_length=MAX_SCALE_ACTIONS)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     # Seconds without news from a worker before it is declared lost.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
@@ -354,7 +373,10 @@ def _allowed(err: Mapping[str, Any]) -> str:
     if "expected" in ctx:
         parts.append(f"one of {ctx['expected']}")
     if "max_length" in ctx:
-        parts.append(f"at most {ctx['max_length']} characters")
+        unit = "items" if str(err.get("type", "")).startswith("too_long") else "characters"
+        parts.append(f"at most {ctx['max_length']} {unit}")
+    if "min_length" in ctx and str(err.get("type", "")).startswith("too_short"):
+        parts.append(f"at least {ctx['min_length']} items")
     if "pattern" in ctx:
         parts.append(f"matching {ctx['pattern']}")
     return f" (allowed: {', '.join(parts)})" if parts else ""

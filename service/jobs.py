@@ -27,9 +27,12 @@ state machine and the policies can be tested without Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,11 +41,12 @@ from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from core.errors import InvalidTransition, JobNotFound, SpecError
+from core.errors import InvalidTransition, JobNotFound, SpecError, TrainingFailed
 from core.events import Event, Record
 from core.names import coordinator_name
 from core.spec import FaultSpec, JobSpec, format_errors
 from core.state import JobState
+from service.public_errors import NO_REASON, public_error
 from service.ray_errors import describe, own_error, user_error
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
@@ -369,10 +373,16 @@ class JobManager:
         if spec.dataset.name != "npz" or spec.dataset.path is None:
             return
         root = self.settings.data_dir.resolve()
-        target = (root / spec.dataset.path).resolve()
-        if not target.is_relative_to(root):
+        try:
+            target = (root / spec.dataset.path).resolve()
+            inside, is_file = target.is_relative_to(root), target.is_file()
+        except (OSError, ValueError, RuntimeError) as exc:
+            # a symlink loop (RuntimeError before Python 3.13), an embedded NUL (ValueError),
+            # a name too long for the filesystem or any other OSError: the user's to fix
+            raise SpecError([("dataset.path", _unusable_path(exc))]) from None
+        if not inside:
             raise SpecError([("dataset.path", f"must stay inside the data directory {root}")])
-        if not target.is_file():
+        if not is_file:
             raise SpecError(
                 [
                     (
@@ -470,7 +480,13 @@ class JobManager:
                     )
                 ]
             )
-        self._call_runner(job_id, "scale", lambda: live.runner.scale(workers))
+        try:
+            self._call_runner(job_id, "scale", lambda: live.runner.scale(workers))
+        except TrainingFailed as exc:
+            # the coordinator refused the count itself (e.g. more shards than training rows)
+            raise SpecError(
+                [("workers", f"cannot scale job {job_id} to {workers}: {exc}")]
+            ) from exc
         self.store.add_event(
             job_id, "scale", f"scale to {workers} workers requested", step=row.step
         )
@@ -552,22 +568,33 @@ class JobManager:
         reason: str,
         *,
         error: str | None = None,
+        detail: str | None = None,
         step: int | None = None,
         finished: bool = False,
     ) -> JobRow:
         """The one place where a job changes state: check, persist with its event, log.
+
+        A failed job always gets an ``error``: ``error`` (or else ``reason``) as
+        :func:`~service.public_errors.public_error` words it; the full text (``detail``, or
+        else the error as given) is kept for ``GET /jobs/{id}/error`` and logged.
 
         Raises:
             InvalidTransition: the move is not allowed.
             StaleState: the job left ``current`` meanwhile.
         """
         check_transition(job_id, current, new)
+        full: str | None = None
+        if new is JobState.FAILED or error is not None:
+            full = detail or error or reason
+            error, reason = public_error(error or reason), public_error(reason)
+            log.error("job %s failed: %s", job_id, full)
         row = self.store.transition(
             job_id,
             current.value,
             new.value,
             detail=reason,
             error=error,
+            error_detail=full,
             step=step,
             started=new is JobState.RUNNING,
             finished=finished or new.terminal,
@@ -587,8 +614,9 @@ class JobManager:
                     log.exception("on_terminal hook failed for job %s", job_id)
         return row
 
-    def _fail(self, job_id: str, reason: str) -> None:
-        """Fail a job from whatever non-terminal state it is in (best effort)."""
+    def _fail(self, job_id: str, reason: str, exc: BaseException | None = None) -> None:
+        """Fail a job from whatever non-terminal state it is in (best effort); ``exc``'s
+        traceback, if given, is kept with the reason for operators."""
         for _ in range(3):
             row = self.store.get_job(job_id)
             if row is None or JobState(row.state).terminal:
@@ -600,6 +628,7 @@ class JobManager:
                     JobState.FAILED,
                     reason,
                     error=reason,
+                    detail=None if exc is None else _with_traceback(reason, exc),
                     step=row.step,
                 )
                 return
@@ -764,7 +793,7 @@ class JobManager:
         entry.start = None
         entry.since = time.monotonic()
         if exc is not None:
-            self._fail(job_id, f"could not start: {user_error(exc)}")
+            self._fail(job_id, f"could not start: {user_error(exc)}", exc)
             return False
         if entry.cancel_requested_at is not None:
             self._call_quietly(job_id, "cancel", entry.runner.cancel)
@@ -786,6 +815,7 @@ class JobManager:
                     f"{entry.poll_failures} polls in a row failed "
                     f"(ESGD_MAX_POLL_FAILURES={self.settings.max_poll_failures}); "
                     f"last error: {describe(exc)}",
+                    exc,
                 )
             return None
         entry.poll_failures = 0
@@ -826,7 +856,8 @@ class JobManager:
     ) -> None:
         """The coordinator ended: collect the outputs, then record the terminal state."""
         summary: dict[str, Any] | None = None
-        error = status.get("error")
+        error = status.get("error") or None
+        failure: BaseException | None = None
         try:  # the coordinator may have produced records after the poll that saw it end
             last = entry.runner.poll()
             self.store.ingest(job_id, last.records, last.events)
@@ -836,17 +867,20 @@ class JobManager:
             summary = entry.runner.finish()
         except Exception as exc:
             log.exception("job %s: finish failed", job_id)
+            failure = exc
             if target is JobState.SUCCEEDED:
                 target, error = (
                     JobState.FAILED,
                     f"writing the job's outputs failed: {describe(exc)}",
                 )
+            elif target is JobState.FAILED and error is None:
+                error = str(user_error(exc))
         if summary is not None:
             self.store.set_summary(job_id, summary)
         reason = {
             JobState.SUCCEEDED: "all steps done",
             JobState.CANCELLED: "cancelled on request",
-            JobState.FAILED: f"training failed: {error or 'no reason given'}",
+            JobState.FAILED: f"training failed: {error or NO_REASON}",
         }[target]
         try:
             self._transition(
@@ -854,7 +888,8 @@ class JobManager:
                 current,
                 target,
                 reason,
-                error=None if target is not JobState.FAILED else str(error),
+                error=None if target is not JobState.FAILED else error and str(error),
+                detail=None if failure is None else _with_traceback(reason, failure),
                 step=int(status.get("step") or 0),
             )
         except (StaleState, InvalidTransition) as exc:
@@ -1010,7 +1045,7 @@ class JobManager:
             out_dir.mkdir(parents=True, exist_ok=True)
             runner = self.backend.create(job_id, spec, out_dir, self.settings.data_dir)
         except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
-            self._fail(job_id, f"could not create its runner: {exc}")
+            self._fail(job_id, f"could not create its runner: {user_error(exc)}", exc)
             return
         self._supervise(job_id, runner, spec)
 
@@ -1019,6 +1054,25 @@ class JobManager:
         with self._lock:
             self._live[job_id] = entry
         entry.start = self._pool.submit(runner.start)
+
+
+def _unusable_path(exc: BaseException) -> str:
+    """Why the filesystem refused a ``dataset.path``, and what to change."""
+    if isinstance(exc, ValueError):
+        why = "it holds a NUL byte"
+    elif isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        why = "it runs into a symlink loop"  # RuntimeError up to Python 3.12, ELOOP after
+    else:
+        why = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+    return (
+        f"cannot be resolved in the data directory ({why}); give the name of a regular "
+        ".npz file inside the data directory (ESGD_DATA_DIR)"
+    )
+
+
+def _with_traceback(reason: str, exc: BaseException) -> str:
+    """``reason`` followed by ``exc``'s full traceback (a Ray error's remote one included)."""
+    return f"{reason}\n\n{''.join(traceback.format_exception(exc))}"
 
 
 def _unknown(job_id: str) -> JobNotFound:

@@ -49,6 +49,38 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A token is sent in an HTTP header: visible ASCII (0x21-0x7e), no spaces or control codes.
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+MIN_TOKEN_CHARS = 16
+# 8 distinct characters: "aaaaaaaaaaaaaaaa" or "abababab..." are not secrets
+MIN_TOKEN_DISTINCT = 8
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot serve as the bearer token, or ``None`` if it can.
+
+    A token must be printable ASCII without spaces (anything else cannot be sent in an
+    ``Authorization`` header, so it could never match), at least
+    :data:`MIN_TOKEN_CHARS` long, with at least :data:`MIN_TOKEN_DISTINCT` distinct characters.
+    """
+    fix = "set ESGD_TOKEN (or --token) to a long random string, e.g. `openssl rand -hex 24`"
+    bad = sorted({c for c in token if c not in _TOKEN_CHARS})
+    if bad:
+        shown = ", ".join(f"U+{ord(c):04X}" for c in bad[:5])
+        return (
+            f"token (ESGD_TOKEN) may hold only printable ASCII without spaces; it holds "
+            f"{shown}, which an Authorization header cannot carry: {fix}"
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"token (ESGD_TOKEN) is too short: use at least {MIN_TOKEN_CHARS} characters; {fix}"
+    if len(set(token)) < MIN_TOKEN_DISTINCT:
+        return (
+            f"token (ESGD_TOKEN) has only {len(set(token))} distinct characters: use at least "
+            f"{MIN_TOKEN_DISTINCT}; {fix}"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     """Configuration of the elastic-sgd service (env prefix ``ESGD_``)."""
 
@@ -99,8 +131,10 @@ class Settings(BaseSettings):
                 "set ESGD_TOKEN (or --token) to a long random string, or use "
                 "ESGD_HOST=127.0.0.1"
             )
-        if self.token is not None and len(self.token.get_secret_value()) < 16:
-            raise ValueError("token is too short: use at least 16 characters (ESGD_TOKEN)")
+        if self.token is not None:
+            problem = token_problem(self.token.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @property

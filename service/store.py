@@ -41,9 +41,12 @@ from typing import Any, TypeVar, cast
 
 from core.errors import ElasticSGDError
 from core.events import Event, Record, record_from_dict
+from service.public_errors import public_error
 
 # 2: events.fault (the fault kind of a fault, heal, detect or missing-gradient event)
-SCHEMA_VERSION = 2
+# 3: jobs.error_detail (the full text of a failure: tracebacks; jobs.error is its public,
+#    sanitized form, see service.public_errors)
+SCHEMA_VERSION = 3
 # At most this many queued writes share one transaction (one sync of the WAL).
 GROUP_COMMIT_MAX = 128
 
@@ -63,6 +66,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL DEFAULT 0,
     total_steps INTEGER,
     error TEXT,
+    error_detail TEXT,             -- the full text behind error (added in schema 3)
     status_json TEXT,
     summary_json TEXT,
     out_dir TEXT NOT NULL,
@@ -516,6 +520,16 @@ class Store:
         )
         return [str(r[0]) for r in rows]
 
+    def error_detail(self, job_id: str) -> tuple[str | None, str | None] | None:
+        """``(error, error_detail)`` of a job: its public reason and the full text behind it
+        (``None`` for an unknown job)."""
+        r = (
+            self._conn()
+            .execute("SELECT error, error_detail FROM jobs WHERE id=?", (job_id,))
+            .fetchone()
+        )
+        return None if r is None else (r[0], r[1])
+
     def count_by_state(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {str(r[0]): int(r[1]) for r in rows}
@@ -528,12 +542,16 @@ class Store:
         *,
         detail: str,
         error: str | None = None,
+        error_detail: str | None = None,
         step: int | None = None,
         started: bool = False,
         finished: bool = False,
         now: float | None = None,
     ) -> JobRow:
         """Move a job from ``expected`` to ``new`` and record the ``state`` event, atomically.
+
+        ``error`` is the public reason of a failure (sanitized by the caller),
+        ``error_detail`` its full text for operators (:meth:`error_detail`).
 
         Raises:
             StaleState: the job is no longer in ``expected`` (someone else moved it).
@@ -546,6 +564,9 @@ class Store:
             if error is not None:
                 sets.append("error=?")
                 args.append(error)
+            if error_detail is not None:
+                sets.append("error_detail=?")
+                args.append(error_detail)
             if started:
                 sets.append("started_at=COALESCE(started_at, ?)")
                 args.append(t)
@@ -1060,6 +1081,17 @@ def _migrate(c: sqlite3.Connection, version: int) -> None:
         cols = {str(r[1]) for r in c.execute("PRAGMA table_info(events)")}
         if "fault" not in cols:
             c.execute("ALTER TABLE events ADD COLUMN fault TEXT")
+    if version < 3:
+        # jobs.error_detail: the full text moves there; error keeps only its public form
+        cols = {str(r[1]) for r in c.execute("PRAGMA table_info(jobs)")}
+        if "error_detail" not in cols:
+            c.execute("ALTER TABLE jobs ADD COLUMN error_detail TEXT")
+        failed = c.execute("SELECT id, error FROM jobs WHERE error IS NOT NULL").fetchall()
+        for job_id, error in failed:
+            c.execute(
+                "UPDATE jobs SET error=?, error_detail=COALESCE(error_detail, ?) WHERE id=?",
+                (public_error(error), error, job_id),
+            )
     c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
 

@@ -17,21 +17,24 @@ from api.deps import (
     RequireToken,
     StoreDep,
     StreamSubscription,
+    TokenFirstRoute,
 )
+from api.routes import links
 from api.schemas import (
     CheckpointPublic,
     ErrorPublic,
     EventPublic,
     EventsPage,
-    FaultCreate,
+    FaultBody,
     HistoryPublic,
-    JobCreate,
+    JobBody,
     JobDetail,
+    JobErrorDetail,
     JobList,
     JobPublic,
     MetricPublic,
     MetricsPage,
-    ScaleRequest,
+    ScaleBody,
     SeriesPublic,
     clean,
     ts,
@@ -41,7 +44,7 @@ from core.spec import FaultSpec
 from core.state import JobState
 from service.store import JobRow, Store
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=TokenFirstRoute)
 
 _E = {"model": ErrorPublic}
 # Documented refusals, shared by the routes below.
@@ -49,6 +52,20 @@ _AUTH: dict[int | str, dict[str, Any]] = {401: _E, 403: _E}
 _ID: dict[int | str, dict[str, Any]] = {404: _E, 422: _E}
 _BODY: dict[int | str, dict[str, Any]] = {413: _E, 422: _E}
 _STATE: dict[int | str, dict[str, Any]] = {409: _E}
+
+
+# What a submitted job's id leads to (FastAPI's operation ids: function, path, method).
+_JOB_LINKS = links(
+    "job_id",
+    GetJob="get_job_jobs__job_id__get",
+    GetMetrics="get_metrics_jobs__job_id__metrics_get",
+    GetEvents="get_events_jobs__job_id__events_get",
+    GetError="get_job_error_jobs__job_id__error_get",
+    GetModel="get_model_jobs__job_id__model_get",
+    ScaleJob="scale_job_jobs__job_id__scale_post",
+    InjectFault="inject_fault_jobs__job_id__faults_post",
+    CancelJob="cancel_job_jobs__job_id__cancel_post",
+)
 
 
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
@@ -79,10 +96,10 @@ def detail_of(row: JobRow, store: Store, spec: dict[str, Any] | None = None) -> 
     status_code=201,
     response_model=JobDetail,
     dependencies=[RequireToken],
-    responses={**_AUTH, **_BODY},
+    responses={**_AUTH, **_BODY, 201: {"links": _JOB_LINKS}},
     summary="Submit a job (a job spec, as in a YAML file)",
 )
-async def create_job(body: JobCreate, jobs: JobsDep, store: StoreDep) -> Response:
+async def create_job(body: JobBody, jobs: JobsDep, store: StoreDep) -> Response:
     # on the event loop: it awaits the insert's commit (see JobManager.submit_async);
     # the body is already a validated JobSpec (JobCreate adds nothing to it)
     row = await jobs.submit_async(body)
@@ -246,7 +263,7 @@ async def stream(
     "/{job_id}/cancel",
     status_code=202,
     dependencies=[RequireToken],
-    responses={**_AUTH, **_ID, **_STATE},
+    responses={**_AUTH, **_ID, **_STATE, 413: _E},
     summary="Cancel a job (pending ones at once, live ones when the coordinator stops)",
 )
 def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
@@ -260,7 +277,7 @@ def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
     responses={**_AUTH, **_ID, **_STATE, **_BODY},
     summary="Change the number of workers of a running job",
 )
-def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
+def scale_job(job_id: JobId, body: ScaleBody, jobs: JobsDep) -> JobPublic:
     return JobPublic.of(jobs.scale(job_id, body.workers))
 
 
@@ -271,9 +288,25 @@ def scale_job(job_id: JobId, body: ScaleRequest, jobs: JobsDep) -> JobPublic:
     responses={**_AUTH, **_ID, **_STATE, **_BODY},
     summary="Inject a fault into a running job",
 )
-def inject_fault(job_id: JobId, body: FaultCreate, jobs: JobsDep) -> JobPublic:
+def inject_fault(job_id: JobId, body: FaultBody, jobs: JobsDep) -> JobPublic:
     fault = FaultSpec.model_validate(body.model_dump())
     return JobPublic.of(jobs.inject(job_id, fault))
+
+
+@router.get(
+    "/{job_id}/error",
+    dependencies=[RequireToken],
+    responses={**_AUTH, **_ID},
+    summary="A job's full failure record, tracebacks included (operators: needs the token)",
+    description="`error` is the public reason shown by `GET /jobs/{job_id}`; `detail` is the "
+    "full text the service received (Ray tracebacks, paths, hosts), also in the server log.",
+)
+def get_job_error(job: ExistingJob, store: StoreDep) -> JobErrorDetail:
+    found = store.error_detail(job.id)
+    detail = None if found is None else found[1]
+    return JobErrorDetail(
+        job_id=job.id, state=JobState(job.state), error=JobPublic.of(job).error, detail=detail
+    )
 
 
 @router.get(

@@ -14,7 +14,7 @@ import logging
 from enum import StrEnum
 from pathlib import Path
 
-from core.errors import ElasticSGDError
+from core.errors import ElasticSGDError, InvalidTransition
 from core.state import JobState
 from service.drills.analyse import analyse_drill
 from service.drills.report import REPORT_PNG, build_report, write_report_files
@@ -83,17 +83,19 @@ class DrillService:
         """The drill's plot (``report.png`` in its job's folder).
 
         Raises:
-            DrillNotFound: no drill has that id, or it has no plot (yet): its job is still
-                running, or ended without a record to plot.
+            DrillNotFound: no drill has that id, or it ended without a record to plot.
+            InvalidTransition: the drill is still running (its plot is drawn at its end).
         """
         drill = self.get(drill_id)
+        if not DrillState(drill.state).terminal:
+            raise InvalidTransition(
+                f"drill {drill_id!r} is {drill.state}: its plot is drawn when its job ends; "
+                "wait for its report"
+            )
         job = None if drill.job_id is None else self.store.get_job(drill.job_id)
         path = None if job is None else Path(job.out_dir) / REPORT_PNG
-        if path is None or not DrillState(drill.state).terminal or not path.is_file():
-            raise DrillNotFound(
-                f"drill {drill_id!r} has no plot: it is {drill.state}"
-                + ("" if DrillState(drill.state).terminal else "; wait for its report")
-            )
+        if path is None or not path.is_file():
+            raise DrillNotFound(f"drill {drill_id!r} has no plot: it is {drill.state}")
         return path
 
     def reconcile(self) -> None:

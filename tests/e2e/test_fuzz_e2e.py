@@ -1,7 +1,11 @@
 """Schema-driven fuzzing of the whole API (schemathesis against the served OpenAPI schema).
 
 Every operation gets valid and invalid inputs (wrong types, huge numbers, odd strings,
-missing and unknown fields); the check is that none is answered with a 5xx. Admission is
+missing and unknown fields, undocumented methods, missing auth); the checks are that none is
+answered with a 5xx and that every answer conforms to the schema: a documented status code,
+content type and headers, a body that validates against the documented model (ErrorPublic
+for every refusal), invalid input refused, an ``Allow`` header that lists the path's
+methods. Admission is
 paused (``ESGD_MAX_RUNNING_JOBS=0``) so the hundreds of valid specs it submits are
 accepted and stored but never train.
 """
@@ -18,9 +22,13 @@ from pathlib import Path
 import pytest
 from conftest import Server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 TOKEN = "fuzz-token-0123456789abcdef"
+# Every check but one: positive_data_acceptance expects every schema-valid body to be
+# accepted, but a job spec has cross-field rules JSON Schema does not carry (steps or
+# epochs, min_workers <= workers, one fault trigger, ...): those are 422s that name them.
+EXCLUDED_CHECKS = "positive_data_acceptance"
 
 
 def st_binary() -> str:
@@ -29,7 +37,7 @@ def st_binary() -> str:
     return found
 
 
-def test_fuzzing_the_openapi_schema_finds_no_server_error(
+def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violation(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     srv = make_server(token=TOKEN, ESGD_MAX_RUNNING_JOBS="0")
@@ -39,9 +47,11 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(
         "run",
         f"{srv.url}/openapi.json",
         "--checks",
-        "not_a_server_error",
+        "all",
+        "--exclude-checks",
+        EXCLUDED_CHECKS,
         "--phases",
-        "examples,coverage,fuzzing",
+        "examples,coverage,fuzzing,stateful",
         "--max-examples",
         "40",  # per operation: ~15 operations x 40 keeps this under a minute
         "--seed",
@@ -64,8 +74,9 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(
         str(report),
         "--no-color",
     ]
+    # ~60 s on an idle 2-core machine (the stateful phase included); room for a busy one.
     # cwd: schemathesis keeps a cache directory there; keep it out of the repository
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-2000:]}\n{srv.log()}"
     suite = ET.parse(report).getroot()
     assert int(suite.attrib["tests"]) >= 14, r.stdout  # every operation was exercised

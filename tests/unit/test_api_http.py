@@ -277,10 +277,15 @@ def test_bugs_are_a_clean_500(tmp_path: Path) -> None:
     def boom() -> None:
         raise RuntimeError("secret internals 1234")
 
-    with TestClient(app, raise_server_exceptions=False) as c:
+    # raise_server_exceptions: the test client raises what the app raised further; the bug
+    # is answered and not raised again (a server would close the connection of a request
+    # that raised), so the next request is served as usual
+    with TestClient(app, raise_server_exceptions=True) as c:
         r = c.get("/boom")
+        assert c.get("/healthz").status_code == 200
     assert r.status_code == 500 and "bug in elastic-sgd" in r.json()["detail"]
     assert "secret internals" not in r.text  # no internals leak
+    assert "server-timing" in r.headers  # timed like any answer
 
 
 @pytest.mark.parametrize(
@@ -379,3 +384,159 @@ def test_job_detail_is_cached_per_version_with_an_etag(client: TestClient) -> No
     after = client.get(f"/jobs/{pending['id']}", headers={"If-None-Match": tag})
     assert after.status_code == 200 and after.json()["state"] == "cancelled"
     assert after.headers["etag"] != tag
+
+
+# -- hostile input: a 4xx that says what to change, never a 500 --------------------------------
+
+
+def test_the_token_is_checked_before_the_body_is_parsed(secured: TestClient) -> None:
+    bad_json = {"content-type": "application/json"}
+    for path in ("/jobs", "/jobs/abc/scale", "/jobs/abc/faults", "/drills"):
+        r = secured.post(path, content=b"{not json", headers=bad_json)
+        assert r.status_code == 401, (path, r.text)
+        r = secured.post(
+            path, content=b"{not json", headers={**bad_json, "Authorization": "Bearer nope-nope"}
+        )
+        assert r.status_code == 403, (path, r.text)
+    # with the token, the body is parsed and refused on its own merits
+    r = secured.post("/jobs", content=b"{not json", headers={**bad_json, **AUTH})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+
+
+def test_error_lists_are_capped_at_50_with_a_count(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, max_body=4 << 20)
+    body = {**SPEC, **{f"unknown_{i}": i for i in range(60_000)}}
+    with TestClient(app) as c:
+        r = c.post("/jobs", json=body)
+    assert r.status_code == 422
+    err = r.json()
+    assert len(err["errors"]) == 50 and err["errors_omitted"] == 60_000 - 50
+    assert err["errors"][0]["message"].startswith("unknown field")
+    assert "(and 59995 more)" in err["detail"]
+    assert len(r.content) < 20_000  # was 4.7 MB
+
+
+def _npz_problem(c: TestClient, path: str) -> str:
+    r = c.post("/jobs", json={**SPEC, "dataset": {"name": "npz", "path": path}})
+    assert r.status_code == 422, r.text
+    (problem,) = r.json()["errors"]
+    assert problem["path"] == "dataset.path"
+    return str(problem["message"])
+
+
+def test_filesystem_errors_on_dataset_path_are_422_on_the_field(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "loop.npz").symlink_to(data / "loop.npz")
+    (data / "a").symlink_to(data / "b")
+    (data / "b").symlink_to(data / "a")
+    with TestClient(app) as c:
+        assert "symlink loop" in _npz_problem(c, "loop.npz")
+        assert "symlink loop" in _npz_problem(c, "a/x.npz")
+        assert "NUL byte" in _npz_problem(c, "bad\x00name.npz")
+        # 120 two-byte characters: 240 bytes, fine; 250 three-byte ones: 750 > 255
+        assert "File name too long" in _npz_problem(c, "€" * 250 + ".npz")
+        assert "ESGD_DATA_DIR" in _npz_problem(c, "dir/" + "x" * 240 + ".npz")
+        # the client is still served after each (a 500 would have closed the connection)
+        assert c.get("/jobs").status_code == 200
+
+
+def test_huge_numbers_in_a_spec_are_422_with_the_bound(client: TestClient) -> None:
+    r = client.post("/jobs", json={**SPEC, "faults": [{"kind": "drop", "steps": [10**30]}]})
+    assert r.status_code == 422
+    (problem,) = r.json()["errors"]
+    assert problem["path"] == "faults.0.steps.0" and "<= 100000000" in problem["message"]
+
+
+def test_a_failed_job_says_why_and_the_full_text_is_behind_the_token(tmp_path: Path) -> None:
+    from ray_exception_objects import constructor_failed
+
+    tb_error = constructor_failed(FileNotFoundError(2, "No such file", "/srv/secret/x.npz"))
+    app, _ = make_app(tmp_path, token=TOKEN, script=Script(start_error=tb_error))
+    with TestClient(app) as c:
+        jid = c.post("/jobs", json=SPEC, headers=AUTH).json()["id"]
+        job = wait_state(c, jid, {"failed"})
+        public = job["error"]
+        assert public.startswith("could not start: ") and "FileNotFoundError" in public
+        for leak in ("\x1b[", "/srv/secret", "pid=", "10.0.0.7", "Traceback", 'File "'):
+            assert leak not in public, (leak, public)
+        assert c.get(f"/jobs/{jid}/error").status_code == 401
+        full = c.get(f"/jobs/{jid}/error", headers=AUTH)
+        assert full.status_code == 200, full.text
+        body = full.json()
+        assert body["error"] == public and body["state"] == "failed"
+        assert "/srv/secret/x.npz" in body["detail"] and "Traceback" in body["detail"]
+        assert c.get("/jobs/abc/error", headers=AUTH).status_code == 404
+
+
+def test_a_job_failed_without_a_reason_still_has_one(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, script=Script(end="failed", error=None))
+    with TestClient(app) as c:
+        jid = c.post("/jobs", json=SPEC).json()["id"]
+        job = wait_state(c, jid, {"failed"})
+        assert job["error"] not in (None, "", "None")
+        assert "GET /jobs/{id}/error" in job["error"]
+        assert c.get(f"/jobs/{jid}/error").json()["detail"]
+
+
+def test_scaling_past_the_rows_of_the_dataset_is_422_naming_workers(tmp_path: Path) -> None:
+    from ray_exception_objects import remote
+
+    from service.ray_errors import user_error
+
+    app, backend = make_app(tmp_path, script=Script(steps_per_poll=1))
+    with TestClient(app) as c:
+        job = c.post("/jobs", json={**SPEC, "steps": 100_000, "max_workers": 4096}).json()
+        wait_state(c, job["id"], {"running"})
+        cause = ValueError(
+            "cannot cut 1437 training rows into 4096 non-empty shards; "
+            "use fewer workers or a larger dataset"
+        )
+
+        def refuse(_n: int) -> None:  # what JobRunner.scale raises for the coordinator's error
+            raise user_error(remote(cause), "the coordinator's scale failed") from None
+
+        backend.runners[job["id"]].scale = refuse  # type: ignore[method-assign]
+        r = c.post(f"/jobs/{job['id']}/scale", json={"workers": 4096})
+        assert r.status_code == 422, r.text
+        (problem,) = r.json()["errors"]
+        assert problem["path"] == "workers"
+        assert "cannot cut 1437 training rows into 4096" in problem["message"]
+        assert "RayTaskError" not in r.text
+        assert c.post(f"/jobs/{job['id']}/cancel").status_code == 202
+
+
+def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    r = client.request("OPTIONS", "/jobs")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.delete("/jobs/abc/cancel")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/jobs", {**SPEC, "optimizer": {"nesterov": 0}}, "optimizer.nesterov"),
+        ("/jobs", {**SPEC, "workers": "2"}, "workers"),
+        ("/jobs", {**SPEC, "steps": 6.0}, "steps"),
+        ("/jobs/abc/scale", {"workers": "3"}, "workers"),
+        ("/jobs/abc/faults", {"kind": "crash", "workers": ["1"]}, "workers.0"),
+        ("/drills", {"job": SPEC, "criteria": {"corrupt_refused": 0}}, "criteria.corrupt_refused"),
+    ],
+)
+def test_request_bodies_are_read_as_their_schema_types_them(
+    client: TestClient, path: str, body: dict[str, Any], where: str
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert where in [e["path"] for e in r.json()["errors"]]
+
+
+def test_a_body_that_is_not_utf8_is_422_saying_so(secured: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    assert secured.post("/jobs", content=b"\xff\x1e", headers=headers).status_code == 401
+    r = secured.post("/jobs", content=b'{"name": "\xff"}', headers={**headers, **AUTH})
+    assert r.status_code == 422 and "not UTF-8 (byte 10" in r.json()["detail"]
+    r = secured.post("/drills", content=b"7\xef\xbfK\n", headers={**headers, **AUTH})
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]

@@ -8,7 +8,7 @@ from service.settings import Settings, SettingsError, is_loopback, load_settings
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
-TOKEN = "t" * 32
+TOKEN = "tok-0123456789abcdef-0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -62,13 +62,38 @@ def test_short_token_is_refused() -> None:
         load_settings(token="short")
 
 
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        (" " * 16, "printable ASCII without spaces"),  # HTTP strips it: it can never match
+        ("pässwörd-0123456789", "U+00E4, U+00F6"),  # not sendable in a header
+        ("tab\tseparated-0123456789", "U+0009"),
+        ("a" * 32, "only 1 distinct"),
+        ("abab" * 8, "only 2 distinct"),
+    ],
+)
+def test_a_token_that_could_never_match_or_is_guessable_is_refused(token: str, why: str) -> None:
+    with pytest.raises(SettingsError) as ei:
+        load_settings(token=token)
+    message = str(ei.value)
+    assert why in message and "ESGD_TOKEN" in message
+    assert token not in message  # the refused secret is not echoed
+
+
+def test_a_random_token_is_accepted() -> None:
+    import secrets
+
+    token = secrets.token_urlsafe(24)
+    assert load_settings(token=token).token_value == token
+
+
 def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESGD_HOST", "0.0.0.0")
     monkeypatch.setenv("ESGD_TOKEN", TOKEN)
     monkeypatch.setenv("ESGD_PORT", "9001")
     s = load_settings()
     assert (s.host, s.port, s.token_value) == ("0.0.0.0", 9001, TOKEN)
-    assert "t" * 32 not in repr(s)  # the token is a secret: never printed
+    assert TOKEN not in repr(s)  # the token is a secret: never printed
 
 
 def test_ray_address_from_either_variable(monkeypatch: pytest.MonkeyPatch) -> None:

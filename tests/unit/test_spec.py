@@ -5,11 +5,15 @@ path traversal; the discriminated mode union."""
 from __future__ import annotations
 
 import copy
+import types
+import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from core.errors import SpecError
 from core.spec import JobSpec, load_spec, parse_spec
@@ -304,3 +308,79 @@ def test_validate_assignment_keeps_a_spec_valid() -> None:
     spec = parse_spec(_with())
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         spec.workers = 0
+
+
+# -- every number and list of a spec has a bound ----------------------------------------------
+
+
+def _walk_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(path, annotation, FieldInfo)`` of every field of ``model`` and of its sections."""
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        yield path, info.annotation, info
+        for sub in _models_in(info.annotation):
+            yield from _walk_fields(sub, f"{path}.")
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _has(metadata: Sequence[Any], *names: str) -> bool:
+    return any(getattr(m, n, None) is not None for m in metadata for n in names)
+
+
+def _unbounded(annotation: Any, metadata: Sequence[Any], path: str) -> list[str]:
+    """What in ``annotation`` (a field's type, its constraints in ``metadata``) lacks a bound."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = typing.get_args(annotation)
+        more = [m for e in extra for m in getattr(e, "metadata", [e])]
+        return _unbounded(base, [*metadata, *more], path)
+    if origin in (typing.Union, types.UnionType):
+        return [p for a in typing.get_args(annotation) for p in _unbounded(a, metadata, path)]
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        missing = [] if _has(metadata, "max_length") else [f"{path} (list length)"]
+        return missing + _unbounded(item, [], f"{path}[]")
+    if annotation in (int, float):
+        lo = _has(metadata, "ge", "gt")
+        hi = _has(metadata, "le", "lt")
+        return [] if lo and hi else [f"{path} ({annotation.__name__})"]
+    return []
+
+
+def test_every_number_and_list_of_the_spec_has_a_bound() -> None:
+    missing = [
+        p
+        for path, annotation, info in _walk_fields(JobSpec)
+        for p in _unbounded(annotation, info.metadata, path)
+    ]
+    # worker_gpus is float | "auto": its range is checked by ResourcesSpec's validator
+    assert missing == ["resources.worker_gpus (float)"]
+    with pytest.raises(SpecError, match=r"resources.worker_gpus"):
+        parse_spec({**BASE, "resources": {"worker_gpus": 1e30}})
+
+
+@pytest.mark.parametrize(
+    ("patch", "path", "allowed"),
+    [
+        ({"faults": [{"kind": "drop", "steps": [10**30]}]}, "faults.0.steps.0", "<= 100000000"),
+        ({"faults": [{"kind": "drop", "steps": list(range(10_001))}]}, "faults.0.steps", "items"),
+        ({"faults": [{"kind": "drop", "at_step": 1}] * 1001}, "faults", "at most 1000 items"),
+        ({"model": {"name": "mlp", "hidden": [8] * 33}}, "model.hidden", "at most 32 items"),
+        ({"scale_plan": [{"at_step": 1, "workers": 1}] * 1001}, "scale_plan", "1000 items"),
+        ({"faults": [{"kind": "crash", "workers": [0] * 4097}]}, "faults.0.workers", "4096"),
+        ({"steps": 10**30}, "steps", "<= 100000000"),
+    ],
+)
+def test_huge_numbers_and_lists_are_refused_with_the_field_and_its_bound(
+    patch: dict[str, Any], path: str, allowed: str
+) -> None:
+    with pytest.raises(SpecError) as ei:
+        parse_spec({**BASE, **patch})
+    problems = dict(ei.value.problems)
+    assert path in problems, problems
+    assert allowed in problems[path]

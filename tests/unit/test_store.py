@@ -371,7 +371,7 @@ def test_a_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     _schema_1_db(path)
     s = Store(path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
         cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
         assert "fault" in cols
         (old,) = s.typed_events("old")  # kept; its fault kind was never stored
