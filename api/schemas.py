@@ -295,9 +295,12 @@ class EventPublic(BaseModel):
     wall_time: datetime
     time_s: float | None
     step: int | None
-    kind: str
+    kind: str = Field(description="what the event is about (core.events.EventKind)")
     target: str | None
-    detail: str
+    detail: str = Field(description="for people: may be reworded, never parse it")
+    fault: str | None = Field(
+        default=None, description="the fault kind the event is about (core.events.FaultKind)"
+    )
 
     @classmethod
     def of(cls, e: EventRow) -> EventPublic:
@@ -311,6 +314,7 @@ class EventPublic(BaseModel):
             kind=e.kind,
             target=e.target,
             detail=e.detail,
+            fault=e.fault,
         )
 
 
