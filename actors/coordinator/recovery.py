@@ -55,6 +55,9 @@ class CheckpointState:
     refused: int
     dropped: int
     t0: float
+    # the guard's state: frozen constants, the first loss, the (possibly tightened) mode
+    # setting; empty in checkpoints written before the guard existed
+    guard: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -83,6 +86,7 @@ class CheckpointState:
             refused=int(d["refused"]),
             dropped=int(d["dropped"]),
             t0=float(d["t0"]),
+            guard=dict(d.get("guard") or {}),
         )
 
 
