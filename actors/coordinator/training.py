@@ -270,7 +270,7 @@ class Training:
             self.guard.warn(d)
         elif d.action is Action.TIGHTEN:
             done = self.guard.tighten(d.reason)
-            if done is None:  # can_tighten said there was one: never, but never succeed
+            if done is None:  # nothing stricter after all: fail rather than go on out of bound
                 self.pending = Decision(d.condition, Action.FAIL, d.reason)
             else:
                 self.refused += done[1]

@@ -85,10 +85,6 @@ def test_relaxed_modes_measure_b_hat_within_their_bound(runs: Runs, mode: str) -
     assert 0.0 < cons["b_hat_mean"] <= cons["b_hat_max"]
     assert cons["ratio"] == pytest.approx(cons["b_hat_mean"] / cons["bound"])
     assert cons["b_hat_over_bound"] == pytest.approx(cons["b_hat_max"] / cons["bound"])
-    print(
-        f"{mode}: mean {cons['b_hat_mean']:.4g} max {cons['b_hat_max']:.4g} "
-        f"bound {cons['bound']:.4g} ratio {cons['ratio']:.3g}"
-    )
 
 
 @pytest.mark.timeout(900)
@@ -203,10 +199,6 @@ def test_local_sgd_reaches_the_bar_with_b_hat_within_its_bound(tmp_path: Path) -
     assert cons["verdict"] == "within", cons
     assert cons["b_hat_mean"] <= cons["bound"], cons
     assert cons["b_hat_max"] <= cons["bound"], cons
-    print(
-        f"local: mean {cons['b_hat_mean']:.4g} max {cons['b_hat_max']:.4g} "
-        f"bound {cons['bound']:.4g} ratio {cons['ratio']:.3g}"
-    )
     assert cons["views_measured"] == spec.steps  # one sample per round
     steps = [r for r in records(tmp_path) if r["kind"] == "step"]
     assert sorted({r["step"] for r in steps}) == list(range(1, spec.steps + 1))
