@@ -1,34 +1,41 @@
-"""Live measurement of the elastic consistency constant, and its analytic bound per mode.
+"""Live measurement of the elastic consistency constant, and its bound stated in advance.
 
 For every view ``v`` the coordinator hands out it later learns the consistent model ``x`` of
 the iteration the view is used at, and records ``B̂ = ||x - v|| / lr`` (gradient units).
 With error feedback the consistent model is ``x - lr * mean_i(e_i)`` (the residual memories
 are gradient mass not yet applied), so the residuals count as inconsistency.
 
-The bound (derived in docs/consistency.md) is computed from the run's *observed* norms:
+The bound (derived in docs/consistency.md) is *stated before it is tested*: over a warm-up
+window (``guard.warmup_steps``) :class:`WarmupEstimator` estimates the constants the theory
+needs (:class:`Constants`: ``M`` bounding the gradient's norm, ``sigma`` the spread of the
+workers' gradients of one step, ``L`` the smoothness), then freezes them; the bound is a
+function of those frozen constants and the settings (``tau``, ``max_lag``, momentum, weight
+decay, the drop fraction, compression factor ``q``, ``H``), never of norms seen later, so a
+run whose gradients blow up does not carry its bound up with it. The verdict compares the
+*mean* B̂ over a window (:attr:`ConsistencyMonitor.window_mean`) with it, as the paper's
+condition is on an expectation (Nadiradze et al., Elastic Consistency, AAAI 2021:
+``E||x_t - v_t||^2 <= alpha^2 B^2``).
 
-* ``G``  max norm of one worker's gradient as the coordinator received it,
-* ``G_raw`` max norm of a worker's uncompressed gradient (for the residual bound),
-* ``U``  max norm of one applied update divided by lr (``||Δx|| / lr``),
-
-and the settings (``tau``, ``max_lag``, momentum, weight decay, compression factor ``q``).
+:class:`ObservedNorms` keeps the running maxima of the norms for the summary only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import statistics
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from core.spec import JobSpec
+from core.spec import FaultSpec, JobSpec
 
 
 @dataclass
 class ObservedNorms:
-    """Running maxima of the norms the bounds are written in."""
+    """Running maxima of the norms the run saw (reported; the bound does not use them)."""
 
     grad_max: float = 0.0  # G
     raw_grad_max: float = 0.0  # G_raw
@@ -60,50 +67,217 @@ def elastic_amplification(
     return e
 
 
-def residual_bound(q: float, raw_grad_max: float) -> float:
-    """``||e|| <= q/(1-q) G_raw`` for a compressor with ``||C(x) - x|| <= q ||x||``."""
+@dataclass(frozen=True)
+class Constants:
+    """The constants a bound is written in, frozen at the end of the warm-up.
+
+    Attributes:
+        m: bound on one worker's gradient norm (root of the second moment bound ``M^2``),
+            weight decay included: ``safety x max`` over the warm-up.
+        m_raw: the same for the uncompressed gradient (the error-feedback residual term).
+        sigma: root of the variance: the workers' gradients of one step around their mean
+            (``sqrt(mean_i ||g_i - mean g||^2)``), the warm-up's largest times ``safety``.
+        smoothness: ``L``, the largest ``||g_k - g_{k-1}|| / ||x_k - x_{k-1}||`` between
+            successive steps' mean gradients (``nan``: never measured). No bound uses it
+            yet; it is reported.
+        warmup_steps: the window the constants were estimated over.
+        frozen_at_step: the step at which they were frozen.
+        safety_factor: the factor applied to the warm-up's maxima.
+    """
+
+    m: float
+    m_raw: float
+    sigma: float
+    smoothness: float
+    warmup_steps: int
+    frozen_at_step: int
+    safety_factor: float
+
+    def public(self) -> dict[str, float | None]:
+        """``{M, sigma, L}`` for the summary (``None`` for a constant never measured)."""
+        return {
+            "M": self.m,
+            "M_raw": self.m_raw,
+            "sigma": self.sigma,
+            "L": self.smoothness if math.isfinite(self.smoothness) else None,
+        }
+
+
+@dataclass
+class _StepSpread:
+    """One step's gradients, summed: enough for their mean and their spread."""
+
+    total: torch.Tensor
+    sq: float  # sum of ||g_i||^2
+    n: int
+
+
+@dataclass
+class WarmupEstimator:
+    """Estimates :class:`Constants` over the first ``warmup_steps`` steps, then freezes.
+
+    Args:
+        warmup_steps: the window (steps of the model of record).
+        safety_factor: multiplies the warm-up's maxima (see :class:`core.spec.GuardSpec`).
+        weight_decay: the optimizer's; ``wd x ||x||`` is part of every applied gradient.
+        per_message_steps: gradients one message sums (``H`` for local SGD, else 1); the
+            per-step gradient norm is taken as the message's norm over it.
+    """
+
+    warmup_steps: int
+    safety_factor: float
+    weight_decay: float = 0.0
+    per_message_steps: int = 1
+    start_step: int = 0  # the window is [start_step, start_step + warmup_steps)
+    grad_max: float = 0.0
+    raw_max: float = 0.0
+    x_max: float = 0.0
+    sigma_max: float = 0.0
+    l_max: float = math.nan
+    frozen: Constants | None = None
+    finite: bool = True  # every gradient seen in the warm-up was finite
+    _open: dict[int, _StepSpread] = field(default_factory=dict)
+    _prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, mean gradient) of a step
+
+    def see_grad(self, step: int, grad: torch.Tensor, sent: float, raw: float) -> None:
+        """One worker's gradient of ``step`` (ignored once frozen)."""
+        if self.frozen is not None:
+            return
+        if not (math.isfinite(sent) and math.isfinite(raw)):
+            self.finite = False
+            return
+        h = max(self.per_message_steps, 1)
+        self.grad_max = max(self.grad_max, sent / h)
+        self.raw_max = max(self.raw_max, raw / h)
+        acc = self._open.get(step)
+        g = grad.to(torch.float64)
+        if acc is None:
+            self._open[step] = _StepSpread(g.clone(), sent * sent, 1)
+        else:
+            acc.total += g
+            acc.sq += sent * sent
+            acc.n += 1
+
+    def step_done(self, step: int, x: torch.Tensor) -> Constants | None:
+        """Steps before ``step`` are complete at model ``x``; returns the constants when
+        this freezes them (``None`` otherwise, and always once frozen)."""
+        if self.frozen is not None:
+            return None
+        self.x_max = max(self.x_max, float(x.norm()))
+        for s in sorted(k for k in self._open if k < step):
+            self._close(self._open.pop(s), x)
+        if step < self.start_step + self.warmup_steps:
+            return None
+        return self.freeze(step)
+
+    def _close(self, acc: _StepSpread, x: torch.Tensor) -> None:
+        if acc.n >= 2:
+            mean = acc.total / acc.n
+            # mean_i ||g_i - mean||^2 = mean_i ||g_i||^2 - ||mean||^2 (>= 0 up to rounding)
+            var = max(acc.sq / acc.n - float(mean.dot(mean)), 0.0)
+            self.sigma_max = max(self.sigma_max, math.sqrt(var) / self.per_message_steps)
+        mean = acc.total / acc.n
+        if self._prev is not None:
+            px, pg = self._prev
+            dx = float((x.to(torch.float64) - px).norm())
+            if dx > 0.0:
+                l_k = float((mean - pg).norm()) / dx
+                self.l_max = l_k if math.isnan(self.l_max) else max(self.l_max, l_k)
+        self._prev = (x.to(torch.float64).clone(), mean)
+
+    def freeze(self, step: int) -> Constants:
+        """Freeze the constants now (at ``step``)."""
+        k = self.safety_factor
+        wd_term = self.weight_decay * k * self.x_max
+        self.frozen = Constants(
+            m=k * self.grad_max + wd_term,
+            m_raw=k * self.raw_max + wd_term,
+            sigma=k * self.sigma_max,
+            smoothness=self.l_max,
+            warmup_steps=self.warmup_steps,
+            frozen_at_step=step,
+            safety_factor=k,
+        )
+        self._open.clear()
+        self._prev = None
+        return self.frozen
+
+
+def drop_fraction(drops: Sequence[FaultSpec | list[int]], workers: int) -> float:
+    """The largest share of a step's gradients the drop faults can lose (from the plan).
+
+    Args:
+        drops: each drop fault as its spec (targets: ``workers``, ``count`` or all) or as
+            its resolved target list.
+        workers: the job's workers.
+    """
+    lost = 0
+    for d in drops:
+        if isinstance(d, list):
+            lost += len(d)
+        elif d.workers is not None:
+            lost += len(d.workers)
+        else:
+            lost += d.count if d.count is not None else workers
+    return min(1.0, lost / max(workers, 1))
+
+
+def residual_bound(q: float, m_raw: float) -> float:
+    """``||e|| <= q/(1-q) M_raw`` for a compressor with ``||C(x) - x|| <= q ||x||``."""
     if q <= 0.0:
         return 0.0
     if q >= 1.0:
         return math.inf
-    return q / (1.0 - q) * raw_grad_max
+    return q / (1.0 - q) * m_raw
 
 
 def shared_bound_terms(
-    spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool
+    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float
 ) -> float:
     """The terms of the bound every mode shares: missing gradients and error feedback.
 
     Each mode adds its own term (:meth:`actors.modes.base.Mode.bound_term`).
+
+    Args:
+        spec: the job (optimizer, missing policy).
+        c: the frozen constants.
+        q: the compressor's error factor.
+        error_feedback: workers keep residual memories.
+        lost_fraction: the largest share of a step's gradients the fault plan may drop
+            (:func:`drop_fraction`).
     """
     opt = spec.optimizer
     base = 0.0
     # lost gradients (dropped messages): per step the applied mean differs from the full one
-    # by f ||g_lost|| <= f G (skip) or f ||mean_arrived - mean_lost|| <= 2 f G (substitute),
+    # by f ||g_lost|| <= f M (skip) or f ||mean_arrived - mean_lost|| <= 2 f M (substitute),
     # f = lost / contributors (docs: missing gradients)
-    if norms.lost_fraction_max > 0.0:
+    if lost_fraction > 0.0:
         amp1 = elastic_amplification(1, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov)
         policy = 1.0 if spec.missing_policy == "skip" else 2.0
-        base += norms.lost_fraction_max * policy * norms.grad_max * amp1
+        base += lost_fraction * policy * c.m * amp1
     if error_feedback:
-        base += residual_bound(q, norms.raw_grad_max)
+        base += residual_bound(q, c.m_raw)
     return base
 
 
-def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
-    """The bound on B for this run's mode, settings and observed norms (see the docs):
-    the mode's term (:mod:`actors.modes`) plus :func:`shared_bound_terms`."""
-    # imported here: the modes build on this module (norms, amplification)
+def analytic_bound(
+    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float = 0.0
+) -> float:
+    """The bound on B for this run's mode and settings, from the frozen constants (see the
+    docs): the mode's term (:mod:`actors.modes`) plus :func:`shared_bound_terms`."""
+    # imported here: the modes build on this module (constants, amplification)
     from actors.modes.registry import analytic_bound as bound
 
-    return bound(spec, norms, q, error_feedback)
+    return bound(spec, c, q, error_feedback, lost_fraction)
 
 
 @dataclass
 class ConsistencyMonitor:
-    """Collects B̂ samples: max, mean and a bounded time series."""
+    """Collects B̂ samples: max, mean, the mean of the last ``window`` samples (the
+    verdict's) and a bounded time series."""
 
     max_points: int = 4000
+    window: int = 50
     count: int = 0
     total: float = 0.0
     b_max: float = 0.0
@@ -112,10 +286,14 @@ class ConsistencyMonitor:
     _last_step: int = 0
     _since: int = 0
     _window_max: float = 0.0
+    _recent: deque[float] = field(default_factory=deque)
 
     def record(self, step: int, b_hat: float) -> None:
         self.count += 1
         self.total += b_hat
+        self._recent.append(b_hat)
+        while len(self._recent) > self.window:
+            self._recent.popleft()
         self.b_max = max(self.b_max, b_hat)
         # keep the series bounded: when full, halve it and sample half as often,
         # keeping the max of each window so spikes are not lost
@@ -144,17 +322,37 @@ class ConsistencyMonitor:
     def b_mean(self) -> float:
         return self.total / self.count if self.count else 0.0
 
-    def summary(self, bound: float) -> dict[str, Any]:
-        ratio = (
-            (self.b_max / bound)
-            if bound > 0 and math.isfinite(bound)
-            else (0.0 if self.b_max == 0 else None)
-        )
+    @property
+    def window_full(self) -> bool:
+        """The window holds ``window`` samples (the verdict judges only then)."""
+        return len(self._recent) >= self.window
+
+    @property
+    def window_mean(self) -> float | None:
+        """Mean of the last ``window`` samples (``None``: none yet)."""
+        return statistics.fmean(self._recent) if self._recent else None
+
+    def reset_window(self) -> None:
+        """Start a new window (after the setting changed: judge the new one afresh)."""
+        self._recent.clear()
+
+    def summary(self, bound: float | None) -> dict[str, Any]:
+        """B̂ against ``bound`` (``None``: not stated yet): ``ratio`` is the mean's, the
+        verdict's quantity; ``b_hat_over_bound`` the max's, reported beside it."""
+        stated = bound is not None and math.isfinite(bound)
+
+        def over(v: float) -> float | None:
+            if stated and bound is not None and bound > 0:
+                return v / bound
+            return 0.0 if stated and v == 0 else None
+
         return {
             "b_hat_max": self.b_max,
             "b_hat_mean": self.b_mean,
-            "bound": bound if math.isfinite(bound) else None,
-            "b_hat_over_bound": ratio,
+            "b_hat_window_mean": self.window_mean,
+            "bound": bound if stated else None,
+            "ratio": over(self.b_mean),
+            "b_hat_over_bound": over(self.b_max),
             "views_measured": self.count,
         }
 

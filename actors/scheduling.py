@@ -250,7 +250,9 @@ class AsyncRule:
     on_stale: Literal["refuse", "wait"]
 
     def verdict(self, version_now: int, view_version: int) -> Literal["apply", "refuse"]:
-        if self.on_stale == "refuse" and version_now - view_version > self.max_staleness:
+        # past tau: refused in either mode (``wait`` never lets one get there, unless tau
+        # was tightened while it was out; holding it would wait for ever)
+        if version_now - view_version > self.max_staleness:
             return "refuse"
         return "apply"
 

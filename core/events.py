@@ -34,6 +34,8 @@ class EventKind(StrEnum):
     REFUSED = "refused"  # a gradient was refused (non-finite, or an unexpected step)
     CHECKPOINT = "checkpoint"  # a checkpoint was written (or an invalid one skipped)
     RESTART = "restart"  # the coordinator restarted (from a checkpoint, or from step 0)
+    BOUND = "bound"  # the warm-up ended: the frozen constants and the stated bound
+    GUARD = "guard"  # the guard judged the run out of bound or diverged (``guard``: action)
     # written by the service, not the coordinator
     QUEUED = "queued"  # the job pends: the reason it cannot start yet
     CANCEL = "cancel"  # a cancel was requested
@@ -75,6 +77,8 @@ class Event:
         detail: a human-readable sentence (never parsed).
         target: ``worker-<id>``, ``coordinator``, a comma-separated list, or ``None``.
         fault: the fault kind this event is about (a firing, a heal, a detection it caused).
+        guard: for a ``guard`` event, the action taken (``warn``, ``tighten``, ``fail``,
+            ``rollback``); for a ``bound`` event, ``stated`` or ``restated``.
     """
 
     seq: int
@@ -85,6 +89,7 @@ class Event:
     detail: str
     target: str | None = None
     fault: FaultKind | None = None
+    guard: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,6 +109,7 @@ class Event:
             detail=str(d.get("detail", "")),
             target=None if d.get("target") is None else str(d["target"]),
             fault=None if fault is None else FaultKind(fault),
+            guard=None if d.get("guard") is None else str(d["guard"]),
         )
 
     @property

@@ -278,6 +278,36 @@ class CheckpointSpec(_Strict):
     keep: int = Field(default=3, ge=1, le=100)
 
 
+class GuardSpec(_Strict):
+    """The consistency guard: the warm-up that states the bound, and what happens when a run
+    leaves it (docs/consistency.md: the guard).
+
+    Over the first ``warmup_steps`` steps the constants the bounds are written in (M, sigma,
+    L) are estimated, then frozen; from then on the run is judged. *Out of bound*: the mean
+    B-hat over the last ``window_steps`` samples exceeds the stated bound. *Diverged*: a
+    loss or a gradient is non-finite, or a step's loss exceeds ``divergence_factor`` x the
+    warm-up's (median) loss.
+    """
+
+    # 20 steps: enough gradients (20 x workers) for a max and a spread, short against the
+    # 200-400 steps of the shipped configs
+    warmup_steps: int = Field(default=20, ge=1, le=100_000)
+    # the verdict's window: the mean of the last 50 B-hat samples (a few steps' views)
+    window_steps: int = Field(default=50, ge=1, le=1_000_000)
+    # M = safety_factor x the largest gradient norm of the warm-up (gradient norms shrink
+    # as training converges; the factor covers a noisy batch beyond the warm-up's maximum)
+    safety_factor: float = Field(default=2.0, ge=1.0, le=100.0)
+    # a loss this many times the warm-up's is divergence
+    divergence_factor: float = Field(default=10.0, gt=1.0, le=1e12)
+    # warn: an event, the run goes on; tighten: a stricter setting, live; fail: end failed
+    on_out_of_bound: Literal["warn", "tighten", "fail"] = "warn"
+    # fail: end failed; rollback: back to the last checkpoint taken inside the bound, with
+    # a stricter setting (needs checkpoints: a state folder and a checkpoint interval)
+    on_diverged: Literal["fail", "rollback"] = "fail"
+    # rollbacks and tightenings a run may take before the guard fails it instead
+    max_actions: int = Field(default=8, ge=0, le=1000)
+
+
 class JobSpec(_Strict):
     """A whole training job.
 
@@ -319,6 +349,8 @@ class JobSpec(_Strict):
     # Planned resizes while the job runs (each within [min_workers, max_workers]).
     scale_plan: list[ScaleAction] = Field(default_factory=list, max_length=MAX_SCALE_ACTIONS)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    # The consistency guard: warm-up, frozen bound, what to do out of bound or diverged.
+    guard: GuardSpec = Field(default_factory=GuardSpec)
     # Seconds without news from a worker before it is declared lost.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
 

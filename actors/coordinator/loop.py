@@ -35,6 +35,7 @@ from actors.coordinator.reporting import Reporter, RunFacts
 from actors.coordinator.training import Training
 from actors.datasets import Dataset, load_dataset
 from actors.flat import ParamLayout, flatten, load_flat
+from actors.guard import Action, Decision
 from actors.models import build_model
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
@@ -86,7 +87,9 @@ class CoordinatorCore:
         q, _ = error_factor(spec.compression, self.layout.numel)
         ef = spec.compression.name != "none" and spec.compression.error_feedback
         self.norms = ObservedNorms()
-        self.meter = Meter(ConsistencyMonitor(), ef, spec.monitor_interval)
+        self.meter = Meter(
+            ConsistencyMonitor(window=spec.guard.window_steps), ef, spec.monitor_interval
+        )
         self.meter.live_workers = lambda: len(self.members.live())
         self.record = ModelOfRecord(flatten(self.model), FlatSGD(spec.optimizer))
         self.mode = make_mode(
@@ -300,6 +303,12 @@ class CoordinatorCore:
         if self.t_run is None:
             self.t_run = time.time()
         self.train.evaluate()
+        if (
+            self.spec.guard.on_diverged == "rollback"
+            and self.step == 0
+            and self.recovery.ckpt_dir is not None
+        ):
+            self.train.checkpoint()  # a rollback can always return to the start
         wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
         while not self.state.terminal and not self._should_stop():
             self._tick()
@@ -329,7 +338,10 @@ class CoordinatorCore:
         return self.summary()
 
     def _should_stop(self) -> bool:
-        """Cancelled or finished: set the final state and say so."""
+        """Cancelled, failed by the guard, or finished: set the final state and say so."""
+        self._guard_act()
+        if self.state.terminal:
+            return True
         if self.cancel_requested:
             self._set_state(JobState.CANCELLED, "cancel requested")
             return True
@@ -337,6 +349,24 @@ class CoordinatorCore:
             self._set_state(JobState.SUCCEEDED, f"{self.step} steps applied")
             return True
         return False
+
+    # -- the consistency guard (docs/consistency.md: the guard) -------------------------------
+    def _guard_act(self) -> None:
+        """Act on the guard's pending decision: fail the job, or roll back once drained."""
+        d = self.train.pending
+        if d is None or self.state.terminal:
+            return
+        why: str | None = d.reason
+        if d.action is Action.ROLLBACK:
+            if self.train.inflight:
+                return  # still draining: the requests in flight are discarded as they land
+            why = self.train.finish_rollback()
+            if why is None:
+                self._wake.set()
+                return
+        self.error = why
+        self.train.guard.failed(Decision(d.condition, Action.FAIL, why or d.reason))
+        self._set_state(JobState.FAILED, why or d.reason)
 
     def _arrived(self, fut: asyncio.Future[Any]) -> None:
         wid, gen, res, exc = fut.result()
@@ -406,6 +436,8 @@ class CoordinatorCore:
     def inject(self, fault: FaultSpec) -> None:
         """Add a fault to the running plan (targets resolved now, among live workers)."""
         self.faults.inject(fault, self.members.live(), self.step)
+        if fault.kind == "drop":  # the drop share is part of the bound: state it again
+            self.train.guard.state_bound("restated", "for an injected drop fault")
 
     async def shutdown(self) -> None:
         for w in self.members.workers.values():

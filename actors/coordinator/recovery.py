@@ -57,6 +57,9 @@ class CheckpointState:
     corrupted: int  # replies the injector marked corrupted
     refused_nonfinite: int  # gradients refused for a NaN or an infinite entry
     t0: float
+    # the guard's state: frozen constants, the first loss, the (possibly tightened) mode
+    # setting; empty in checkpoints written before the guard existed
+    guard: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -88,6 +91,7 @@ class CheckpointState:
             corrupted=int(d.get("corrupted", 0)),
             refused_nonfinite=int(d.get("refused_nonfinite", 0)),
             t0=float(d["t0"]),
+            guard=dict(d.get("guard") or {}),
         )
 
 

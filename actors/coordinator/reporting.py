@@ -155,6 +155,7 @@ class Reporter:
         target: str | None = None,
         step: int | None = None,
         fault: FaultKind | None = None,
+        guard: str | None = None,
     ) -> None:
         now = time.time()
         ev = Event(
@@ -166,6 +167,7 @@ class Reporter:
             detail=detail,
             target=target,
             fault=fault,
+            guard=guard,
         )
         self.events.append(ev)
         self.event_log.append(ev)

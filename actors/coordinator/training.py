@@ -16,24 +16,25 @@ view cache and checkpoints when due, in that order, so each sees the model of it
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
 import torch
 
+from actors.checkpoint import list_checkpoints
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
 from actors.coordinator.dataplane import DataPlane, Outcome
 from actors.coordinator.faulting import Faulting, Loss
+from actors.coordinator.guarding import Guarding
 from actors.coordinator.membership import Membership, WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
 from actors.datasets import Dataset, evaluate
 from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
 from actors.flat import load_flat
+from actors.guard import Action, Condition, Decision
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
-from actors.modes.registry import analytic_bound
 from core.events import EventKind, FaultKind
 from core.spec import JobSpec
 
@@ -76,21 +77,35 @@ class Training:
         self.refused = 0
         self.corrupted = 0  # replies the injector marked corrupted (accounting only)
         self.refused_nonfinite = 0  # gradients refused for a NaN or an infinite entry
+        # the bound stated after the warm-up, and the guard (docs/consistency.md: the guard)
+        self.guard = Guarding(
+            spec,
+            mode,
+            meter.monitor,
+            (q, meter.error_feedback),
+            self.reporter,
+            self.faults.plan,
+        )
+        # a guard decision the loop must act on (fail, or a rollback once drained)
+        self.pending: Decision | None = None
+        self.draining = False  # a rollback waits for the requests in flight
 
     @property
     def monitor(self) -> ConsistencyMonitor:
         return self.meter.monitor
 
-    def bound(self) -> float:
-        return analytic_bound(self.spec, self.norms, self.q, self.meter.error_feedback)
+    def bound(self) -> float | None:
+        """The stated bound (``None``: still in the warm-up, or not finite)."""
+        return self.guard.stated
 
     def bound_or_none(self) -> float | None:
-        b = self.bound()
-        return b if math.isfinite(b) else None
+        return self.guard.stated
 
     def consistency(self) -> dict[str, Any]:
-        """The summary's consistency section: B̂ against the bound, and the bound's norms."""
+        """The summary's consistency section: B̂ against the frozen bound, the warm-up's
+        constants, the guard's verdict, and the run's observed norms (reported only)."""
         cons = self.monitor.summary(self.bound())
+        cons.update(self.guard.summary())
         n = self.norms
         cons["norms"] = {
             "grad_max": n.grad_max,
@@ -141,7 +156,9 @@ class Training:
 
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> None:
-        """Start every worker the mode lets start."""
+        """Start every worker the mode lets start (nobody while a rollback drains)."""
+        if self.draining or self.pending is not None:
+            return
         live = self.members.live()
         for d in self.mode.schedule(live):
             w = self.members.workers[d.worker]
@@ -176,6 +193,10 @@ class Training:
             # 200 characters: a Ray error's first line (its traceback stays in the logs)
             return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}")
         self.data.release_view(w)
+        if self.draining:  # computed on a model the rollback discards
+            self.mode.leave(w.id)
+            w.state = "idle"
+            return None
         grad = self.data.decode(w, reply)
         if verdict is ReplyVerdict.DROP:
             self._seen(w, reply, counted=False)
@@ -198,6 +219,8 @@ class Training:
                 return None
             self.refused += mode_verdict.refused_stale
             self._seen(w, reply, counted=True)
+            if mode_verdict.accepted:
+                self.guard.see_reply(w.id, reply, grad)
         self.apply_ready()
         return None
 
@@ -239,8 +262,12 @@ class Training:
 
     def apply_ready(self) -> None:
         """Apply what became applicable; record, evaluate, checkpoint after each update."""
+        if self.draining or self.pending is not None:
+            return
         for applied in self.mode.apply_ready():
             self._after_update(applied)
+            if self.pending is not None:
+                break  # the loop acts first (fail, or drain for a rollback)
 
     def _after_update(self, applied: Applied) -> None:
         self.reporter.timing.see_apply(applied.apply_s)
@@ -258,10 +285,60 @@ class Training:
             refused=self.refused,
         )
         step = self.mode.step
+        decision = self.guard.after_step(step, applied.loss, self.record.x, self.can_rollback())
+        self._act(decision)
+        if self.pending is not None:
+            return
         if step % self.spec.eval_interval == 0 or step >= self.mode.total_steps:
             self.evaluate()
-        if self.recovery.checkpoint_due(step):
+        # only a run inside its bound leaves a checkpoint (a rollback's destination)
+        if decision.condition is Condition.WITHIN and self.recovery.checkpoint_due(step):
             self.checkpoint()
+
+    # -- the guard's actions -----------------------------------------------------------------
+    def can_rollback(self) -> bool:
+        """A checkpoint to return to exists (they are written only inside the bound)."""
+        d = self.recovery.ckpt_dir
+        return d is not None and bool(list_checkpoints(d))
+
+    def _act(self, d: Decision) -> None:
+        """Warn and tighten here; a failure or a rollback is the loop's (:attr:`pending`)."""
+        if d.action is Action.WARN:
+            self.guard.warn(d)
+        elif d.action is Action.TIGHTEN:
+            done = self.guard.tighten(d.reason)
+            if done is None:  # nothing stricter after all: fail rather than go on out of bound
+                self.pending = Decision(d.condition, Action.FAIL, d.reason)
+            else:
+                self.refused += done[1]
+        elif d.action is Action.ROLLBACK:
+            self.pending, self.draining = d, True
+        elif d.action is Action.FAIL:
+            self.pending = d
+
+    def finish_rollback(self) -> str | None:
+        """Drained: restore the last checkpoint (taken inside the bound) with the mode's
+        stricter setting; returns why it could not (the loop then fails the job)."""
+        d = self.pending
+        assert d is not None and self.draining
+        self.draining = False
+        loaded, st = self.recovery.latest()
+        new = self.mode.tighten()
+        if loaded is None or st is None or new is None:
+            return f"{d.reason}; rollback impossible (no checkpoint or no stricter setting)"
+        old = self.spec.mode
+        live = self.members.live()
+        for w in live:
+            self.mode.leave(w.id)
+        self.restore(st, guard_state=False)  # the constants and the reference loss stay
+        self.mode.retune(new)
+        for w in live:
+            w.state, w.last_step = "idle", None
+            self.mode.join(w.id)
+        self.data.invalidate()
+        self.pending = None
+        self.guard.rolled_back(loaded.path.name, st.step, old, d.reason)
+        return None
 
     # -- evaluation and checkpoints ------------------------------------------------------------
     def evaluate(self) -> None:
@@ -309,12 +386,14 @@ class Training:
                 corrupted=self.corrupted,
                 refused_nonfinite=self.refused_nonfinite,
                 t0=self.reporter.t0,
+                guard=self.guard.state(),
             )
         )
         self.reporter.event(EventKind.CHECKPOINT, f"step {self.mode.step} -> {path.name}")
 
-    def restore(self, st: CheckpointState) -> None:
-        """Continue from checkpoint ``st`` (the model, counters, monitor, fired faults)."""
+    def restore(self, st: CheckpointState, guard_state: bool = True) -> None:
+        """Continue from checkpoint ``st`` (the model, counters, monitor, fired faults, and
+        with ``guard_state`` the frozen constants and the mode's setting)."""
         self.record.x.copy_(st.x)
         self.record.opt.load_state_dict(st.opt)
         self.record.version, self.samples = st.version, st.samples
@@ -329,3 +408,5 @@ class Training:
         self.corrupted, self.refused_nonfinite = st.corrupted, st.refused_nonfinite
         torch.set_rng_state(st.torch_rng)
         self.mode.restore(st.step)
+        if guard_state:
+            self.guard.load(st.guard)

@@ -16,11 +16,11 @@ from typing import ClassVar
 import torch
 from typing_extensions import override
 
-from actors.consistency import ObservedNorms
+from actors.consistency import Constants
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
 from actors.scheduling import AsyncRule, make_async_rule
-from core.spec import AsyncMode, JobSpec
+from core.spec import AsyncMode, JobSpec, ModeSpec
 
 
 class AsyncEngine(Mode):
@@ -39,6 +39,7 @@ class AsyncEngine(Mode):
         self.outstanding: dict[int, int] = {}  # busy or held worker -> its view's version
         self.view_vec: dict[int, torch.Tensor] = {}  # sampled views, kept until applied
         self.held: dict[int, tuple[Member, GradientReply, torch.Tensor]] = {}
+        self.staleness_max = 0  # the oldest view an applied gradient was computed on
 
     @property
     @override
@@ -125,6 +126,7 @@ class AsyncEngine(Mode):
             self.meter.measure(self.step, (x - v) / opt.lr)
         d = opt.step(x, grad)
         self.norms.see_update(float(d.norm()))
+        self.staleness_max = max(self.staleness_max, self.model.version - self.outstanding[wid])
         self.model.version += 1
         self.outstanding.pop(wid, None)
         w.state = "idle"
@@ -132,8 +134,44 @@ class AsyncEngine(Mode):
 
     @override
     @classmethod
-    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
-        mode = spec.mode
+    def bound_term(cls, spec: JobSpec, c: Constants) -> float:
+        mode, mu = spec.mode, spec.optimizer.momentum
         assert isinstance(mode, AsyncMode)
-        # a view at most tau updates old: triangle inequality over those updates
-        return mode.max_staleness * norms.update_max
+        # a view at most tau updates old; each update (a momentum buffer, or g + mu buf with
+        # Nesterov) has norm <= M / (1 - mu) (docs: async)
+        return mode.max_staleness * c.m / (1.0 - mu)
+
+    @override
+    def tighten(self) -> ModeSpec | None:
+        """Half the staleness the run has used, down to 0 (then nothing stricter).
+
+        Halving ``tau`` itself would take many steps to matter when ``tau`` is far above
+        the staleness that occurs (with p workers about p - 1): ``min(tau, staleness seen)``
+        is halved instead.
+        """
+        mode = self.spec.mode
+        assert isinstance(mode, AsyncMode)
+        if mode.max_staleness == 0:
+            return None
+        return mode.model_copy(
+            update={"max_staleness": min(mode.max_staleness, self.staleness_max) // 2}
+        )
+
+    @override
+    def retune(self, setting: ModeSpec) -> int:
+        """Use the new ``tau`` at once; held gradients it no longer admits are refused
+        (``wait`` mode would otherwise hold them for ever)."""
+        assert isinstance(setting, AsyncMode)
+        super().retune(setting)
+        self.rule = make_async_rule(setting)
+        self.staleness_max = 0
+        late = [
+            wid
+            for wid in self.held
+            if self.rule.verdict(self.model.version, self.outstanding[wid]) == "refuse"
+        ]
+        for wid in late:
+            w = self.held[wid][0]
+            self._forget(wid)
+            w.state = "idle"
+        return len(late)

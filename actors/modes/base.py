@@ -17,7 +17,10 @@ One turn of the loop, as the mode sees it:
   :class:`Applied` per update *after* it is applied (the loop records, evaluates and
   checkpoints between updates, so each sees the model of its own step);
 * :meth:`Mode.finished`, :attr:`Mode.step`, :meth:`Mode.restore`: the mode's accounting;
-* :meth:`Mode.bound_term`: the mode's term of the analytic bound on B (docs/consistency.md).
+* :meth:`Mode.bound_term`: the mode's term of the bound on B, from the frozen constants
+  (docs/consistency.md);
+* :meth:`Mode.tighten` / :meth:`Mode.retune`: the guard's stricter setting, proposed, then
+  applied live (:mod:`actors.guard`).
 
 Modes are registered by the spec's mode name in :mod:`actors.modes.registry`.
 """
@@ -31,10 +34,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from actors.consistency import Meter, ObservedNorms
+from actors.consistency import Constants, Meter, ObservedNorms
 from actors.messages import GradientReply
 from actors.optim import FlatSGD
-from core.spec import JobSpec
+from core.spec import JobSpec, ModeSpec
 
 # A view's identity: identical keys are the same vector (the data plane shares one copy).
 # ("x", version) is the model of record itself; other keys name provisional views.
@@ -194,5 +197,23 @@ class Mode(ABC):
     # -- the bound ---------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
-        """The mode's own term of the bound on B (docs/consistency.md)."""
+    def bound_term(cls, spec: JobSpec, c: Constants) -> float:
+        """The mode's own term of the bound on B, from the frozen constants ``c`` and the
+        settings in ``spec`` (docs/consistency.md)."""
+
+    # -- the guard's stricter setting ----------------------------------------------------------
+    def tighten(self) -> ModeSpec | None:
+        """A stricter setting of this mode (smaller B), or ``None``: there is none.
+
+        Pure: it proposes; :meth:`retune` applies. The default: nothing stricter.
+        """
+        return None
+
+    def retune(self, setting: ModeSpec) -> int:
+        """Switch to ``setting`` (one :meth:`tighten` proposed) while the job runs.
+
+        Returns:
+            Gradients refused because the new setting no longer admits them.
+        """
+        self.spec.mode = setting
+        return 0

@@ -13,11 +13,11 @@ from typing import ClassVar
 
 from typing_extensions import override
 
-from actors.consistency import ObservedNorms, elastic_amplification
+from actors.consistency import Constants, elastic_amplification
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
 from actors.scheduling import make_step_rule
-from core.spec import ElasticMode, JobSpec
+from core.spec import ElasticMode, JobSpec, ModeSpec
 
 
 class ElasticEngine(StepEngine):
@@ -32,11 +32,27 @@ class ElasticEngine(StepEngine):
 
     @override
     @classmethod
-    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
+    def bound_term(cls, spec: JobSpec, c: Constants) -> float:
         mode, opt = spec.mode, spec.optimizer
         assert isinstance(mode, ElasticMode)
-        # at most max_lag provisional steps, each off by at most 2G (docs: elastic)
+        # at most max_lag provisional steps, each off by at most 2M (docs: elastic)
         amp = elastic_amplification(
             mode.max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov
         )
-        return 2.0 * norms.grad_max * amp
+        return 2.0 * c.m * amp
+
+    @override
+    def tighten(self) -> ModeSpec | None:
+        """Half the lag (the bound grows with it), down to 1; then nothing stricter."""
+        mode = self.spec.mode
+        assert isinstance(mode, ElasticMode)
+        if mode.max_lag <= 1:
+            return None
+        return mode.model_copy(update={"max_lag": mode.max_lag // 2})
+
+    @override
+    def retune(self, setting: ModeSpec) -> int:
+        assert isinstance(setting, ElasticMode)
+        super().retune(setting)
+        self.rule = make_step_rule(setting)
+        return 0

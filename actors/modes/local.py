@@ -16,7 +16,7 @@ so a local job reads its data H times as often.
 B̂ is measured at the end of each round, before averaging, where the replicas are farthest
 apart: ``max_i ||mean_j y_j - y_i|| / lr = max_i ||p_i - mean_j p_j||`` (the average of the
 replicas is the consistent model for plain SGD). Its bound (docs/consistency.md: local) is
-``2 P``, with ``P`` the largest ``||p_i||`` received (``P <= H G``).
+``2 H M``, with ``M`` the frozen bound on one local gradient's norm (``||p_i|| <= H M``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import ClassVar
 import torch
 from typing_extensions import override
 
-from actors.consistency import ObservedNorms
+from actors.consistency import Constants
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
 from actors.scheduling import SyncRule
-from core.spec import JobSpec, LocalMode
+from core.spec import JobSpec, LocalMode, ModeSpec
 
 
 class LocalEngine(StepEngine):
@@ -64,6 +64,24 @@ class LocalEngine(StepEngine):
 
     @override
     @classmethod
-    def bound_term(cls, spec: JobSpec, norms: ObservedNorms) -> float:
-        # ||p_i - mean_j p_j|| <= ||p_i|| + max_j ||p_j|| <= 2P, P <= H G (docs: local)
-        return 2.0 * norms.grad_max
+    def bound_term(cls, spec: JobSpec, c: Constants) -> float:
+        mode = spec.mode
+        assert isinstance(mode, LocalMode)
+        # ||p_i - mean_j p_j|| <= ||p_i|| + max_j ||p_j|| <= 2 H M (docs: local)
+        return 2.0 * mode.local_steps * c.m
+
+    @override
+    def tighten(self) -> ModeSpec | None:
+        """Half the local steps (the bound is linear in H), down to 1 (sync)."""
+        mode = self.spec.mode
+        assert isinstance(mode, LocalMode)
+        if mode.local_steps <= 1:
+            return None
+        return mode.model_copy(update={"local_steps": mode.local_steps // 2})
+
+    @override
+    def retune(self, setting: ModeSpec) -> int:
+        assert isinstance(setting, LocalMode)
+        super().retune(setting)
+        self.h = setting.local_steps  # from the next round on
+        return 0

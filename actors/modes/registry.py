@@ -6,7 +6,7 @@ implementing :class:`actors.modes.base.Mode`, and one line below.
 
 from __future__ import annotations
 
-from actors.consistency import ObservedNorms, shared_bound_terms
+from actors.consistency import Constants, shared_bound_terms
 from actors.modes.asynchronous import AsyncEngine
 from actors.modes.base import Mode, ModeContext
 from actors.modes.elastic import ElasticEngine
@@ -42,8 +42,11 @@ def make_mode(ctx: ModeContext) -> Mode:
     return mode_class(ctx.spec)(ctx)
 
 
-def analytic_bound(spec: JobSpec, norms: ObservedNorms, q: float, error_feedback: bool) -> float:
-    """The bound on B for this run: the mode's term plus the terms every mode shares."""
-    return mode_class(spec).bound_term(spec, norms) + shared_bound_terms(
-        spec, norms, q, error_feedback
+def analytic_bound(
+    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float = 0.0
+) -> float:
+    """The bound on B for this run, from the frozen constants ``c``: the mode's term plus
+    the terms every mode shares (``lost_fraction``: the plan's drop share)."""
+    return mode_class(spec).bound_term(spec, c) + shared_bound_terms(
+        spec, c, q, error_feedback, lost_fraction
     )

@@ -60,6 +60,12 @@ class StepEngine(Mode):
 
     def restore(self, step: int) -> None:
         self.book = StepBook(self.total_steps, jumps=self.book.jumps, start_step=step)
+        # a rollback restores while the run has state of later steps: forget it
+        for book in (self.step_sums, self.step_grads, self.step_losses, self.lost_grads):
+            book.clear()
+        self.pending_views.clear()
+        self.own.clear()
+        self.own_norm.clear()
 
     # -- membership --------------------------------------------------------------------------
     def join(self, worker: int) -> None:

@@ -173,8 +173,11 @@ def _head(report: Mapping[str, Any]) -> list[str]:
         "of training, "
         f"mode {_cell(s.get('mode'))}, {_cell(s.get('workers'))} workers at the start and "
         f"{_cell(s.get('workers_final'))} at the end; final test accuracy "
-        f"{_cell(s.get('final_test_accuracy'), '.4f')}; B̂ max "
-        f"{_cell(cons.get('b_hat_max'))} (bound {_cell(cons.get('bound'))})."
+        f"{_cell(s.get('final_test_accuracy'), '.4f')}; B̂ mean "
+        f"{_cell(cons.get('b_hat_mean'))}, max {_cell(cons.get('b_hat_max'))} against the "
+        f"bound {_cell(cons.get('bound'))} frozen at step {_cell(cons.get('frozen_at_step'))} "
+        f"after a {_cell(cons.get('warmup_steps'))}-step warm-up; guard verdict "
+        f"{_cell(cons.get('verdict'))}."
     )
     if report.get("error"):
         lines += ["", f"**Error:** {report['error']}"]

@@ -31,7 +31,8 @@ class DrillCriteria(BaseModel):
     # The job ends in ``succeeded`` (not failed or cancelled).
     finished: bool = True
     min_test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
-    # The measured B-hat max stays within the analytic bound the runtime reports.
+    # The measured mean B-hat stays within the bound frozen after the warm-up, and the
+    # guard's verdict is ``within``.
     b_hat_within_bound: bool = False
     # Seconds from a worker's death to the next applied update (the runtime's
     # ``recovery_s`` in the summary).

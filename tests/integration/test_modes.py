@@ -1,7 +1,8 @@
 """Integration: the four shipped digits configs, each run once on local Ray, as shipped.
 
 Each reaches >= 0.95 test accuracy; sync measures B-hat = 0 exactly; elastic, async and
-Top-K with error feedback measure 0 < B-hat <= their analytic bound; the run's files
+Top-K with error feedback measure 0 < B-hat, with the mean (the verdict) and the max within
+the bound frozen after the warm-up; the run's files
 (summary.json, metrics.jsonl, model.pt) hold what issue 3 asks for. Also: async ``wait``
 mode with a small staleness bound must finish (or be refused up front), not hang.
 """
@@ -63,7 +64,7 @@ def test_sync_measures_b_hat_exactly_zero(
     cons = summary["consistency"]
     assert cons["b_hat_max"] == 0.0
     assert cons["b_hat_mean"] == 0.0
-    assert cons["bound"] == 0.0
+    assert cons["bound"] == 0.0 and cons["verdict"] == "within"
     assert cons["views_measured"] > 0  # measured, not skipped
     assert all(r["b_hat"] == 0.0 for r in records(out) if r["kind"] == "step")
 
@@ -71,12 +72,18 @@ def test_sync_measures_b_hat_exactly_zero(
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", RELAXED)
 def test_relaxed_modes_measure_b_hat_within_their_bound(runs: Runs, mode: str) -> None:
-    _, _, summary = runs[mode]
+    spec, _, summary = runs[mode]
     cons = summary["consistency"]
     assert cons["b_hat_max"] > 0.0
     assert cons["bound"] is not None and math.isfinite(cons["bound"])
-    assert cons["b_hat_max"] <= cons["bound"], cons
+    assert cons["frozen_at_step"] == spec.guard.warmup_steps and cons["constants"]["M"] > 0
+    # the verdict: mean B-hat within the frozen bound, and the guard never objected
+    assert cons["verdict"] == "within", cons
+    assert cons["b_hat_mean"] <= cons["bound"], cons
+    assert cons["b_hat_window_mean"] <= cons["bound"], cons
+    assert cons["b_hat_max"] <= cons["bound"], cons  # holds too (the bound is a worst case)
     assert 0.0 < cons["b_hat_mean"] <= cons["b_hat_max"]
+    assert cons["ratio"] == pytest.approx(cons["b_hat_mean"] / cons["bound"])
     assert cons["b_hat_over_bound"] == pytest.approx(cons["b_hat_max"] / cons["bound"])
 
 
@@ -189,6 +196,8 @@ def test_local_sgd_reaches_the_bar_with_b_hat_within_its_bound(tmp_path: Path) -
     cons = summary["consistency"]
     assert cons["b_hat_max"] > 0.0
     assert cons["bound"] is not None and math.isfinite(cons["bound"])
+    assert cons["verdict"] == "within", cons
+    assert cons["b_hat_mean"] <= cons["bound"], cons
     assert cons["b_hat_max"] <= cons["bound"], cons
     assert cons["views_measured"] == spec.steps  # one sample per round
     steps = [r for r in records(tmp_path) if r["kind"] == "step"]

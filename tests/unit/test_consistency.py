@@ -1,6 +1,7 @@
 """Unit tests for actors/consistency.py: the bound formulas against hand computations, the
-per-mode analytic bound, and the B-hat monitor (max, mean, a bounded series that keeps
-spikes)."""
+per-mode bound from frozen constants, the warm-up estimator (frozen after the warm-up: later
+huge norms do not move it), and the B-hat monitor (max, mean, the verdict's window, a
+bounded series that keeps spikes)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import math
 from typing import Any
 
 import pytest
+import torch
 
 from actors.consistency import (
     ConsistencyMonitor,
+    Constants,
     ObservedNorms,
+    WarmupEstimator,
     analytic_bound,
+    drop_fraction,
     elastic_amplification,
     residual_bound,
 )
-from core.spec import JobSpec, parse_spec
+from core.spec import FaultSpec, JobSpec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -86,45 +91,132 @@ def _spec(mode: dict[str, Any], **opt: Any) -> JobSpec:
     return parse_spec({"steps": 10, "mode": mode, "optimizer": optimizer})
 
 
-NORMS = ObservedNorms(grad_max=2.0, raw_grad_max=3.0, update_max=5.0)
+def _consts(m: float = 2.0, m_raw: float = 3.0, sigma: float = 1.0) -> Constants:
+    return Constants(
+        m=m,
+        m_raw=m_raw,
+        sigma=sigma,
+        smoothness=math.nan,
+        warmup_steps=20,
+        frozen_at_step=20,
+        safety_factor=2.0,
+    )
+
+
+C = _consts()
 
 
 def test_sync_bound_is_zero() -> None:
-    assert analytic_bound(_spec({"name": "sync"}), NORMS, 0.0, False) == 0.0
+    assert analytic_bound(_spec({"name": "sync"}), C, 0.0, False) == 0.0
 
 
-def test_elastic_bound_is_two_g_times_the_amplification() -> None:
+def test_elastic_bound_is_two_m_times_the_amplification() -> None:
     spec = _spec({"name": "elastic", "beta": 0.5, "max_lag": 3})
     amp = elastic_amplification(3, 0.9, 1e-4, 0.1, False)
-    assert analytic_bound(spec, NORMS, 0.0, False) == pytest.approx(2.0 * 2.0 * amp)
+    assert analytic_bound(spec, C, 0.0, False) == pytest.approx(2.0 * 2.0 * amp)
     # more lag, larger bound
     wider = _spec({"name": "elastic", "beta": 0.5, "max_lag": 5})
-    assert analytic_bound(wider, NORMS, 0.0, False) > analytic_bound(spec, NORMS, 0.0, False)
+    assert analytic_bound(wider, C, 0.0, False) > analytic_bound(spec, C, 0.0, False)
 
 
-def test_async_bound_is_tau_times_the_largest_update() -> None:
+def test_async_bound_is_tau_m_over_one_minus_momentum() -> None:
     for tau in (0, 1, 4, 16):
-        spec = _spec({"name": "async", "max_staleness": tau})
-        assert analytic_bound(spec, NORMS, 0.0, False) == pytest.approx(tau * 5.0)
+        spec = _spec({"name": "async", "max_staleness": tau})  # momentum 0.9
+        assert analytic_bound(spec, C, 0.0, False) == pytest.approx(tau * 2.0 / 0.1)
+    plain = _spec({"name": "async", "max_staleness": 4}, momentum=0.0)
+    assert analytic_bound(plain, C, 0.0, False) == pytest.approx(8.0)
+
+
+def test_local_bound_is_two_h_m() -> None:
+    for h in (1, 4, 8):
+        spec = _spec({"name": "local", "local_steps": h})
+        assert analytic_bound(spec, C, 0.0, False) == pytest.approx(2.0 * h * 2.0)
 
 
 def test_error_feedback_adds_the_residual_bound() -> None:
     sync = _spec({"name": "sync"})
-    assert analytic_bound(sync, NORMS, 0.5, True) == pytest.approx(residual_bound(0.5, 3.0))
-    assert analytic_bound(sync, NORMS, 0.5, False) == 0.0  # no memory, no residual
-    assert analytic_bound(sync, NORMS, 1.0, True) == math.inf
-    spec = _spec({"name": "async", "max_staleness": 2})
-    assert analytic_bound(spec, NORMS, 0.5, True) == pytest.approx(10.0 + 3.0)
+    assert analytic_bound(sync, C, 0.5, True) == pytest.approx(residual_bound(0.5, 3.0))
+    assert analytic_bound(sync, C, 0.5, False) == 0.0  # no memory, no residual
+    assert analytic_bound(sync, C, 1.0, True) == math.inf
+    spec = _spec({"name": "async", "max_staleness": 2}, momentum=0.0)
+    assert analytic_bound(spec, C, 0.5, True) == pytest.approx(4.0 + 3.0)
 
 
 def test_lost_gradients_add_a_one_step_term() -> None:
-    norms = ObservedNorms(grad_max=2.0, raw_grad_max=3.0, update_max=5.0, lost_fraction_max=0.25)
     spec = _spec({"name": "sync"})
     amp1 = elastic_amplification(1, 0.9, 1e-4, 0.1, False)
-    # skip: f * G; substitute: 2 f G (mean of the arrived minus mean of the lost)
-    assert analytic_bound(spec, norms, 0.0, False) == pytest.approx(0.25 * 2.0 * amp1)
+    # skip: f * M; substitute: 2 f M (mean of the arrived minus mean of the lost)
+    assert analytic_bound(spec, C, 0.0, False, 0.25) == pytest.approx(0.25 * 2.0 * amp1)
     sub = spec.model_copy(update={"missing_policy": "substitute"})
-    assert analytic_bound(sub, norms, 0.0, False) == pytest.approx(0.25 * 2.0 * 2.0 * amp1)
+    assert analytic_bound(sub, C, 0.0, False, 0.25) == pytest.approx(0.25 * 2.0 * 2.0 * amp1)
+    assert analytic_bound(spec, C, 0.0, False, 0.0) == 0.0
+
+
+def test_drop_fraction_comes_from_the_plan() -> None:
+    one = FaultSpec(kind="drop", workers=[1], probability=0.2)
+    two = FaultSpec(kind="drop", count=2, probability=0.2)
+    everyone = FaultSpec(kind="drop", probability=0.2)
+    assert drop_fraction([one], 4) == pytest.approx(0.25)
+    assert drop_fraction([one, two], 4) == pytest.approx(0.75)
+    assert drop_fraction([everyone], 4) == 1.0
+    assert drop_fraction([[0, 3]], 8) == pytest.approx(0.25)  # resolved targets
+    assert drop_fraction([], 4) == 0.0
+
+
+# -- the warm-up estimator ----------------------------------------------------------------
+
+
+def _feed(e: WarmupEstimator, step: int, grads: list[torch.Tensor]) -> None:
+    for g in grads:
+        n = float(g.norm())
+        e.see_grad(step, g, n, n)
+
+
+def test_estimator_measures_m_sigma_and_l_over_the_warm_up_then_freezes() -> None:
+    e = WarmupEstimator(warmup_steps=2, safety_factor=2.0)
+    x0, x1, x2 = torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    # step 0: gradients (3, 0) and (1, 0): mean (2, 0), spread 1 each
+    _feed(e, 0, [torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0])])
+    assert e.step_done(0, x0) is None
+    # step 1: (0, 2) and (0, 2): mean (0, 2), no spread; closes step 0
+    _feed(e, 1, [torch.tensor([0.0, 2.0]), torch.tensor([0.0, 2.0])])
+    assert e.step_done(1, x1) is None
+    c = e.step_done(2, x2)  # closes step 1 and freezes
+    assert c is not None and e.frozen is c
+    assert c.m == pytest.approx(2.0 * 3.0)  # safety x the largest norm
+    assert c.sigma == pytest.approx(2.0 * 1.0)
+    # L: ||(0,2) - (2,0)|| / ||x2 - x1|| = sqrt(8) / 1
+    assert c.smoothness == pytest.approx(math.sqrt(8.0))
+    assert (c.warmup_steps, c.frozen_at_step) == (2, 2)
+
+
+def test_frozen_constants_do_not_follow_later_norms() -> None:
+    e = WarmupEstimator(warmup_steps=1, safety_factor=1.5)
+    _feed(e, 0, [torch.tensor([1.0, 0.0])])
+    c = e.step_done(1, torch.zeros(2))
+    assert c is not None
+    # the run blows up: huge and non-finite gradients after the warm-up
+    _feed(e, 1, [torch.tensor([1e20, 0.0])])
+    e.see_grad(2, torch.tensor([math.inf, 0.0]), math.inf, math.inf)
+    assert e.step_done(5, torch.full((2,), 1e9)) is None
+    assert e.frozen is c and c.m == pytest.approx(1.5)
+    spec = _spec({"name": "async", "max_staleness": 4}, momentum=0.0)
+    assert analytic_bound(spec, c, 0.0, False) == pytest.approx(4 * 1.5)
+
+
+def test_estimator_adds_weight_decay_and_divides_local_messages() -> None:
+    e = WarmupEstimator(warmup_steps=1, safety_factor=1.0, weight_decay=0.1, per_message_steps=4)
+    _feed(e, 0, [torch.tensor([8.0, 0.0])])  # a local message: the sum of 4 gradients
+    c = e.step_done(1, torch.tensor([0.0, 10.0]))
+    assert c is not None
+    assert c.m == pytest.approx(8.0 / 4 + 0.1 * 10.0)  # per-step norm + wd ||x||
+
+
+def test_estimator_restarts_its_window_from_a_step() -> None:
+    e = WarmupEstimator(warmup_steps=3, safety_factor=1.0, start_step=10)
+    _feed(e, 10, [torch.tensor([1.0])])
+    assert e.step_done(12, torch.zeros(1)) is None
+    assert e.step_done(13, torch.zeros(1)) is not None
 
 
 def test_observed_norms_keep_running_maxima() -> None:
@@ -150,7 +242,20 @@ def test_monitor_max_and_mean() -> None:
     s = m.summary(bound=10.0)
     assert s["b_hat_max"] == 5.0 and s["b_hat_mean"] == pytest.approx(2.0)
     assert s["bound"] == 10.0 and s["b_hat_over_bound"] == pytest.approx(0.5)
+    assert s["ratio"] == pytest.approx(0.2)  # the mean's: the verdict's quantity
     assert s["views_measured"] == 5
+    assert m.summary(None)["bound"] is None and m.summary(None)["ratio"] is None
+
+
+def test_monitor_window_mean_is_over_the_last_samples() -> None:
+    m = ConsistencyMonitor(window=3)
+    assert m.window_mean is None and not m.window_full
+    for step, b in enumerate([100.0, 1.0, 2.0, 3.0]):
+        m.record(step, b)
+    assert m.window_full and m.window_mean == pytest.approx(2.0)  # 100 has left the window
+    m.reset_window()
+    assert m.window_mean is None and not m.window_full
+    assert m.b_max == 100.0  # the run's statistics stay
 
 
 def test_monitor_summary_with_zero_or_infinite_bound() -> None:

@@ -36,7 +36,10 @@ def rec(t: float, n: int) -> StepRecord:
 
 JOINED = [ev(0.1, EventKind.MEMBERSHIP, f"worker-{w}", "worker joined") for w in range(4)]
 CRASH = ev(1.0, EventKind.FAULT, "worker-0", "crash injected: SIGKILL pid 9", FaultKind.CRASH, 2)
-GOOD = {"final_test_accuracy": 0.96, "consistency": {"b_hat_max": 0.5, "bound": 1.0}}
+GOOD = {
+    "final_test_accuracy": 0.96,
+    "consistency": {"b_hat_mean": 0.2, "b_hat_max": 0.5, "bound": 1.0, "verdict": "within"},
+}
 
 
 def _drill(faults: list[dict[str, Any]] | None = None, **criteria: object) -> DrillSpec:
@@ -76,7 +79,19 @@ def test_drill_passes_when_every_evaluated_criterion_holds() -> None:
         ("succeeded", {"final_test_accuracy": 0.90}, [*JOINED, CRASH], "min_test_accuracy"),
         (
             "succeeded",
-            {"final_test_accuracy": 0.99, "consistency": {"b_hat_max": 2.0, "bound": 1.0}},
+            {
+                "final_test_accuracy": 0.99,
+                "consistency": {"b_hat_mean": 2.0, "bound": 1.0, "verdict": "within"},
+            },
+            [*JOINED, CRASH],
+            "b_hat_within_bound",
+        ),
+        (  # the guard judged the run out of bound at some point: the drill fails too
+            "succeeded",
+            {
+                "final_test_accuracy": 0.99,
+                "consistency": {"b_hat_mean": 0.5, "bound": 1.0, "verdict": "out_of_bound"},
+            },
             [*JOINED, CRASH],
             "b_hat_within_bound",
         ),

@@ -4,6 +4,7 @@ record computed by hand; the registry and the per-mode bound terms."""
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms, analytic_bound
+from actors.consistency import (
+    ConsistencyMonitor,
+    Constants,
+    Meter,
+    ObservedNorms,
+    analytic_bound,
+)
 from actors.messages import GradientReply
 from actors.modes.base import Mode, ModeContext, ModelOfRecord
 from actors.modes.local import LocalEngine
@@ -45,6 +52,10 @@ def _mode(spec: JobSpec, dim: int = 3) -> Mode:
     for w in range(spec.workers):
         mode.join(w)
     return mode
+
+
+def _consts(m: float) -> Constants:
+    return Constants(m, m, 0.0, math.nan, warmup_steps=1, frozen_at_step=1, safety_factor=1.0)
 
 
 def _reply(worker: int, step: int, grad: torch.Tensor, loss: float = 1.0) -> GradientReply:
@@ -197,6 +208,50 @@ def test_async_finishes_after_workers_times_steps_updates() -> None:
     assert mode.schedule(members) == []
 
 
+def test_async_tightens_to_half_the_staleness_it_used_and_refuses_what_it_no_longer_admits() -> (
+    None
+):
+    mode = _mode(_spec({"name": "async", "max_staleness": 100, "on_stale": "wait"}, workers=3))
+    members = [FakeMember(i) for i in range(3)]
+    assert len(mode.schedule(members)) == 3  # all on version 0
+    g = _g(1, 0, 0)
+    for m in members[:2]:
+        mode.on_reply(m, _reply(m.id, 0, g), g)
+    assert len(list(mode.apply_ready())) == 2  # the second landed 1 update late
+    new = mode.tighten()
+    assert new is not None and new.name == "async"
+    assert new.max_staleness == 0  # min(tau, 1 seen) // 2
+    assert mode.spec.mode.max_staleness == 100  # a proposal: nothing changed yet
+    assert mode.on_reply(members[2], _reply(2, 0, g), g).accepted  # 2 late, within 100
+    assert members[2].state == "held"
+    refused = mode.retune(new)
+    assert mode.spec.mode == new
+    # worker 2's gradient sits on view 0 at version 2: past the new tau = 0, refused
+    assert refused == 1 and members[2].state == "idle"
+    assert list(mode.apply_ready()) == [] and mode.model.version == 2
+    assert mode.tighten() is None  # tau = 0: nothing stricter
+
+
+def test_step_modes_tighten_within_their_settings() -> None:
+    assert _mode(_spec({"name": "sync"})).tighten() is None
+    elastic = _mode(_spec({"name": "elastic", "beta": 0.5, "max_lag": 4}))
+    new = elastic.tighten()
+    assert new is not None and new.model_dump()["max_lag"] == 2
+    elastic.retune(new)
+    assert elastic.spec.mode.model_dump()["max_lag"] == 2
+    one = elastic.tighten()
+    assert one is not None
+    elastic.retune(one)
+    assert elastic.tighten() is None  # max_lag 1
+    local = _mode(_spec({"name": "local", "local_steps": 4}))
+    new = local.tighten()
+    assert new is not None and new.model_dump()["local_steps"] == 2
+    local.retune(new)
+    assert local.local_steps() == 2
+    local.retune(local.spec.mode.model_copy(update={"local_steps": 1}))
+    assert local.tighten() is None  # H = 1 is sync
+
+
 # -- local --------------------------------------------------------------------------------
 
 
@@ -216,7 +271,8 @@ def test_local_asks_for_h_steps_and_measures_the_replica_spread() -> None:
     spread = max(float((p - mean).norm()) for p in ps)
     assert mode.meter.monitor.count == 1
     assert mode.meter.monitor.b_max == pytest.approx(spread)
-    assert spread <= LocalEngine.bound_term(mode.spec, ObservedNorms(grad_max=3.0))
+    # each p_i here is one message of H = 4 local gradients: ||p_i|| <= H M with M = 3 / 4
+    assert spread <= LocalEngine.bound_term(mode.spec, _consts(3.0 / 4))
 
 
 def test_local_with_one_step_is_sync() -> None:
@@ -234,9 +290,9 @@ def test_local_with_one_step_is_sync() -> None:
     assert torch.equal(out[0], out[1])
 
 
-def test_local_bound_is_twice_the_largest_delta() -> None:
+def test_local_bound_is_two_h_m() -> None:
     spec = _spec({"name": "local", "local_steps": 8})
-    assert analytic_bound(spec, ObservedNorms(grad_max=2.5), 0.0, False) == pytest.approx(5.0)
+    assert analytic_bound(spec, _consts(2.5), 0.0, False) == pytest.approx(2 * 8 * 2.5)
 
 
 # -- registry -----------------------------------------------------------------------------

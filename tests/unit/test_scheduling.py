@@ -283,7 +283,10 @@ def test_async_rule_refuses_beyond_tau() -> None:
 
 def test_async_rule_wait_mode_holds_updates_that_would_make_a_gradient_stale() -> None:
     rule = AsyncRule(max_staleness=2, on_stale="wait")
-    assert rule.verdict(10, 0) == "apply"  # wait mode never refuses
+    assert rule.verdict(10, 8) == "apply"  # within tau
+    # past tau: wait mode never lets a gradient get there unless tau was tightened while
+    # it was out; then it is refused (holding it would wait for ever)
+    assert rule.verdict(10, 0) == "refuse"
     assert rule.may_apply(5, 5, []).allowed  # nobody outstanding
     # outstanding gradient on view 4: after this update it would be 6 - 4 = 2 late: fine
     assert rule.may_apply(5, 5, [4, 5]).allowed

@@ -1,0 +1,158 @@
+"""Integration: the consistency check can fail, and the guard acts on it.
+
+Two pairs, each a bounded run and a broken one (issue: "the check can fail"):
+
+* least squares, lr 0.3, 8 workers, async ``max_staleness`` 0 vs 10000 (``on_stale: wait``
+  as shipped): with tau = 0 every gradient is applied on the model it was computed on; with
+  tau = 10000 the workers' gradients land up to 7 updates late and the run diverges (loss
+  1e5 by step 11, inf by step 130, when nothing stops it);
+* digits, lr 0.1, momentum 0.9, async ``max_staleness`` 0 vs 10000 (``on_stale: refuse``).
+
+The bounded run succeeds with mean B̂ <= its frozen bound; the broken one ends ``failed``
+with the guard's reason (``guard.on_diverged: fail``, the default), and a ``guard`` event
+says why; with ``on_diverged: rollback`` it returns to its last checkpoint inside the bound
+with a smaller tau and finishes inside its bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from integration_helpers import config, records, run_many
+
+from core.spec import JobSpec
+
+pytestmark = pytest.mark.integration
+
+# 8 workers x 0.1 CPU + 0.2 for the coordinator = 1 CPU a job: three jobs fit the 4 CPUs
+SMALL = {"worker_cpus": 0.1, "coordinator_cpus": 0.2}
+ROLLBACK = {"on_diverged": "rollback"}
+# checkpoints every 5 steps: a rollback has one close behind the divergence
+CKPT = {"interval_steps": 5, "interval_s": None, "keep": 3}
+
+Runs = dict[str, tuple[JobSpec, Path, dict[str, Any]]]
+
+
+def _ls(name: str, tau: int, guard: dict[str, Any] | None = None) -> JobSpec:
+    return config(
+        "least_squares.yaml",
+        name=name,
+        workers=8,
+        optimizer={"lr": 0.3},
+        mode={"name": "async", "max_staleness": tau, "on_stale": "wait"},
+        resources=SMALL,
+        checkpoint=CKPT,
+        guard=guard or {},
+    )
+
+
+def _digits(name: str, tau: int, guard: dict[str, Any] | None = None) -> JobSpec:
+    return config(
+        "digits_async.yaml",
+        name=name,
+        optimizer={"lr": 0.1, "momentum": 0.9},
+        mode={"name": "async", "max_staleness": tau, "on_stale": "refuse"},
+        resources=SMALL,
+        checkpoint=CKPT,
+        guard=guard or {},
+    )
+
+
+def _run(jobs: dict[str, JobSpec], tmp: pytest.TempPathFactory) -> Runs:
+    paths = {k: tmp.mktemp(k) for k in jobs}
+    summaries = run_many([(jobs[k], paths[k]) for k in jobs], deadline_s=600.0)
+    return {k: (jobs[k], paths[k], s) for k, s in zip(jobs, summaries, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def least_squares(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    jobs = {
+        "bounded": _ls("ls-tau0", 0),
+        "broken": _ls("ls-tau10000", 10000),
+        "rollback": _ls("ls-tau10000-rollback", 10000, ROLLBACK),
+    }
+    return _run(jobs, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    jobs = {
+        "bounded": _digits("digits-tau0", 0),
+        "broken": _digits("digits-tau10000", 10000),
+        "rollback": _digits("digits-tau10000-rollback", 10000, ROLLBACK),
+    }
+    return _run(jobs, tmp_path_factory)
+
+
+def _pair(request: pytest.FixtureRequest, which: str) -> Runs:
+    runs: Runs = request.getfixturevalue(which)
+    return runs
+
+
+def _guard_events(summary: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [e for e in summary["events"] if e["kind"] == "guard" and e.get("guard") == action]
+
+
+def _assert_inside(spec: JobSpec, out: Path, summary: dict[str, Any]) -> None:
+    assert summary["state"] == "succeeded", summary.get("error")
+    assert summary["steps"] == spec.steps
+    cons = summary["consistency"]
+    assert cons["verdict"] == "within", cons
+    assert cons["bound"] is not None and cons["frozen_at_step"] is not None
+    assert cons["b_hat_window_mean"] <= cons["bound"], cons
+    # the bound was stated in an event after the warm-up, and every record after it has it
+    stated = [e for e in summary["events"] if e["kind"] == "bound"]
+    assert stated, summary["events"]
+    steps = [r for r in records(out) if r["kind"] == "step"]
+    warm = spec.guard.warmup_steps
+    assert all(r["bound"] is None for r in steps if r["step"] < warm)
+    assert steps[-1]["bound"] == pytest.approx(cons["bound"])
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("which", ["least_squares", "digits"])
+def test_the_bounded_run_succeeds_inside_its_frozen_bound(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    spec, out, summary = _pair(request, which)["bounded"]
+    _assert_inside(spec, out, summary)
+    cons = summary["consistency"]
+    assert cons["b_hat_mean"] <= cons["bound"]
+    assert set(cons["constants"]) >= {"M", "sigma", "L"} and cons["constants"]["M"] > 0
+    assert cons["warmup_steps"] == 20 and cons["frozen_at_step"] == 20
+    assert _guard_events(summary, "fail") == [] and _guard_events(summary, "rollback") == []
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("which", ["least_squares", "digits"])
+def test_the_broken_run_is_failed_by_the_guard_and_says_why(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    spec, _, summary = _pair(request, which)["broken"]
+    assert summary["state"] == "failed"
+    assert summary["steps"] < spec.steps
+    error = summary["error"]
+    assert error.startswith(("diverged", "out of bound")), error
+    assert summary["consistency"]["verdict"] in ("diverged", "out_of_bound")
+    (event,) = _guard_events(summary, "fail")
+    assert error in event["detail"]
+    assert event["detail"].startswith("fail: ")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("which", ["least_squares", "digits"])
+def test_the_broken_run_with_rollback_is_rolled_back_and_finishes_inside_its_bound(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    spec, out, summary = _pair(request, which)["rollback"]
+    _assert_inside(spec, out, summary)
+    rollbacks = _guard_events(summary, "rollback")
+    assert rollbacks, summary["events"]
+    for e in rollbacks:
+        assert "ckpt" in e["detail"] and "mode.max_staleness" in e["detail"]
+        assert "diverged" in e["detail"]
+    # the run ends on a smaller tau than it started with, and says so in its summary
+    assert summary["mode_settings"]["max_staleness"] < 10000
+    assert summary["final_test_loss"] is not None
