@@ -131,6 +131,10 @@ class JobPublic(BaseModel):
     bound: float | None
     error: str | None
     drill_id: str | None
+    # budgets: why a pending job waits (service.jobs admission), else None
+    waiting: str | None = Field(
+        default=None, description="why a pending job waits (memory, processes, resources)"
+    )
 
     @classmethod
     def of(cls, row: JobRow, **extra: Any) -> Self:
@@ -171,8 +175,15 @@ class JobPublic(BaseModel):
             bound=_f(st.get("bound")),
             error=row.error,
             drill_id=row.drill_id,
+            waiting=_waiting(row),
             **extra,
         )
+
+
+def _waiting(row: JobRow) -> str | None:
+    """The reason a pending job waits (the job manager keeps it in its status)."""
+    why = row.status.get("waiting") if row.state == "pending" else None
+    return why if isinstance(why, str) else None
 
 
 class CheckpointPublic(BaseModel):

@@ -373,7 +373,8 @@ def test_job_detail_is_cached_per_version_with_an_etag(client: TestClient) -> No
     assert unchanged.status_code == 304 and unchanged.headers["etag"] == etag
     assert client.get(f"/jobs/{job['id']}", headers={"If-None-Match": '"x"'}).status_code == 200
     # a change of the row is a new version: cancelling a pending job shows at once
-    pending = client.post("/jobs", json={**SPEC, "workers": 64, "max_workers": 64}).json()
+    # 16 x 0.25 CPU + 0.25 is more than the fake cluster's 2 CPUs (and within the budgets)
+    pending = client.post("/jobs", json={**SPEC, "workers": 16, "max_workers": 16}).json()
     tag = client.get(f"/jobs/{pending['id']}").headers["etag"]
     assert client.post(f"/jobs/{pending['id']}/cancel").status_code == 202
     after = client.get(f"/jobs/{pending['id']}", headers={"If-None-Match": tag})
