@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 # what a call to a coordinator whose process died raises (while Ray restarts it)
 _ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # A worker must be placed and answer within this share of the start timeout, so that the
-# coordinator's "worker failed to start" (with its reason) comes before the driver gives up.
-WORKER_START_SHARE = 0.8
+# coordinator's "worker failed to start" (with its reason) comes before the driver gives up:
+# the other half covers the coordinator's own start (a process, torch, the dataset: ~5 s on
+# a loaded 2-core machine) with room to spare.
+WORKER_START_SHARE = 0.5
 # How often a start waiting for room looks at the cluster again.
 PLACEMENT_POLL_S = 0.5
 
