@@ -257,7 +257,7 @@ def _state(store: Store, job_id: str) -> str:
     ],
 )
 def test_submit_refuses_a_job_over_budget_and_stores_nothing(
-    env: tuple, body: dict[str, Any], field: str
+    env: tuple[Any, ...], body: dict[str, Any], field: str
 ) -> None:
     mgr, _, _, store = env
     with pytest.raises(SpecError) as ei:
@@ -266,7 +266,7 @@ def test_submit_refuses_a_job_over_budget_and_stores_nothing(
     assert store.list_jobs()[1] == 0
 
 
-def test_a_job_past_the_service_memory_pends_with_the_reason_then_starts(env: tuple) -> None:
+def test_a_job_past_the_service_memory_pends_with_the_reason_then_starts(env: tuple[Any, ...]) -> None:
     mgr, backend, _, store = env
     backend.script = Script(steps_per_poll=1)
     # 6 workers: about 1.6 GiB each job; the service's budget here is 4 GiB
@@ -288,7 +288,7 @@ def test_a_job_past_the_service_memory_pends_with_the_reason_then_starts(env: tu
     assert _state(store, third.id) == "running"
 
 
-def test_cancel_without_an_answer_kills_the_job_by_name_at_once(env: tuple) -> None:
+def test_cancel_without_an_answer_kills_the_job_by_name_at_once(env: tuple[Any, ...]) -> None:
     mgr, backend, _, store = env
     backend.script = Script(steps_per_poll=1, cancel_error=TimeoutError("no answer"))
     job = mgr.submit(spec(steps=1000, workers=2))
@@ -307,7 +307,7 @@ def test_cancel_without_an_answer_kills_the_job_by_name_at_once(env: tuple) -> N
     assert "cancelled by force" in last.detail and "killed its 2 actors" in last.detail
 
 
-def test_the_reaper_kills_actors_of_no_live_job_with_an_event(env: tuple) -> None:
+def test_the_reaper_kills_actors_of_no_live_job_with_an_event(env: tuple[Any, ...]) -> None:
     mgr, backend, _, store = env
     backend.script = Script(steps_per_poll=1)
     live = mgr.submit(spec(steps=1000, workers=2))
