@@ -1188,7 +1188,11 @@ class JobManager:
             with self._lock:
                 live_specs = [e.spec for e in self._live.values()]
             bundles = [dict(b) for s in live_specs for b in self.backend.resources(s)]
-            bundles += [dict(b) for j in waiting for b in pending[j]]
+            # without Ray's memory resource: node types seldom declare it (it is detected on
+            # the node), and the autoscaler leaves a bundle no node type declares unserved
+            bundles += [
+                {k: v for k, v in b.items() if k != "memory"} for j in waiting for b in pending[j]
+            ]
         else:
             bundles = []
         if bundles != self._requested:

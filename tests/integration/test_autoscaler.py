@@ -80,10 +80,6 @@ BASE_CONFIG: dict[str, Any] = {
 FAKE_NODE_PREFIX = "f" * 51
 # 256 MiB of object store per fake node (instead of 30% of the RAM).
 FAKE_NODE_OBJECT_STORE_BYTES = 256 * 1024 * 1024
-# 2 GiB of Ray's memory resource per fake node: actors ask for their estimated memory
-# (service.budget; a worker here about 0.22 GiB), and the autoscaler packs requests by the
-# resources a node type declares.
-FAKE_NODE_MEMORY_BYTES = 2 * 1024 * 1024 * 1024
 
 # coordinator 0.5 + 2 workers x 1 CPU = 2.5 CPUs: more than the head's 1, and each worker
 # needs a whole fake node's CPU.
@@ -186,11 +182,7 @@ def test_pending_job_gets_nodes_from_the_autoscaler(tmp_path: Path) -> None:
             head_resources={"CPU": 1},
             worker_node_types={
                 "cpu_node": {
-                    "resources": {
-                        "CPU": 1,
-                        "memory": FAKE_NODE_MEMORY_BYTES,
-                        "object_store_memory": FAKE_NODE_OBJECT_STORE_BYTES,
-                    },
+                    "resources": {"CPU": 1, "object_store_memory": FAKE_NODE_OBJECT_STORE_BYTES},
                     "node_config": {},
                     "min_workers": 0,
                     "max_workers": 2,
