@@ -266,7 +266,9 @@ def test_submit_refuses_a_job_over_budget_and_stores_nothing(
     assert store.list_jobs()[1] == 0
 
 
-def test_a_job_past_the_service_memory_pends_with_the_reason_then_starts(env: tuple[Any, ...]) -> None:
+def test_a_job_past_the_service_memory_pends_with_the_reason_then_starts(
+    env: tuple[Any, ...],
+) -> None:
     mgr, backend, _, store = env
     backend.script = Script(steps_per_poll=1)
     # 6 workers: about 1.6 GiB each job; the service's budget here is 4 GiB
