@@ -124,3 +124,20 @@ class GradientReply:
     grad: np.ndarray | None = None
     payload: Payload | None = None
     residual: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the coordinator starts its workers (the driver works it out before the start).
+
+    Attributes:
+        worker_memory_bytes: the memory each worker asks Ray for (Ray's ``memory``
+            resource: the scheduler places a worker only where that much is unreserved);
+            0 asks for none.
+        worker_start_timeout_s: a worker not placed and answering within this many seconds
+            counts as failed to start (with the reason), so a start never hangs.
+    """
+
+    worker_memory_bytes: int = 0
+    # the service's ESGD_START_TIMEOUT_S default
+    worker_start_timeout_s: float = 120.0

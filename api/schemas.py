@@ -162,6 +162,10 @@ class JobPublic(BaseModel):
     bound: float | None
     error: str | None
     drill_id: str | None
+    # budgets: why a pending job waits (service.jobs admission), else None
+    waiting: str | None = Field(
+        default=None, description="why a pending job waits (memory, processes, resources)"
+    )
 
     @classmethod
     def of(cls, row: JobRow, **extra: Any) -> Self:
@@ -203,6 +207,7 @@ class JobPublic(BaseModel):
             # a failed job always says why (rows written before reasons were required)
             error=row.error or (NO_REASON if row.state == JobState.FAILED.value else None),
             drill_id=row.drill_id,
+            waiting=_waiting(row),
             **extra,
         )
 
@@ -217,6 +222,12 @@ class JobErrorDetail(BaseModel):
         description="the full record: messages and tracebacks as the service received them "
         "(may name paths, pids and hosts of the cluster: not for end users)"
     )
+
+
+def _waiting(row: JobRow) -> str | None:
+    """The reason a pending job waits (the job manager keeps it in its status)."""
+    why = row.status.get("waiting") if row.state == "pending" else None
+    return why if isinstance(why, str) else None
 
 
 class CheckpointPublic(BaseModel):

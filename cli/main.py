@@ -518,13 +518,28 @@ def run(
         Path | None, typer.Option("--data-dir", help="where npz datasets live")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    placement_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--placement-timeout-s",
+            min=0.0,
+            help="seconds to wait for the cluster to have room for the job's actors before "
+            "failing (what it needs and what the cluster has is said at once)",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run one job on a local Ray instance (or RAY_ADDRESS) without the service."""
     from service.local_run import run_local
 
     try:
         spec = load_spec(config)
-        summary = run_local(spec, out, data_dir=data_dir, progress=not quiet)
+        summary = run_local(
+            spec,
+            out,
+            data_dir=data_dir,
+            progress=not quiet,
+            placement_timeout_s=placement_timeout_s,
+        )
     except (SpecError, ElasticSGDError) as exc:
         fail_problems(exc)
     cons = summary["consistency"]

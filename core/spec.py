@@ -159,7 +159,10 @@ class ResourcesSpec(_Strict):
     """What each actor asks Ray for. Fractions let several workers share one core."""
 
     # 4 workers x 0.25 + coordinator 0.25 = 1.25 CPUs: fits a 2-core machine.
-    worker_cpus: float = Field(default=0.25, gt=0.0, le=256.0)
+    # At least 0.05: Ray runs one process per actor whatever its CPU share, so a tiny share
+    # lets thousands of processes onto a few cores (4096 x 0.0001 CPU started ~150 processes
+    # and took 17 GB); 0.05 caps a core at 20 workers.
+    worker_cpus: float = Field(default=0.25, ge=0.05, le=256.0)
     # "auto": a share of a GPU when the cluster has GPUs, else none.
     worker_gpus: float | Literal["auto"] = "auto"
     coordinator_cpus: float = Field(default=0.25, gt=0.0, le=256.0)

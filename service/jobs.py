@@ -26,7 +26,6 @@ state machine and the policies can be tested without Ray.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -41,13 +40,25 @@ from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from core.errors import InvalidTransition, JobNotFound, SpecError, TrainingFailed
-from core.events import Event, Record
-from core.names import coordinator_name
+from core.errors import ElasticSGDError, InvalidTransition, JobNotFound, SpecError, TrainingFailed
+from core.events import Event, EventKind, Record
+from core.names import coordinator_name, job_of_actor
 from core.spec import FaultSpec, JobSpec, format_errors
 from core.state import JobState
+from service.budget import (
+    Footprint,
+    Usage,
+    Verdict,
+    decide,
+    estimate,
+    gib,
+    refusals,
+    usage_of,
+    with_memory,
+)
 from service.public_errors import NO_REASON, public_error
 from service.ray_errors import describe, own_error, user_error
+from service.reaper import orphans
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
 
@@ -155,9 +166,12 @@ def describe_resources(res: Mapping[str, float]) -> str:
     keys = [
         k
         for k in sorted(res)
-        if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store"))
+        if k in ("CPU", "GPU", "memory") or not k.startswith(("node:", "object_store"))
     ]
-    return ", ".join(f"{k}={res[k]:g}" for k in keys) or "nothing"
+    return (
+        ", ".join(f"{k}={gib(res[k]) if k == 'memory' else format(res[k], 'g')}" for k in keys)
+        or "nothing"
+    )
 
 
 # -- seams to Ray ---------------------------------------------------------------------------
@@ -176,7 +190,7 @@ class RunnerLike(Protocol):
     def poll(self) -> PollLike: ...
     def scale(self, n: int) -> None: ...
     def inject(self, fault: FaultSpec) -> None: ...
-    def cancel(self) -> None: ...
+    def cancel(self, timeout_s: float | None = None) -> None: ...
     def finish(self) -> dict[str, Any]: ...
     def model_bytes(self) -> bytes: ...
 
@@ -192,6 +206,8 @@ class RunnerBackend(Protocol):
         self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
     ) -> tuple[RunnerLike, int] | None: ...
     def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
+    def actors(self) -> list[str]: ...
+    def kill(self, names: list[str]) -> list[str]: ...
 
 
 class Cluster(Protocol):
@@ -203,12 +219,26 @@ class Cluster(Protocol):
 
 
 class RayRunnerBackend:
-    """The real backend: :class:`service.runner.JobRunner` (imported when first used)."""
+    """The real backend: :class:`service.runner.JobRunner` (imported when first used).
+
+    Args:
+        start_timeout_s: every phase of a job's start must end within it.
+    """
+
+    def __init__(self, start_timeout_s: float = 120.0) -> None:
+        self.start_timeout_s = start_timeout_s
 
     def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike:
         from service.runner import JobRunner
 
-        runner: RunnerLike = JobRunner(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        runner: RunnerLike = JobRunner(
+            job_id,
+            spec,
+            out_dir,
+            data_dir=data_dir,
+            detached=True,
+            start_timeout_s=self.start_timeout_s,
+        )
         return runner
 
     def attach(
@@ -234,6 +264,16 @@ class RayRunnerBackend:
 
         return [dict(b) for b in JobRunner.resources(spec)]
 
+    def actors(self) -> list[str]:
+        from service.runner import service_actors
+
+        return service_actors()
+
+    def kill(self, names: list[str]) -> list[str]:
+        from service.runner import kill_actors
+
+        return kill_actors(names)
+
 
 # -- the manager ------------------------------------------------------------------------------
 
@@ -253,6 +293,9 @@ class _Live:
 
 # Seconds a cancelled job may take to stop by itself before it is stopped by force.
 CANCEL_GRACE_S = 30.0
+# Seconds past ESGD_START_TIMEOUT_S before a start that has not returned is abandoned (the
+# runner's own timeout fires first, with the cause; this is the backstop).
+START_BACKSTOP_S = 10.0
 # Seconds between two admission rounds woken by submissions (a burst of POSTs costs one).
 ADMIT_MIN_GAP_S = 0.05
 # The first event of every job.
@@ -279,7 +322,7 @@ class JobManager:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.backend: RunnerBackend = backend or RayRunnerBackend()
+        self.backend: RunnerBackend = backend or RayRunnerBackend(settings.start_timeout_s)
         self.cluster = cluster
         self._live: dict[str, _Live] = {}
         self._lock = threading.RLock()
@@ -295,6 +338,9 @@ class JobManager:
         self._poll_now = False
         self._last_tick = 0.0
         self._last_admit = 0.0
+        # each job's estimated footprint (service.budget), worked out once, at submission
+        self._footprints: dict[str, Footprint] = {}
+        self._last_reap = time.monotonic()
         self.on_terminal: list[Callable[[JobRow], None]] = []
 
     # -- life of the manager ----------------------------------------------------------
@@ -335,7 +381,7 @@ class JobManager:
         Raises:
             SpecError: the spec's data file is missing or outside the data directory.
         """
-        job_id, out_dir = self._new_job(spec)
+        job_id, out_dir, fp = self._new_job(spec)
         row = self.store.create_job(
             job_id,
             spec.name,
@@ -344,26 +390,28 @@ class JobManager:
             drill_id=drill_id,
             detail=SUBMITTED,
         )
-        return self._submitted(row, spec)
+        return self._submitted(row, spec, fp)
 
     async def submit_async(self, spec: JobSpec) -> JobRow:
         """:meth:`submit` for a coroutine: ``POST /jobs`` stays on the event loop, which
         awaits the commit instead of holding a pool thread (a thread waiting for the GIL
         behind a busy event loop made submissions 10x slower than reads under load)."""
-        job_id, out_dir = self._new_job(spec)
+        job_id, out_dir, fp = self._new_job(spec)
         row = await self.store.create_job_async(
             job_id, spec.name, spec.model_dump(mode="json"), out_dir, detail=SUBMITTED
         )
-        return self._submitted(row, spec)
+        return self._submitted(row, spec, fp)
 
-    def _new_job(self, spec: JobSpec) -> tuple[str, Path]:
+    def _new_job(self, spec: JobSpec) -> tuple[str, Path, Footprint]:
         self.check_data_path(spec)
+        fp = self.check_budget(spec)
         job_id = new_id()
-        return job_id, self.settings.runs_dir / job_id
+        return job_id, self.settings.runs_dir / job_id, fp
 
-    def _submitted(self, row: JobRow, spec: JobSpec) -> JobRow:
+    def _submitted(self, row: JobRow, spec: JobSpec, fp: Footprint) -> JobRow:
         with self._lock:
             self._pending[row.id] = (spec, None)
+            self._footprints[row.id] = fp
         log.info("job %s (%s) submitted", row.id, spec.name)
         self._wake.set()  # an admission round, not a poll of every live job
         return row
@@ -392,6 +440,47 @@ class JobManager:
                     )
                 ]
             )
+
+    # -- budgets (service.budget) ----------------------------------------------------------
+
+    def footprint(self, spec: JobSpec) -> Footprint:
+        """What ``spec`` will hold once started (nothing is allocated to find out).
+
+        Raises:
+            SpecError: the model cannot be built for its data (as the coordinator would say).
+        """
+        try:
+            return estimate(spec, self.settings.data_dir)
+        except ElasticSGDError as exc:
+            raise SpecError([("model", str(exc))]) from None
+
+    def check_budget(self, spec: JobSpec) -> Footprint:
+        """Refuse a job over a per-job or service budget; returns its footprint.
+
+        Raises:
+            SpecError: one ``(spec field, message)`` per budget exceeded, naming the field
+                that drives it, the budget and the setting that holds it.
+        """
+        fp = self.footprint(spec)
+        problems = refusals(spec, fp, self.settings.budgets)
+        if problems:
+            raise SpecError(problems)
+        return fp
+
+    def _footprint_of(self, job_id: str, spec: JobSpec) -> Footprint:
+        with self._lock:
+            fp = self._footprints.get(job_id)
+        if fp is None:
+            fp = self.footprint(spec)
+            with self._lock:
+                self._footprints[job_id] = fp
+        return fp
+
+    def _in_use(self) -> Usage:
+        """What the jobs with actors hold (their footprints' sum)."""
+        with self._lock:
+            live = list(self._live.items())
+        return usage_of([self._footprint_of(job_id, e.spec) for job_id, e in live])
 
     def get(self, job_id: str) -> JobRow:
         row = self.store.get_job(job_id)
@@ -455,12 +544,55 @@ class JobManager:
                     continue
             if first:
                 self.store.add_event(job_id, "cancel", "cancel requested", step=row.step)
-                if live.start is None:
-                    self._call_runner(job_id, "cancel", live.runner.cancel)
+                forced = self._ask_cancel(job_id, live)
+                if forced is not None:
+                    return forced
             self._poll_now = True
             self._wake.set()
             return self.get(job_id)
         raise InvalidTransition(f"job {job_id} changed state repeatedly; try again")
+
+    def _ask_cancel(self, job_id: str, live: _Live) -> JobRow | None:
+        """Ask the coordinator to stop, waiting ``cancel_timeout_s`` at most; if it does not
+        answer (it is restarting, or still being built), stop the job by force. Returns the
+        job's row if it was stopped by force, else ``None`` (it stops by itself)."""
+        timeout_s = self.settings.cancel_timeout_s
+        try:
+            live.runner.cancel(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
+            log.warning("job %s: cancel not answered: %r", job_id, exc)
+            return self._force_cancel(
+                job_id, f"its coordinator did not answer within {timeout_s:g} s"
+            )
+        return None
+
+    def _kill_job(self, job_id: str) -> list[str]:
+        """Kill the job's coordinator and every worker by name (best effort)."""
+        try:
+            names = [n for n in self.backend.actors() if job_of_actor(n) == job_id]
+            killed = self.backend.kill(names) if names else []
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
+            log.warning("job %s: killing its actors failed: %r", job_id, exc)
+            return []
+        if killed:
+            log.info("job %s: killed %d actors: %s", job_id, len(killed), ", ".join(killed))
+        return killed
+
+    def _force_cancel(self, job_id: str, why: str) -> JobRow:
+        """Kill the job's actors by name and record it cancelled (whatever state its
+        coordinator is in); the reaper sweeps up an actor created after the kill."""
+        killed = self._kill_job(job_id)
+        reason = f"cancelled by force: {why}; killed its {len(killed)} actors"
+        for _ in range(3):
+            row = self.get(job_id)
+            state = JobState(row.state)
+            if state.terminal:
+                return row
+            try:
+                return self._transition(job_id, state, JobState.CANCELLED, reason, finished=True)
+            except StaleState:
+                continue
+        return self.get(job_id)
 
     def scale(self, job_id: str, workers: int) -> JobRow:
         """Change the number of workers of a running job.
@@ -606,6 +738,7 @@ class JobManager:
         if new.terminal:
             with self._lock:
                 self._live.pop(job_id, None)
+                self._footprints.pop(job_id, None)
                 self._announced_wait.discard(job_id)
             for hook in list(self.on_terminal):
                 try:
@@ -760,6 +893,7 @@ class JobManager:
             except Exception:
                 log.exception("job %s: supervising failed", job_id)
         self._admit_pending()
+        self._reap_if_due()
 
     def _follow(self, job_id: str, entry: _Live) -> None:
         """One supervisor step for a live job: its start, a poll, its state."""
@@ -788,15 +922,25 @@ class JobManager:
         if entry.start is None:
             return True
         if not entry.start.done():
+            late_s = time.monotonic() - entry.since - self.settings.start_timeout_s
+            if late_s > START_BACKSTOP_S:
+                killed = self._kill_job(job_id)
+                self._fail(
+                    job_id,
+                    f"could not start within {self.settings.start_timeout_s:g} s "
+                    f"(ESGD_START_TIMEOUT_S); killed its {len(killed)} actors",
+                )
             return False
         exc = entry.start.exception()
         entry.start = None
         entry.since = time.monotonic()
         if exc is not None:
+            self._kill_job(job_id)
             self._fail(job_id, f"could not start: {user_error(exc)}", exc)
             return False
         if entry.cancel_requested_at is not None:
-            self._call_quietly(job_id, "cancel", entry.runner.cancel)
+            timeout_s = self.settings.cancel_timeout_s
+            self._call_quietly(job_id, "cancel", lambda: entry.runner.cancel(timeout_s))
         return True
 
     def _poll(self, job_id: str, entry: _Live) -> PollLike | None:
@@ -830,7 +974,7 @@ class JobManager:
         if target is not None and target is not JobState.STARTING:
             entry.seen_status = True
         if target is None or target is current or current.terminal:
-            self._check_timeouts(job_id, entry, current)
+            self._check_timeouts(job_id, entry)
             return
         if target is JobState.SUCCEEDED and current is JobState.STARTING:
             # a short job can finish between two polls; it did run: keep the lifecycle whole
@@ -895,11 +1039,12 @@ class JobManager:
         except (StaleState, InvalidTransition) as exc:
             log.warning("job %s: could not record end state %s: %s", job_id, target, exc)
 
-    def _check_timeouts(self, job_id: str, entry: _Live, current: JobState) -> None:
+    def _check_timeouts(self, job_id: str, entry: _Live) -> None:
         now = time.monotonic()
         if not entry.seen_status and now - entry.since > self.settings.start_timeout_s:
-            self._call_quietly(job_id, "cancel", entry.runner.cancel)
-            self._call_quietly(job_id, "finish", entry.runner.finish)
+            timeout_s = self.settings.cancel_timeout_s
+            self._call_quietly(job_id, "cancel", lambda: entry.runner.cancel(timeout_s))
+            self._kill_job(job_id)
             self._fail(
                 job_id,
                 f"the coordinator did not report running within {self.settings.start_timeout_s:g}"
@@ -909,15 +1054,9 @@ class JobManager:
             entry.cancel_requested_at is not None
             and now - entry.cancel_requested_at > CANCEL_GRACE_S
         ):
-            self._call_quietly(job_id, "finish", entry.runner.finish)
-            with contextlib.suppress(StaleState, InvalidTransition):
-                self._transition(
-                    job_id,
-                    current,
-                    JobState.CANCELLED,
-                    f"cancelled by force after {CANCEL_GRACE_S:g} s without "
-                    "the coordinator stopping",
-                )
+            self._force_cancel(
+                job_id, f"the coordinator had not stopped {CANCEL_GRACE_S:g} s after the cancel"
+            )
 
     def _call_quietly(self, job_id: str, what: str, fn: Callable[[], object]) -> None:
         try:
@@ -940,7 +1079,10 @@ class JobManager:
                 if spec is None:
                     spec = self.spec_of(job_id)
                 if bundles is None:
-                    bundles = self.backend.resources(spec)
+                    # what each actor asks Ray for: its CPUs (and GPUs) and its memory
+                    bundles = with_memory(
+                        self.backend.resources(spec), self._footprint_of(job_id, spec)
+                    )
             except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
                 self._fail(job_id, f"cannot work out the resources it needs: {exc}")
                 continue
@@ -961,7 +1103,7 @@ class JobManager:
             # free (and the autoscaler is not asked for jobs that could not start anyway)
             self._announce_queued(ids)
             return
-        jobs = self._pending_jobs(ids)
+        jobs = self._within_budgets(self._pending_jobs(ids))
         pending = [(job_id, bundles) for job_id, _, bundles in jobs]
         specs = {job_id: spec for job_id, spec, _ in jobs}
         if self.cluster is None:
@@ -979,21 +1121,87 @@ class JobManager:
             free = {k: v - reserved.get(k, 0.0) for k, v in available.items()}
             admitted, waiting = admit(pending, free, nodes)
             for job_id in waiting:
-                if job_id not in self._announced_wait:
-                    self._announced_wait.add(job_id)
-                    need = total_of(dict(pending)[job_id])
-                    self.store.add_event(
-                        job_id,
-                        "resources",
-                        f"waiting for resources: needs {describe_resources(need)}, cluster "
-                        f"has {describe_resources(free)} free; asked the autoscaler",
-                    )
+                need = total_of(dict(pending)[job_id])
+                self._announce_wait(
+                    job_id,
+                    "resources",
+                    f"waiting for resources: needs {describe_resources(need)}, cluster "
+                    f"has {describe_resources(free)} free; asked the autoscaler",
+                )
             self._request_resources(dict(pending), waiting)
         if len(admitted) > room:
             self._announce_queued(admitted[room:])
             admitted = admitted[:room]
         for job_id in admitted:
             self._start(job_id, specs[job_id])
+
+    def _within_budgets(
+        self, jobs: Sequence[tuple[str, JobSpec, list[dict[str, float]]]]
+    ) -> list[tuple[str, JobSpec, list[dict[str, float]]]]:
+        """The pending jobs the service's budgets let start now, oldest first: one that
+        would take the live jobs past a service budget waits (with the reason), one over a
+        budget on its own (the budgets changed since it was accepted) fails."""
+        budgets = self.settings.budgets
+        in_use = self._in_use()
+        out = []
+        for job_id, spec, bundles in jobs:
+            fp = self._footprint_of(job_id, spec)
+            d = decide(spec, fp, budgets, in_use)
+            if d.verdict is Verdict.REFUSE:
+                self._fail(job_id, "; ".join(f"{f}: {m}" for f, m in d.problems))
+            elif d.verdict is Verdict.PEND:
+                self._announce_wait(job_id, "queued", d.reason)
+            else:
+                in_use = in_use.plus(fp)
+                out.append((job_id, spec, bundles))
+        return out
+
+    def _announce_wait(self, job_id: str, kind: str, reason: str) -> None:
+        """Tell a pending job (once) why it waits: an event, and its status (GET /jobs/{id}
+        shows it as ``waiting``)."""
+        if job_id in self._announced_wait:
+            return
+        self._announced_wait.add(job_id)
+        self.store.add_event(job_id, kind, reason)
+        self.store.update_progress(job_id, status={"waiting": reason})
+
+    # -- the reaper ------------------------------------------------------------------------
+
+    def reap(self) -> dict[str, list[str]]:
+        """Kill every actor of the service's namespace that belongs to no live job, with a
+        ``reap`` event on its job (if the store knows it) and a log line.
+
+        Returns:
+            The actors killed, by job.
+        """
+        names = self.backend.actors()  # first: a job is live before it creates actors
+        live = {j for st in JobState if st.live for j in self.store.ids_in_state(st.value)}
+        with self._lock:
+            live |= set(self._live)
+        reaped: dict[str, list[str]] = {}
+        for job_id, group in orphans(names, live).items():
+            killed = self.backend.kill(group)
+            if not killed:
+                continue
+            reaped[job_id] = killed
+            detail = (
+                f"killed {len(killed)} actors left behind by the job: {', '.join(killed[:8])}"
+                + (f" and {len(killed) - 8} more" if len(killed) > 8 else "")
+            )
+            log.warning("reaper: job %s: %s", job_id, detail)
+            if self.store.get_job(job_id) is not None:
+                self.store.add_event(job_id, EventKind.REAP.value, detail)
+        return reaped
+
+    def _reap_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < self.settings.reap_interval_s:
+            return
+        self._last_reap = now
+        try:
+            self.reap()
+        except Exception as exc:  # noqa: BLE001 - any Ray error is data: retried next time
+            log.warning("reaper: sweep failed: %r", exc)
 
     def _announce_queued(self, ids: Sequence[str]) -> None:
         """Tell each job (once) that it waits for a running slot, not for resources."""
@@ -1015,7 +1223,11 @@ class JobManager:
             with self._lock:
                 live_specs = [e.spec for e in self._live.values()]
             bundles = [dict(b) for s in live_specs for b in self.backend.resources(s)]
-            bundles += [dict(b) for j in waiting for b in pending[j]]
+            # without Ray's memory resource: node types seldom declare it (it is detected on
+            # the node), and the autoscaler leaves a bundle no node type declares unserved
+            bundles += [
+                {k: v for k, v in b.items() if k != "memory"} for j in waiting for b in pending[j]
+            ]
         else:
             bundles = []
         if bundles != self._requested:

@@ -27,20 +27,39 @@ def run_local(
     progress: bool = True,
     poll_interval_s: float = 0.25,
     job_id: str | None = None,
+    placement_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """Run ``spec`` to the end; writes ``out_dir/{metrics.jsonl,model.pt,summary.json}``.
 
+    If the cluster has no room for the job's actors, says at once what the job needs and
+    what the cluster has (on stderr, even with ``progress`` off), and waits at most
+    ``placement_timeout_s`` for room.
+
     Returns:
         The run's summary (also in ``summary.json``).
+
+    Raises:
+        TrainingFailed: no room within ``placement_timeout_s`` (the message says what the
+            job needs and what the cluster has), or the start failed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    runner = JobRunner(
-        job_id or f"run-{uuid.uuid4().hex[:8]}", spec, out_dir, data_dir=data_dir, detached=False
-    )
     console = Console(stderr=True, quiet=not progress)
-    runner.start()
+    runner = JobRunner(
+        job_id or f"run-{uuid.uuid4().hex[:8]}",
+        spec,
+        out_dir,
+        data_dir=data_dir,
+        detached=False,
+        placement_timeout_s=placement_timeout_s,
+        on_wait=lambda msg: Console(stderr=True).print(f"[yellow]waiting[/]: {msg}"),
+    )
+    try:
+        runner.start()
+    except BaseException:
+        runner.release()  # a start that failed half-way leaves nothing behind
+        raise
     try:
         loss = acc = None
         with Progress(

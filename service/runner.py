@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,54 @@ import ray
 
 from actors.checkpoint import latest_valid
 from actors.coordinator import Coordinator
+from actors.messages import Launch
 from core.errors import TrainingFailed
 from core.events import Event, Record
-from core.names import NAMESPACE, coordinator_name, worker_prefix
+from core.names import NAMESPACE, coordinator_name, job_of_actor
 from core.spec import FaultSpec, JobSpec
+from service.budget import Footprint, estimate, placement, total, with_memory
 from service.ray_conn import ensure_connected
 from service.ray_errors import user_error
 
+log = logging.getLogger(__name__)
+
 # what a call to a coordinator whose process died raises (while Ray restarts it)
 _ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# A worker must be placed and answer within this share of the start timeout, so that the
+# coordinator's "worker failed to start" (with its reason) comes before the driver gives up:
+# the other half covers the coordinator's own start (a process, torch, the dataset: ~5 s on
+# a loaded 2-core machine) with room to spare.
+WORKER_START_SHARE = 0.5
+# How often a start waiting for room looks at the cluster again.
+PLACEMENT_POLL_S = 0.5
+
+
+def service_actors() -> list[str]:
+    """Names of every named actor in the service's namespace (detached ones included)."""
+    return [
+        str(a["name"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE
+    ]
+
+
+def kill_actors(names: list[str]) -> list[str]:
+    """Kill these actors of the service's namespace (no restart); returns those killed."""
+    killed = []
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except (ValueError, ray.exceptions.RayError) as exc:
+            log.debug("could not kill actor %s: %r", name, exc)
+            continue
+        killed.append(name)
+    return killed
+
+
+def kill_job_actors(job_id: str) -> list[str]:
+    """Kill the coordinator and every worker of ``job_id`` by name, whatever state they
+    are in (restarting, detached, never placed); returns the names killed."""
+    return kill_actors([n for n in service_actors() if job_of_actor(n) == job_id])
 
 
 @dataclass
@@ -52,6 +93,14 @@ class JobRunner:
         out_dir: where ``metrics.jsonl``, ``model.pt`` and ``summary.json`` go.
         data_dir: where ``npz`` datasets are looked up.
         detached: keep the coordinator alive if this process dies (the service does).
+        state_dir: checkpoints and journal (default ``out_dir / "state"``).
+        start_timeout_s: every phase of starting (the coordinator's construction and its
+            restarts, its workers' placement) must end within this many seconds.
+        placement_timeout_s: before creating any actor, wait at most this long for the
+            cluster to have room for the whole job, then fail saying what it lacks
+            (``None``: no wait, as in the service, whose admission already checked).
+        on_wait: told once, within seconds, what the job needs and what the cluster has,
+            when it has to wait for room.
     """
 
     def __init__(
@@ -63,8 +112,16 @@ class JobRunner:
         data_dir: Path | None = None,
         detached: bool = True,
         state_dir: Path | None = None,
+        start_timeout_s: float = 120.0,
+        placement_timeout_s: float | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.job_id = job_id
+        self.start_timeout_s = start_timeout_s
+        self.placement_timeout_s = placement_timeout_s
+        self.on_wait = on_wait
+        # set by cancel(): a start or a recovery under way gives up
+        self.cancelled = False
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.data_dir = data_dir
@@ -99,6 +156,11 @@ class JobRunner:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
         ensure_connected()
+        fp = estimate(self.spec, self.data_dir)
+        if self.placement_timeout_s is not None:
+            self.wait_for_placement(fp, self.placement_timeout_s)
+        if self.cancelled:
+            raise TrainingFailed(f"job {self.job_id} was cancelled before it started")
         if not self.resume:
             # a fresh start: checkpoints and journal of an earlier run here are not ours
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -106,49 +168,93 @@ class JobRunner:
             "name": self.actor_name,
             "namespace": NAMESPACE,
             "num_cpus": self.spec.resources.coordinator_cpus,
+            # Ray's scheduler places the coordinator only where its estimate is unreserved
+            "memory": fp.coordinator_bytes,
             # Ray restarts a crashed coordinator; it resumes from its last checkpoint
             "max_restarts": self.spec.max_coordinator_restarts,
         }
         if self.detached:
             opts["lifetime"] = "detached"
+        launch = Launch(
+            worker_memory_bytes=fp.worker_bytes,
+            worker_start_timeout_s=WORKER_START_SHARE * self.start_timeout_s,
+        )
         self.actor = Coordinator.options(**opts).remote(  # type: ignore[attr-defined]
             self.job_id,
             self.spec,
             None if self.data_dir is None else str(self.data_dir),
             str(self.state_dir),
             self.resume,
+            launch,
         )
         info = self._start_remote()
         self.run_ref = self.actor.run.remote()
         return info
 
+    def wait_for_placement(self, fp: Footprint, timeout_s: float) -> None:
+        """Wait until the cluster has room for the whole job (told to :attr:`on_wait` once,
+        at once, if it has not).
+
+        Raises:
+            TrainingFailed: no room within ``timeout_s``: what the job needs, what the
+                cluster has.
+        """
+        need = total(with_memory(self.resources(self.spec), fp))
+        deadline = time.monotonic() + timeout_s
+        told = False
+        while True:
+            p = placement(need, ray.cluster_resources(), ray.available_resources())
+            if p.now:
+                return
+            if not told and self.on_wait is not None:
+                self.on_wait(f"{p.message}; waiting up to {timeout_s:g} s")
+                told = True
+            if self.cancelled or time.monotonic() >= deadline:
+                raise TrainingFailed(
+                    f"cannot place job {self.job_id}: {p.message} (waited {timeout_s:g} s)"
+                )
+            time.sleep(PLACEMENT_POLL_S)
+
     def _start_remote(self) -> dict[str, Any]:
         """The coordinator's ``start()`` (its workers up); a failure says why, in a line.
 
+        The wait is bounded by ``start_timeout_s``, Ray's restarts of a coordinator that
+        died while it was being built included; past it the job's actors are killed.
+
         Raises:
             ElasticSGDError: the coordinator's own error, or a TrainingFailed naming the
-                cause (its constructor or ``start()`` raised, or the actor died).
+                cause (its constructor or ``start()`` raised, the actor died, or it did not
+                start in time).
         """
         try:
-            info: dict[str, Any] = ray.get(self.actor.start.remote())
+            info: dict[str, Any] = ray.get(self.actor.start.remote(), timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            killed = kill_job_actors(self.job_id)
+            raise TrainingFailed(
+                f"the coordinator did not start within {self.start_timeout_s:g} s "
+                f"(ESGD_START_TIMEOUT_S; it may be restarting after running out of memory); "
+                f"killed its {len(killed)} actors"
+            ) from exc
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
             raise user_error(
                 exc, "the coordinator could not start", advice="see the Ray logs"
             ) from exc
         return info
 
-    def _recover(self, timeout_s: float = 120.0) -> None:
-        """The coordinator's process died: Ray restarts it; resume it and run again."""
-        deadline = time.monotonic() + timeout_s
+    def _recover(self) -> None:
+        """The coordinator's process died: Ray restarts it; resume it and run again (within
+        ``start_timeout_s``; a cancel stops the wait)."""
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             try:
                 ray.get(self.actor.ping.remote(), timeout=5)
                 break
             except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
-                if time.monotonic() > deadline:
+                if self.cancelled or time.monotonic() > deadline:
+                    why = "the job was cancelled" if self.cancelled else "timed out"
                     raise TrainingFailed(
-                        f"the coordinator did not come back within {timeout_s:.0f} s: {exc}; "
-                        "see the Ray logs"
+                        f"the coordinator did not come back within {self.start_timeout_s:g} s "
+                        f"({why}): {exc}; see the Ray logs"
                     ) from exc
                 time.sleep(0.1)
         self.restarts += 1
@@ -254,9 +360,20 @@ class JobRunner:
         """Inject ``fault`` into the running job now (a live injection)."""
         self._call("inject_async", fault)
 
-    def cancel(self) -> None:
-        """Ask the coordinator to stop the job (it ends as cancelled)."""
-        self._call("cancel_async")
+    def cancel(self, timeout_s: float | None = None) -> None:
+        """Ask the coordinator to stop the job (it ends as cancelled).
+
+        Raises:
+            ray.exceptions.GetTimeoutError: no answer within ``timeout_s`` (the caller kills
+                the job's actors by name: :func:`kill_job_actors`).
+        """
+        self.cancelled = True
+        if self.actor is None:
+            return
+        try:
+            ray.get(self.actor.cancel_async.remote(), timeout=timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            raise user_error(exc, "the coordinator's cancel failed") from exc
 
     def model_bytes(self) -> bytes:
         """The current model's ``state_dict``, as ``torch.save`` wrote it."""
@@ -293,9 +410,5 @@ class JobRunner:
             ray.kill(self.actor, no_restart=True)
         self.actor = None
         # workers are detached (they outlive a coordinator crash): make sure none is left
-        prefix = worker_prefix(self.job_id)
-        with contextlib.suppress(Exception):
-            for entry in ray.util.list_named_actors(all_namespaces=True):
-                if entry.get("namespace") == NAMESPACE and entry["name"].startswith(prefix):
-                    with contextlib.suppress(Exception):
-                        ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+        with contextlib.suppress(ray.exceptions.RayError):
+            kill_job_actors(self.job_id)

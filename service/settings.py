@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     AliasChoices,
@@ -24,6 +24,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ElasticSGDError
 from core.spec import format_errors
+
+if TYPE_CHECKING:
+    from service.budget import Budgets
 
 
 class SettingsError(ElasticSGDError):
@@ -118,6 +121,27 @@ class Settings(BaseSettings):
     # queue of at most 2,048 items (api.streams). 0 turns streams off.
     max_stream_subscribers: int = Field(default=64, ge=0, le=100_000)
 
+    # -- budgets (service.budget): defaults keep a 2-core, 24 GB machine alive -------------
+    # One job's estimated memory. 8 GiB: a third of 24 GB, so a runaway job leaves the OS,
+    # the service and another job room; a default job (4 workers) is about 1.2 GiB.
+    job_memory_bytes: int = Field(default=8 << 30, ge=64 << 20, le=1 << 50)
+    # All live jobs' estimated memory together. 16 GiB: two thirds of 24 GB; the rest is
+    # the OS, the service, Ray's own processes and its object store.
+    service_memory_bytes: int = Field(default=16 << 30, ge=64 << 20, le=1 << 50)
+    # Workers of one job (``max_workers``, or ``workers``). 64: each worker is a process of
+    # about 220 MiB (service.budget.WORKER_BASE_BYTES); 64 of them are 14 GiB.
+    job_workers: int = Field(default=64, ge=1, le=4096)
+    # Actor processes of all live jobs together (workers + one coordinator each). 128: Ray
+    # runs one process per actor, so this caps what a few cores time-share (4096 workers of
+    # 0.0001 CPU had started ~150 processes and eaten 17 GB before any trained).
+    service_processes: int = Field(default=128, ge=2, le=100_000)
+    # Seconds between two sweeps for actors of the service's namespace that belong to no
+    # live job (they are killed, with a ``reap`` event on their job).
+    reap_interval_s: float = Field(default=30.0, gt=0.0, le=86_400.0)
+    # Seconds a cancel waits for the coordinator to answer before the job's actors are
+    # killed by name (a restarting coordinator answers nothing).
+    cancel_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+
     @field_validator("ray_address")
     @classmethod
     def _empty_address_is_none(cls, value: str | None) -> str | None:
@@ -146,6 +170,18 @@ class Settings(BaseSettings):
     def runs_dir(self) -> Path:
         """Where each job's outputs go (``runs/<job id>/``)."""
         return self.state_dir / "runs"
+
+    @property
+    def budgets(self) -> Budgets:
+        """The budget settings as :class:`service.budget.Budgets`."""
+        from service.budget import Budgets  # torch comes with it: only when admitting jobs
+
+        return Budgets(
+            job_memory_bytes=self.job_memory_bytes,
+            service_memory_bytes=self.service_memory_bytes,
+            job_workers=self.job_workers,
+            service_processes=self.service_processes,
+        )
 
     @property
     def token_value(self) -> str | None:

@@ -36,6 +36,7 @@ from actors.coordinator.training import Training
 from actors.datasets import Dataset, load_dataset
 from actors.flat import ParamLayout, flatten, load_flat
 from actors.guard import Action, Decision
+from actors.messages import Launch
 from actors.models import build_model
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
@@ -60,6 +61,7 @@ class CoordinatorCore:
         data_dir: where ``npz`` datasets live.
         state_dir: checkpoints, journal and members file (``None``: not resumable).
         resume: continue from the latest checkpoint in ``state_dir`` (as after a crash).
+        launch: what each worker asks Ray for and how long its start may take.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CoordinatorCore:
         data_dir: str | None = None,
         state_dir: str | None = None,
         resume: bool = False,
+        launch: Launch | None = None,
     ) -> None:
         self.job_id, self.spec, self.resume = job_id, spec, resume
         self.state = JobState.STARTING
@@ -97,7 +100,7 @@ class CoordinatorCore:
         )
         self.recovery = Recovery(Path(state_dir) if state_dir else None, spec.checkpoint)
         self.reporter = Reporter(time.time(), self.recovery.journal, lambda: self.mode.step)
-        self.members = Membership(job_id, spec, self.reporter, len(self.ds.x_train))
+        self.members = Membership(job_id, spec, self.reporter, len(self.ds.x_train), launch)
         self.data = DataPlane(job_id, spec, self.layout.numel)
         self.faults = Faulting(spec, self.reporter, self.recovery)
         self.train = Training(

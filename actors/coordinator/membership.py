@@ -25,7 +25,7 @@ from actors.channel import CoordinatorEnd
 from actors.coordinator.reporting import Reporter
 from actors.datasets import Dataset
 from actors.faults import ActiveFault
-from actors.messages import WorkerInit
+from actors.messages import Launch, WorkerInit
 from actors.sampler import make_shards
 from actors.transport import ShmPool, ShmRef, host_id
 from actors.worker import Worker
@@ -129,11 +129,20 @@ class Membership:
         spec: the job.
         reporter: membership events go here.
         n_train: training-set size (shards are cut from it).
+        launch: the memory each worker asks Ray for and how long its start may take.
     """
 
-    def __init__(self, job_id: str, spec: JobSpec, reporter: Reporter, n_train: int) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        reporter: Reporter,
+        n_train: int,
+        launch: Launch | None = None,
+    ) -> None:
         self.job_id = job_id
         self.spec = spec
+        self.launch = launch or Launch()
         self.reporter = reporter
         self.n_train = n_train
         self.workers: dict[int, WorkerSlot] = {}
@@ -182,7 +191,7 @@ class Membership:
                 gpus = min(1.0, total / max(self.spec.workers, 1))
         else:
             gpus = float(r.worker_gpus)
-        return {
+        opts: dict[str, Any] = {
             "num_cpus": r.worker_cpus,
             "num_gpus": gpus,
             "scheduling_strategy": "SPREAD",
@@ -191,6 +200,27 @@ class Membership:
             "name": worker_name(self.job_id, wid, gen),
             "namespace": NAMESPACE,
         }
+        if self.launch.worker_memory_bytes > 0:
+            # Ray's scheduler places the worker only where this much memory is unreserved
+            opts["memory"] = self.launch.worker_memory_bytes
+        return opts
+
+    def _unplaced(self) -> str:
+        """Why a worker was not placed: what it asks for, what the cluster has free."""
+        r = self.spec.resources
+        need = f"CPU={r.worker_cpus:g}"
+        if self.launch.worker_memory_bytes > 0:
+            need += f", memory={self.launch.worker_memory_bytes / (1 << 30):.2f} GiB"
+        try:
+            free = ray.available_resources()
+            mem_gib = free.get("memory", 0.0) / (1 << 30)
+            has = f"CPU={free.get('CPU', 0.0):g}, memory={mem_gib:.2f} GiB"
+        except Exception:  # noqa: BLE001 - only for the message
+            has = "unknown resources"
+        return (
+            f"not placed within {self.launch.worker_start_timeout_s:g} s: it needs {need}, "
+            f"the cluster has {has} free"
+        )
 
     def spawn(
         self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None
@@ -224,7 +254,15 @@ class Membership:
     async def probe(self, slot: WorkerSlot, shm: ShmPool | None, reattached: bool) -> bool:
         """Learn where a worker runs and pick its transport; False if it failed to start."""
         try:
-            info = await slot.actor.info.remote()
+            try:
+                info = await asyncio.wait_for(
+                    slot.actor.info.remote(), timeout=self.launch.worker_start_timeout_s
+                )
+            except TimeoutError:
+                # never placed (or never answering): it must not be placed later either
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor, no_restart=True)
+                raise RuntimeError(self._unplaced()) from None
             shm_ok = False
             if shm is not None:
                 shm_ok = await slot.actor.shm_ok.remote(shm.probe_path())

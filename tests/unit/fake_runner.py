@@ -34,6 +34,7 @@ class Script:
     start_error: Exception | None = None
     poll_error: Exception | None = None  # raised by every poll while set
     resend_last: bool = False  # re-deliver the previous batch too (as after a crash)
+    cancel_error: Exception | None = None  # raised by cancel (a coordinator not answering)
 
 
 class FakeRunner:
@@ -171,8 +172,10 @@ class FakeRunner:
             )
         )
 
-    def cancel(self) -> None:
+    def cancel(self, timeout_s: float | None = None) -> None:  # noqa: ARG002 - answers at once
         self.calls.append("cancel")
+        if self.script.cancel_error is not None:
+            raise self.script.cancel_error
         self._cancel = True
 
     def finish(self) -> dict[str, Any]:
@@ -199,6 +202,9 @@ class FakeBackend:
         self.runners: dict[str, FakeRunner] = {}
         self.survivors: dict[str, FakeRunner] = {}
         self.checkpoints: dict[str, int] = {}
+        # named actors in the service's namespace (the reaper's view) and those killed
+        self.named: list[str] = []
+        self.killed: list[str] = []
 
     # the RunnerBackend protocol's signatures: a fake needs no data directory
     def create(
@@ -239,6 +245,15 @@ class FakeBackend:
         r = spec.resources
         return [{"CPU": r.coordinator_cpus}] + [{"CPU": r.worker_cpus}] * spec.workers
 
+    def actors(self) -> list[str]:
+        return list(self.named)
+
+    def kill(self, names: list[str]) -> list[str]:
+        gone = [n for n in names if n in self.named]
+        self.named = [n for n in self.named if n not in gone]
+        self.killed += gone
+        return gone
+
 
 class FakeCluster:
     """Free CPUs = ``cpus`` minus what the backend's unfinished fake jobs hold."""
@@ -249,6 +264,8 @@ class FakeCluster:
         self.cpus = cpus
         self.node_cpus = node_cpus
         self.backend = backend
+        # 64 GiB: memory is not what these fakes run short of (budget tests set their own)
+        self.memory_bytes = float(64 << 30)
         self.requests: list[list[dict[str, float]]] = []
 
     def available(self) -> dict[str, float]:
@@ -257,10 +274,10 @@ class FakeCluster:
             for r in self.backend.runners.values():
                 if r.state in ("starting", "running", "recovering"):
                     used += sum(b["CPU"] for b in self.backend.resources(r.spec))
-        return {"CPU": self.cpus - used, "memory": 1e9}
+        return {"CPU": self.cpus - used, "memory": self.memory_bytes}
 
     def node_capacities(self) -> list[dict[str, float]]:
-        return [{"CPU": self.node_cpus}]
+        return [{"CPU": self.node_cpus, "memory": self.memory_bytes}]
 
     def request(self, bundles: list[dict[str, float]]) -> None:
         self.requests.append(bundles)

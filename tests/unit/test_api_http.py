@@ -378,7 +378,8 @@ def test_job_detail_is_cached_per_version_with_an_etag(client: TestClient) -> No
     assert unchanged.status_code == 304 and unchanged.headers["etag"] == etag
     assert client.get(f"/jobs/{job['id']}", headers={"If-None-Match": '"x"'}).status_code == 200
     # a change of the row is a new version: cancelling a pending job shows at once
-    pending = client.post("/jobs", json={**SPEC, "workers": 64, "max_workers": 64}).json()
+    # 16 x 0.25 CPU + 0.25 is more than the fake cluster's 2 CPUs (and within the budgets)
+    pending = client.post("/jobs", json={**SPEC, "workers": 16, "max_workers": 16}).json()
     tag = client.get(f"/jobs/{pending['id']}").headers["etag"]
     assert client.post(f"/jobs/{pending['id']}/cancel").status_code == 202
     after = client.get(f"/jobs/{pending['id']}", headers={"If-None-Match": tag})
@@ -487,7 +488,9 @@ def test_scaling_past_the_rows_of_the_dataset_is_422_naming_workers(tmp_path: Pa
 
     app, backend = make_app(tmp_path, script=Script(steps_per_poll=1))
     with TestClient(app) as c:
-        job = c.post("/jobs", json={**SPEC, "steps": 100_000, "max_workers": 4096}).json()
+        # 8 workers fit the default budgets (4096 would be refused at admission); the fake's
+        # coordinator refuses the resize the way a digits job refuses 4096 shards
+        job = c.post("/jobs", json={**SPEC, "steps": 100_000, "max_workers": 8}).json()
         wait_state(c, job["id"], {"running"})
         cause = ValueError(
             "cannot cut 1437 training rows into 4096 non-empty shards; "
@@ -498,7 +501,7 @@ def test_scaling_past_the_rows_of_the_dataset_is_422_naming_workers(tmp_path: Pa
             raise user_error(remote(cause), "the coordinator's scale failed") from None
 
         backend.runners[job["id"]].scale = refuse  # type: ignore[method-assign]
-        r = c.post(f"/jobs/{job['id']}/scale", json={"workers": 4096})
+        r = c.post(f"/jobs/{job['id']}/scale", json={"workers": 8})
         assert r.status_code == 422, r.text
         (problem,) = r.json()["errors"]
         assert problem["path"] == "workers"

@@ -157,6 +157,7 @@ def test_job_waits_in_pending_and_asks_the_autoscaler(env: tuple) -> None:
     for _ in range(5):
         mgr.tick()
     assert state_of(store, job.id) == "pending"
+    # CPUs only: the autoscaler is not asked for Ray's memory resource (service.jobs)
     assert cluster.requests and cluster.requests[-1] == [{"CPU": 0.25}] * 3
     assert len(cluster.requests) == 1  # asked once, not on every tick
     waits = [e for e in store.events(job.id) if e.kind == "resources"]
