@@ -392,6 +392,7 @@ class CoordinatorCore:
                 workers_final=len(self.members.live()),
                 refused=self.train.refused,
                 dropped=self.faults.dropped,
+                steps_all_lost=self.train.steps_all_lost,
                 restarts=self.restarts,
                 steps_lost=self.steps_lost,
                 parameters=self.layout.numel,

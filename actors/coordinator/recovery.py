@@ -55,6 +55,7 @@ class CheckpointState:
     refused: int
     dropped: int
     t0: float
+    steps_all_lost: int = 0  # steps whose every gradient was lost
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -83,6 +84,7 @@ class CheckpointState:
             refused=int(d["refused"]),
             dropped=int(d["dropped"]),
             t0=float(d["t0"]),
+            steps_all_lost=int(d.get("steps_all_lost", 0)),  # absent before it was counted
         )
 
 

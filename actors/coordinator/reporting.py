@@ -108,6 +108,7 @@ class RunFacts:
     workers_final: int
     refused: int
     dropped: int
+    steps_all_lost: int
     restarts: int
     steps_lost: int
     parameters: int
@@ -297,6 +298,8 @@ class Reporter:
             "workers_final": f.workers_final,
             "refused_stale": f.refused,
             "dropped_gradients": f.dropped,
+            # steps whose every gradient was lost (docs/consistency.md, "Missing gradients")
+            "steps_all_lost": f.steps_all_lost,
             "restarts": f.restarts,
             "steps_lost": f.steps_lost,
             "recoveries": recoveries,

@@ -67,6 +67,7 @@ class Training:
         self.wake = asyncio.Event()  # set when lost_idle gets one (the loop acts at once)
         self.samples = 0
         self.refused = 0
+        self.steps_all_lost = 0  # steps whose every gradient was lost (missing gradients)
 
     @property
     def monitor(self) -> ConsistencyMonitor:
@@ -209,6 +210,8 @@ class Training:
         self.reporter.timing.see_apply(applied.apply_s)
         self.reporter.note_update()
         self.data.invalidate()
+        if applied.lost_step is not None:
+            self._all_lost(applied.lost_step)
         if not applied.record:
             return
         self.reporter.step_record(
@@ -225,6 +228,16 @@ class Training:
             self.evaluate()
         if self.recovery.checkpoint_due(step):
             self.checkpoint()
+
+    def _all_lost(self, step: int) -> None:
+        """-- missing gradients: a step whose every gradient was lost is counted and said."""
+        self.steps_all_lost += 1
+        self.reporter.event(
+            EventKind.MISSING,
+            f"step {step}: every gradient lost; a zero gradient is applied (momentum goes "
+            f"on), policy {self.spec.missing_policy} ({self.steps_all_lost} such steps so far)",
+            step=step,
+        )
 
     # -- evaluation and checkpoints ------------------------------------------------------------
     def evaluate(self) -> None:
@@ -269,6 +282,7 @@ class Training:
                 torch_rng=torch.get_rng_state(),
                 refused=self.refused,
                 dropped=self.faults.dropped,
+                steps_all_lost=self.steps_all_lost,
                 t0=self.reporter.t0,
             )
         )
@@ -287,5 +301,6 @@ class Training:
             setattr(self.norms, k, v)
         self.meter.residuals = dict(st.residuals)
         self.refused, self.faults.dropped = st.refused, st.dropped
+        self.steps_all_lost = st.steps_all_lost
         torch.set_rng_state(st.torch_rng)
         self.mode.restore(st.step)

@@ -14,6 +14,11 @@ from actors.consistency import (
     ObservedNorms,
     analytic_bound,
     elastic_amplification,
+    missing_term,
+    missing_term_own,
+    missing_term_reaverage,
+    missing_term_zero_fill,
+    momentum_gain,
     residual_bound,
 )
 from core.spec import JobSpec, parse_spec
@@ -117,14 +122,40 @@ def test_error_feedback_adds_the_residual_bound() -> None:
     assert analytic_bound(spec, NORMS, 0.5, True) == pytest.approx(10.0 + 3.0)
 
 
-def test_lost_gradients_add_a_one_step_term() -> None:
-    norms = ObservedNorms(grad_max=2.0, raw_grad_max=3.0, update_max=5.0, lost_fraction_max=0.25)
-    spec = _spec({"name": "sync"})
-    amp1 = elastic_amplification(1, 0.9, 1e-4, 0.1, False)
-    # skip: f * G; substitute: 2 f G (mean of the arrived minus mean of the lost)
-    assert analytic_bound(spec, norms, 0.0, False) == pytest.approx(0.25 * 2.0 * amp1)
-    sub = spec.model_copy(update={"missing_policy": "substitute"})
-    assert analytic_bound(sub, norms, 0.0, False) == pytest.approx(0.25 * 2.0 * 2.0 * amp1)
+def test_lost_gradients_add_a_cumulative_term() -> None:
+    norms = ObservedNorms(grad_max=2.0, raw_grad_max=3.0, update_max=5.0)
+    norms.see_lost(1, 4)
+    norms.see_lost(1, 4)
+    norms.see_lost(2, 2)  # every gradient of the step lost
+    assert norms.lost_fraction_max == 1.0 and norms.all_lost_steps == 1
+    assert norms.lost_fraction_sum == 0.5 and norms.lost_fraction_sq_sum == 0.125
+    spec = _spec({"name": "sync"})  # momentum 0.9: gain 10
+    gain = momentum_gain(0.9)
+    assert gain == pytest.approx(10.0)
+    # zero_fill: the shares add up, gain (sum f_j G + all-lost G) = 10 (0.5 x 2 + 2)
+    assert analytic_bound(spec, norms, 0.0, False) == pytest.approx(30.0)
+    # reaverage: in quadrature with sqrt(2) sigma <= 2 G: 10 (sqrt(0.125) x 4 + 2)
+    rea = spec.model_copy(update={"missing_policy": "reaverage"})
+    assert analytic_bound(rea, norms, 0.0, False) == pytest.approx(10 * (0.125**0.5 * 4 + 2))
+    # own: reaverage's gap plus its view's one-step substitution, f_max sqrt(2) sigma = 4
+    own = spec.model_copy(update={"missing_policy": "own"})
+    assert analytic_bound(own, norms, 0.0, False) == pytest.approx(10 * (0.125**0.5 * 4 + 2) + 4.0)
+    assert analytic_bound(spec, ObservedNorms(grad_max=2.0), 0.0, False) == 0.0  # none lost
+
+
+def test_momentum_gain_sums_the_momentum_series() -> None:
+    assert momentum_gain(0.0) == 1.0
+    assert momentum_gain(0.5) == pytest.approx(2.0)
+
+
+def test_missing_terms_per_policy() -> None:
+    # zero_fill misses the whole lost share (f M); reaverage and own only its noise
+    assert missing_term_zero_fill(0.2, 3.0) == pytest.approx(0.6)
+    assert missing_term_reaverage(0.2, 0.5) == pytest.approx(math.sqrt(2) * 0.1)
+    assert missing_term_own(0.2, 0.5) == pytest.approx(math.sqrt(2) * 0.1)
+    assert missing_term("zero_fill", 0.2, 3.0, 0.5) == missing_term_zero_fill(0.2, 3.0)
+    assert missing_term("own", 0.2, 3.0, 0.5) == missing_term_own(0.2, 0.5)
+    assert missing_term("reaverage", 0.0, 3.0, 0.5) == 0.0  # nothing lost, nothing missing
 
 
 def test_observed_norms_keep_running_maxima() -> None:

@@ -122,6 +122,7 @@ def test_summary_carries_the_runs_facts() -> None:
         workers_final=2,
         refused=0,
         dropped=1,
+        steps_all_lost=1,
         restarts=0,
         steps_lost=0,
         parameters=42,
@@ -133,4 +134,5 @@ def test_summary_carries_the_runs_facts() -> None:
     assert s["mode"] == "local" and s["mode_settings"]["local_steps"] == 2
     assert s["samples_per_s"] == pytest.approx(128.0)
     assert s["final_test_accuracy"] == 0.97 and s["dropped_gradients"] == 1
+    assert s["steps_all_lost"] == 1
     assert [e["kind"] for e in s["events"]] == ["state"]
