@@ -273,7 +273,7 @@ class StepEngine(Mode):
         keep = []
         for target, wid, v in self.pending_views:
             if target <= self.book.completed:
-                self.meter.measure(self.step, (self.model.x - v) / self.model.opt.lr)
+                self.meter.measure(self.step, (self.consistent_x() - v) / self.model.opt.lr)
             else:
                 keep.append((target, wid, v))
         self.pending_views = keep

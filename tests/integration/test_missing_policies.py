@@ -3,7 +3,7 @@
 
 The drop drill's job (digits, 4 workers, sync mode, every gradient message lost with
 probability 0.2) at batch 32 for 100 steps, under ``zero_fill`` and ``own`` with the same
-seeds (so the same messages are lost), plus one step at which every worker's message is
+seeds (as many messages lost at the same steps), plus one step at which every worker's message is
 lost. Checks: ``own``'s mean B̂ (cumulative, against the consistent sequence) is below
 ``zero_fill``'s, averaged over 2 seeds; the all-lost step is recorded (a step record with
 no loss, a ``missing`` event) and counted in the summary; every drop is an event.

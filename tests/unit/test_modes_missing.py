@@ -208,3 +208,33 @@ def test_own_views_and_shadow_leave_the_optimizer_alone() -> None:
 def test_old_policy_names_are_refused_with_the_new_one(old: str, new: str) -> None:
     with pytest.raises(SpecError, match=f"renamed: use '{new}'"):
         parse_spec({"steps": 1, "missing_policy": old})
+
+
+def test_a_provisional_view_is_measured_against_x_star_of_its_step() -> None:
+    spec = parse_spec(
+        {
+            "steps": 10,
+            "workers": 3,
+            "mode": {"name": "elastic", "beta": 0.5, "max_lag": 2},
+            "optimizer": {"lr": LR},
+        }
+    )
+    record = ModelOfRecord(torch.zeros(3), FlatSGD(spec.optimizer))
+    mode = make_mode(
+        ModeContext(spec, 10, record, Meter(ConsistencyMonitor(), False, 1), ObservedNorms())
+    )
+    assert isinstance(mode, StepEngine)
+    members = [FakeMember(i) for i in range(3)]
+    for w in range(3):
+        mode.join(w)
+    mode.schedule(members)
+    for wid, g in ((0, G0), (1, G1)):
+        mode.on_reply(members[wid], _reply(wid, 0, g), g)
+    ahead = mode.schedule(members)  # workers 0 and 1 start step 1 on x0 + (g0 + g1) / 3
+    assert [d.step for d in ahead] == [1, 1]
+    views_before = mode.meter.monitor.count
+    mode.on_lost(members[2], _reply(2, 0, G2), G2)
+    list(mode.apply_ready())
+    # x*_1 = -lr (g0 + g1 + g2) / 3: each view misses g2 / 3, ||(0, 0, 1)|| = 1
+    assert mode.meter.monitor.count == views_before + 2
+    assert [b for _, b in mode.meter.monitor.series[-2:]] == pytest.approx([1.0, 1.0])
