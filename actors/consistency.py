@@ -41,6 +41,22 @@ class ObservedNorms:
     raw_grad_max: float = 0.0  # G_raw
     update_max: float = 0.0  # U
     lost_fraction_max: float = 0.0  # max over steps of (lost gradients / contributors)
+    # -- missing gradients: the cumulative bound's sums (docs/consistency.md) --
+    lost_fraction_sum: float = 0.0  # sum over steps where some arrived of f_j
+    lost_fraction_sq_sum: float = 0.0  # ... of f_j^2
+    all_lost_steps: int = 0  # steps whose every gradient was lost (f = 1, nothing stands in)
+
+    def see_lost(self, lost: int, expected: int) -> None:
+        """A step lost ``lost`` of its ``expected`` gradients."""
+        if lost <= 0 or expected <= 0:
+            return
+        f = lost / expected
+        self.lost_fraction_max = max(self.lost_fraction_max, f)
+        if lost >= expected:
+            self.all_lost_steps += 1
+        else:
+            self.lost_fraction_sum += f
+            self.lost_fraction_sq_sum += f * f
 
     def see_grad(self, sent: float, raw: float) -> None:
         self.grad_max = max(self.grad_max, sent)
@@ -231,8 +247,85 @@ def residual_bound(q: float, m_raw: float) -> float:
     return q / (1.0 - q) * m_raw
 
 
+# -- missing gradients: one step's error per policy (docs/consistency.md, "Missing
+# gradients"). f = lost / expected gradients of the step; M bounds a gradient's norm (its
+# second moment: E||g||^2 <= M^2), sigma its noise (E||g - grad F||^2 <= sigma^2). Each is
+# the root-mean-square distance, in gradient units, between the step a view was built with
+# and the step of the consistent sequence (every gradient, lost ones included).
+
+
+def missing_term_zero_fill(f: float, m: float) -> float:
+    """``zero_fill``: the lost share ``(l/n) mean_lost g`` is missing whole: ``f M``."""
+    return f * m
+
+
+def missing_term_reaverage(f: float, sigma: float) -> float:
+    """``reaverage``: ``(l/n)(mean_arrived - mean_lost)``, two independent means of unbiased
+    gradients: ``E||.||^2 = sigma^2 (1/a + 1/l) <= 2 sigma^2``, so ``sqrt(2) f sigma``."""
+    return math.sqrt(2.0) * f * sigma
+
+
+def missing_term_own(f: float, sigma: float) -> float:
+    """``own``: worker ``i``'s view misses ``(l/n)(g_i - mean_lost)``: ``E||.||^2 = sigma^2
+    (1 + 1/l) <= 2 sigma^2``, so ``sqrt(2) f sigma`` (a worker whose own gradient was lost
+    holds the re-averaged model, within the same term)."""
+    return math.sqrt(2.0) * f * sigma
+
+
+def momentum_gain(momentum: float) -> float:
+    """How far one gradient error of norm 1 moves ``x``, in units of lr, over all later
+    steps: momentum keeps applying it, ``1 + mu + mu^2 + ... = 1 / (1 - mu)`` (the same for
+    Nesterov; 1 without momentum). Weight decay only pulls the error back (its term enters
+    the update with the error's opposite sign), so it never exceeds this."""
+    return 1.0 / (1.0 - momentum)
+
+
+def missing_term(policy: str, f: float, m: float, sigma: float) -> float:
+    """The per-step missing-gradient term of ``policy`` (one of the functions above)."""
+    if policy == "zero_fill":
+        return missing_term_zero_fill(f, m)
+    if policy == "reaverage":
+        return missing_term_reaverage(f, sigma)
+    return missing_term_own(f, sigma)
+
+
+def cumulative_missing_term(
+    policy: str, norms: ObservedNorms, m: float, sigma: float, gain: float
+) -> float:
+    """The bound on ``||x* - v|| / lr`` after every step lost so far (docs/consistency.md).
+
+    ``x*`` and the model of record apply the same gradients but for the missing shares, so
+    their gap is the sum of the per-step terms, each moved on by momentum (``gain``). The
+    ``zero_fill`` pieces can all point the same way (each misses a share of the gradient's
+    mean): they add up, ``gain * sum_j f_j M``. The ``reaverage`` pieces have mean zero
+    given the past (an unbiased mean stands in for an unbiased mean): they add in quadrature,
+    ``gain * sqrt(2 sum_j f_j^2) sigma``, a root-mean-square bound. ``own``'s model of record
+    re-averages, and each view adds its own one-step substitution. A step that lost every
+    gradient had nothing to stand in: the whole gradient, ``gain * M``, under any policy.
+
+    Args:
+        policy: the spec's ``missing_policy``.
+        norms: the sums of lost fractions so far.
+        m: bound on a gradient's norm (second moment).
+        sigma: bound on a gradient's noise.
+        gain: :func:`momentum_gain` of the optimizer.
+    """
+    whole = norms.all_lost_steps * missing_term_zero_fill(1.0, m)
+    if policy == "zero_fill":
+        shares = missing_term_zero_fill(norms.lost_fraction_sum, m)
+    else:
+        shares = missing_term_reaverage(math.sqrt(norms.lost_fraction_sq_sum), sigma)
+    own_view = missing_term_own(norms.lost_fraction_max, sigma) if policy == "own" else 0.0
+    return gain * (shares + whole) + own_view
+
+
 def shared_bound_terms(
-    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float
+    spec: JobSpec,
+    c: Constants,
+    q: float,
+    error_feedback: bool,
+    lost_fraction: float,
+    total_steps: int = 0,
 ) -> float:
     """The terms of the bound every mode shares: missing gradients and error feedback.
 
@@ -245,30 +338,43 @@ def shared_bound_terms(
         error_feedback: workers keep residual memories.
         lost_fraction: the largest share of a step's gradients the fault plan may drop
             (:func:`drop_fraction`).
+        total_steps: the job's steps (the missing shares accumulate over them).
     """
-    opt = spec.optimizer
     base = 0.0
-    # lost gradients (dropped messages): per step the applied mean differs from the full one
-    # by f ||g_lost|| <= f M (skip) or f ||mean_arrived - mean_lost|| <= 2 f M (substitute),
-    # f = lost / contributors (docs: missing gradients)
+    # lost gradients (dropped messages): B̂ is measured against the consistent sequence x*
+    # (every computed gradient applied), so the missing shares accumulate over the run
+    # (:func:`cumulative_missing_term`). Stated in advance from the plan: at most a share
+    # f = lost_fraction of every step's gradients is lost, over the job's total_steps K, so
+    # sum_j f_j <= K f and sum_j f_j^2 <= K f^2; the constants are the frozen M and sigma
+    # (docs: missing gradients). A worst case over the whole run: loose early on.
     if lost_fraction > 0.0:
-        amp1 = elastic_amplification(1, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov)
-        policy = 1.0 if spec.missing_policy == "skip" else 2.0
-        base += lost_fraction * policy * c.m * amp1
+        k = float(max(total_steps, 1))
+        planned = ObservedNorms(
+            lost_fraction_max=lost_fraction,
+            lost_fraction_sum=k * lost_fraction,
+            lost_fraction_sq_sum=k * lost_fraction * lost_fraction,
+        )
+        gain = momentum_gain(spec.optimizer.momentum)
+        base += cumulative_missing_term(spec.missing_policy, planned, c.m, c.sigma, gain)
     if error_feedback:
         base += residual_bound(q, c.m_raw)
     return base
 
 
 def analytic_bound(
-    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float = 0.0
+    spec: JobSpec,
+    c: Constants,
+    q: float,
+    error_feedback: bool,
+    lost_fraction: float = 0.0,
+    total_steps: int = 0,
 ) -> float:
     """The bound on B for this run's mode and settings, from the frozen constants (see the
     docs): the mode's term (:mod:`actors.modes`) plus :func:`shared_bound_terms`."""
     # imported here: the modes build on this module (constants, amplification)
     from actors.modes.registry import analytic_bound as bound
 
-    return bound(spec, c, q, error_feedback, lost_fraction)
+    return bound(spec, c, q, error_feedback, lost_fraction, total_steps)
 
 
 @dataclass

@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import SpecError
 
 ModelName = Literal["logreg", "mlp", "cnn"]
 DatasetName = Literal["digits", "synthetic_classification", "least_squares", "npz"]
+# What stands in for a gradient that never arrives (docs/consistency.md, "Missing gradients").
+MissingPolicy = Literal["zero_fill", "reaverage", "own"]
+# Former policy names -> what they did, under the name to use now (refused, never aliased:
+# ``substitute`` was described as the variance-bounded scheduler, which it was not).
+RENAMED_MISSING_POLICIES = {"skip": "zero_fill", "substitute": "reaverage"}
 
 
 # Bounds of the spec's lists (every number and list of a spec has a bound; see
@@ -341,9 +353,12 @@ class JobSpec(_Strict):
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Measure B-hat on every n-th view (1 = every view).
     monitor_interval: int = Field(default=1, ge=1, le=1_000_000)
-    # A gradient that never arrives (dropped message): ``skip`` leaves its share out of the
-    # step; ``substitute`` stands in the mean of the gradients that arrived.
-    missing_policy: Literal["skip", "substitute"] = "skip"
+    # A gradient that never arrives (dropped message), docs/consistency.md "Missing
+    # gradients": ``zero_fill`` counts it as zero (the step divides by the expected count),
+    # ``reaverage`` averages what arrived, ``own`` hands each worker a view in which its own
+    # gradient of the step stands in for each missing one (the model of record re-averages).
+    # The former names ``skip`` / ``substitute`` are refused with the new name to use.
+    missing_policy: MissingPolicy = "zero_fill"
     # Start a new worker in place of one that died (unless its fault plans a rejoin).
     replace_lost_workers: bool = True
     # How often Ray may restart a crashed coordinator (it resumes from the last checkpoint).
@@ -356,6 +371,16 @@ class JobSpec(_Strict):
     guard: GuardSpec = Field(default_factory=GuardSpec)
     # Seconds without news from a worker before it is declared lost.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+
+    @field_validator("missing_policy", mode="before")
+    @classmethod
+    def _renamed_policy(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in RENAMED_MISSING_POLICIES:
+            raise ValueError(
+                f"missing_policy {v!r} was renamed: use {RENAMED_MISSING_POLICIES[v]!r} "
+                f"(policies: zero_fill, reaverage, own; docs/consistency.md)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _check_job(self) -> JobSpec:

@@ -117,7 +117,14 @@ class Guarding:
         c = self.constants
         if c is None:
             return
-        b = analytic_bound(self.spec, c, self.q, self.error_feedback, self.lost_fraction())
+        b = analytic_bound(
+            self.spec,
+            c,
+            self.q,
+            self.error_feedback,
+            self.lost_fraction(),
+            self.mode.total_steps,
+        )
         self.stated = b if math.isfinite(b) else None
         consts = ", ".join(f"{k} {v:.4g}" for k, v in c.public().items() if v is not None)
         self.reporter.event(

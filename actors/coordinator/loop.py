@@ -427,6 +427,7 @@ class CoordinatorCore:
                 dropped=self.faults.dropped,
                 corrupted=self.train.corrupted,
                 refused_nonfinite=self.train.refused_nonfinite,
+                steps_all_lost=self.train.steps_all_lost,
                 restarts=self.restarts,
                 steps_lost=self.steps_lost,
                 parameters=self.layout.numel,

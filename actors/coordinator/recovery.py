@@ -57,6 +57,7 @@ class CheckpointState:
     corrupted: int  # replies the injector marked corrupted
     refused_nonfinite: int  # gradients refused for a NaN or an infinite entry
     t0: float
+    steps_all_lost: int = 0  # steps whose every gradient was lost
     # the guard's state: frozen constants, the first loss, the (possibly tightened) mode
     # setting; empty in checkpoints written before the guard existed
     guard: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +93,7 @@ class CheckpointState:
             refused_nonfinite=int(d.get("refused_nonfinite", 0)),
             t0=float(d["t0"]),
             guard=dict(d.get("guard") or {}),
+            steps_all_lost=int(d.get("steps_all_lost", 0)),  # absent before it was counted
         )
 
 

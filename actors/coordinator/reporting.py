@@ -110,6 +110,7 @@ class RunFacts:
     dropped: int
     corrupted: int  # replies the injector marked corrupted
     refused_nonfinite: int  # gradients refused for a NaN or an infinite entry
+    steps_all_lost: int
     restarts: int
     steps_lost: int
     parameters: int
@@ -306,6 +307,8 @@ class Reporter:
             "gradients_corrupted": f.corrupted,
             # gradients refused for a NaN or an infinite entry (never applied)
             "gradients_refused_nonfinite": f.refused_nonfinite,
+            # steps whose every gradient was lost (docs/consistency.md, "Missing gradients")
+            "steps_all_lost": f.steps_all_lost,
             "restarts": f.restarts,
             "steps_lost": f.steps_lost,
             "recoveries": recoveries,

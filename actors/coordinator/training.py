@@ -89,6 +89,7 @@ class Training:
         # a guard decision the loop must act on (fail, or a rollback once drained)
         self.pending: Decision | None = None
         self.draining = False  # a rollback waits for the requests in flight
+        self.steps_all_lost = 0  # steps whose every gradient was lost (missing gradients)
 
     @property
     def monitor(self) -> ConsistencyMonitor:
@@ -273,6 +274,8 @@ class Training:
         self.reporter.timing.see_apply(applied.apply_s)
         self.reporter.note_update()
         self.data.invalidate()
+        if applied.lost_step is not None:
+            self._all_lost(applied.lost_step)
         if not applied.record:
             return
         self.reporter.step_record(
@@ -340,6 +343,16 @@ class Training:
         self.guard.rolled_back(loaded.path.name, st.step, old, d.reason)
         return None
 
+    def _all_lost(self, step: int) -> None:
+        """-- missing gradients: a step whose every gradient was lost is counted and said."""
+        self.steps_all_lost += 1
+        self.reporter.event(
+            EventKind.MISSING,
+            f"step {step}: every gradient lost; a zero gradient is applied (momentum goes "
+            f"on), policy {self.spec.missing_policy} ({self.steps_all_lost} such steps so far)",
+            step=step,
+        )
+
     # -- evaluation and checkpoints ------------------------------------------------------------
     def evaluate(self) -> None:
         """Test metrics of the model of record (recorded)."""
@@ -385,6 +398,7 @@ class Training:
                 dropped=self.faults.dropped,
                 corrupted=self.corrupted,
                 refused_nonfinite=self.refused_nonfinite,
+                steps_all_lost=self.steps_all_lost,
                 t0=self.reporter.t0,
                 guard=self.guard.state(),
             )
@@ -406,6 +420,7 @@ class Training:
         self.meter.residuals = dict(st.residuals)
         self.refused, self.faults.dropped = st.refused, st.dropped
         self.corrupted, self.refused_nonfinite = st.corrupted, st.refused_nonfinite
+        self.steps_all_lost = st.steps_all_lost
         torch.set_rng_state(st.torch_rng)
         self.mode.restore(st.step)
         if guard_state:

@@ -99,11 +99,14 @@ class Applied:
         loss: the step's mean training loss (``nan``: no gradient arrived).
         record: whether this update ends a step (async: one step is ``workers`` updates).
         apply_s: seconds the optimizer step took (``None``: not timed, or nothing applied).
+        lost_step: the step, if every gradient it expected was lost on the way (the
+            step's record has no loss; docs/consistency.md, "Missing gradients").
     """
 
     loss: float
     record: bool = True
     apply_s: float | None = None
+    lost_step: int | None = None
 
 
 @dataclass

@@ -43,10 +43,16 @@ def make_mode(ctx: ModeContext) -> Mode:
 
 
 def analytic_bound(
-    spec: JobSpec, c: Constants, q: float, error_feedback: bool, lost_fraction: float = 0.0
+    spec: JobSpec,
+    c: Constants,
+    q: float,
+    error_feedback: bool,
+    lost_fraction: float = 0.0,
+    total_steps: int = 0,
 ) -> float:
     """The bound on B for this run, from the frozen constants ``c``: the mode's term plus
-    the terms every mode shares (``lost_fraction``: the plan's drop share)."""
+    the terms every mode shares (``lost_fraction``: the plan's drop share over
+    ``total_steps`` steps)."""
     return mode_class(spec).bound_term(spec, c) + shared_bound_terms(
-        spec, c, q, error_feedback, lost_fraction
+        spec, c, q, error_feedback, lost_fraction, total_steps
     )

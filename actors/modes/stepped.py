@@ -7,10 +7,13 @@ of record is always the consistent model ``x_c`` (``c`` = steps completed). A mo
 this engine supplies its start rule (:class:`actors.scheduling.StepRule`) and, if it needs
 them, the hooks :meth:`StepEngine.measure_view` and :meth:`StepEngine.before_apply`.
 
-Missing gradients (a dropped message) follow the spec's ``missing_policy``: ``skip``
-divides by the expected count (the lost share is left out), ``substitute`` by the count that
-arrived (the received mean stands in). The lost gradients are kept for the monitor only,
-to measure the B̂ the policy causes.
+Missing gradients (a dropped message) follow the spec's ``missing_policy``
+(:mod:`actors.modes.missing`): ``zero_fill`` divides by the expected count, ``reaverage`` and
+``own`` by the count that arrived; under ``own`` each arrived worker's next view of ``x`` is
+the step re-applied with its own gradient in place of each missing one. The lost gradients
+are kept for the monitor only: from the first one on, a shadow consistent model ``x*``
+applies every step with every gradient computed for it, and every view is measured against
+``x*`` at the iteration it is used (B̂ = ``||x* - v|| / lr``, cumulative over steps).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict, ViewKey
+from actors.modes.missing import ShadowModel, divisor, own_views
 from actors.scheduling import StepBook, StepEntry, StepRule
 
 
@@ -49,6 +53,11 @@ class StepEngine(Mode):
         self.lost_grads: dict[int, list[torch.Tensor]] = {}
         self.own: dict[int, torch.Tensor | None] = {}  # last gradient each worker sent
         self.own_norm: dict[int, float] = {}
+        # -- missing gradients (actors.modes.missing) --
+        self.shadow: ShadowModel | None = None  # x*, from the first lost gradient on
+        # own: each worker's gradient per open step, and the views of x after a lossy step
+        self.step_own: dict[int, dict[int, torch.Tensor]] = {}
+        self.own_views: dict[int, tuple[int, torch.Tensor]] = {}  # worker -> (version, view)
 
     # -- accounting --------------------------------------------------------------------------
     @property
@@ -66,6 +75,10 @@ class StepEngine(Mode):
         self.pending_views.clear()
         self.own.clear()
         self.own_norm.clear()
+        # the consistent sequence restarts at the checkpoint (the next loss starts x* again)
+        self.shadow = None
+        self.step_own.clear()
+        self.own_views.clear()
 
     # -- membership --------------------------------------------------------------------------
     def join(self, worker: int) -> None:
@@ -74,15 +87,24 @@ class StepEngine(Mode):
     def leave(self, worker: int) -> list[int]:
         self.own.pop(worker, None)
         self.own_norm.pop(worker, None)
+        self.own_views.pop(worker, None)
         return self.book.leave(worker)
 
     # -- hooks -------------------------------------------------------------------------------
     def measure_view(self, target: int, worker: int, vec: torch.Tensor, exact: bool) -> None:
-        """A sampled view was handed out: measure it now (``x``) or once ``target`` is done."""
-        if exact:
+        """A sampled view was handed out: measure it now (its iteration is the current one)
+        or once ``target`` is done; against ``x*`` once a gradient was lost."""
+        if target > self.book.completed:
+            self.pending_views.append((target, worker, vec.clone()))
+        elif exact and self.shadow is None:
             self.meter.measure(self.step, None)
         else:
-            self.pending_views.append((target, worker, vec.clone()))
+            self.meter.measure(self.step, (self.consistent_x() - vec) / self.model.opt.lr)
+
+    def consistent_x(self) -> torch.Tensor:
+        """The consistent model of the current iteration: ``x*`` once a gradient was lost,
+        the model of record until then."""
+        return self.shadow.x if self.shadow is not None else self.model.x
 
     def before_apply(self, step: int, grads: list[torch.Tensor]) -> None:
         """Called with a step's arrived gradients (lazy sums only) before it is applied."""
@@ -115,7 +137,7 @@ class StepEngine(Mode):
             )
             if not d.allowed:
                 continue
-            key, vec, exact = self.step_view(target)
+            key, vec, exact = self.worker_view(w.id, target)
             if self.meter.sample_view():
                 self.measure_view(target, w.id, vec, exact)
             self.book.assign(w.id, target)
@@ -123,6 +145,16 @@ class StepEngine(Mode):
             w.state = "busy"
             out.append(Dispatch(w.id, target, key, vec))
         return out
+
+    def worker_view(self, worker: int, target: int) -> tuple[ViewKey, torch.Tensor, bool]:
+        """The view ``worker`` gets for ``target``: its own view of ``x`` after a step that
+        lost gradients (``own``), else :meth:`step_view`."""
+        mine = self.own_views.get(worker)
+        if mine is not None and target <= self.book.completed:
+            version, view = mine
+            if version == self.model.version:
+                return ("own", version, worker), view, False
+        return self.step_view(target)
 
     def step_view(self, target: int) -> tuple[ViewKey, torch.Tensor, bool]:
         """The view for ``target``: ``x`` plus provisional partial steps (elastic)."""
@@ -154,6 +186,10 @@ class StepEngine(Mode):
         else:
             s.add_(grad)
         self.step_losses.setdefault(step, []).append(reply.loss)
+        if self.spec.missing_policy == "own":
+            # a slot the engine sums in lazily is not reused before the step is applied
+            kept = grad if self.lazy_sums else grad.clone()
+            self.step_own.setdefault(step, {})[w.id] = kept
         w.last_step = step
         self.own[w.id], self.own_norm[w.id] = grad, reply.sent_norm
         return Verdict(accepted=True)
@@ -178,13 +214,16 @@ class StepEngine(Mode):
         s = self.step_sums.pop(step, None)
         grads = self.step_grads.pop(step, [])
         losses = self.step_losses.pop(step, [])
-        n_arrived = len(entry.arrived)
-        # skip: the lost share is left out; substitute: stand in the received mean
-        n = n_arrived + (len(entry.lost) if self.spec.missing_policy == "skip" else 0)
-        if entry.lost:
-            self._record_lost(step, n_arrived, max(n, 1), grads if s is None else [s])
+        own = self.step_own.pop(step, {})
+        arrived = grads if s is None else [s]
+        n_arrived = len(entry.arrived) if arrived else 0
+        lost = self.lost_grads.pop(step, [])
+        # every gradient the book counts as lost (dropped, or refused as non-finite: only
+        # dropped ones have a copy in ``lost`` for x*)
+        n = divisor(self.spec.missing_policy, n_arrived, len(entry.lost))
+        pre = self._missing_before(arrived, n_arrived, lost, bool(own))
         apply_s: float | None = None
-        if n_arrived > 0 and (s is not None or grads):
+        if n_arrived > 0:
             self.before_apply(step, grads)
             t_apply = time.perf_counter()
             if s is not None:
@@ -192,34 +231,58 @@ class StepEngine(Mode):
             else:
                 opt.step_many(x, grads, scale=1.0 / n)
             apply_s = time.perf_counter() - t_apply
+        elif lost:
+            # every gradient lost: a zero gradient under any policy, so momentum goes on as
+            # in x* (skipping the step would stop it: a gap of the whole momentum)
+            opt.step(x, torch.zeros_like(x))
         self.book.complete(step)
         self.model.version += 1
+        if pre is not None:
+            self._own_views_after(pre, arrived, own, len(lost))
+        else:
+            self.own_views.clear()  # a step that lost nothing: every view is x again
         self._measure_pending()
-        return Applied(loss=float(np.mean(losses)) if losses else math.nan, apply_s=apply_s)
+        return Applied(
+            loss=float(np.mean(losses)) if losses else math.nan,
+            apply_s=apply_s,
+            lost_step=step if lost and n_arrived == 0 else None,
+        )
+
+    # -- missing gradients (actors.modes.missing) ------------------------------------------
+    def _missing_before(
+        self, arrived: list[torch.Tensor], n_arrived: int, lost: list[torch.Tensor], own: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Step ``x*`` (started at the first loss) with every gradient of the step; returns
+        the model of record's pre-step state if ``own`` views are to be built from it."""
+        if lost and self.shadow is None:
+            self.shadow = ShadowModel(self.model.x, self.model.opt, self.spec.optimizer)
+        if self.shadow is not None:
+            self.shadow.apply([*arrived, *lost], n_arrived + len(lost))
+        if not lost:
+            return None
+        self.norms.see_lost(len(lost), n_arrived + len(lost))
+        if not own or n_arrived == 0:
+            return None
+        buf = self.model.opt.buf
+        return self.model.x.clone(), None if buf is None else buf.clone()
+
+    def _own_views_after(
+        self,
+        pre: tuple[torch.Tensor, torch.Tensor | None],
+        arrived: list[torch.Tensor],
+        own: dict[int, torch.Tensor],
+        lost: int,
+    ) -> None:
+        """``own``: each arrived worker's view of the new ``x`` (see actors.modes.missing)."""
+        total = arrived[0] if len(arrived) == 1 else torch.stack(arrived).sum(0)
+        views = own_views(self.model.opt, pre, total, own, lost)
+        self.own_views = {wid: (self.model.version, v) for wid, v in views.items()}
 
     def _measure_pending(self) -> None:
         keep = []
         for target, wid, v in self.pending_views:
             if target <= self.book.completed:
-                self.meter.measure(self.step, (self.model.x - v) / self.model.opt.lr)
+                self.meter.measure(self.step, (self.consistent_x() - v) / self.model.opt.lr)
             else:
                 keep.append((target, wid, v))
         self.pending_views = keep
-
-    def _record_lost(
-        self, step: int, entry_arrived: int, n_used: int, grads: list[torch.Tensor]
-    ) -> None:
-        """B̂ of a step that lost gradients: ``||G_full - G_applied||`` with the lost
-        gradients (kept for the monitor only) in ``G_full``."""
-        lost = self.lost_grads.pop(step, [])
-        if not lost or not grads:
-            return
-        arrived = torch.stack(grads).sum(0)
-        full = (arrived + torch.stack(lost).sum(0)) / (entry_arrived + len(lost))
-        applied = arrived / n_used
-        self.norms.lost_fraction_max = max(
-            self.norms.lost_fraction_max, len(lost) / (entry_arrived + len(lost))
-        )
-        b = float((full - applied).norm())
-        self.meter.last = max(self.meter.last, b)
-        self.meter.monitor.record(self.step, b)

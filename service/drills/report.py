@@ -53,6 +53,7 @@ SUMMARY_FIELDS = (
     "workers",
     "workers_final",
     "dropped_gradients",
+    "steps_all_lost",
     "refused_stale",
     "gradients_corrupted",
     "gradients_refused_nonfinite",
@@ -286,7 +287,8 @@ def _recovery(report: Mapping[str, Any]) -> list[str]:
         "",
         f"**Steps lost (after the last checkpoint): {_cell(report.get('steps_lost'))}**",
         "",
-        f"Dropped gradients: {_cell(s.get('dropped_gradients'))}; coordinator restarts: "
+        f"Dropped gradients: {_cell(s.get('dropped_gradients'))} (steps with every "
+        f"gradient lost: {_cell(s.get('steps_all_lost'))}); coordinator restarts: "
         f"{_cell(report.get('restarts'))}.",
     ]
     return lines

@@ -45,7 +45,7 @@ DRILLS = Path(__file__).resolve().parents[2] / "configs" / "drills"
 # node_loss (test_node_loss.py removes a node).
 OWN_TESTS = {"sigkill_external", "drop_20pct", "scale_2_4_3", "node_loss"}
 PLANNED = sorted(p.stem for p in DRILLS.glob("*.yaml") if p.stem not in OWN_TESTS)
-POLICIES = ("skip", "substitute")
+POLICIES = ("zero_fill", "own")
 # The issue's recovery target is 1 s (worker death -> next applied update, and detection);
 # other engineers' tests share these 2 cores, so the tests allow 5x that.
 TEST_RECOVERY_S = 5.0
@@ -295,9 +295,10 @@ def test_sigkill_from_outside(runs: dict[str, Future[Run]]) -> None:
 
 
 @pytest.mark.timeout(DRILL_TIMEOUT_S)
-def test_drops_substitute_gives_smaller_b_hat_than_skip(runs: dict[str, Future[Run]]) -> None:
-    """20% drops on every worker, same plan and seed, under both missing-gradient policies:
-    both pass, and substitute (variance-bounded) keeps B̂ smaller than skip."""
+def test_drops_own_gives_smaller_mean_b_hat_than_zero_fill(runs: dict[str, Future[Run]]) -> None:
+    """20% drops on every worker, same plan and seed, under two missing-gradient policies:
+    both pass, and own (each worker's own gradient stands in) keeps the mean B̂, measured
+    against the consistent sequence, below zero_fill's."""
     b_hat = {}
     for policy in POLICIES:
         report, out = runs[f"drop_20pct-{policy}"].result()
@@ -308,8 +309,11 @@ def test_drops_substitute_gives_smaller_b_hat_than_skip(runs: dict[str, Future[R
         assert dropped > 100
         assert len(events_of(report, "fault", fault="drop")) == dropped
         assert len(events_of(report, "missing", fault="drop")) == dropped
-        b_hat[policy] = report["summary"]["consistency"]["b_hat_max"]
-    assert 0.0 < b_hat["substitute"] < b_hat["skip"], b_hat
+        assert report["summary"]["steps_all_lost"] == len(
+            [e for e in events_of(report, "missing") if "every gradient lost" in e["detail"]]
+        )
+        b_hat[policy] = report["summary"]["consistency"]["b_hat_mean"]
+    assert 0.0 < b_hat["own"] < b_hat["zero_fill"], b_hat
 
 
 # -- resizing, alone -------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from actors.consistency import (
     analytic_bound,
     drop_fraction,
     elastic_amplification,
+    missing_term,
+    missing_term_own,
+    missing_term_reaverage,
+    missing_term_zero_fill,
+    momentum_gain,
     residual_bound,
 )
 from core.spec import FaultSpec, JobSpec, parse_spec
@@ -142,16 +147,6 @@ def test_error_feedback_adds_the_residual_bound() -> None:
     assert analytic_bound(spec, C, 0.5, True) == pytest.approx(4.0 + 3.0)
 
 
-def test_lost_gradients_add_a_one_step_term() -> None:
-    spec = _spec({"name": "sync"})
-    amp1 = elastic_amplification(1, 0.9, 1e-4, 0.1, False)
-    # skip: f * M; substitute: 2 f M (mean of the arrived minus mean of the lost)
-    assert analytic_bound(spec, C, 0.0, False, 0.25) == pytest.approx(0.25 * 2.0 * amp1)
-    sub = spec.model_copy(update={"missing_policy": "substitute"})
-    assert analytic_bound(sub, C, 0.0, False, 0.25) == pytest.approx(0.25 * 2.0 * 2.0 * amp1)
-    assert analytic_bound(spec, C, 0.0, False, 0.0) == 0.0
-
-
 def test_drop_fraction_comes_from_the_plan() -> None:
     one = FaultSpec(kind="drop", workers=[1], probability=0.2)
     two = FaultSpec(kind="drop", count=2, probability=0.2)
@@ -217,6 +212,39 @@ def test_estimator_restarts_its_window_from_a_step() -> None:
     _feed(e, 10, [torch.tensor([1.0])])
     assert e.step_done(12, torch.zeros(1)) is None
     assert e.step_done(13, torch.zeros(1)) is not None
+
+
+def test_lost_gradients_add_a_cumulative_term_stated_from_the_plan() -> None:
+    spec = _spec({"name": "sync"})  # momentum 0.9: gain 10; sync's own term is 0
+    gain = momentum_gain(0.9)
+    assert gain == pytest.approx(10.0)
+    # zero_fill: the shares add up over the run, gain K f M
+    b = analytic_bound(spec, C, 0.0, False, 0.25, total_steps=100)
+    assert b == pytest.approx(gain * 100 * 0.25 * C.m)
+    # reaverage: in quadrature, gain sqrt(2) sqrt(K f^2) sigma
+    rea = spec.model_copy(update={"missing_policy": "reaverage"})
+    want = gain * math.sqrt(2) * math.sqrt(100 * 0.25**2) * C.sigma
+    assert analytic_bound(rea, C, 0.0, False, 0.25, total_steps=100) == pytest.approx(want)
+    # own: reaverage's gap plus its view's one-step substitution sqrt(2) f sigma
+    own = spec.model_copy(update={"missing_policy": "own"})
+    got = analytic_bound(own, C, 0.0, False, 0.25, total_steps=100)
+    assert got == pytest.approx(want + math.sqrt(2) * 0.25 * C.sigma)
+    assert analytic_bound(spec, C, 0.0, False, 0.0, total_steps=100) == 0.0  # none lost
+
+
+def test_momentum_gain_sums_the_momentum_series() -> None:
+    assert momentum_gain(0.0) == 1.0
+    assert momentum_gain(0.5) == pytest.approx(2.0)
+
+
+def test_missing_terms_per_policy() -> None:
+    # zero_fill misses the whole lost share (f M); reaverage and own only its noise
+    assert missing_term_zero_fill(0.2, 3.0) == pytest.approx(0.6)
+    assert missing_term_reaverage(0.2, 0.5) == pytest.approx(math.sqrt(2) * 0.1)
+    assert missing_term_own(0.2, 0.5) == pytest.approx(math.sqrt(2) * 0.1)
+    assert missing_term("zero_fill", 0.2, 3.0, 0.5) == missing_term_zero_fill(0.2, 3.0)
+    assert missing_term("own", 0.2, 3.0, 0.5) == missing_term_own(0.2, 0.5)
+    assert missing_term("reaverage", 0.0, 3.0, 0.5) == 0.0  # nothing lost, nothing missing
 
 
 def test_observed_norms_keep_running_maxima() -> None:

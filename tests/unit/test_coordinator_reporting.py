@@ -124,6 +124,7 @@ def test_summary_carries_the_runs_facts() -> None:
         dropped=1,
         corrupted=2,
         refused_nonfinite=1,
+        steps_all_lost=1,
         restarts=0,
         steps_lost=0,
         parameters=42,
@@ -136,4 +137,5 @@ def test_summary_carries_the_runs_facts() -> None:
     assert s["samples_per_s"] == pytest.approx(128.0)
     assert s["final_test_accuracy"] == 0.97 and s["dropped_gradients"] == 1
     assert (s["gradients_corrupted"], s["gradients_refused_nonfinite"]) == (2, 1)
+    assert s["steps_all_lost"] == 1
     assert [e["kind"] for e in s["events"]] == ["state"]

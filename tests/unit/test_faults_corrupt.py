@@ -198,7 +198,7 @@ WORKERS = 4
 LR = 0.1
 
 
-def _coordinator(mode: str, policy: str = "skip") -> CoordinatorCore:
+def _coordinator(mode: str, policy: str = "zero_fill") -> CoordinatorCore:
     """A coordinator without Ray: its four workers are slots fed with replies built here."""
     spec = parse_spec(
         {
@@ -252,7 +252,7 @@ def _refused(c: CoordinatorCore) -> list[Any]:
     return [e for e in c.reporter.event_log if e.kind is EventKind.REFUSED]
 
 
-@pytest.mark.parametrize("policy", ["skip", "substitute"])
+@pytest.mark.parametrize("policy", ["zero_fill", "reaverage"])
 def test_a_non_finite_gradient_is_refused_and_its_step_goes_on_without_it(policy: str) -> None:
     c = _coordinator("sync", policy)
     x0 = c.record.x.clone()
@@ -265,8 +265,8 @@ def test_a_non_finite_gradient_is_refused_and_its_step_goes_on_without_it(policy
         _handle(c, wid, _reply(wid, 0, g, marked))
     assert c.step == 1, "the step completed without the refused gradient"
     assert bool(torch.isfinite(c.record.x).all())
-    # skip: the 3 finite gradients over the 4 the step expected; substitute: over the 3
-    n = WORKERS if policy == "skip" else WORKERS - 1
+    # zero_fill: the 3 finite gradients over the 4 the step expected; reaverage: over the 3
+    n = WORKERS if policy == "zero_fill" else WORKERS - 1
     kept = grads[0] + grads[1] + grads[3]
     assert torch.allclose(c.record.x, x0 - LR * kept / n, atol=1e-6)
     assert (c.train.corrupted, c.train.refused_nonfinite) == (1, 1)
