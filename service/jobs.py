@@ -1168,8 +1168,9 @@ class JobManager:
     # -- the reaper ------------------------------------------------------------------------
 
     def reap(self) -> dict[str, list[str]]:
-        """Kill every actor of the service's namespace that belongs to no live job, with a
-        ``reap`` event on its job (if the store knows it) and a log line.
+        """Kill every actor of the service's namespace that belongs to a job of this service
+        that is no longer live, with a ``reap`` event on the job and a log line (a job the
+        store does not know is another service's on the same cluster: left alone).
 
         Returns:
             The actors killed, by job.
@@ -1178,8 +1179,10 @@ class JobManager:
         live = {j for st in JobState if st.live for j in self.store.ids_in_state(st.value)}
         with self._lock:
             live |= set(self._live)
+        candidates = {j for n in names if (j := job_of_actor(n)) is not None} - live
+        known = {j for j in candidates if self.store.get_job(j) is not None}
         reaped: dict[str, list[str]] = {}
-        for job_id, group in orphans(names, live).items():
+        for job_id, group in orphans(names, live, known).items():
             killed = self.backend.kill(group)
             if not killed:
                 continue
@@ -1189,8 +1192,7 @@ class JobManager:
                 + (f" and {len(killed) - 8} more" if len(killed) > 8 else "")
             )
             log.warning("reaper: job %s: %s", job_id, detail)
-            if self.store.get_job(job_id) is not None:
-                self.store.add_event(job_id, EventKind.REAP.value, detail)
+            self.store.add_event(job_id, EventKind.REAP.value, detail)
         return reaped
 
     def _reap_if_due(self) -> None:

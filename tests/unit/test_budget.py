@@ -200,20 +200,22 @@ def test_worker_cpus_has_a_floor() -> None:
 # -- the reaper's choice -------------------------------------------------------------------
 
 
-def test_orphans_are_the_actors_of_jobs_that_are_not_live() -> None:
+def test_orphans_are_the_actors_of_known_jobs_that_are_not_live() -> None:
     names = [
         coordinator_name("aaa"),
         worker_name("aaa", 0, 0),
         coordinator_name("bbb"),
         worker_name("bbb", 3, 2),
         worker_name("ccc", 1, 0),  # a worker whose coordinator is already gone
-        "someone-else",  # not the service's: left alone
+        coordinator_name("zzz"),  # a job of another service on the same cluster
+        "someone-else",  # not a job's: left alone
     ]
-    assert orphans(names, {"aaa"}) == {
+    known = {"aaa", "bbb", "ccc"}
+    assert orphans(names, {"aaa"}, known) == {
         "bbb": [coordinator_name("bbb"), worker_name("bbb", 3, 2)],
         "ccc": [worker_name("ccc", 1, 0)],
     }
-    assert orphans(names, {"aaa", "bbb", "ccc"}) == {}
+    assert orphans(names, {"aaa", "bbb", "ccc"}, known) == {}
 
 
 # -- the manager acting on them --------------------------------------------------------------
@@ -322,14 +324,15 @@ def test_the_reaper_kills_actors_of_no_live_job_with_an_event(env: tuple[Any, ..
         coordinator_name(live.id),
         worker_name(live.id, 0, 0),
         worker_name(done.id, 1, 0),  # outlived its job
-        coordinator_name("unknown"),  # a job the store never knew
+        coordinator_name("unknown"),  # a job the store never knew: another service's
     ]
     reaped = mgr.reap()
-    assert reaped == {
-        done.id: [worker_name(done.id, 1, 0)],
-        "unknown": [coordinator_name("unknown")],
-    }
-    assert backend.named == [coordinator_name(live.id), worker_name(live.id, 0, 0)]
+    assert reaped == {done.id: [worker_name(done.id, 1, 0)]}
+    assert backend.named == [
+        coordinator_name(live.id),
+        worker_name(live.id, 0, 0),
+        coordinator_name("unknown"),
+    ]
     (ev,) = [e for e in store.events(done.id) if e.kind == EventKind.REAP.value]
     assert worker_name(done.id, 1, 0) in ev.detail
     assert mgr.reap() == {}  # nothing left to reap
