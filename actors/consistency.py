@@ -34,6 +34,9 @@ class ObservedNorms:
     raw_grad_max: float = 0.0  # G_raw
     update_max: float = 0.0  # U
     lost_fraction_max: float = 0.0  # max over steps of (lost gradients / contributors)
+    # U_S: max over applied steps of sum_b ||d_b|| / 1 over parameter blocks, d the update
+    # direction (the change is -lr d): the per-block elastic bound's constant
+    update_block_sum_max: float = 0.0
 
     def see_grad(self, sent: float, raw: float) -> None:
         self.grad_max = max(self.grad_max, sent)

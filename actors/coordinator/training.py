@@ -24,7 +24,7 @@ from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
 from actors.datasets import Dataset, evaluate
 from actors.flat import load_flat
-from actors.messages import GradientReply
+from actors.messages import BlockReady, GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
 from actors.modes.registry import analytic_bound
 from core.events import EventKind, FaultKind
@@ -118,10 +118,39 @@ class Training:
             self.lost_idle.append(Loss(w, f"worker lost while idle: {type(err).__name__}"))
             self.wake.set()
 
-    def _on_pipe_reply(self, wid: int, gen: int, msg: GradientReply) -> None:
+    def _on_pipe_reply(self, wid: int, gen: int, msg: GradientReply | BlockReady) -> None:
+        if isinstance(msg, BlockReady):
+            self._on_block(wid, gen, msg)
+            return
         fut = self.inflight.get(wid)
         if fut is not None and not fut.done():
             fut.set_result((wid, gen, msg, None))
+
+    # -- per-block streaming (modes with ``streams_blocks``) -------------------------------------
+    def _streams(self, w: WorkerSlot) -> bool:
+        """Whether ``w`` should announce its gradient block by block: a mode that applies per
+        block, a same-host channel, no compression, and no fault plan that could still lose or
+        hold back the message (a dropped or partitioned reply must take all its blocks)."""
+        return (
+            self.mode.streams_blocks
+            and w.channel is not None
+            and self.spec.compression.name == "none"
+            and self.mode.local_steps() == 1
+            and not any(f.spec.kind in ("drop", "partition") for f in self.faults.plan)
+        )
+
+    def _on_block(self, wid: int, gen: int, msg: BlockReady) -> None:
+        """A block of an in-flight gradient is in ``wid``'s slot: fold it in and apply what
+        became applicable; the loop then schedules whoever may start."""
+        w = self.members.workers.get(wid)
+        fut = self.inflight.get(wid)
+        if w is None or w.gen != gen or w.gone or fut is None or fut.done():
+            return
+        if w.partition_until is not None or self.data.shm is None:
+            return  # the reply carries every block
+        if self.mode.on_block(w, msg.step, msg.block, msg.norm, self.data.shm.grad(wid)):
+            self.apply_ready()
+            self.wake.set()
 
     def leave(self, w: WorkerSlot) -> list[int]:
         """``w`` leaves: nothing more is expected from it; returns the steps it left."""
@@ -146,6 +175,7 @@ class Training:
                 local_steps=self.mode.local_steps(),
                 plan=self.faults.plan,
             )
+            req.stream_blocks = self._streams(w)
             w.t_dispatch = time.perf_counter()
             self.inflight[w.id] = self.data.send(w, req)
 
@@ -223,7 +253,7 @@ class Training:
         step = self.mode.step
         if step % self.spec.eval_interval == 0 or step >= self.mode.total_steps:
             self.evaluate()
-        if self.recovery.checkpoint_due(step):
+        if applied.consistent and self.recovery.checkpoint_due(step):
             self.checkpoint()
 
     # -- evaluation and checkpoints ------------------------------------------------------------

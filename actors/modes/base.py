@@ -68,6 +68,8 @@ class ModeContext:
         model: the model of record the mode updates.
         meter: where B̂ samples go.
         norms: observed norms (the bound's constants); the mode adds update norms.
+        blocks: the parameter blocks ``[lo, hi)`` of ``x`` (one per parameter tensor), for
+            modes that apply per block; ``None``: ``x`` is one block.
     """
 
     spec: JobSpec
@@ -75,6 +77,7 @@ class ModeContext:
     model: ModelOfRecord
     meter: Meter
     norms: ObservedNorms
+    blocks: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -95,11 +98,14 @@ class Applied:
         loss: the step's mean training loss (``nan``: no gradient arrived).
         record: whether this update ends a step (async: one step is ``workers`` updates).
         apply_s: seconds the optimizer step took (``None``: not timed, or nothing applied).
+        consistent: the model of record is exactly the model of this step (per-block modes:
+            false while some block has already applied a later step; no checkpoint then).
     """
 
     loss: float
     record: bool = True
     apply_s: float | None = None
+    consistent: bool = True
 
 
 @dataclass
@@ -130,6 +136,8 @@ class Mode(ABC):
     #: ``x`` only changes while no worker computes on it, and gradients may stay in the
     #: workers' slots until their step is applied (no worker overwrites its slot before)
     shares_model_slot: ClassVar[bool] = False
+    #: workers stream their gradient block by block (:meth:`on_block`) where they can
+    streams_blocks: ClassVar[bool] = False
 
     def __init__(self, ctx: ModeContext) -> None:
         self.ctx = ctx
@@ -175,6 +183,12 @@ class Mode(ABC):
     @abstractmethod
     def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
         """A reply arrived (through the fault plan's network path); ``grad`` is decoded."""
+
+    def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
+        """One parameter block of ``w``'s step-``step`` gradient is in ``grad`` (its slot),
+        ahead of the reply (only called when :attr:`streams_blocks`); True if taken."""
+        del w, step, block, norm, grad
+        return False
 
     @abstractmethod
     def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> bool:
