@@ -87,6 +87,7 @@ class Training:
             "grad_max": n.grad_max,
             "raw_grad_max": n.raw_grad_max,
             "update_max": n.update_max,
+            "update_block_sum_max": n.update_block_sum_max,
         }
         cons["compression_q"] = self.q
         return cons

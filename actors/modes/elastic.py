@@ -201,6 +201,11 @@ class ElasticEngine(Mode):
         entry = self.book.open.get(step)
         return entry is not None and worker in entry.assigned and worker not in entry.arrived
 
+    def _streamed_and_applied(self, worker: int, step: int) -> bool:
+        """The worker's reply for ``step`` whose blocks all streamed in and are applied."""
+        own = self.own.get(worker)
+        return own is not None and own[0] == step and min(self.done) > step
+
     @override
     def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
         if not self._expects(w.id, step) or not 0 <= block < len(self.blocks):
@@ -213,6 +218,12 @@ class ElasticEngine(Mode):
         step = reply.step
         w.state = "waiting"
         if not self._expects(w.id, step):
+            if self._streamed_and_applied(w.id, step):
+                # every block came ahead of the reply and the step completed meanwhile (its
+                # record has the losses that were in by then): the reply only closes it
+                self.own[w.id] = None
+                w.last_step = step
+                return Verdict(accepted=True)
             return Verdict(accepted=False, unexpected=True)
         self.book.arrive(w.id, step)
         for b, (lo, hi) in enumerate(self.blocks):

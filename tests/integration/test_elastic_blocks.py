@@ -53,6 +53,8 @@ def test_beta_one_is_exactly_sync(tmp_path: Path) -> None:
         assert cons["views_measured"] > 0
         assert cons["b_hat_max"] == 0.0 and cons["b_hat_mean"] == 0.0, (t, cons)
         assert cons["bound"] == 0.0
+        # a reply after its streamed step completed is accepted, never "unexpected"
+        assert not [e for e in s["events"] if e["kind"] == "refused"], t
         got, want = final_params(out), reference_params(spec)
         err = float((got - want).abs().max())
         assert err <= ATOL, f"max |diff| {err:.3g} > {ATOL} ({t})"

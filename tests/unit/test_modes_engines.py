@@ -409,3 +409,18 @@ def test_restore_continues_the_step_count() -> None:
     for w in range(3):
         mode.join(w)
     assert {d.step for d in mode.schedule([FakeMember(i) for i in range(3)])} == {7}
+
+
+def test_elastic_reply_after_its_streamed_step_completed_is_accepted_once() -> None:
+    mode = _elastic(0.5)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [2, 1, 0])  # all of worker 1's blocks, reply not yet in
+    (applied,) = list(mode.apply_ready())
+    assert mode.step == 1 and applied.loss == 1.0
+    v = mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    assert v.accepted and members[1].state == "waiting" and members[1].last_step == 0
+    again = mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    assert again.unexpected and not again.accepted
+    assert torch.allclose(mode.model.x, -LR * (G0 + G1) / 2)
