@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def test_b_hat_mean_falls_as_beta_rises(tmp_path: Path) -> None:
     assert means[1.0] == 0.0 and all(summaries[1.0, s]["b_hat_max"] == 0.0 for s in SEEDS)
     assert means[0.0] > 0.0, report
     slack = RISE_TOLERANCE * means[0.0]
-    for lo, hi in zip(BETAS, BETAS[1:], strict=False):
+    for lo, hi in itertools.pairwise(BETAS):
         assert means[hi] <= means[lo] + slack, f"B̂ rose from beta {lo} to {hi}: {report}"
     assert means[0.75] < means[0.0], report  # it falls, not merely stays
     for b in BETAS:  # each within its bound (mean: the bound is on the expectation)
