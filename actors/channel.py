@@ -98,14 +98,29 @@ class CoordinatorEnd:
                 os.close(fd)
 
 
-def serve(req_path: str, rep_path: str, handle: Callable[[Any], Any]) -> int:
+def serve(
+    req_path: str,
+    rep_path: str,
+    handle: Callable[[Any], Any],
+    bind_emit: Callable[[Callable[[Any], None]], None] | None = None,
+) -> int:
     """The worker's loop: read a request, reply ``handle(request)``, until a ``None``.
+
+    Args:
+        req_path: the request FIFO.
+        rep_path: the reply FIFO.
+        handle: computes a request's reply.
+        bind_emit: given a function that writes one extra frame to the reply FIFO (the
+            coordinator's ``on_reply`` gets it, in order, before the reply): ``handle`` may
+            call it while it computes (per-block gradient announcements).
 
     Returns:
         The number of requests served.
     """
     req = os.open(req_path, os.O_RDONLY)
     rep = os.open(rep_path, os.O_WRONLY)
+    if bind_emit is not None:
+        bind_emit(lambda msg: _write_all(rep, encode(msg)))
     reader = FrameReader()
     served = 0
     try:

@@ -58,6 +58,10 @@ class ObservedNorms:
             self.lost_fraction_sum += f
             self.lost_fraction_sq_sum += f * f
 
+    # U_S: max over applied steps of sum_b ||d_b|| / 1 over parameter blocks, d the update
+    # direction (the change is -lr d): the per-block elastic bound's constant
+    update_block_sum_max: float = 0.0
+
     def see_grad(self, sent: float, raw: float) -> None:
         self.grad_max = max(self.grad_max, sent)
         self.raw_grad_max = max(self.raw_grad_max, raw)

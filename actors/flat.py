@@ -37,6 +37,10 @@ class ParamLayout:
     def sizes(self) -> list[int]:
         return [int(torch.Size(s).numel()) for s in self.shapes]
 
+    def blocks(self) -> list[tuple[int, int]]:
+        """Each parameter's ``[lo, hi)`` range in the flat vector (its *block*)."""
+        return [(o, o + n) for o, n in zip(self.offsets, self.sizes(), strict=True)]
+
     def pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Leaf tensors sharing ``flat``'s memory, one per parameter, requiring grad."""
         return [

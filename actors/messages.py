@@ -1,10 +1,12 @@
 """The typed messages between the coordinator and its workers.
 
-Three messages cross the coordinator-worker boundary, over a Ray call or the same-host pipe
+Four messages cross the coordinator-worker boundary, over a Ray call or the same-host pipe
 (:mod:`actors.channel`, which pickles them; every field here pickles):
 
 * :class:`WorkerInit`: everything a worker is created with (its shard, the plan, ...).
 * :class:`GradientRequest`: one step's work: the view to compute on and what to send back.
+* :class:`BlockReady`: one parameter block of the gradient is in the slot (same-host
+  streaming, ahead of the reply).
 * :class:`GradientReply`: the worker's answer: loss, norms, timing, and the gradient (in
   the worker's shared-memory slot, as an array, or as a compressed payload).
 
@@ -75,6 +77,9 @@ class GradientRequest:
         faults: the updated fault plan (after a live injection).
         local_steps: plain-SGD steps to take on the worker's own replica (``local`` mode);
             1 means one gradient on the view.
+        stream_blocks: announce each parameter block with a :class:`BlockReady` frame as
+            soon as backward has written it into the gradient slot (per-block elastic, same
+            host, uncompressed, one local step).
     """
 
     step: int
@@ -84,6 +89,26 @@ class GradientRequest:
     reshard: list[int] | None = None
     faults: list[ActiveFault] | None = None
     local_steps: int = 1
+    stream_blocks: bool = False
+
+
+@dataclass
+class BlockReady:
+    """One parameter block of a gradient is in the worker's shared-memory slot.
+
+    Sent over the same-host channel ahead of the :class:`GradientReply` of the same step.
+
+    Attributes:
+        worker: the worker's id.
+        step: the request's step.
+        block: the block's index (:meth:`actors.flat.ParamLayout.blocks`).
+        norm: the block's L2 norm.
+    """
+
+    worker: int
+    step: int
+    block: int
+    norm: float
 
 
 @dataclass

@@ -89,6 +89,45 @@ class FlatSGD:
             self.buf.add_(x, alpha=self.weight_decay)
         x.add_(self.buf, alpha=-self.lr)
 
+    def step_slice(
+        self, x: torch.Tensor, grad: torch.Tensor, lo: int, hi: int, scale: float = 1.0
+    ) -> float:
+        """Apply one update to the slice ``x[lo:hi]`` only, with that slice's gradient
+        ``scale * grad`` and its slice of the momentum buffer.
+
+        The optimizer is elementwise, so applying every slice of a partition once is the same
+        update as :meth:`step` on the whole vector (a buffer not yet created starts at zero:
+        ``mu * 0 + g = g``, the first step's buffer). The per-block elastic mode applies each
+        parameter block's update when its gradients are in. ``steps`` is not counted here:
+        the caller counts a step once every slice of it is applied.
+
+        Returns:
+            The norm of the slice's update direction (the applied change is ``-lr * d``).
+        """
+        xs = x[lo:hi]
+        if self.momentum == 0.0:
+            d = grad.mul(scale)
+            if self.weight_decay != 0.0:
+                d.add_(xs, alpha=self.weight_decay)
+            xs.add_(d, alpha=-self.lr)
+            return float(d.norm())
+        if self.buf is None:
+            self.buf = torch.zeros_like(x)
+        b = self.buf[lo:hi]
+        if self.nesterov:
+            d_p = grad.mul(scale)
+            if self.weight_decay != 0.0:
+                d_p = d_p.add(xs, alpha=self.weight_decay)
+            b.mul_(self.momentum).add_(d_p)
+            d = d_p.add(b, alpha=self.momentum)
+            xs.add_(d, alpha=-self.lr)
+            return float(d.norm())
+        b.mul_(self.momentum).add_(grad, alpha=scale)
+        if self.weight_decay != 0.0:
+            b.add_(xs, alpha=self.weight_decay)
+        xs.add_(b, alpha=-self.lr)
+        return float(b.norm())
+
     def peek(
         self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,19 +3,22 @@
 The coordinator owns the vectors; this module owns the *decisions*, on plain numbers, so it
 can be tested without Ray or tensors.
 
-Step modes (``sync``, ``elastic``) group gradients into numbered steps. Step ``j``'s update
+Step modes (``sync``, ``straggler``) group gradients into numbered steps. Step ``j``'s update
 is the optimizer step on the mean of the gradients that the workers *assigned* to ``j``
 sent; applying it turns ``x_j`` into ``x_{j+1}``. Steps are applied strictly in order, so
 the model of record is always the consistent model ``x_c`` (``c`` = steps completed).
 :class:`StepBook` tracks who was assigned what and which steps are complete.
 
 * ``sync``: a worker starts step ``j+1`` only when every step ``<= j`` is complete.
-* ``elastic(beta, max_lag)``: a worker that sent its step-``j`` gradient ``g_i`` starts the
-  next step once the other gradients of step ``j`` that reached the coordinator sum to a
-  vector of norm ``>= beta * ||g_i||`` (or step ``j`` is complete), and never more than
+* ``straggler(beta, max_lag)``: a worker that sent its step-``j`` gradient starts the next
+  step once a ``beta`` share of the *other* workers assigned to step ``j`` have sent theirs
+  (or step ``j`` is complete; ``beta = 1`` always waits for completion), and never more than
   ``max_lag`` steps ahead of the oldest incomplete step. A worker that fell behind the
   frontier (a straggler) jumps to the frontier instead of replaying old steps; the steps it
   skipped complete without it.
+* ``elastic(beta, max_lag)`` applies steps per parameter block; its start rule
+  (:class:`BlockShareRule`) looks at the share of the worker's own gradient whose blocks'
+  averaged update is applied.
 
 Async mode (``async(tau)``) has no steps: each gradient is an update of its own, and
 :class:`AsyncRule` decides whether a gradient computed on a view ``s`` updates old is
@@ -27,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from core.spec import AsyncMode, ElasticMode, SyncMode
+from core.spec import AsyncMode, StragglerMode, SyncMode
 
 
 @dataclass
@@ -49,7 +52,7 @@ class StepRule(Protocol):
         target: int,
         oldest_incomplete: int | None,
         own_norm: float | None,
-        received_norm: float | None,
+        received_share: float | None,
         last_complete: bool,
     ) -> Decision: ...
 
@@ -64,21 +67,23 @@ class SyncRule:
         target: int,
         oldest_incomplete: int | None,
         own_norm: float | None,
-        received_norm: float | None,
+        received_share: float | None,
         last_complete: bool,
     ) -> Decision:
-        del own_norm, received_norm, last_complete  # sync looks at completed steps only
+        del own_norm, received_share, last_complete  # sync looks at completed steps only
         if oldest_incomplete is None or oldest_incomplete >= target:
             return Decision(True, "all earlier steps applied")
         return Decision(False, f"waiting for step {oldest_incomplete} to complete")
 
 
 @dataclass
-class ElasticRule:
-    """The elastic scheduling rule (Nadiradze et al. 2021), with a hard lag bound.
+class StragglerRule:
+    """Straggler-tolerant steps: wait for a ``beta`` share of the other workers, with a hard
+    lag bound.
 
     Args:
-        beta: received-norm threshold, as a multiple of the worker's own gradient norm.
+        beta: share of the *other* workers assigned to the worker's last step whose
+            gradients must have arrived (0: never wait; 1: wait for the whole step, sync).
         max_lag: how many steps a worker may run ahead of the oldest incomplete step.
     """
 
@@ -91,7 +96,7 @@ class ElasticRule:
         target: int,
         oldest_incomplete: int | None,
         own_norm: float | None,
-        received_norm: float | None,
+        received_share: float | None,
         last_complete: bool,
     ) -> Decision:
         if oldest_incomplete is not None and target - oldest_incomplete > self.max_lag:
@@ -102,15 +107,55 @@ class ElasticRule:
             )
         if last_complete or own_norm is None:
             return Decision(True, "previous step complete")
-        got = received_norm or 0.0
-        if got >= self.beta * own_norm:
-            return Decision(True, f"received {got:.3g} >= beta={self.beta} x own {own_norm:.3g}")
-        return Decision(False, f"received {got:.3g} < beta={self.beta} x own {own_norm:.3g}")
+        if self.beta >= 1.0:  # beta 1 is sync: the whole step must be applied
+            return Decision(False, "beta=1: waiting for the previous step to complete")
+        got = received_share or 0.0
+        if got >= self.beta:
+            return Decision(True, f"received {got:.3g} >= beta={self.beta} of the others")
+        return Decision(False, f"received {got:.3g} < beta={self.beta} of the others")
 
 
-def make_step_rule(mode: SyncMode | ElasticMode) -> StepRule:
-    if isinstance(mode, ElasticMode):
-        return ElasticRule(beta=mode.beta, max_lag=mode.max_lag)
+@dataclass
+class BlockShareRule:
+    """The paper's elastic rule on parameter blocks (actors/modes/elastic.py).
+
+    A worker starts its next step once the blocks whose averaged update of its last step is
+    applied make up ``>= beta`` of its own last gradient (``applied_share``: the sum of
+    those blocks' L2 norms over the sum of every block's), and never more than ``max_lag``
+    steps ahead of the oldest incomplete step. ``beta = 1`` needs every block applied (sync),
+    even those where the worker's own gradient is 0.
+
+    Args:
+        beta: the share in [0, 1].
+        max_lag: how many steps a worker may run ahead of the oldest incomplete step.
+    """
+
+    beta: float
+    max_lag: int
+
+    def may_start(
+        self, target: int, oldest_incomplete: int | None, applied_share: float | None
+    ) -> Decision:
+        """``applied_share`` ``None``: the worker has no outstanding step (fresh, or its
+        last step is fully applied)."""
+        if oldest_incomplete is not None and target - oldest_incomplete > self.max_lag:
+            return Decision(
+                False,
+                f"step {target} would be more than max_lag={self.max_lag} "
+                f"ahead of incomplete step {oldest_incomplete}",
+            )
+        if applied_share is None:
+            return Decision(True, "previous step applied")
+        # beta 1 needs every block applied (``None``), not a share of 1: a block whose own
+        # gradient is 0 may still lack the others' update, and a float sum can round
+        if self.beta < 1.0 and applied_share >= self.beta:
+            return Decision(True, f"applied share {applied_share:.3g} >= beta={self.beta}")
+        return Decision(False, f"applied share {applied_share:.3g} < beta={self.beta}")
+
+
+def make_step_rule(mode: SyncMode | StragglerMode) -> StepRule:
+    if isinstance(mode, StragglerMode):
+        return StragglerRule(beta=mode.beta, max_lag=mode.max_lag)
     return SyncRule()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from actors.compression import ErrorFeedback, Payload, make_compressor
 from actors.datasets import loss_fn
 from actors.faults import WorkerFaults
 from actors.flat import ParamLayout
-from actors.messages import GradientReply, GradientRequest, WorkerInit
+from actors.messages import BlockReady, GradientReply, GradientRequest, WorkerInit
 from actors.models import build_model
 from actors.sampler import ShardSampler
 from actors.transport import ShmCache, ShmRef, from_wire, host_id, to_wire
@@ -82,6 +83,11 @@ class WorkerCore:
             if spec.compression.error_feedback:
                 self.ef = ErrorFeedback(self.compressor, self.layout.numel)
         self.rng = np.random.default_rng([spec.seed, 31337, self.id])  # fixed salt
+        # writes a frame ahead of the reply (same-host channel only; None elsewhere)
+        self.emit: Callable[[Any], None] | None = None
+
+    def _bind_emit(self, emit: Callable[[Any], None]) -> None:
+        self.emit = emit
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
@@ -132,6 +138,30 @@ class WorkerCore:
         grads = torch.autograd.grad(loss, pieces)
         return grads, float(loss.detach()), int(idx.numel())
 
+    def _streamed_grad(self, flat: torch.Tensor, step: int, out: torch.Tensor) -> tuple[float, int]:
+        """One gradient into ``out``, each parameter block announced as backward writes it.
+
+        A hook on each parameter piece fires when that piece's gradient is ready (the last
+        layers first): it copies the block into ``out`` (the shared-memory slot) and sends a
+        :class:`~actors.messages.BlockReady` frame, so the coordinator can apply the block's
+        averaged update before the rest of backward is done.
+        """
+        emit = self.emit
+        assert emit is not None
+        idx = torch.from_numpy(self.sampler.next_batch(self.spec.batch_size))
+        pieces = self.layout.pieces(flat)
+        for i, (piece, (lo, hi)) in enumerate(zip(pieces, self.layout.blocks(), strict=True)):
+
+            def ready(g: torch.Tensor, i: int = i, lo: int = lo, hi: int = hi) -> None:
+                out[lo:hi].copy_(g.reshape(-1))
+                emit(BlockReady(self.id, step, i, float(out[lo:hi].norm())))
+
+            piece.register_hook(ready)  # type: ignore[no-untyped-call]
+        out_y = functional_call(self.model, self.layout.params(pieces), (self.x[idx],))
+        loss = self.loss(out_y, self.y[idx])
+        torch.autograd.grad(loss, pieces)  # the hooks wrote every block
+        return float(loss.detach()), int(idx.numel())
+
     def _local_sum(self, flat: torch.Tensor, steps: int, out: torch.Tensor) -> tuple[float, int]:
         """``out = sum_t g(y_t)`` over ``steps`` plain SGD steps from ``y_0 = flat``.
 
@@ -164,13 +194,28 @@ class WorkerCore:
         if shm_out:
             assert self.grad_slot is not None
             gbuf = self.shm.get(self.grad_slot)
-        if self.device.type == "cuda":
+        stream = (
+            req.stream_blocks
+            and shm_out
+            and self.emit is not None
+            and req.local_steps == 1
+            and self.device.type == "cpu"
+        )
+        # what the fault plan does to this gradient (a straggler delay, corruptions), decided
+        # once; streamed blocks must not outrun the delay, so a streaming worker is slow
+        # *before* it computes (the others after)
+        effect = self.faults.on_gradient(req.step, t_s)
+        delay_s = effect.delay_s
+        if stream and delay_s > 0:
+            time.sleep(delay_s)
+        if stream:
+            loss, n = self._streamed_grad(flat, req.step, gbuf)
+        elif self.device.type == "cuda":
             dev = torch.empty(self.layout.numel, device=self.device)
             loss, n = self._local_sum(flat, req.local_steps, dev)
             gbuf.copy_(dev.cpu())
         else:
             loss, n = self._local_sum(flat, req.local_steps, gbuf)
-        effect = self.faults.on_gradient(req.step, t_s)
         for corruption in effect.corruptions:  # before compression: what is sent is corrupt
             corruption.apply(gbuf)
         raw_norm = float(gbuf.norm())
@@ -201,10 +246,10 @@ class WorkerCore:
             reply.grad_in_slot = True
         else:
             reply.grad = to_wire(gbuf, self.spec.transfer_dtype)
-        reply.compute_s = time.perf_counter() - t_call
-        reply.delay_s = effect.delay_s  # the fault plan's straggler delay
-        if reply.delay_s > 0:
-            time.sleep(reply.delay_s)
+        reply.compute_s = time.perf_counter() - t_call - (delay_s if stream else 0.0)
+        reply.delay_s = delay_s
+        if delay_s > 0 and not stream:
+            time.sleep(delay_s)
         return reply
 
     def sampler_state(self) -> dict[str, Any]:
@@ -237,7 +282,7 @@ class Worker(WorkerCore):
 
     def serve_pipe(self, req_path: str, rep_path: str) -> int:
         """Serve :meth:`compute` requests over the same-host channel until told to stop."""
-        return serve(req_path, rep_path, self.compute)
+        return serve(req_path, rep_path, self.compute, self._bind_emit)
 
     def exit(self) -> None:
         ray.actor.exit_actor()

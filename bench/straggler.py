@@ -2,10 +2,13 @@
 
 Worker 3 is slowed by exponentially distributed delays after each gradient whose mean is
 one step of the same job run synchronously without faults, measured first on this machine
-(the calibration run). Sync waits for the straggler at every step; elastic (beta 0.5,
-max_lag 2) lets the others run ahead on the part of the update they have; async never waits
-(gradients more than 4 updates stale are refused). The issue's target: elastic and async
-reach the accuracy in <= 0.7x the wall time of sync.
+(the calibration run). Sync waits for the straggler at every step; straggler (beta 0.5,
+max_lag 2) lets the others start once half of the other workers' gradients are in, on the
+part of the update they have; per-block elastic (beta 0.5, max_lag 2) waits for blocks
+whose averaged update needs every gradient, so it waits for the straggler too (shown for
+comparison, no target); async never waits (gradients more than 4 updates stale are
+refused). The issue's targets: straggler in <= 0.5x and async in <= 0.7x the wall time of
+sync to the accuracy.
 
 The jobs are ``configs/digits_<mode>.yaml`` (MLP [64], batch 32 per worker, 4 workers) with
 lr 0.1, momentum 0.9 for every mode, the test set evaluated every 5 steps, and one seed per
@@ -46,13 +49,14 @@ from bench.common import (
 NAME = "straggler"
 DEFAULT_REPEATS = 3
 TARGET_ACCURACY = 0.95
-# The issue's target: time to TARGET_ACCURACY of elastic and async <= 0.7x that of sync.
-TARGET_RATIO = 0.7
+# The issue's targets: time to TARGET_ACCURACY of straggler <= 0.5x, async <= 0.7x sync's.
+TARGET_RATIOS = {"straggler": 0.5, "async": 0.7}
 EVAL_INTERVAL = 5
 STRAGGLER = 3  # the slowed worker's id
 QUICK_STEPS = 150  # digits reaches 0.95 in well under 150 steps at lr 0.1, momentum 0.9
 MODES: dict[str, dict[str, Any]] = {
     "sync": {"name": "sync"},
+    "straggler": {"name": "straggler", "beta": 0.5, "max_lag": 2},
     "elastic": {"name": "elastic", "beta": 0.5, "max_lag": 2},
     "async": {"name": "async", "max_staleness": 4},
 }
@@ -163,16 +167,17 @@ def render(payload: dict[str, Any]) -> str:
             f"| {sum(r['refused_stale'] for r in runs)} |"
         )
     verdicts = []
-    for mode in ("elastic", "async"):
+    for mode, target in TARGET_RATIOS.items():
         ratio = payload["modes"][mode].get("ratio_to_sync")
-        ok = ratio is not None and ratio <= TARGET_RATIO
+        ok = ratio is not None and ratio <= target
         verdict = f"{mode} {fmt(ratio, '.2f')}x ({'met' if ok else 'missed'}"
         if not ok and ratio is not None:
-            verdict += f", over by {ratio - TARGET_RATIO:.2f}x"
+            verdict += f", over by {ratio - target:.2f}x"
         verdicts.append(verdict + ")")
     lines += [
         "",
-        f"Target: elastic and async <= {TARGET_RATIO}x sync's time to {TARGET_ACCURACY}: "
+        f"Targets: straggler <= {TARGET_RATIOS['straggler']}x and async <= "
+        f"{TARGET_RATIOS['async']}x sync's time to {TARGET_ACCURACY}: "
         f"**{'; '.join(verdicts)}**."
         + (f" {NOT_A_VERDICT}" if note else "")
         + f" Seeds {payload['seeds']}; the column lists follow them.",
@@ -228,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": repeats,
         "seeds": seeds,
         "target_accuracy": TARGET_ACCURACY,
-        "target_ratio": TARGET_RATIO,
+        "target_ratios": TARGET_RATIOS,
         "eval_interval": EVAL_INTERVAL,
         "optimizer": OPTIMIZER,
         "load_before": load_before,

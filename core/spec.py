@@ -120,15 +120,32 @@ class SyncMode(_Strict):
 
 
 class ElasticMode(_Strict):
-    """The paper's elastic scheduling rule.
+    """The paper's elastic scheduling rule, per parameter block (actors/modes/elastic.py).
 
-    A worker starts step k+1 once the part of the step-k update it has received (the other
-    workers' gradients that reached the coordinator) has norm >= ``beta`` x its own step-k
-    gradient's norm, and never more than ``max_lag`` steps ahead of an incomplete update.
+    Workers send their gradient block by block as backward produces it; the coordinator
+    applies a block's averaged step-k update once every expected gradient of that block
+    arrived. A worker starts step k+1 once the blocks whose averaged step-k update is
+    applied make up >= ``beta`` of its own step-k gradient (per-block L2 norms), and never
+    more than ``max_lag`` steps ahead of an incomplete step. ``beta = 1`` is sync.
     """
 
     name: Literal["elastic"] = "elastic"
-    beta: float = Field(default=0.5, ge=0.0, le=64.0)
+    beta: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_lag: int = Field(default=2, ge=1, le=64)
+
+
+class StragglerMode(_Strict):
+    """Straggler-tolerant steps (actors/modes/straggler.py).
+
+    A worker that sent its step-k gradient starts step k+1 once at least ``beta`` of the
+    *other* workers assigned to step k have sent theirs (or step k is complete), never more
+    than ``max_lag`` steps ahead of an incomplete step; its view is the model of record plus
+    the partial updates of the incomplete steps. ``beta = 1`` waits for the whole step
+    (sync); ``beta = 0`` never waits for the others.
+    """
+
+    name: Literal["straggler"] = "straggler"
+    beta: float = Field(default=0.5, ge=0.0, le=1.0)
     max_lag: int = Field(default=2, ge=1, le=64)
 
 
@@ -153,7 +170,9 @@ class LocalMode(_Strict):
     local_steps: int = Field(default=4, ge=1, le=1024)
 
 
-ModeSpec = Annotated[SyncMode | ElasticMode | AsyncMode | LocalMode, Field(discriminator="name")]
+ModeSpec = Annotated[
+    SyncMode | ElasticMode | StragglerMode | AsyncMode | LocalMode, Field(discriminator="name")
+]
 
 
 class CompressionSpec(_Strict):
@@ -448,7 +467,7 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str
 
 
 _UNION_FIELDS = {"mode"}
-_UNION_TAGS = {"sync", "elastic", "async"}
+_UNION_TAGS = {"sync", "elastic", "straggler", "async", "local"}
 
 
 def format_error_list(

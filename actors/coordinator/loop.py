@@ -96,7 +96,9 @@ class CoordinatorCore:
         self.meter.live_workers = lambda: len(self.members.live())
         self.record = ModelOfRecord(flatten(self.model), FlatSGD(spec.optimizer))
         self.mode = make_mode(
-            ModeContext(spec, self.total_steps, self.record, self.meter, self.norms)
+            ModeContext(
+                spec, self.total_steps, self.record, self.meter, self.norms, self.layout.blocks()
+            )
         )
         self.recovery = Recovery(Path(state_dir) if state_dir else None, spec.checkpoint)
         self.reporter = Reporter(time.time(), self.recovery.journal, lambda: self.mode.step)

@@ -33,7 +33,7 @@ from actors.datasets import Dataset, evaluate
 from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
 from actors.flat import load_flat
 from actors.guard import Action, Condition, Decision
-from actors.messages import GradientReply
+from actors.messages import BlockReady, GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
 from core.events import EventKind, FaultKind
 from core.spec import JobSpec
@@ -112,6 +112,7 @@ class Training:
             "grad_max": n.grad_max,
             "raw_grad_max": n.raw_grad_max,
             "update_max": n.update_max,
+            "update_block_sum_max": n.update_block_sum_max,
         }
         cons["compression_q"] = self.q
         return cons
@@ -143,10 +144,40 @@ class Training:
             self.lost_idle.append(Loss(w, f"worker lost while idle: {type(err).__name__}"))
             self.wake.set()
 
-    def _on_pipe_reply(self, wid: int, gen: int, msg: GradientReply) -> None:
+    def _on_pipe_reply(self, wid: int, gen: int, msg: GradientReply | BlockReady) -> None:
+        if isinstance(msg, BlockReady):
+            self._on_block(wid, gen, msg)
+            return
         fut = self.inflight.get(wid)
         if fut is not None and not fut.done():
             fut.set_result((wid, gen, msg, None))
+
+    # -- per-block streaming (modes with ``streams_blocks``) -------------------------------------
+    def _streams(self, w: WorkerSlot) -> bool:
+        """Whether ``w`` should announce its gradient block by block: a mode that applies per
+        block, a same-host channel, no compression, and no fault plan that could still lose,
+        hold back or corrupt the message (a dropped or partitioned reply must take all its
+        blocks; a corrupt one is screened whole before any of it is applied)."""
+        return (
+            self.mode.streams_blocks
+            and w.channel is not None
+            and self.spec.compression.name == "none"
+            and self.mode.local_steps() == 1
+            and not any(f.spec.kind in ("drop", "partition", "corrupt") for f in self.faults.plan)
+        )
+
+    def _on_block(self, wid: int, gen: int, msg: BlockReady) -> None:
+        """A block of an in-flight gradient is in ``wid``'s slot: fold it in and apply what
+        became applicable; the loop then schedules whoever may start."""
+        w = self.members.workers.get(wid)
+        fut = self.inflight.get(wid)
+        if w is None or w.gen != gen or w.gone or fut is None or fut.done():
+            return
+        if w.partition_until is not None or self.data.shm is None:
+            return  # the reply carries every block
+        if self.mode.on_block(w, msg.step, msg.block, msg.norm, self.data.shm.grad(wid)):
+            self.apply_ready()
+            self.wake.set()
 
     def leave(self, w: WorkerSlot) -> list[int]:
         """``w`` leaves: nothing more is expected from it; returns the steps it left."""
@@ -173,6 +204,7 @@ class Training:
                 local_steps=self.mode.local_steps(),
                 plan=self.faults.plan,
             )
+            req.stream_blocks = self._streams(w)
             w.t_dispatch = time.perf_counter()
             self.inflight[w.id] = self.data.send(w, req)
 
@@ -294,8 +326,13 @@ class Training:
             return
         if step % self.spec.eval_interval == 0 or step >= self.mode.total_steps:
             self.evaluate()
-        # only a run inside its bound leaves a checkpoint (a rollback's destination)
-        if decision.condition is Condition.WITHIN and self.recovery.checkpoint_due(step):
+        # only a run inside its bound leaves a checkpoint (a rollback's destination), and
+        # only when the model of record is exactly one step's (per-block modes)
+        if (
+            decision.condition is Condition.WITHIN
+            and applied.consistent
+            and self.recovery.checkpoint_due(step)
+        ):
             self.checkpoint()
 
     # -- the guard's actions -----------------------------------------------------------------

@@ -72,6 +72,8 @@ class ModeContext:
         model: the model of record the mode updates.
         meter: where B̂ samples go.
         norms: observed norms (the bound's constants); the mode adds update norms.
+        blocks: the parameter blocks ``[lo, hi)`` of ``x`` (one per parameter tensor), for
+            modes that apply per block; ``None``: ``x`` is one block.
     """
 
     spec: JobSpec
@@ -79,6 +81,7 @@ class ModeContext:
     model: ModelOfRecord
     meter: Meter
     norms: ObservedNorms
+    blocks: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -101,12 +104,15 @@ class Applied:
         apply_s: seconds the optimizer step took (``None``: not timed, or nothing applied).
         lost_step: the step, if every gradient it expected was lost on the way (the
             step's record has no loss; docs/consistency.md, "Missing gradients").
+        consistent: the model of record is exactly the model of this step (per-block modes:
+            false while some block has already applied a later step; no checkpoint then).
     """
 
     loss: float
     record: bool = True
     apply_s: float | None = None
     lost_step: int | None = None
+    consistent: bool = True
 
 
 @dataclass
@@ -137,6 +143,8 @@ class Mode(ABC):
     #: ``x`` only changes while no worker computes on it, and gradients may stay in the
     #: workers' slots until their step is applied (no worker overwrites its slot before)
     shares_model_slot: ClassVar[bool] = False
+    #: workers stream their gradient block by block (:meth:`on_block`) where they can
+    streams_blocks: ClassVar[bool] = False
 
     def __init__(self, ctx: ModeContext) -> None:
         self.ctx = ctx
@@ -182,6 +190,12 @@ class Mode(ABC):
     @abstractmethod
     def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
         """A reply arrived (through the fault plan's network path); ``grad`` is decoded."""
+
+    def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
+        """One parameter block of ``w``'s step-``step`` gradient is in ``grad`` (its slot),
+        ahead of the reply (only called when :attr:`streams_blocks`); True if taken."""
+        del w, step, block, norm, grad
+        return False
 
     @abstractmethod
     def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor | None) -> bool:

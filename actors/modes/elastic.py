@@ -1,58 +1,352 @@
-"""``elastic(beta, max_lag)``: the paper's elastic scheduling rule, with a hard lag bound.
+"""``elastic(beta, max_lag)``: the paper's elastic rule, applied per parameter block.
 
-A worker that sent its step-j gradient starts the next step once the other step-j gradients
-that arrived sum to a vector of norm >= beta x its own (or step j is complete), never more
-than ``max_lag`` steps ahead of the oldest incomplete step; its view is the model of record
-plus the provisional (partial) updates of the incomplete steps. A worker behind the
-frontier jumps to it (:class:`actors.scheduling.ElasticRule`).
+Following the authors' code (their Horovod fork, ``horovod/torch/broken_barrier.py``: each
+layer's gradient is all-reduced on its own, and a worker's pre-forward hooks stop waiting
+once the layers whose averaged update arrived make up a share of a target), the unit of
+communication and of application here is a **parameter block** (one parameter tensor of
+the model, :class:`actors.flat.ParamLayout`):
+
+* A worker sends its step-k gradient block by block as backward produces it (on the
+  same-host path: each block is written into its shared-memory slot and announced by a
+  small :class:`actors.messages.BlockReady` frame before the final reply; over the object
+  store every block arrives with the reply).
+* The coordinator adds each arrived block into the step's sum, and applies block b's
+  averaged step-k update (:meth:`actors.optim.FlatSGD.step_slice`, exact: the optimizer is
+  elementwise) once every gradient step k expects has delivered block b (or is known lost)
+  and step k can get no new contributor. Each block applies its steps in order; different
+  blocks may be at different steps (the late ones catch up as their gradients arrive).
+* A worker starts step k+1 once ``sum_{b applied} ||g_own,b|| >= beta * sum_b ||g_own,b||``
+  over the per-block L2 norms of its own step-k gradient
+  (:class:`actors.scheduling.BlockShareRule`), never more than ``max_lag`` steps ahead of
+  the oldest incomplete step. Its view is the model of record as it is: the blocks whose
+  step-k update is late lack it. ``beta = 1`` waits for every block: exactly sync.
+* A step is complete (recorded, counted) when every block has applied it. B̂ of a view for
+  step s is measured block by block against ``x_s``: a block already at step s contributes 0,
+  a late block is compared with its value right after it applies step s - 1.
+
+Departures from the authors' code (docs/consistency.md): the share is by the worker's own
+per-block L2 norms as the issue states (``broken_barrier.py`` accumulates a per-layer norm
+whose computing line is commented out, and ``broken_barrier_new.py`` uses the layer's
+element count); a central coordinator averages instead of an all-reduce.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+import torch
 from typing_extensions import override
 
 from actors.consistency import Constants, elastic_amplification
-from actors.modes.base import ModeContext
-from actors.modes.stepped import StepEngine
-from actors.scheduling import make_step_rule
+from actors.messages import GradientReply
+from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
+from actors.modes.missing import divisor
+from actors.scheduling import BlockShareRule, StepBook
 from core.spec import ElasticMode, JobSpec, ModeSpec
 
 
-class ElasticEngine(StepEngine):
-    """Elastic steps: provisional views, workers run ahead by at most ``max_lag``."""
+def elastic_bound_term(beta: float, max_lag: int, update_block_sum: float) -> float:
+    """The per-block elastic mode's bound on B (docs/consistency.md: elastic).
+
+    A view for step s lacks, in each late block, the whole update (momentum included) of at
+    most ``max_lag`` steps, so ``B <= max_lag * U_S`` always, with ``U_S`` a bound on
+    ``sum_b ||d_b||`` of one step's update direction ``d`` (``||.||_2 <= sum_b ||._b||``).
+    By the rule the late blocks carry at most ``1 - beta`` of the worker's own gradient
+    (per-block L2); when the update has the same block profile (the expectation the bound is
+    stated in, checked against mean B̂; see the docs) they carry at most ``1 - beta`` of
+    ``U_S``: ``B <= (1 - beta) * max_lag * U_S``, and exactly 0 at ``beta = 1``.
+
+    Args:
+        beta: the rule's share in [0, 1].
+        max_lag: steps a worker may run ahead.
+        update_block_sum: ``U_S``; frozen, or ``(G + wd * ||x||) / (1 - momentum)`` times
+            ``sqrt(blocks)`` from a gradient-norm bound ``G``.
+    """
+    if beta >= 1.0:
+        return 0.0
+    return (1.0 - beta) * max_lag * update_block_sum
+
+
+@dataclass
+class _PendingView:
+    """A sampled view of step ``target`` whose late blocks are measured as they catch up."""
+
+    target: int
+    late: dict[int, torch.Tensor]  # block -> the view's copy of it
+    sq: float = 0.0  # sum of squared block differences measured so far
+
+
+@dataclass
+class _StepBlocks:
+    """What of one step's gradients arrived, block by block."""
+
+    total: torch.Tensor  # the sum of the arrived blocks (zeros where none yet)
+    arrived: list[set[int]]  # per block: the workers whose block arrived
+    losses: list[float] = field(default_factory=list)
+    update_sum: float = 0.0  # sum_b ||d_b|| of the blocks applied so far
+
+
+class ElasticEngine(Mode):
+    """Per-block elastic steps (see the module docstring)."""
 
     name: ClassVar[str] = "elastic"
+    streams_blocks: ClassVar[bool] = True
 
     def __init__(self, ctx: ModeContext) -> None:
+        super().__init__(ctx)
         mode = ctx.spec.mode
         assert isinstance(mode, ElasticMode)
-        super().__init__(ctx, make_step_rule(mode))
+        self.rule = BlockShareRule(beta=mode.beta, max_lag=mode.max_lag)
+        numel = ctx.model.x.numel()
+        self.blocks: list[tuple[int, int]] = list(ctx.blocks or [(0, numel)])
+        self.book = StepBook(self.total_steps, jumps=True)
+        self.done = [0] * len(self.blocks)  # per block: the next step it applies
+        self.steps_in: dict[int, _StepBlocks] = {}
+        # worker -> (step, per-block norms of its gradient of that step); None: nothing owed
+        self.own: dict[int, tuple[int, list[float]] | None] = {}
+        self.pending: list[_PendingView] = []
+        self.block_applies = 0  # names the model of record's state in view keys
 
+    # -- accounting --------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.book.completed
+
+    def finished(self) -> bool:
+        return self.book.finished()
+
+    def restore(self, step: int) -> None:
+        self.book = StepBook(self.total_steps, jumps=True, start_step=step)
+        self.done = [step] * len(self.blocks)
+        self.steps_in.clear()
+        self.pending.clear()
+        for w in list(self.own):
+            self.book.join(w)
+            self.own[w] = None
+
+    # -- membership --------------------------------------------------------------------------
+    def join(self, worker: int) -> None:
+        self.book.join(worker)
+        self.own[worker] = None
+
+    def leave(self, worker: int) -> list[int]:
+        # blocks it streamed before leaving stay in their steps (they arrived)
+        self.own.pop(worker, None)
+        return self.book.leave(worker)
+
+    # -- scheduling --------------------------------------------------------------------------
+    def applied_share(self, worker: int) -> float | None:
+        """Share of the worker's own last gradient (per-block L2) whose blocks' averaged
+        update is applied; ``None`` if it owes nothing (fresh, lost, or fully applied)."""
+        own = self.own.get(worker)
+        if own is None:
+            return None
+        step, norms = own
+        if min(self.done) > step:
+            return None
+        total = sum(norms)
+        if total <= 0.0:
+            return 1.0
+        got = sum(n for b, n in enumerate(norms) if self.done[b] > step)
+        return got / total
+
+    def schedule(self, members: Sequence[Member]) -> list[Dispatch]:
+        out: list[Dispatch] = []
+        for w in members:
+            if w.state not in ("idle", "waiting") or self.book.finished():
+                continue
+            # a joiner never takes a step some block has already applied without it
+            target = max(self.book.next_step(w.id), max(self.done))
+            if target >= self.total_steps:
+                continue
+            d = self.rule.may_start(target, self.book.oldest_incomplete, self.applied_share(w.id))
+            if not d.allowed:
+                continue
+            x = self.model.x
+            if self.meter.sample_view():
+                late = {
+                    b: x[lo:hi].clone()
+                    for b, (lo, hi) in enumerate(self.blocks)
+                    if self.done[b] < target
+                }
+                if late:
+                    self.pending.append(_PendingView(target, late))
+                else:
+                    self.meter.measure(self.step, None)
+            self.book.assign(w.id, target)
+            self.own[w.id] = (target, [0.0] * len(self.blocks))
+            w.state = "busy"
+            out.append(Dispatch(w.id, target, ("e", self.block_applies), x))
+        return out
+
+    # -- replies -----------------------------------------------------------------------------
+    def _take_block(self, worker: int, step: int, b: int, piece: torch.Tensor, norm: float) -> None:
+        sb = self.steps_in.get(step)
+        if sb is None:
+            sb = _StepBlocks(torch.zeros_like(self.model.x), [set() for _ in self.blocks])
+            self.steps_in[step] = sb
+        if worker in sb.arrived[b] or self.done[b] > step:
+            return
+        lo, hi = self.blocks[b]
+        sb.total[lo:hi].add_(piece)
+        sb.arrived[b].add(worker)
+        own = self.own.get(worker)
+        if own is not None and own[0] == step:
+            own[1][b] = norm
+
+    def _expects(self, worker: int, step: int) -> bool:
+        entry = self.book.open.get(step)
+        return entry is not None and worker in entry.assigned and worker not in entry.arrived
+
+    def _streamed_and_applied(self, worker: int, step: int) -> bool:
+        """The worker's reply for ``step`` whose blocks all streamed in and are applied."""
+        own = self.own.get(worker)
+        return own is not None and own[0] == step and min(self.done) > step
+
+    @override
+    def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
+        if not self._expects(w.id, step) or not 0 <= block < len(self.blocks):
+            return False
+        lo, hi = self.blocks[block]
+        self._take_block(w.id, step, block, grad[lo:hi], norm)
+        return True
+
+    def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
+        step = reply.step
+        w.state = "waiting"
+        if not self._expects(w.id, step):
+            if self._streamed_and_applied(w.id, step):
+                # every block came ahead of the reply and the step completed meanwhile (its
+                # record has the losses that were in by then): the reply only closes it
+                self.own[w.id] = None
+                w.last_step = step
+                return Verdict(accepted=True)
+            return Verdict(accepted=False, unexpected=True)
+        self.book.arrive(w.id, step)
+        for b, (lo, hi) in enumerate(self.blocks):
+            sb = self.steps_in.get(step)
+            if sb is None or w.id not in sb.arrived[b]:  # not streamed: it came with the reply
+                piece = grad[lo:hi]
+                self._take_block(w.id, step, b, piece, float(piece.norm()))
+        self.steps_in[step].losses.append(reply.loss)
+        w.last_step = step
+        return Verdict(accepted=True)
+
+    def on_lost(self, w: Member, reply: GradientReply, grad: torch.Tensor | None) -> bool:
+        del grad  # a lost gradient never reaches the update (blocks it streamed did)
+        self.book.lose(w.id, reply.step)
+        w.state, w.last_step = "waiting", reply.step
+        self.own[w.id] = None
+        return True
+
+    # -- applying ----------------------------------------------------------------------------
+    def _block_ready(self, b: int) -> bool:
+        """Block ``b`` can apply its next step: every expected gradient delivered it."""
+        step = self.done[b]
+        entry = self.book.open.get(step)
+        if entry is None or not self.book._closed(step):
+            return False
+        sb = self.steps_in.get(step)
+        got = sb.arrived[b] if sb is not None else set()
+        return entry.assigned <= (got | entry.lost)
+
+    def _apply_block(self, b: int) -> None:
+        step = self.done[b]
+        entry = self.book.open[step]
+        sb = self.steps_in.get(step)
+        got = sb.arrived[b] if sb is not None else set()
+        lost = entry.lost - got
+        # zero_fill: the lost share is left out; otherwise the arrived mean stands in (the
+        # per-block mode builds no per-worker views: `own` applies as `reaverage` here)
+        n = divisor(self.spec.missing_policy, len(got), len(lost))
+        lo, hi = self.blocks[b]
+        if got and sb is not None:
+            sb.update_sum += self.model.opt.step_slice(
+                self.model.x, sb.total[lo:hi], lo, hi, scale=1.0 / n
+            )
+        self.done[b] = step + 1
+        self.block_applies += 1
+        self._measure_block(b, step + 1)
+
+    def _measure_block(self, b: int, now_at: int) -> None:
+        """Block ``b`` now holds ``x_{now_at}``'s value: measure views of step ``now_at``."""
+        lo, hi = self.blocks[b]
+        keep = []
+        for pv in self.pending:
+            v = pv.late.get(b)
+            if v is not None and pv.target == now_at:
+                pv.sq += float((self.model.x[lo:hi] - v).norm()) ** 2
+                del pv.late[b]
+            if pv.late:
+                keep.append(pv)
+            else:
+                self.meter.record(self.step, math.sqrt(pv.sq) / self.model.opt.lr)
+        self.pending = keep
+
+    def apply_ready(self) -> Iterator[Applied]:
+        progressed = True
+        while progressed:
+            progressed = False
+            for b in range(len(self.blocks)):
+                while self._block_ready(b):
+                    self._apply_block(b)
+                    progressed = True
+                    if (
+                        self.book.completed in self.book.open
+                        and min(self.done) > self.book.completed
+                    ):
+                        yield self._complete()
+            while self.book.completed in self.book.open and min(self.done) > self.book.completed:
+                yield self._complete()
+                progressed = True
+
+    def _complete(self) -> Applied:
+        """Every block applied the oldest incomplete step: it is complete."""
+        entry = self.book.complete(self.book.completed)
+        sb = self.steps_in.pop(entry.step, None)
+        # steps nobody was assigned (the book skips them) are no block's business
+        self.done = [max(d, self.book.completed) for d in self.done]
+        self.model.version += 1
+        self.model.opt.steps += 1
+        losses = sb.losses if sb is not None else []
+        if sb is not None:
+            self.norms.update_block_sum_max = max(self.norms.update_block_sum_max, sb.update_sum)
+        # the model of record is x_step exactly unless some block already applied a later step
+        consistent = max(self.done) <= self.book.completed
+        return Applied(loss=float(np.mean(losses)) if losses else math.nan, consistent=consistent)
+
+    # -- the bound ---------------------------------------------------------------------------
     @override
     @classmethod
     def bound_term(cls, spec: JobSpec, c: Constants) -> float:
         mode, opt = spec.mode, spec.optimizer
         assert isinstance(mode, ElasticMode)
-        # at most max_lag provisional steps, each off by at most 2M (docs: elastic)
+        # U_S from the frozen constants: max_lag steps' updates, each at most 2M after the
+        # optimizer's amplification A (momentum, weight decay); elastic_bound_term takes the
+        # per-step share, so the amplification over max_lag steps is divided back out
         amp = elastic_amplification(
             mode.max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov
         )
-        return 2.0 * c.m * amp
+        return elastic_bound_term(mode.beta, mode.max_lag, 2.0 * c.m * amp / mode.max_lag)
 
     @override
     def tighten(self) -> ModeSpec | None:
-        """Half the lag (the bound grows with it), down to 1; then nothing stricter."""
+        """A larger share to wait for (β + 0.25, up to 1 = sync), then a smaller lag."""
         mode = self.spec.mode
         assert isinstance(mode, ElasticMode)
-        if mode.max_lag <= 1:
-            return None
-        return mode.model_copy(update={"max_lag": mode.max_lag // 2})
+        if mode.beta < 1.0:
+            return mode.model_copy(update={"beta": min(1.0, mode.beta + 0.25)})
+        if mode.max_lag > 1:
+            return mode.model_copy(update={"max_lag": mode.max_lag // 2})
+        return None
 
     @override
     def retune(self, setting: ModeSpec) -> int:
         assert isinstance(setting, ElasticMode)
         super().retune(setting)
-        self.rule = make_step_rule(setting)
+        self.rule = BlockShareRule(beta=setting.beta, max_lag=setting.max_lag)
         return 0

@@ -11,6 +11,7 @@ from actors.modes.asynchronous import AsyncEngine
 from actors.modes.base import Mode, ModeContext
 from actors.modes.elastic import ElasticEngine
 from actors.modes.local import LocalEngine
+from actors.modes.straggler import StragglerEngine
 from actors.modes.sync import SyncEngine
 from core.errors import SpecError
 from core.spec import JobSpec
@@ -18,6 +19,7 @@ from core.spec import JobSpec
 MODES: dict[str, type[Mode]] = {
     "sync": SyncEngine,
     "elastic": ElasticEngine,
+    "straggler": StragglerEngine,
     "async": AsyncEngine,
     "local": LocalEngine,
 }

@@ -1,4 +1,4 @@
-"""The engine the step modes share (``sync``, ``elastic``, ``local``): numbered steps.
+"""The engine the step modes share (``sync``, ``straggler``, ``local``): numbered steps.
 
 Step ``j``'s update is the optimizer step on the mean of the gradients that the workers
 *assigned* to ``j`` sent; applying it turns ``x_j`` into ``x_{j+1}``. Steps are applied
@@ -110,13 +110,18 @@ class StepEngine(Mode):
         """Called with a step's arrived gradients (lazy sums only) before it is applied."""
 
     # -- scheduling --------------------------------------------------------------------------
-    def _received_norm(self, worker: int, last: int | None, last_complete: bool) -> float | None:
-        """Norm of the other gradients of the worker's last step that arrived (elastic)."""
+    def _received_share(self, worker: int, last: int | None, last_complete: bool) -> float | None:
+        """Share of the *other* workers assigned to the worker's last step whose gradients
+        arrived (straggler); ``None`` when the step is complete or the mode never jumps."""
         if last_complete or last is None or not self.book.jumps:
             return None
-        s = self.step_sums.get(last)
-        own = self.own.get(worker)
-        return float((s - own).norm()) if s is not None and own is not None else 0.0
+        entry = self.book.open.get(last)
+        if entry is None:
+            return 1.0
+        others = entry.assigned - {worker}
+        if not others:
+            return 1.0
+        return len(entry.arrived & others) / len(others)
 
     def schedule(self, members: Sequence[Member]) -> list[Dispatch]:
         out: list[Dispatch] = []
@@ -132,7 +137,7 @@ class StepEngine(Mode):
                 target,
                 self.book.oldest_incomplete,
                 None if last_complete else self.own_norm.get(w.id, 0.0),
-                self._received_norm(w.id, last, last_complete),
+                self._received_share(w.id, last, last_complete),
                 last_complete,
             )
             if not d.allowed:
@@ -157,7 +162,7 @@ class StepEngine(Mode):
         return self.step_view(target)
 
     def step_view(self, target: int) -> tuple[ViewKey, torch.Tensor, bool]:
-        """The view for ``target``: ``x`` plus provisional partial steps (elastic)."""
+        """The view for ``target``: ``x`` plus provisional partial steps (straggler)."""
         x, opt = self.model.x, self.model.opt
         c = self.book.completed
         if target <= c:

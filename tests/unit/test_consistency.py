@@ -115,13 +115,28 @@ def test_sync_bound_is_zero() -> None:
     assert analytic_bound(_spec({"name": "sync"}), C, 0.0, False) == 0.0
 
 
-def test_elastic_bound_is_two_m_times_the_amplification() -> None:
-    spec = _spec({"name": "elastic", "beta": 0.5, "max_lag": 3})
+def test_straggler_bound_shrinks_with_beta_and_is_zero_at_one() -> None:
     amp = elastic_amplification(3, 0.9, 1e-4, 0.1, False)
-    assert analytic_bound(spec, C, 0.0, False) == pytest.approx(2.0 * 2.0 * amp)
-    # more lag, larger bound
-    wider = _spec({"name": "elastic", "beta": 0.5, "max_lag": 5})
+    spec = _spec({"name": "straggler", "beta": 0.5, "max_lag": 3})
+    # ((1 - beta) + 1/min_workers) M A(max_lag); min_workers 1, M = C.m
+    assert analytic_bound(spec, C, 0.0, False) == pytest.approx((0.5 + 1.0) * C.m * amp)
+    bounds = [
+        analytic_bound(_spec({"name": "straggler", "beta": b, "max_lag": 3}), C, 0.0, False)
+        for b in (0.0, 0.25, 0.5, 0.75, 1.0)
+    ]
+    assert bounds == sorted(bounds, reverse=True) and bounds[-1] == 0.0
+    wider = _spec({"name": "straggler", "beta": 0.5, "max_lag": 5})
     assert analytic_bound(wider, C, 0.0, False) > analytic_bound(spec, C, 0.0, False)
+
+
+def test_elastic_bound_is_one_minus_beta_times_the_frozen_lagged_update() -> None:
+    amp = elastic_amplification(2, 0.9, 1e-4, 0.1, False)
+    for beta in (0.0, 0.25, 0.5, 0.75):
+        spec = _spec({"name": "elastic", "beta": beta, "max_lag": 2})
+        want = (1 - beta) * 2.0 * C.m * amp
+        assert analytic_bound(spec, C, 0.0, False) == pytest.approx(want)
+    one = _spec({"name": "elastic", "beta": 1.0, "max_lag": 2})
+    assert analytic_bound(one, C, 0.0, False) == 0.0
 
 
 def test_async_bound_is_tau_m_over_one_minus_momentum() -> None:

@@ -44,11 +44,12 @@ def _spec(mode: dict[str, Any], workers: int = 3, steps: int = 10, **extra: Any)
     )
 
 
-def _mode(spec: JobSpec, dim: int = 3) -> Mode:
+def _mode(spec: JobSpec, dim: int = 3, blocks: list[tuple[int, int]] | None = None) -> Mode:
     record = ModelOfRecord(torch.zeros(dim), FlatSGD(spec.optimizer))
     meter = Meter(ConsistencyMonitor(), False, spec.monitor_interval)
     meter.live_workers = lambda: spec.workers
-    mode = make_mode(ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms()))
+    ctx = ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms(), blocks)
+    mode = make_mode(ctx)
     for w in range(spec.workers):
         mode.join(w)
     return mode
@@ -130,19 +131,19 @@ def test_an_unexpected_gradient_is_not_counted() -> None:
     assert list(mode.apply_ready()) == []
 
 
-# -- elastic ------------------------------------------------------------------------------
+# -- straggler ----------------------------------------------------------------------------
 
 
-def test_elastic_starts_ahead_on_a_provisional_view() -> None:
-    mode = _mode(_spec({"name": "elastic", "beta": 0.5, "max_lag": 2}))
+def test_straggler_starts_ahead_on_a_provisional_view() -> None:
+    mode = _mode(_spec({"name": "straggler", "beta": 0.5, "max_lag": 2}))
     members = [FakeMember(i) for i in range(3)]
     mode.schedule(members)
     g0, g1 = _g(1, 0, 0), _g(0, 1, 0)
     mode.on_reply(members[0], _reply(0, 0, g0), g0)
-    # worker 0 has only its own gradient of step 0: received 0 < beta x own
+    # worker 0 has only its own gradient of step 0: 0 of the 2 others < beta
     assert mode.schedule(members) == []
     mode.on_reply(members[1], _reply(1, 0, g1), g1)
-    ds = mode.schedule(members)  # received ||g1|| = 1 >= 0.5 x ||own|| for both
+    ds = mode.schedule(members)  # 1 of the 2 others arrived: 0.5 >= beta for both
     assert [d.worker for d in ds] == [0, 1] and all(d.step == 1 for d in ds)
     assert ds[0].key[0] == "p"
     # the view: x_0 plus the partial mean of step 0 over its 3 assigned workers
@@ -150,8 +151,22 @@ def test_elastic_starts_ahead_on_a_provisional_view() -> None:
     assert mode.step == 0  # nothing applied yet: step 0 waits for worker 2
 
 
-def test_elastic_never_runs_more_than_max_lag_ahead() -> None:
-    mode = _mode(_spec({"name": "elastic", "beta": 0.0, "max_lag": 1}, workers=2))
+def test_straggler_beta_one_is_sync() -> None:
+    mode = _mode(_spec({"name": "straggler", "beta": 1.0, "max_lag": 2}, workers=2))
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    g = _g(1, 1, 1)
+    mode.on_reply(members[0], _reply(0, 0, g), g)
+    assert mode.schedule(members) == []  # waits for worker 1
+    mode.on_reply(members[1], _reply(1, 0, g), g)
+    assert len(list(mode.apply_ready())) == 1
+    ds = mode.schedule(members)
+    assert [d.key for d in ds] == [("x", 1), ("x", 1)]
+    assert mode.meter.monitor.b_max == 0.0
+
+
+def test_straggler_never_runs_more_than_max_lag_ahead() -> None:
+    mode = _mode(_spec({"name": "straggler", "beta": 0.0, "max_lag": 1}, workers=2))
     members = [FakeMember(i) for i in range(2)]
     mode.schedule(members)
     g = _g(1, 1, 1)
@@ -160,6 +175,141 @@ def test_elastic_never_runs_more_than_max_lag_ahead() -> None:
     assert d.step == 1
     mode.on_reply(members[0], _reply(0, 1, g), g)
     assert mode.schedule(members) == []  # step 2 would be 2 > max_lag ahead of step 0
+
+
+# -- elastic (per block) ------------------------------------------------------------------
+
+BLOCKS = [(0, 2), (2, 3), (3, 6)]
+
+
+def _elastic(beta: float, max_lag: int = 2, workers: int = 2, **opt: Any) -> Mode:
+    spec = _spec({"name": "elastic", "beta": beta, "max_lag": max_lag}, workers=workers)
+    if opt:
+        spec = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update=opt)})
+    return _mode(spec, dim=6, blocks=BLOCKS)
+
+
+# worker 0's gradient: block norms 5, 0, 1 (sum 6); worker 1's: 1, 2, 2
+G0 = _g(3, 4, 0, 1, 0, 0)
+G1 = _g(1, 0, 2, 0, 2, 0)
+
+
+def _stream(mode: Mode, w: FakeMember, step: int, grad: torch.Tensor, blocks: list[int]) -> None:
+    """Announce ``blocks`` of ``grad`` (the worker's slot) ahead of its reply."""
+    for b in blocks:
+        lo, hi = BLOCKS[b]
+        assert mode.on_block(w, step, b, float(grad[lo:hi].norm()), grad)
+
+
+def test_elastic_beta_one_waits_for_every_block_and_is_sync() -> None:
+    mode = _elastic(1.0)
+    members = [FakeMember(i) for i in range(2)]
+    assert [d.step for d in mode.schedule(members)] == [0, 0]
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [2, 0])  # backward: last layers first
+    assert list(mode.apply_ready()) == []  # blocks 0 and 2 applied, the step not complete
+    assert torch.allclose(mode.model.x[0:2], -LR * (G0 + G1)[0:2] / 2)
+    assert float(mode.model.x[2]) == 0.0  # block 1 still waits for worker 1
+    # 5 + 1 of its 6 applied, the rest (block 1) is 0 in its own gradient: beta 1 still waits
+    assert mode.schedule(members) == []
+    mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    (applied,) = list(mode.apply_ready())
+    assert applied.consistent and mode.step == 1
+    assert torch.allclose(mode.model.x, -LR * (G0 + G1) / 2)
+    ds = mode.schedule(members)
+    assert [d.step for d in ds] == [1, 1]
+    assert all(torch.equal(d.view, mode.model.x) for d in ds)
+    assert mode.meter.monitor.count == 4 and mode.meter.monitor.b_max == 0.0  # 2 steps x 2
+
+
+@pytest.mark.parametrize(("beta", "starts"), [(0.0, True), (0.5, True), (0.9, False)])
+def test_elastic_starts_once_the_applied_blocks_reach_beta_of_its_own(
+    beta: float, starts: bool
+) -> None:
+    mode = _elastic(beta)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    if beta == 0.0:  # beta 0: at once, on x_0
+        (d,) = mode.schedule(members)
+        assert d.step == 1 and torch.equal(d.view, torch.zeros(6))
+        return
+    assert mode.schedule(members) == []  # nothing of step 0 applied yet
+    _stream(mode, members[1], 0, G1, [0])
+    assert list(mode.apply_ready()) == []
+    assert mode.applied_share(0) == pytest.approx(5 / 6)  # type: ignore[attr-defined]
+    ds = mode.schedule(members)
+    assert [d.step for d in ds] == ([1] if starts else [])
+    if starts:  # the view: block 0 has step 0's update, blocks 1 and 2 lack it
+        want = torch.zeros(6)
+        want[0:2] = -LR * (G0 + G1)[0:2] / 2
+        assert torch.allclose(ds[0].view, want)
+
+
+def test_elastic_late_blocks_apply_on_arrival_and_b_hat_is_their_missing_update() -> None:
+    mode = _elastic(0.5)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)  # two sampled views of x_0: exact, B-hat 0
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [0])
+    list(mode.apply_ready())
+    (d,) = mode.schedule(members)  # worker 0 on step 1, blocks 1 and 2 late
+    assert d.worker == 0 and d.step == 1
+    mode.on_reply(members[1], _reply(1, 0, G1), G1)  # the late blocks arrive
+    (applied,) = list(mode.apply_ready())
+    assert mode.step == 1 and applied.consistent
+    x1 = -LR * (G0 + G1) / 2
+    assert torch.allclose(mode.model.x, x1)
+    # B-hat of worker 0's view: ||x_1 - v|| / lr over the late blocks = their mean gradient
+    want = float(((G0 + G1) / 2)[2:].norm())
+    assert mode.meter.monitor.count == 3
+    assert mode.meter.monitor.b_max == pytest.approx(want, rel=1e-5)
+    assert mode.meter.monitor.b_max > 0
+
+
+def test_elastic_never_runs_more_than_max_lag_ahead() -> None:
+    mode = _elastic(0.0, max_lag=1)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    (d,) = mode.schedule(members)
+    assert d.step == 1
+    mode.on_reply(members[0], _reply(0, 1, G0), G0)
+    assert mode.schedule(members) == []  # step 2 would be 2 > max_lag ahead of step 0
+    _stream(mode, members[1], 0, G1, [0, 1, 2])
+    list(mode.apply_ready())  # step 0 complete: no block of step 1 yet (worker 1 owes it)
+    assert mode.step == 1
+
+
+def test_elastic_block_order_does_not_change_the_model_of_record() -> None:
+    """Blocks of two steps arriving in a skewed order (one block two steps ahead) give the
+    same model, momentum included, as applying each step's mean whole."""
+    mode = _elastic(0.0, max_lag=2, momentum=0.9, weight_decay=0.01)
+    members = [FakeMember(i) for i in range(2)]
+    grads = {
+        (w, s): torch.randn(6, generator=torch.Generator().manual_seed(10 * w + s))
+        for w in range(2)
+        for s in range(2)
+    }
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, grads[0, 0]), grads[0, 0])
+    mode.schedule(members)  # worker 0 -> step 1
+    _stream(mode, members[1], 0, grads[1, 0], [2])
+    list(mode.apply_ready())
+    mode.on_reply(members[0], _reply(0, 1, grads[0, 1]), grads[0, 1])
+    mode.on_reply(members[1], _reply(1, 0, grads[1, 0]), grads[1, 0])
+    done = list(mode.apply_ready())
+    assert mode.step == 1
+    # worker 1 -> step 1 (scheduled alone: worker 0 would start step 2 and worker 1 jump)
+    assert [d.step for d in mode.schedule([members[1]])] == [1]
+    mode.on_reply(members[1], _reply(1, 1, grads[1, 1]), grads[1, 1])
+    done += list(mode.apply_ready())
+    assert mode.step == 2 and len(done) == 2
+    ref = FlatSGD(mode.spec.optimizer)
+    x = torch.zeros(6)
+    for s in range(2):
+        ref.step(x, grads[0, s] + grads[1, s], scale=0.5)
+    assert torch.allclose(mode.model.x, x, atol=1e-6)
 
 
 # -- async --------------------------------------------------------------------------------
@@ -236,14 +386,17 @@ def test_async_tightens_to_half_the_staleness_it_used_and_refuses_what_it_no_lon
 def test_step_modes_tighten_within_their_settings() -> None:
     assert _mode(_spec({"name": "sync"})).tighten() is None
     elastic = _mode(_spec({"name": "elastic", "beta": 0.5, "max_lag": 4}))
-    new = elastic.tighten()
-    assert new is not None and new.model_dump()["max_lag"] == 2
-    elastic.retune(new)
-    assert elastic.spec.mode.model_dump()["max_lag"] == 2
-    one = elastic.tighten()
-    assert one is not None
-    elastic.retune(one)
-    assert elastic.tighten() is None  # max_lag 1
+    # a larger share to wait for first (0.5 -> 0.75 -> 1 = sync), then a smaller lag
+    for want in ({"beta": 0.75}, {"beta": 1.0}, {"max_lag": 2}, {"max_lag": 1}):
+        new = elastic.tighten()
+        assert new is not None
+        assert {k: new.model_dump()[k] for k in want} == want
+        elastic.retune(new)
+    assert elastic.spec.mode.model_dump()["max_lag"] == 1
+    assert elastic.tighten() is None  # beta 1, max_lag 1
+    straggler = _mode(_spec({"name": "straggler", "beta": 0.5, "max_lag": 2}))
+    new = straggler.tighten()
+    assert new is not None and new.model_dump()["beta"] == 0.75
     local = _mode(_spec({"name": "local", "local_steps": 4}))
     new = local.tighten()
     assert new is not None and new.model_dump()["local_steps"] == 2
@@ -316,3 +469,18 @@ def test_restore_continues_the_step_count() -> None:
     for w in range(3):
         mode.join(w)
     assert {d.step for d in mode.schedule([FakeMember(i) for i in range(3)])} == {7}
+
+
+def test_elastic_reply_after_its_streamed_step_completed_is_accepted_once() -> None:
+    mode = _elastic(0.5)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [2, 1, 0])  # all of worker 1's blocks, reply not yet in
+    (applied,) = list(mode.apply_ready())
+    assert mode.step == 1 and applied.loss == 1.0
+    v = mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    assert v.accepted and members[1].state == "waiting" and members[1].last_step == 0
+    again = mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    assert again.unexpected and not again.accepted
+    assert torch.allclose(mode.model.x, -LR * (G0 + G1) / 2)

@@ -5,16 +5,19 @@ the same trajectory run with torch.optim.SGD on a copy of the model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from actors.datasets import load_dataset, loss_fn
 from actors.flat import flatten, load_flat
-from actors.messages import GradientRequest, WorkerInit
+from actors.messages import BlockReady, GradientRequest, WorkerInit
 from actors.models import build_model
 from actors.sampler import ShardSampler
-from actors.transport import to_wire
+from actors.transport import ShmRef, to_wire
 from actors.worker import WorkerCore
 from core.spec import JobSpec, parse_spec
 
@@ -82,3 +85,44 @@ def test_a_worker_sends_the_sum_of_its_local_gradients(h: int) -> None:
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert reply.raw_norm == pytest.approx(float(got.norm()), rel=1e-6)
     assert reply.sampler_pos["pos"] == (h * spec.batch_size) % shard.size
+
+
+def test_a_streaming_worker_announces_every_block_as_backward_writes_it(tmp_path: Path) -> None:
+    """Per-block elastic on the same-host path: each block lands in the shared-memory slot
+    and is announced (last layer first, as backward goes) before the reply; the slot then
+    holds exactly the gradient a non-streaming worker sends."""
+    spec = parse_spec(
+        {
+            "steps": 5,
+            "workers": 1,
+            "batch_size": 16,
+            "optimizer": {"lr": LR},
+            "mode": {"name": "elastic", "beta": 0.5},
+            "model": {"name": "mlp", "hidden": [16, 8]},
+        }
+    )
+    streaming, _ = _worker(spec)
+    plain, _ = _worker(spec)
+    torch.manual_seed(2)
+    view = torch.randn(streaming.layout.numel) * 0.1
+    slot = tmp_path / "grad0"
+    with open(slot, "wb") as f:
+        f.truncate(streaming.layout.numel * 4)  # float32, as the coordinator's pool makes it
+    ref = ShmRef(str(slot), streaming.layout.numel)
+    frames: list[Any] = []
+    streaming.emit = frames.append
+    req = GradientRequest(step=3, view=to_wire(view, "float32"), grad_slot=ref, stream_blocks=True)
+    reply = streaming.compute(req)
+    assert reply.grad_in_slot and reply.grad is None
+    blocks = streaming.layout.blocks()
+    assert sorted(f.block for f in frames) == list(range(len(blocks)))  # each block once
+    assert frames[0].block == len(blocks) - 1  # the read-out's bias: backward starts there
+    assert all(isinstance(f, BlockReady) and f.step == 3 and f.worker == 0 for f in frames)
+    got = torch.from_file(str(slot), shared=False, size=streaming.layout.numel)
+    for f in frames:
+        lo, hi = blocks[f.block]
+        assert f.norm == pytest.approx(float(got[lo:hi].norm()), rel=1e-6)
+    want = plain.compute(GradientRequest(step=3, view=to_wire(view, "float32")))
+    assert want.grad is not None
+    assert torch.allclose(got, torch.from_numpy(want.grad), atol=1e-6)
+    assert float(got.norm()) > 0

@@ -215,7 +215,8 @@ def test_a_provisional_view_is_measured_against_x_star_of_its_step() -> None:
         {
             "steps": 10,
             "workers": 3,
-            "mode": {"name": "elastic", "beta": 0.5, "max_lag": 2},
+            # provisional views: the straggler-tolerant mode (half the others suffice)
+            "mode": {"name": "straggler", "beta": 0.5, "max_lag": 2},
             "optimizer": {"lr": LR},
         }
     )

@@ -225,3 +225,34 @@ def test_state_dict_round_trip_continues_identically() -> None:
     opt.step(x, g)
     clone.step(y, g)
     assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay", "nesterov"), COMBOS)
+def test_block_wise_application_equals_the_whole_vector_step(
+    momentum: float, weight_decay: float, nesterov: bool
+) -> None:
+    """Applying each block's slice of a step (blocks in any order across steps, each block's
+    steps in order) gives the same x and momentum buffer as whole-vector steps."""
+    spec = OptimizerSpec(lr=0.05, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    gen = torch.Generator().manual_seed(7)
+    blocks = [(0, 5), (5, 6), (6, 20), (20, 23)]
+    x0 = torch.randn(23, generator=gen)
+    grads = [torch.randn(23, generator=gen) for _ in range(12)]
+    whole, block = FlatSGD(spec), FlatSGD(spec)
+    xw, xb = x0.clone(), x0.clone()
+    for g in grads:
+        whole.step(xw, g, scale=0.25)
+    # block b runs ahead of block b+1 by a different amount: a skewed but per-block order
+    done = [0] * len(blocks)
+    order = torch.randperm(len(blocks) * len(grads), generator=gen).tolist()
+    queue = [i % len(blocks) for i in order]
+    for b in queue:
+        lo, hi = blocks[b]
+        block.step_slice(xb, grads[done[b]][lo:hi], lo, hi, scale=0.25)
+        done[b] += 1
+    assert done == [len(grads)] * len(blocks)
+    assert torch.allclose(xb, xw, rtol=0, atol=1e-6), float((xb - xw).abs().max())
+    if momentum:
+        assert whole.buf is not None and block.buf is not None
+        assert torch.allclose(block.buf, whole.buf, rtol=0, atol=1e-6)
+    assert float((xw - x0).norm()) > 0.1  # the steps moved x: agreement means something

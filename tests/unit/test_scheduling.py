@@ -1,6 +1,6 @@
 """Unit tests for actors/scheduling.py (no Ray, no tensors): the step bookkeeping of the
-step modes, the sync / elastic / async rules, and property-based drives of a StepBook and of
-the async wait rule under random arrival orders."""
+step modes, the sync / straggler / per-block elastic / async rules, and property-based
+drives of a StepBook and of the async wait rule under random arrival orders."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from hypothesis import strategies as st
 
 from actors.scheduling import (
     AsyncRule,
-    ElasticRule,
+    BlockShareRule,
     StepBook,
     StepRule,
+    StragglerRule,
     SyncRule,
     make_async_rule,
     make_step_rule,
 )
-from core.spec import AsyncMode, ElasticMode, SyncMode
+from core.spec import AsyncMode, StragglerMode, SyncMode
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -230,31 +231,36 @@ def test_sync_rule_waits_for_every_earlier_step() -> None:
     assert not d.allowed and "step 2" in d.reason
 
 
-def test_elastic_rule_beta_threshold_on_received_vs_own_norm() -> None:
-    rule = ElasticRule(beta=0.5, max_lag=4)
+def test_straggler_rule_beta_is_the_share_of_the_other_workers_arrived() -> None:
+    rule = StragglerRule(beta=0.5, max_lag=4)
     assert rule.jumps
-    # own norm 2.0: the bar is 1.0 received
-    assert not rule.may_start(1, 0, 2.0, 0.99, False).allowed
-    d = rule.may_start(1, 0, 2.0, 1.0, False)
+    assert not rule.may_start(1, 0, 2.0, 0.49, False).allowed
+    d = rule.may_start(1, 0, 2.0, 0.5, False)
     assert d.allowed and "beta=0.5" in d.reason
-    assert rule.may_start(1, 0, 2.0, 7.0, False).allowed
+    assert rule.may_start(1, 0, 2.0, 1.0, False).allowed
     assert not rule.may_start(1, 0, 2.0, None, False).allowed  # nothing received yet
-    # beta 0: start at once; a larger beta needs more
-    assert ElasticRule(beta=0.0, max_lag=4).may_start(1, 0, 2.0, None, False).allowed
-    assert not ElasticRule(beta=2.0, max_lag=4).may_start(1, 0, 2.0, 3.99, False).allowed
-    assert ElasticRule(beta=2.0, max_lag=4).may_start(1, 0, 2.0, 4.0, False).allowed
+    # beta 0: start at once
+    assert StragglerRule(beta=0.0, max_lag=4).may_start(1, 0, 2.0, None, False).allowed
 
 
-def test_elastic_rule_previous_step_complete_shortcut() -> None:
-    rule = ElasticRule(beta=10.0, max_lag=2)
+def test_straggler_rule_beta_one_waits_for_the_whole_step() -> None:
+    rule = StragglerRule(beta=1.0, max_lag=4)
+    # every other gradient arrived, but the step is not applied yet: sync still waits
+    d = rule.may_start(1, 0, 2.0, 1.0, False)
+    assert not d.allowed and "beta=1" in d.reason
+    assert rule.may_start(1, None, 2.0, 1.0, True).allowed
+
+
+def test_straggler_rule_previous_step_complete_shortcut() -> None:
+    rule = StragglerRule(beta=0.9, max_lag=2)
     d = rule.may_start(1, None, 2.0, 0.0, True)
     assert d.allowed and "complete" in d.reason
     # no own gradient recorded (a fresh worker) counts as complete
     assert rule.may_start(1, 1, None, None, False).allowed
 
 
-def test_elastic_rule_max_lag_bound() -> None:
-    rule = ElasticRule(beta=0.0, max_lag=2)
+def test_straggler_rule_max_lag_bound() -> None:
+    rule = StragglerRule(beta=0.0, max_lag=2)
     assert rule.may_start(5, 3, 1.0, 1.0, False).allowed  # 2 ahead
     d = rule.may_start(6, 3, 1.0, 1.0, False)
     assert not d.allowed and "max_lag=2" in d.reason
@@ -263,10 +269,25 @@ def test_elastic_rule_max_lag_bound() -> None:
     assert rule.may_start(60, None, 1.0, 0.0, False).allowed  # nothing outstanding
 
 
+def test_block_share_rule_thresholds_and_lag() -> None:
+    half = BlockShareRule(beta=0.5, max_lag=2)
+    assert half.may_start(1, 0, None).allowed  # owes nothing
+    assert not half.may_start(1, 0, 0.49).allowed
+    assert half.may_start(1, 0, 0.5).allowed
+    assert BlockShareRule(beta=0.0, max_lag=2).may_start(1, 0, 0.0).allowed
+    one = BlockShareRule(beta=1.0, max_lag=2)
+    assert not one.may_start(1, 0, 0.999999).allowed
+    # a share of 1 is not "every block": a block where its own gradient is 0 may be late
+    assert not one.may_start(1, 0, 1.0).allowed
+    assert one.may_start(1, 0, None).allowed
+    d = half.may_start(3, 0, 1.0)
+    assert not d.allowed and "max_lag=2" in d.reason
+
+
 def test_make_step_rule_and_make_async_rule() -> None:
     assert isinstance(make_step_rule(SyncMode()), SyncRule)
-    r = make_step_rule(ElasticMode(beta=0.7, max_lag=3))
-    assert isinstance(r, ElasticRule) and (r.beta, r.max_lag) == (0.7, 3)
+    r = make_step_rule(StragglerMode(beta=0.7, max_lag=3))
+    assert isinstance(r, StragglerRule) and (r.beta, r.max_lag) == (0.7, 3)
     a = make_async_rule(AsyncMode(max_staleness=5, on_stale="wait"))
     assert (a.max_staleness, a.on_stale) == (5, "wait")
 
@@ -307,6 +328,53 @@ class Run:
     max_ahead: int = 0
 
 
+def _others_share(book: StepBook, w: int, last: int | None) -> float | None:
+    """The straggler rule's input: the share of the others of ``last`` that arrived."""
+    if last is None:
+        return None
+    entry = book.open.get(last)
+    others = (entry.assigned - {w}) if entry is not None else set()
+    if entry is None or not others:
+        return 1.0
+    return len(entry.arrived & others) / len(others)
+
+
+def _start_ready(
+    rule: StepRule,
+    book: StepBook,
+    run: Run,
+    total: int,
+    live: set[int],
+    inflight: dict[int, int],
+    last: dict[int, int | None],
+    own: dict[int, float],
+) -> None:
+    """Start every idle worker the rule lets start (as the coordinator's schedule does)."""
+    for w in sorted(live):
+        if w in inflight:
+            continue
+        target = book.next_step(w)
+        if target >= total:
+            continue
+        lw = last[w]
+        last_complete = lw is None or lw < book.completed
+        received = _others_share(book, w, lw)
+        d = rule.may_start(
+            target,
+            book.oldest_incomplete,
+            None if last_complete else own.get(w),
+            received,
+            last_complete,
+        )
+        if not d.allowed:
+            continue
+        if book.oldest_incomplete is not None:
+            run.max_ahead = max(run.max_ahead, target - book.oldest_incomplete)
+        book.assign(w, target)
+        run.assigned[target].add(w)
+        inflight[w] = target
+
+
 def _drive(
     rule: StepRule,
     p: int,
@@ -327,33 +395,10 @@ def _drive(
     inflight: dict[int, int] = {}
     last: dict[int, int | None] = dict.fromkeys(live)
     own: dict[int, float] = {}
-    got: dict[int, float] = defaultdict(float)  # step -> received norm (a stand-in sum)
     for _ in range(20 * total * (p + 2)):
         if book.finished():
             break
-        for w in sorted(live):
-            if w in inflight:
-                continue
-            target = book.next_step(w)
-            if target >= total:
-                continue
-            lw = last[w]
-            last_complete = lw is None or lw < book.completed
-            received = None if lw is None else got[lw] - own.get(w, 0.0)
-            d = rule.may_start(
-                target,
-                book.oldest_incomplete,
-                None if last_complete else own.get(w),
-                received,
-                last_complete,
-            )
-            if not d.allowed:
-                continue
-            if book.oldest_incomplete is not None:
-                run.max_ahead = max(run.max_ahead, target - book.oldest_incomplete)
-            book.assign(w, target)
-            run.assigned[target].add(w)
-            inflight[w] = target
+        _start_ready(rule, book, run, total, live, inflight, last, own)
         assert inflight, f"deadlock: no gradient in flight at completed={book.completed}"
         event = data.draw(st.integers(0, 19), label="event") if churn_left else 2
         if event == 0 and len(live) > 1:
@@ -375,7 +420,6 @@ def _drive(
             assert book.arrive(w, step)
             norm = data.draw(st.floats(0.1, 10.0), label="norm") if norms else 1.0
             own[w] = norm
-            got[step] += norm
             last[w] = step
         while (entry := book.completable()) is not None:
             run.applied.append((entry.step, frozenset(entry.arrived)))
@@ -412,15 +456,15 @@ def test_sync_stepbook_with_workers_leaving_and_joining(
 @given(
     p=st.integers(1, 5),
     total=st.integers(1, 12),
-    beta=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    beta=st.sampled_from([0.0, 0.5, 0.75, 1.0]),
     max_lag=st.integers(1, 3),
     churn=st.booleans(),
     data=st.data(),
 )
-def test_elastic_stepbook_applies_every_step_once_in_order(
+def test_straggler_stepbook_applies_every_step_once_in_order(
     p: int, total: int, beta: float, max_lag: int, churn: bool, data: st.DataObject
 ) -> None:
-    run = _drive(ElasticRule(beta=beta, max_lag=max_lag), p, total, data, norms=True, churn=churn)
+    run = _drive(StragglerRule(beta=beta, max_lag=max_lag), p, total, data, norms=True, churn=churn)
     assert [s for s, _ in run.applied] == list(range(total))
     for step, arrived in run.applied:
         assert arrived == run.assigned[step]

@@ -166,7 +166,8 @@ def test_out_of_range_values_name_path_and_allowed_range(
     ("mode", "field", "allowed"),
     [
         ({"name": "elastic", "beta": -0.5}, "beta", ">= 0"),
-        ({"name": "elastic", "beta": 100.0}, "beta", "<= 64"),
+        ({"name": "elastic", "beta": 1.5}, "beta", "<= 1"),
+        ({"name": "straggler", "beta": 2.0}, "beta", "<= 1"),
         ({"name": "elastic", "max_lag": 0}, "max_lag", ">= 1"),
         ({"name": "async", "max_staleness": -1}, "max_staleness", ">= 0"),
         ({"name": "async", "max_staleness": 100_000}, "max_staleness", "<= 10000"),
