@@ -6,9 +6,10 @@ With error feedback the consistent model is ``x - lr * mean_i(e_i)`` (the residu
 are gradient mass not yet applied), so the residuals count as inconsistency.
 
 The bound (derived in docs/consistency.md) is *stated before it is tested*: over a warm-up
-window (``guard.warmup_steps``) :class:`WarmupEstimator` estimates the constants the theory
-needs (:class:`Constants`: ``M`` bounding the gradient's norm, ``sigma`` the spread of the
-workers' gradients of one step, ``L`` the smoothness), then freezes them; the bound is a
+window (``guard.warmup_steps``) :class:`~actors.warmup.WarmupEstimator` estimates the
+constants the theory needs (:class:`~actors.warmup.Constants`: ``M`` bounding the
+gradient's norm, ``sigma`` the spread of the workers' gradients of one step, ``L`` the
+smoothness), then freezes them; the bound is a
 function of those frozen constants and the settings (``tau``, ``max_lag``, momentum, weight
 decay, the drop fraction, compression factor ``q``, ``H``), never of norms seen later, so a
 run whose gradients blow up does not carry its bound up with it. The verdict compares the
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from actors.warmup import Constants
 from core.spec import FaultSpec, JobSpec
 
 
@@ -85,142 +87,6 @@ def elastic_amplification(
         b = momentum * b + 1.0 + weight_decay * lr * e
         e = e + ((1.0 + momentum) * b if nesterov else b)
     return e
-
-
-@dataclass(frozen=True)
-class Constants:
-    """The constants a bound is written in, frozen at the end of the warm-up.
-
-    Attributes:
-        m: bound on one worker's gradient norm (root of the second moment bound ``M^2``),
-            weight decay included: ``safety x max`` over the warm-up.
-        m_raw: the same for the uncompressed gradient (the error-feedback residual term).
-        sigma: root of the variance: the workers' gradients of one step around their mean
-            (``sqrt(mean_i ||g_i - mean g||^2)``), the warm-up's largest times ``safety``.
-        smoothness: ``L``, the largest ``||g_k - g_{k-1}|| / ||x_k - x_{k-1}||`` between
-            successive steps' mean gradients (``nan``: never measured). No bound uses it
-            yet; it is reported.
-        warmup_steps: the window the constants were estimated over.
-        frozen_at_step: the step at which they were frozen.
-        safety_factor: the factor applied to the warm-up's maxima.
-    """
-
-    m: float
-    m_raw: float
-    sigma: float
-    smoothness: float
-    warmup_steps: int
-    frozen_at_step: int
-    safety_factor: float
-
-    def public(self) -> dict[str, float | None]:
-        """``{M, sigma, L}`` for the summary (``None`` for a constant never measured)."""
-        return {
-            "M": self.m,
-            "M_raw": self.m_raw,
-            "sigma": self.sigma,
-            "L": self.smoothness if math.isfinite(self.smoothness) else None,
-        }
-
-
-@dataclass
-class _StepSpread:
-    """One step's gradients, summed: enough for their mean and their spread."""
-
-    total: torch.Tensor
-    sq: float  # sum of ||g_i||^2
-    n: int
-
-
-@dataclass
-class WarmupEstimator:
-    """Estimates :class:`Constants` over the first ``warmup_steps`` steps, then freezes.
-
-    Args:
-        warmup_steps: the window (steps of the model of record).
-        safety_factor: multiplies the warm-up's maxima (see :class:`core.spec.GuardSpec`).
-        weight_decay: the optimizer's; ``wd x ||x||`` is part of every applied gradient.
-        per_message_steps: gradients one message sums (``H`` for local SGD, else 1); the
-            per-step gradient norm is taken as the message's norm over it.
-    """
-
-    warmup_steps: int
-    safety_factor: float
-    weight_decay: float = 0.0
-    per_message_steps: int = 1
-    start_step: int = 0  # the window is [start_step, start_step + warmup_steps)
-    grad_max: float = 0.0
-    raw_max: float = 0.0
-    x_max: float = 0.0
-    sigma_max: float = 0.0
-    l_max: float = math.nan
-    frozen: Constants | None = None
-    finite: bool = True  # every gradient seen in the warm-up was finite
-    _open: dict[int, _StepSpread] = field(default_factory=dict)
-    _prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, mean gradient) of a step
-
-    def see_grad(self, step: int, grad: torch.Tensor, sent: float, raw: float) -> None:
-        """One worker's gradient of ``step`` (ignored once frozen)."""
-        if self.frozen is not None:
-            return
-        if not (math.isfinite(sent) and math.isfinite(raw)):
-            self.finite = False
-            return
-        h = max(self.per_message_steps, 1)
-        self.grad_max = max(self.grad_max, sent / h)
-        self.raw_max = max(self.raw_max, raw / h)
-        acc = self._open.get(step)
-        g = grad.to(torch.float64)
-        if acc is None:
-            self._open[step] = _StepSpread(g.clone(), sent * sent, 1)
-        else:
-            acc.total += g
-            acc.sq += sent * sent
-            acc.n += 1
-
-    def step_done(self, step: int, x: torch.Tensor) -> Constants | None:
-        """Steps before ``step`` are complete at model ``x``; returns the constants when
-        this freezes them (``None`` otherwise, and always once frozen)."""
-        if self.frozen is not None:
-            return None
-        self.x_max = max(self.x_max, float(x.norm()))
-        for s in sorted(k for k in self._open if k < step):
-            self._close(self._open.pop(s), x)
-        if step < self.start_step + self.warmup_steps:
-            return None
-        return self.freeze(step)
-
-    def _close(self, acc: _StepSpread, x: torch.Tensor) -> None:
-        if acc.n >= 2:
-            mean = acc.total / acc.n
-            # mean_i ||g_i - mean||^2 = mean_i ||g_i||^2 - ||mean||^2 (>= 0 up to rounding)
-            var = max(acc.sq / acc.n - float(mean.dot(mean)), 0.0)
-            self.sigma_max = max(self.sigma_max, math.sqrt(var) / self.per_message_steps)
-        mean = acc.total / acc.n
-        if self._prev is not None:
-            px, pg = self._prev
-            dx = float((x.to(torch.float64) - px).norm())
-            if dx > 0.0:
-                l_k = float((mean - pg).norm()) / dx
-                self.l_max = l_k if math.isnan(self.l_max) else max(self.l_max, l_k)
-        self._prev = (x.to(torch.float64).clone(), mean)
-
-    def freeze(self, step: int) -> Constants:
-        """Freeze the constants now (at ``step``)."""
-        k = self.safety_factor
-        wd_term = self.weight_decay * k * self.x_max
-        self.frozen = Constants(
-            m=k * self.grad_max + wd_term,
-            m_raw=k * self.raw_max + wd_term,
-            sigma=k * self.sigma_max,
-            smoothness=self.l_max,
-            warmup_steps=self.warmup_steps,
-            frozen_at_step=step,
-            safety_factor=k,
-        )
-        self._open.clear()
-        self._prev = None
-        return self.frozen
 
 
 def drop_fraction(drops: Sequence[FaultSpec | list[int]], workers: int) -> float:

@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from typing_extensions import override
 
-from actors.consistency import Constants
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
 from actors.scheduling import AsyncRule, make_async_rule
+from actors.warmup import Constants
 from core.spec import AsyncMode, JobSpec, ModeSpec
 
 

@@ -34,9 +34,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from actors.consistency import Constants, Meter, ObservedNorms
+from actors.consistency import Meter, ObservedNorms
 from actors.messages import GradientReply
 from actors.optim import FlatSGD
+from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec
 
 # A view's identity: identical keys are the same vector (the data plane shares one copy).

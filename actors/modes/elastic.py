@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from actors.consistency import Constants, elastic_amplification
+from actors.consistency import elastic_amplification
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
 from actors.modes.missing import divisor
 from actors.scheduling import BlockShareRule, StepBook
+from actors.warmup import Constants
 from core.spec import ElasticMode, JobSpec, ModeSpec
 
 

@@ -26,10 +26,10 @@ from typing import ClassVar
 import torch
 from typing_extensions import override
 
-from actors.consistency import Constants
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
 from actors.scheduling import SyncRule
+from actors.warmup import Constants
 from core.spec import JobSpec, LocalMode, ModeSpec
 
 

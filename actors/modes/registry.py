@@ -6,13 +6,14 @@ implementing :class:`actors.modes.base.Mode`, and one line below.
 
 from __future__ import annotations
 
-from actors.consistency import Constants, shared_bound_terms
+from actors.consistency import shared_bound_terms
 from actors.modes.asynchronous import AsyncEngine
 from actors.modes.base import Mode, ModeContext
 from actors.modes.elastic import ElasticEngine
 from actors.modes.local import LocalEngine
 from actors.modes.straggler import StragglerEngine
 from actors.modes.sync import SyncEngine
+from actors.warmup import Constants
 from core.errors import SpecError
 from core.spec import JobSpec
 

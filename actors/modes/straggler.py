@@ -15,10 +15,11 @@ from typing import ClassVar
 
 from typing_extensions import override
 
-from actors.consistency import Constants, elastic_amplification
+from actors.consistency import elastic_amplification
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
 from actors.scheduling import make_step_rule
+from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec, OptimizerSpec, StragglerMode
 
 

@@ -9,10 +9,10 @@ from typing import ClassVar
 
 from typing_extensions import override
 
-from actors.consistency import Constants
 from actors.modes.base import ModeContext
 from actors.modes.stepped import StepEngine
 from actors.scheduling import make_step_rule
+from actors.warmup import Constants
 from core.spec import JobSpec, SyncMode
 
 

@@ -13,9 +13,7 @@ import torch
 
 from actors.consistency import (
     ConsistencyMonitor,
-    Constants,
     ObservedNorms,
-    WarmupEstimator,
     analytic_bound,
     drop_fraction,
     elastic_amplification,
@@ -26,6 +24,7 @@ from actors.consistency import (
     momentum_gain,
     residual_bound,
 )
+from actors.warmup import Constants, WarmupEstimator
 from core.spec import FaultSpec, JobSpec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

@@ -14,7 +14,6 @@ import torch
 
 from actors.consistency import (
     ConsistencyMonitor,
-    Constants,
     Meter,
     ObservedNorms,
     analytic_bound,
@@ -24,6 +23,7 @@ from actors.modes.base import Mode, ModeContext, ModelOfRecord
 from actors.modes.local import LocalEngine
 from actors.modes.registry import MODES, make_mode
 from actors.optim import FlatSGD
+from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
