@@ -231,22 +231,6 @@ def shared_bound_terms(
     return base
 
 
-def analytic_bound(
-    spec: JobSpec,
-    c: Constants,
-    q: float,
-    error_feedback: bool,
-    lost_fraction: float = 0.0,
-    total_steps: int = 0,
-) -> float:
-    """The bound on B for this run's mode and settings, from the frozen constants (see the
-    docs): the mode's term (:mod:`actors.modes`) plus :func:`shared_bound_terms`."""
-    # imported here: the modes build on this module (constants, amplification)
-    from actors.modes.registry import analytic_bound as bound
-
-    return bound(spec, c, q, error_feedback, lost_fraction, total_steps)
-
-
 @dataclass
 class ConsistencyMonitor:
     """Collects B̂ samples: max, mean, the mean of the last ``window`` samples (the

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from actors.consistency import ConsistencyMonitor, analytic_bound, drop_fraction
+from actors.consistency import ConsistencyMonitor, drop_fraction
 from actors.coordinator.reporting import Reporter
 from actors.faults import ActiveFault
 from actors.guard import Action, Condition, Decision, GuardPolicy, Observation
 from actors.messages import GradientReply
 from actors.modes.base import Mode
+from actors.modes.registry import analytic_bound
 from actors.warmup import Constants, WarmupEstimator
 from core.events import EventKind
 from core.spec import JobSpec, LocalMode, ModeSpec

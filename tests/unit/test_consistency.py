@@ -14,7 +14,6 @@ import torch
 from actors.consistency import (
     ConsistencyMonitor,
     ObservedNorms,
-    analytic_bound,
     drop_fraction,
     elastic_amplification,
     missing_term,
@@ -24,6 +23,7 @@ from actors.consistency import (
     momentum_gain,
     residual_bound,
 )
+from actors.modes.registry import analytic_bound
 from actors.warmup import Constants, WarmupEstimator
 from core.spec import FaultSpec, JobSpec, parse_spec
 

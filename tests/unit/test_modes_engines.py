@@ -16,12 +16,11 @@ from actors.consistency import (
     ConsistencyMonitor,
     Meter,
     ObservedNorms,
-    analytic_bound,
 )
 from actors.messages import GradientReply
 from actors.modes.base import Mode, ModeContext, ModelOfRecord
 from actors.modes.local import LocalEngine
-from actors.modes.registry import MODES, make_mode
+from actors.modes.registry import MODES, analytic_bound, make_mode
 from actors.optim import FlatSGD
 from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec, parse_spec
