@@ -15,6 +15,7 @@ is the consistency guard's business, not this check's.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 import torch
@@ -28,7 +29,16 @@ class GradientVerdict(StrEnum):
 
 
 def screen_gradient(grad: torch.Tensor) -> GradientVerdict:
-    """Check every entry of ``grad`` (one pass over it)."""
-    if bool(torch.isfinite(grad).all()):
+    """Check every entry of ``grad``.
+
+    The fast path is one reduction with no temporary: the sum of a vector is finite only if
+    every entry is (a NaN propagates; an infinity gives an infinite sum, or NaN next to one
+    of the other sign). ``torch.isfinite(grad).all()`` writes a boolean tensor as long as
+    the gradient first and costs ~24x as much (8 ms against 0.34 ms on 1.6M float32 entries
+    on one thread: the coordinator's whole per-gradient budget). A non-finite sum of finite
+    entries (overflow past float32's 3.4e38) is told apart by the exact check, so the
+    verdict is always the entrywise one.
+    """
+    if math.isfinite(float(grad.sum())) or bool(torch.isfinite(grad).all()):
         return GradientVerdict.ACCEPT
     return GradientVerdict.REFUSE_NONFINITE

@@ -185,6 +185,12 @@ def test_one_non_finite_entry_is_enough_to_refuse(bad: float) -> None:
     assert screen_gradient(g) is GradientVerdict.REFUSE_NONFINITE
 
 
+def test_infinities_of_both_signs_are_refused() -> None:
+    g = torch.ones(10_000)
+    g[3], g[9_000] = float("inf"), float("-inf")  # they sum to NaN, not to a finite value
+    assert screen_gradient(g) is GradientVerdict.REFUSE_NONFINITE
+
+
 def test_every_finite_gradient_is_accepted_however_large() -> None:
     assert screen_gradient(torch.zeros(5)) is GradientVerdict.ACCEPT
     big = torch.full((5,), 3e38)  # near float32's largest finite value
