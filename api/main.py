@@ -49,7 +49,7 @@ def create_app(
         cluster: the cluster view for admission (default: the connected Ray cluster).
         connect_ray: connect to Ray on start-up (False only in tests of pure HTTP logic).
     """
-    store = manager.store if manager is not None else Store(settings.db_path)
+    store = manager.store if manager is not None else Store(settings.db_path, settings.retention())
     jobs_mgr = manager or JobManager(settings, store)
     drill_svc = DrillService(jobs_mgr, store)
     # the live streams' one reader per job; the store changes once per supervisor poll

@@ -310,6 +310,11 @@ class CheckpointSpec(_Strict):
     interval_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     interval_s: float | None = Field(default=30.0, gt=0.0, le=1e6)
     keep: int = Field(default=3, ge=1, le=100)
+    # The floor on the interval: checkpoints may take at most this share of the run's wall
+    # time. After each write, the next one waits at least (its cost / share) seconds, so
+    # ``interval_steps: 1`` on a fast job writes, at 0.1 and a 20 ms checkpoint, at most
+    # every 200 ms instead of every step (the coordinator says so in an event, once).
+    max_time_share: float = Field(default=0.1, gt=0.0, le=1.0)
 
 
 class GuardSpec(_Strict):

@@ -204,7 +204,7 @@ class RunnerBackend(Protocol):
     ) -> RunnerLike | None: ...
     def resumable(
         self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
-    ) -> tuple[RunnerLike, int] | None: ...
+    ) -> tuple[RunnerLike, int, int] | None: ...
     def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
     def actors(self) -> list[str]: ...
     def kill(self, names: list[str]) -> list[str]: ...
@@ -251,10 +251,10 @@ class RayRunnerBackend:
 
     def resumable(
         self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path
-    ) -> tuple[RunnerLike, int] | None:
+    ) -> tuple[RunnerLike, int, int] | None:
         from service.runner import JobRunner
 
-        found: tuple[RunnerLike, int] | None = JobRunner.resumable(
+        found: tuple[RunnerLike, int, int] | None = JobRunner.resumable(
             job_id, spec, out_dir, data_dir=data_dir
         )
         return found
@@ -832,10 +832,10 @@ class JobManager:
                     "resubmit it",
                 )
             return
-        runner, ckpt_step = found
+        runner, ckpt_step, redone = found
         reason = (
-            f"{gone}; resuming from its checkpoint at step {ckpt_step} (the service had seen "
-            f"step {row.step}: {max(0, row.step - ckpt_step)} steps are trained again)"
+            f"{gone}; resuming from its checkpoint at step {ckpt_step}: {redone} steps "
+            f"trained after it are trained again (the service had seen step {row.step})"
         )
         current = JobState(row.state)
         try:

@@ -25,6 +25,7 @@ import ray
 
 from actors.checkpoint import latest_valid
 from actors.coordinator import Coordinator
+from actors.coordinator.recovery import replay_journal
 from actors.messages import Launch
 from core.errors import TrainingFailed
 from core.events import Event, Record
@@ -291,7 +292,7 @@ class JobRunner:
     @classmethod
     def resumable(
         cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
-    ) -> tuple[JobRunner, int] | None:
+    ) -> tuple[JobRunner, int, int] | None:
         """A runner whose :meth:`start` continues the job from its latest valid checkpoint
         (its coordinator is gone, e.g. with the Ray instance of a killed service), and that
         checkpoint's step; ``None`` if the job left no valid checkpoint."""
@@ -300,7 +301,7 @@ class JobRunner:
         if loaded is None:
             return None
         runner.resume = True
-        return runner, loaded.step
+        return runner, loaded.step, replay_journal(runner.state_dir).steps_redone(loaded.step)
 
     def poll(self) -> Poll:
         """New records/events since the last poll, plus the status.

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ElasticSGDError
 from core.spec import format_errors
+from service.store import Retention
 
 if TYPE_CHECKING:
     from service.budget import Budgets
@@ -142,6 +143,14 @@ class Settings(BaseSettings):
     # killed by name (a restarting coordinator answers nothing).
     cancel_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
 
+    # -- retention (service.store.Retention; docs/deploy.md "Retention") -------------------
+    # Checkpoint rows and checkpoint events kept per job (the newest). 1000: a day of a
+    # checkpoint every 90 s; the files on disk are ``checkpoint.keep`` of the spec.
+    checkpoint_records_keep: int = Field(default=1000, ge=1, le=10_000_000)
+    # Step records per job at full resolution; older ones are thinned to every second
+    # record past it. 200,000: a 100,000-step job is kept whole (about 60 MB of rows).
+    step_records_keep: int = Field(default=200_000, ge=2, le=1_000_000_000)
+
     @field_validator("ray_address")
     @classmethod
     def _empty_address_is_none(cls, value: str | None) -> str | None:
@@ -160,6 +169,12 @@ class Settings(BaseSettings):
             if problem is not None:
                 raise ValueError(problem)
         return self
+
+    def retention(self) -> Retention:
+        """What the store keeps of each job's history."""
+        return Retention(
+            checkpoint_records=self.checkpoint_records_keep, step_records=self.step_records_keep
+        )
 
     @property
     def db_path(self) -> Path:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import queue
 import sqlite3
@@ -43,6 +44,8 @@ from core.errors import ElasticSGDError
 from core.events import Event, Record, record_from_dict
 from service.public_errors import public_error
 
+log = logging.getLogger(__name__)
+
 # 2: events.fault (the fault kind of a fault, heal, detect or missing-gradient event)
 # 3: jobs.error_detail (the full text of a failure: tracebacks; jobs.error is its public,
 #    sanitized form, see service.public_errors)
@@ -52,6 +55,31 @@ GROUP_COMMIT_MAX = 128
 
 T = TypeVar("T")
 Write = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of a job's history the database keeps (docs/deploy.md, "Retention").
+
+    Attributes:
+        checkpoint_records: the newest checkpoint rows (and ``checkpoint`` events) kept per
+            job; the checkpoint files themselves are the coordinator's (``checkpoint.keep``).
+        step_records: step records kept per job at full resolution. Past it, the older
+            half is thinned to every second record (repeatedly: the older, the sparser),
+            so a job holds at most about this many; evaluation records are never thinned.
+    """
+
+    checkpoint_records: int = 1000
+    step_records: int = 200_000
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_records < 1 or self.step_records < 2:
+            raise ValueError("retention keeps at least 1 checkpoint record and 2 step records")
+
+
+# Thinning is checked after this many new step records of a job (a count per poll would
+# cost a scan of the job's records every poll).
+_THIN_CHECK_EVERY = 5_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -256,8 +284,10 @@ class Store:
         StoreError: the file belongs to a newer schema or cannot be opened.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention: Retention | None = None) -> None:
         self.path = Path(path)
+        self.retention = retention or Retention()
+        self._new_steps: dict[str, int] = {}  # step records since the last thinning check
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -743,9 +773,48 @@ class Store:
                     )
                     # the job's detail (GET /jobs/{id}) lists its checkpoints: a new version
                     c.execute("UPDATE jobs SET updated_at=? WHERE id=?", (time.time(), job_id))
+                    self._retain_checkpoints(c, job_id)
+            self._new_steps[job_id] = self._new_steps.get(job_id, 0) + n_rec
+            if self._new_steps[job_id] >= _THIN_CHECK_EVERY:
+                self._new_steps[job_id] = 0
+                self._thin_steps(c, job_id)
 
         self._write(write)
         return n_rec, n_ev
+
+    def _retain_checkpoints(self, c: sqlite3.Connection, job_id: str) -> None:
+        """Drop checkpoint rows and events of ``job_id`` past the newest kept."""
+        keep = self.retention.checkpoint_records
+        c.execute(
+            "DELETE FROM checkpoints WHERE job_id=? AND step < (SELECT MIN(step) FROM"
+            " (SELECT step FROM checkpoints WHERE job_id=? ORDER BY step DESC LIMIT ?))",
+            (job_id, job_id, keep),
+        )
+        c.execute(
+            "DELETE FROM events WHERE job_id=? AND kind='checkpoint' AND source='runner' AND"
+            " id < (SELECT MIN(id) FROM (SELECT id FROM events WHERE job_id=? AND"
+            " kind='checkpoint' AND source='runner' ORDER BY id DESC LIMIT ?))",
+            (job_id, job_id, keep),
+        )
+
+    def _thin_steps(self, c: sqlite3.Connection, job_id: str) -> int:
+        """Past ``retention.step_records``, keep every second of the older step records of
+        ``job_id`` (the newest half of the budget stays whole). Returns the rows dropped."""
+        cap = self.retention.step_records
+        (n,) = c.execute(
+            "SELECT COUNT(*) FROM metrics WHERE job_id=? AND kind='step'", (job_id,)
+        ).fetchone()
+        if n <= cap:
+            return 0
+        older = n - cap // 2
+        cur = c.execute(
+            "DELETE FROM metrics WHERE job_id=? AND kind='step' AND seq IN (SELECT seq FROM"
+            " (SELECT seq, ROW_NUMBER() OVER (ORDER BY seq) AS r FROM metrics WHERE job_id=?"
+            " AND kind='step' ORDER BY seq LIMIT ?) WHERE r % 2 = 0)",
+            (job_id, job_id, older),
+        )
+        log.info("job %s: %d old step records thinned (retention %d)", job_id, cur.rowcount, cap)
+        return int(cur.rowcount)
 
     # -- reads of history ----------------------------------------------------------------
 

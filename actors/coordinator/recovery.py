@@ -114,6 +114,38 @@ class JournalReplay:
     crash_step: int | None = None
     restarts: int = 1
 
+    def steps_redone(self, checkpoint_step: int) -> int:
+        """Steps trained before the crash that a resume from ``checkpoint_step`` trains
+        again (the coordinator's event and the service's say this same number)."""
+        if self.crash_step is None:
+            return 0
+        return max(self.crash_step - checkpoint_step, 0)
+
+
+def replay_journal(state_dir: Path) -> JournalReplay:
+    """Read the journal the earlier incarnations of a job's coordinator left in
+    ``state_dir`` (read only: the service calls it too, to word a resume)."""
+    entries = Journal.read(state_dir / "journal.jsonl")
+    if not entries:
+        return JournalReplay(t0=None)
+    # keep the job's clock: time_s continues across the restart
+    out = JournalReplay(t0=float(entries[0]["wall_time"]) - float(entries[0]["time_s"]))
+    for e in entries:
+        out.items.append(Event.from_dict(e) if "detail" in e else record_from_dict(e))
+    events = [i for i in out.items if isinstance(i, Event)]
+    out.crash_step = max(
+        (
+            e.step
+            for e in events
+            if e.kind is EventKind.FAULT and e.fault is FaultKind.COORDINATOR_CRASH
+        ),
+        default=None,
+    )
+    if out.crash_step is None:  # not an injected crash: the last step the journal recorded
+        out.crash_step = max((r.step for r in out.items if not isinstance(r, Event)), default=None)
+    out.restarts = 1 + sum(1 for e in events if e.kind is EventKind.RESTART)
+    return out
+
 
 @dataclass
 class Resumed:
@@ -152,6 +184,9 @@ class Recovery:
         self.journal = Journal(state_dir / "journal.jsonl") if state_dir is not None else None
         self.last_ckpt_step = 0
         self.last_ckpt_t = time.time()
+        self.last_cost_s = 0.0  # the last write's cost (the floor on the interval)
+        self.floor_said = False
+        self.notes: list[str] = []  # what the caller should say in events (taken by it)
 
     @property
     def ckpt_dir(self) -> Path | None:
@@ -167,17 +202,35 @@ class Recovery:
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint_due(self, step: int) -> bool:
+        """Whether the spec's interval says a checkpoint is due at ``step``, and the floor
+        (``checkpoint.max_time_share`` of the wall time) lets it be written now."""
         c = self.policy
         if self.ckpt_dir is None or (c.interval_steps is None and c.interval_s is None):
             return False
-        if c.interval_steps is not None and step - self.last_ckpt_step >= c.interval_steps:
-            return True
-        return c.interval_s is not None and time.time() - self.last_ckpt_t >= c.interval_s
+        since_s = time.time() - self.last_ckpt_t
+        due = (c.interval_steps is not None and step - self.last_ckpt_step >= c.interval_steps) or (
+            c.interval_s is not None and since_s >= c.interval_s
+        )
+        floor_s = self.last_cost_s / c.max_time_share
+        if due and since_s < floor_s:
+            if not self.floor_said:
+                self.floor_said = True
+                self.notes.append(
+                    f"checkpoints are spaced at least {floor_s:.3f} s apart: one costs "
+                    f"{self.last_cost_s * 1e3:.1f} ms and checkpoint.max_time_share is "
+                    f"{c.max_time_share} (the spec's interval asks for more often)"
+                )
+            return False
+        return due
 
-    def write(self, state: CheckpointState) -> Path:
+    def write(self, state: CheckpointState, build_s: float = 0.0) -> Path:
+        """Write ``state`` atomically; its cost (``build_s``, the time it took to gather
+        ``state``, plus the write) sets the floor on the next interval."""
         assert self.ckpt_dir is not None
+        t = time.perf_counter()
         path = write_checkpoint(self.ckpt_dir, state.step, state.to_dict(), self.policy.keep)
         self.last_ckpt_step, self.last_ckpt_t = state.step, time.time()
+        self.last_cost_s = build_s + time.perf_counter() - t
         return path
 
     def latest(self) -> tuple[Loaded | None, CheckpointState | None]:
@@ -192,28 +245,7 @@ class Recovery:
     # -- the journal ---------------------------------------------------------------------
     def replay_journal(self) -> JournalReplay:
         assert self.state_dir is not None
-        entries = Journal.read(self.state_dir / "journal.jsonl")
-        if not entries:
-            return JournalReplay(t0=None)
-        # keep the job's clock: time_s continues across the restart
-        out = JournalReplay(t0=float(entries[0]["wall_time"]) - float(entries[0]["time_s"]))
-        for e in entries:
-            out.items.append(Event.from_dict(e) if "detail" in e else record_from_dict(e))
-        events = [i for i in out.items if isinstance(i, Event)]
-        out.crash_step = max(
-            (
-                e.step
-                for e in events
-                if e.kind is EventKind.FAULT and e.fault is FaultKind.COORDINATOR_CRASH
-            ),
-            default=None,
-        )
-        if out.crash_step is None:  # not an injected crash: the last step the journal recorded
-            out.crash_step = max(
-                (r.step for r in out.items if not isinstance(r, Event)), default=None
-            )
-        out.restarts = 1 + sum(1 for e in events if e.kind is EventKind.RESTART)
-        return out
+        return replay_journal(self.state_dir)
 
     def resume(self, reporter: Reporter, n_workers: int) -> Resumed:
         """Replay the journal into ``reporter`` and load the latest valid checkpoint (the
@@ -241,8 +273,7 @@ class Recovery:
                 "coordinator restarted; no valid checkpoint: from step 0",
             )
             return out
-        crash = replay.crash_step
-        out.steps_lost = max((crash - st.step) if crash is not None else 0, 0)
+        out.steps_lost = replay.steps_redone(st.step)
         reporter.event(
             EventKind.RESTART,
             f"coordinator restarted from {loaded.path.name} (step "

@@ -334,6 +334,8 @@ class Training:
             and self.recovery.checkpoint_due(step)
         ):
             self.checkpoint()
+        while self.recovery.notes:
+            self.reporter.event(EventKind.WARNING, self.recovery.notes.pop(0), step=step)
 
     # -- the guard's actions -----------------------------------------------------------------
     def can_rollback(self) -> bool:
@@ -403,6 +405,7 @@ class Training:
         self.reporter.eval_record(metrics, len(self.members.live()))
 
     def checkpoint(self) -> None:
+        t_build = time.perf_counter()
         spec = self.spec
         samplers = {
             w.id: {
@@ -415,31 +418,30 @@ class Training:
             if w.sampler is not None
         }
         m = self.monitor
-        path = self.recovery.write(
-            CheckpointState(
-                x=self.record.x.clone(),
-                opt=self.record.opt.state_dict(),
-                step=self.mode.step,
-                version=self.record.version,
-                samples=self.samples,
-                workers=sorted(samplers),
-                samplers=samplers,
-                fired=sorted(self.faults.driver.fired),
-                resizes=self.members.resizes,
-                monitor=(m.b_max, m.count, m.total),
-                norms=vars(self.norms).copy(),
-                elapsed_s=time.time() - self.reporter.t0,
-                residuals={k: v.copy() for k, v in self.meter.residuals.items()},
-                torch_rng=torch.get_rng_state(),
-                refused=self.refused,
-                dropped=self.faults.dropped,
-                corrupted=self.corrupted,
-                refused_nonfinite=self.refused_nonfinite,
-                steps_all_lost=self.steps_all_lost,
-                t0=self.reporter.t0,
-                guard=self.guard.state(),
-            )
+        state = CheckpointState(
+            x=self.record.x.clone(),
+            opt=self.record.opt.state_dict(),
+            step=self.mode.step,
+            version=self.record.version,
+            samples=self.samples,
+            workers=sorted(samplers),
+            samplers=samplers,
+            fired=sorted(self.faults.driver.fired),
+            resizes=self.members.resizes,
+            monitor=(m.b_max, m.count, m.total),
+            norms=vars(self.norms).copy(),
+            elapsed_s=time.time() - self.reporter.t0,
+            residuals={k: v.copy() for k, v in self.meter.residuals.items()},
+            torch_rng=torch.get_rng_state(),
+            refused=self.refused,
+            dropped=self.faults.dropped,
+            corrupted=self.corrupted,
+            refused_nonfinite=self.refused_nonfinite,
+            steps_all_lost=self.steps_all_lost,
+            t0=self.reporter.t0,
+            guard=self.guard.state(),
         )
+        path = self.recovery.write(state, build_s=time.perf_counter() - t_build)
         self.reporter.event(EventKind.CHECKPOINT, f"step {self.mode.step} -> {path.name}")
 
     def restore(self, st: CheckpointState, guard_state: bool = True) -> None:

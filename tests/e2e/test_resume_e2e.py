@@ -83,6 +83,10 @@ def test_kill_9_of_a_service_with_its_own_ray_resumes_from_the_checkpoint(
         if e["target"] == "coordinator"
     ]
     assert restarts and "steps lost" in restarts[-1]["detail"]
+    # the service and the coordinator count the steps redone alike (both from the journal)
+    said_service = int(resumed[0]["detail"].split(": ")[-1].split(" steps trained after")[0])
+    said_coordinator = int(restarts[-1]["detail"].split("); ")[1].split(" steps lost")[0])
+    assert said_service == said_coordinator, (resumed[0]["detail"], restarts[-1]["detail"])
     after_m = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
     after_e = c.get(f"/jobs/{job_id}/events", params={"limit": 10_000}).json()["items"]
     # nothing recorded before the kill is lost

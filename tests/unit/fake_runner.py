@@ -202,6 +202,8 @@ class FakeBackend:
         self.runners: dict[str, FakeRunner] = {}
         self.survivors: dict[str, FakeRunner] = {}
         self.checkpoints: dict[str, int] = {}
+        # steps a resume trains again (as the coordinator's journal says), per job
+        self.redone: dict[str, int] = {}
         # named actors in the service's namespace (the reaper's view) and those killed
         self.named: list[str] = []
         self.killed: list[str] = []
@@ -233,13 +235,13 @@ class FakeBackend:
         spec: JobSpec,
         out_dir: Path,
         data_dir: Path,  # noqa: ARG002
-    ) -> tuple[FakeRunner, int] | None:
+    ) -> tuple[FakeRunner, int, int] | None:
         if job_id not in self.checkpoints:
             return None
         r = FakeRunner(job_id, spec, out_dir, self.script)
         r.step = self.checkpoints[job_id]
         self.runners[job_id] = r
-        return r, r.step
+        return r, r.step, self.redone.get(job_id, 0)
 
     def resources(self, spec: JobSpec) -> list[dict[str, float]]:
         r = spec.resources

@@ -84,6 +84,23 @@ def test_checkpoint_due_by_steps_or_seconds(tmp_path: Path) -> None:
     assert not Recovery(None, CheckpointSpec(interval_steps=1)).checkpoint_due(100)
 
 
+def test_a_costly_checkpoint_spaces_the_next_out_and_says_so_once(tmp_path: Path) -> None:
+    """The floor: a checkpoint that cost 50 ms at max_time_share 0.1 holds the next one
+    back for 0.5 s, whatever ``interval_steps: 1`` asks; the note is said once."""
+    rec = Recovery(tmp_path, CheckpointSpec(interval_steps=1, interval_s=None, max_time_share=0.1))
+    rec.write(_state(1), build_s=0.05)
+    assert rec.last_cost_s >= 0.05
+    assert not rec.checkpoint_due(2) and not rec.checkpoint_due(3)
+    assert len(rec.notes) == 1 and "checkpoint.max_time_share is 0.1" in rec.notes[0]
+    rec.last_ckpt_t = time.time() - rec.last_cost_s / 0.1 - 0.1  # the floor has passed
+    assert rec.checkpoint_due(4)
+    assert len(rec.notes) == 1  # said once
+    # a cheap checkpoint leaves the spec's interval as it is
+    cheap = Recovery(tmp_path / "b", CheckpointSpec(interval_steps=1, interval_s=None))
+    cheap.last_cost_s = 0.0
+    assert cheap.checkpoint_due(1) and not cheap.notes
+
+
 def test_journal_replay_keeps_the_clock_and_finds_the_crash(tmp_path: Path) -> None:
     rec = Recovery(tmp_path, CheckpointSpec())
     rep = Reporter(500.0, rec.journal, lambda: 17)

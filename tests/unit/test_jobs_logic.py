@@ -286,6 +286,7 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     survivor.state, survivor.step = "running", 2
     backend.survivors["alive"] = survivor
     backend.checkpoints["saved"] = 3  # coordinator gone, a checkpoint at step 3 left
+    backend.redone["saved"] = 4  # its journal reached step 7; the service had seen step 5
     mgr = JobManager(settings, store, backend=backend, cluster=FakeCluster(8.0))
     mgr.reconcile()
     gone = store.get_job("gone")
@@ -295,7 +296,8 @@ def test_reconcile_reattaches_survivors_and_fails_the_lost(tmp_path: Path) -> No
     assert state_of(store, "saved") == "recovering"
     resumed = [e.detail for e in store.events("saved") if e.kind == "resume"]
     assert len(resumed) == 1 and "checkpoint at step 3" in resumed[0]
-    assert "2 steps are trained again" in resumed[0]
+    # the journal's count (what the coordinator will say), not the service's last poll
+    assert "4 steps trained after it are trained again" in resumed[0]
     until(
         mgr,
         lambda: all(

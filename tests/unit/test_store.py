@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from core.events import Event, Record, record_from_dict
-from service.store import SCHEMA_VERSION, StaleState, Store, StoreError, new_id
+from service import store as store_mod
+from service.store import SCHEMA_VERSION, Retention, StaleState, Store, StoreError, new_id
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -167,6 +168,38 @@ def test_checkpoint_events_become_checkpoint_records(store: Store) -> None:
     assert (c.step, c.path, c.detail) == (20, "ckpt-20.pt", "sha256 ab")
     v = store.job_version(jid)
     assert v is not None and v > 1.0  # the job's detail lists its checkpoints: a new version
+
+
+def test_retention_keeps_the_newest_checkpoints_and_thins_old_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded growth: 30 checkpoints at a budget of 5 leave the newest 5 rows and events;
+    2,000 step records at a budget of 400 leave at most ~400, the newest 200 whole, and
+    every evaluation record."""
+    monkeypatch.setattr(store_mod, "_THIN_CHECK_EVERY", 100)
+    st = Store(tmp_path / "db.sqlite3", Retention(checkpoint_records=5, step_records=400))
+    try:
+        jid = _job(st)
+        for i in range(1, 31):
+            ev = _ev(seq=i, kind="checkpoint", step=i * 10, detail=f"c{i}", wall_time=float(i))
+            st.ingest(jid, [], [ev])
+        assert [c.step for c in st.checkpoints(jid)] == [260, 270, 280, 290, 300]
+        kept = st.events(jid, kind="checkpoint", limit=1000)
+        assert sorted(e.step for e in kept) == [260, 270, 280, 290, 300]
+        seq = 100
+        for chunk in range(20):  # 2,000 step records and one eval record per 100 steps
+            recs = [_rec(seq + k, chunk * 100 + k + 1) for k in range(100)]
+            recs.append(_rec(seq + 100, chunk * 100 + 100, kind="eval", test_loss=1.0))
+            seq += 101
+            st.ingest(jid, recs, [])
+        steps = [m["step"] for m in st.metrics(jid, kind="step", limit=100_000)]
+        assert len(steps) <= 400 + 100  # the budget, plus at most one check's worth
+        assert steps[-200:] == list(range(1801, 2001))  # the newest half whole
+        assert steps[0] == 1  # the oldest survives thinning
+        evals = st.metrics(jid, kind="eval", limit=100_000)
+        assert len(evals) == 20
+    finally:
+        st.close()
 
 
 def test_progress_summary_and_status_roundtrip(store: Store) -> None:
