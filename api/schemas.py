@@ -312,6 +312,10 @@ class EventPublic(BaseModel):
     fault: str | None = Field(
         default=None, description="the fault kind the event is about (core.events.FaultKind)"
     )
+    guard: str | None = Field(
+        default=None,
+        description="a guard event's action: warn, tighten, fail or rollback (null otherwise)",
+    )
 
     @classmethod
     def of(cls, e: EventRow) -> EventPublic:
@@ -326,6 +330,7 @@ class EventPublic(BaseModel):
             target=e.target,
             detail=e.detail,
             fault=e.fault,
+            guard=e.guard,
         )
 
 

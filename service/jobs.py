@@ -834,8 +834,8 @@ class JobManager:
             return
         runner, ckpt_step, redone = found
         reason = (
-            f"{gone}; resuming from its checkpoint at step {ckpt_step}: {redone} steps "
-            f"trained after it are trained again (the service had seen step {row.step})"
+            f"{gone}; resuming from its checkpoint at step {ckpt_step} ({redone} steps "
+            f"trained after it are trained again; the service had seen step {row.step})"
         )
         current = JobState(row.state)
         try:

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 # 2: events.fault (the fault kind of a fault, heal, detect or missing-gradient event)
 # 3: jobs.error_detail (the full text of a failure: tracebacks; jobs.error is its public,
 #    sanitized form, see service.public_errors)
-SCHEMA_VERSION = 3
+# 4: events.guard (the guard's action of a ``guard`` event: warn, tighten, fail, rollback)
+SCHEMA_VERSION = 4
 # At most this many queued writes share one transaction (one sync of the WAL).
 GROUP_COMMIT_MAX = 128
 
@@ -117,6 +118,7 @@ CREATE TABLE IF NOT EXISTS events (
     target TEXT,
     detail TEXT NOT NULL DEFAULT '',
     fault TEXT,                    -- a FaultKind value, or NULL (added in schema 2)
+    guard TEXT,                    -- a guard event's action, or NULL (added in schema 4)
     UNIQUE (job_id, source, seq)
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
@@ -206,6 +208,7 @@ class EventRow:
     target: str | None
     detail: str
     fault: str | None = None
+    guard: str | None = None
 
 
 @dataclass(frozen=True)
@@ -742,10 +745,11 @@ class Store:
                 wall = _num(e.get("wall_time"))
                 step = e.get("step")
                 target = e.get("target")
-                fault = e.get("fault")
+                fault, guard = e.get("fault"), e.get("guard")
                 cur = c.execute(
                     "INSERT OR IGNORE INTO events(job_id, source, seq, wall_time, time_s, step,"
-                    " kind, target, detail, fault) VALUES (?, 'runner', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " kind, target, detail, fault, guard)"
+                    " VALUES (?, 'runner', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         seq,
@@ -756,6 +760,7 @@ class Store:
                         None if target is None else str(target),
                         str(e.get("detail", "")),
                         None if fault is None else str(fault),
+                        None if guard is None else str(guard),
                     ),
                 )
                 n_ev += cur.rowcount
@@ -997,6 +1002,7 @@ class Store:
                 target=r["target"],
                 detail=str(r["detail"]),
                 fault=r["fault"],
+                guard=r["guard"],
             )
             for r in rows
         ]
@@ -1009,7 +1015,7 @@ class Store:
         skipped rather than guessed.
         """
         rows = self._conn().execute(
-            "SELECT seq, wall_time, time_s, step, kind, target, detail, fault FROM events"
+            "SELECT seq, wall_time, time_s, step, kind, target, detail, fault, guard FROM events"
             " WHERE job_id=? AND source='runner' ORDER BY id",
             (job_id,),
         )
@@ -1161,6 +1167,12 @@ def _migrate(c: sqlite3.Connection, version: int) -> None:
                 "UPDATE jobs SET error=?, error_detail=COALESCE(error_detail, ?) WHERE id=?",
                 (public_error(error), error, job_id),
             )
+    if version < 4:
+        # events.guard: guard events written before it have NULL (their action was in the
+        # detail only)
+        cols = {str(r[1]) for r in c.execute("PRAGMA table_info(events)")}
+        if "guard" not in cols:
+            c.execute("ALTER TABLE events ADD COLUMN guard TEXT")
     c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
 

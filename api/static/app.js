@@ -4,7 +4,12 @@
 "use strict";
 
 const S = { selected: null, es: null, series: null, lastStep: null, lastEval: null, job: null,
-            lastSeq: -1, lastEventId: 0, drawQueued: false, ended: false, retry: null };
+            lastSeq: -1, lastEventId: 0, drawQueued: false, ended: false, retry: null,
+            marks: [] };
+// the B-hat chart's marks: the warm-up's end (the bound is frozen from there) and the
+// guard's actions, in the colour of what they did
+const MARK_COLORS = { bound: "#6b7280", warn: "#d97706", tighten: "#2563eb", fail: "#dc2626",
+                      rollback: "#7c3aed" };
 const $ = sel => document.querySelector(sel);
 const fmt = (v, d = 4) => (v === null || v === undefined || !Number.isFinite(v)) ? "–" : Number(v.toPrecision(d)).toString();
 const when = iso => iso ? new Date(iso).toLocaleString() : "–";
@@ -63,7 +68,7 @@ async function select(id) {
   if (S.es) S.es.close();
   clearTimeout(S.retry);
   Object.assign(S, { selected: id, es: null, series: newSeries(), lastStep: null, lastEval: null,
-                     job: null, lastSeq: -1, lastEventId: 0, ended: false });
+                     job: null, lastSeq: -1, lastEventId: 0, ended: false, marks: [] });
   history.replaceState(null, "", "#job=" + encodeURIComponent(id));
   for (const tr of document.querySelectorAll("#jobs tbody tr")) tr.classList.toggle("selected", tr.dataset.jobId === id);
   $("#detail").hidden = false;
@@ -78,6 +83,11 @@ async function select(id) {
     for (const r of h.evals.items) addMetric(r);
     for (const ev of h.events) renderEvent(ev);
     S.lastSeq = h.last_seq; S.lastEventId = h.last_event_id;
+    // every mark of the run, however old (the history holds the latest events only)
+    const q = `/jobs/${encodeURIComponent(id)}/events?limit=1000&kind=`;
+    const [bound, guard] = await Promise.all([getJSON(q + "bound"), getJSON(q + "guard")]);
+    if (S.selected !== id) return;
+    for (const ev of [...bound.items, ...guard.items]) addMark(ev);
   } catch (e) { console.warn(e); }
   if (S.selected !== id) return;
   openStream();
@@ -152,7 +162,18 @@ function renderJob() {
     <td><code>${esc((w.node || "–").slice(0, 8))}</code></td><td>${w.step ?? "–"}</td></tr>`).join("");
 }
 
+function addMark(ev) {
+  if ((ev.kind !== "bound" && ev.kind !== "guard") || ev.step === null) return;
+  if (S.marks.some(m => m.id === ev.id)) return;
+  const what = ev.kind === "bound" ? "bound" : (ev.guard || "warn");
+  const label = ev.kind === "bound" ? "bound frozen" : `guard: ${what}`;
+  S.marks.push({ id: ev.id, x: ev.step, color: MARK_COLORS[what] || "#111827", label });
+  S.marks.sort((a, b) => a.x - b.x);
+  queueDraw();
+}
+
 function renderEvent(ev) {
+  addMark(ev);
   const li = document.createElement("li");
   const step = ev.step === null ? "" : ` step ${ev.step}`;
   li.innerHTML = `<span class="muted">${new Date(ev.wall_time).toLocaleTimeString()}${step}</span>
@@ -174,6 +195,7 @@ function draw() {
   charts.acc.setData(S.series.evals.cols);
   const [xs, , bHat, bHatMax, bound] = S.series.steps.cols;
   charts.bhat.setData([xs, bHat, bHatMax, bound]);
+  charts.bhat.setMarks(S.marks);
 }
 
 refreshJobs(); refreshReady();

@@ -3,6 +3,9 @@
 // cursor whose values show in its legend, drag-to-zoom on x (double-click resets), and,
 // when asked, a log scale for y. The chart's container carries data-points (finite values
 // it holds, all series together) and data-drawn (how many times it drew), for the tests.
+// Marks (setMarks) are vertical lines at steps, labelled: the B-hat chart marks the end of
+// the guard's warm-up (the bound is frozen there) and every guard action; data-marks says
+// how many of them the last draw put inside the plot.
 "use strict";
 
 const CHART_W = 420, CHART_H = 200;
@@ -19,8 +22,10 @@ class StepChart {
     this.log = false;
     this.zoomed = false;
     this.data = [[], ...spec.series.map(() => [])];
+    this.marks = [];
     el.dataset.points = "0";
     el.dataset.drawn = "0";
+    el.dataset.marks = "0";
     this.u = null;
     this.make();
   }
@@ -43,7 +48,10 @@ class StepChart {
       cursor: { drag: { x: true, y: false, setScale: true } },
       legend: { live: true },
       hooks: {
-        draw: [() => { this.el.dataset.drawn = String(+this.el.dataset.drawn + 1); }],
+        draw: [u => {
+          this.drawMarks(u);
+          this.el.dataset.drawn = String(+this.el.dataset.drawn + 1);
+        }],
         setScale: [(u, key) => { if (key === "x") this.zoomed = this.isZoomed(u); }],
       },
     };
@@ -72,6 +80,31 @@ class StepChart {
     if (on === this.log) return;
     this.log = on;
     this.make();
+  }
+
+  /** Vertical lines at steps: [{x, color, label}] (drawn with the next draw). */
+  setMarks(marks) {
+    this.marks = marks;
+    this.u.redraw(false, false);
+  }
+
+  drawMarks(u) {
+    const ctx = u.ctx, { left, top, width, height } = u.bbox;
+    let n = 0;
+    ctx.save();
+    ctx.font = `${Math.round(10 * devicePixelRatio)}px sans-serif`;
+    ctx.setLineDash([3 * devicePixelRatio, 3 * devicePixelRatio]);
+    ctx.lineWidth = 1.5 * devicePixelRatio;
+    for (const m of this.marks) {
+      const x = u.valToPos(m.x, "x", true);
+      if (!Number.isFinite(x) || x < left || x > left + width) continue;
+      ctx.strokeStyle = m.color; ctx.fillStyle = m.color;
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+      ctx.fillText(m.label, x + 3 * devicePixelRatio, top + (10 + 11 * (n % 3)) * devicePixelRatio);
+      n++;
+    }
+    ctx.restore();
+    this.el.dataset.marks = String(n);
   }
 
   /** Replace the data (columns: xs, then one array per series; xs ascending). */

@@ -147,7 +147,19 @@ def store_a_finished_job(state_dir: Path, steps: int) -> str:
             store.ingest(job_id, batch, [])
             batch = []
     done = Event(seq + 1, 1e9 + 0.01 * steps, 0.01 * steps, steps, EventKind.CHECKPOINT, "last")
-    store.ingest(job_id, batch, [done])
+    # the guard's story, early in the run (far outside the latest events the history holds):
+    # the warm-up ends at step 20 (the bound is frozen), a warning at 30,000, a tightening
+    # at 60,000; 300 checkpoint events after them push them out of the latest 200
+    marks = [
+        Event(seq + 2, 1e9, 0.2, 20, EventKind.BOUND, "bound frozen: 1.0"),
+        Event(seq + 3, 1e9 + 300, 300.0, 30_000, EventKind.GUARD, "out of bound", guard="warn"),
+        Event(seq + 4, 1e9 + 600, 600.0, 60_000, EventKind.GUARD, "tightened", guard="tighten"),
+    ]
+    later = [
+        Event(seq + 10 + i, 1e9 + 700 + i, 700.0 + i, 70_000 + i, EventKind.CHECKPOINT, "c")
+        for i in range(300)
+    ]
+    store.ingest(job_id, batch, [done, *marks, *later])
     workers = [{"id": i, "state": "left", "step": steps} for i in range(4)]
     status: dict[str, Any] = {"workers": workers, "b_hat_max": 0.25, "b_hat_mean": 0.16}
     status["bound"] = 1.0
@@ -198,6 +210,12 @@ def test_dashboard_draws_a_finished_job_of_100k_steps(
             stats = page.locator("#job-stats").inner_text()
             # the x axis reaches the last step: the latest record is always kept
             x_max = page.evaluate("() => charts.loss.u.scales.x.max")
+            # the B-hat chart marks the frozen bound and both guard actions, in their colours
+            page.wait_for_function(
+                "() => +document.querySelector('#chart-bhat').dataset.marks === 3", timeout=10_000
+            )
+            tighten_px = page.evaluate(COUNT_LINE_PIXELS, ["chart-bhat", 37, 99, 235])
+            warn_px = page.evaluate(COUNT_LINE_PIXELS, ["chart-bhat", 217, 119, 6])
             page.wait_for_function("() => document.querySelector('#events li') !== null")
             shot = tmp_path / "dashboard-100k.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -205,6 +223,7 @@ def test_dashboard_draws_a_finished_job_of_100k_steps(
             browser.close()
     assert errors == []
     assert f"{BIG_STEPS} / {BIG_STEPS}" in stats
+    assert tighten_px > 30 and warn_px > 30, (tighten_px, warn_px)
     assert x_max == BIG_STEPS
     # thinned on the server: about 2,000 points per series, not 100,000
     assert 1_000 <= points["loss"] <= 2_000 and 900 <= points["acc"] <= 1_000, points

@@ -7,6 +7,7 @@ that outlives it, so the job is re-attached instead.)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,10 @@ def test_kill_9_of_a_service_with_its_own_ray_resumes_from_the_checkpoint(
     ]
     assert restarts and "steps lost" in restarts[-1]["detail"]
     # the service and the coordinator count the steps redone alike (both from the journal)
-    said_service = int(resumed[0]["detail"].split(": ")[-1].split(" steps trained after")[0])
-    said_coordinator = int(restarts[-1]["detail"].split("); ")[1].split(" steps lost")[0])
+    said_service = re.search(r"\((\d+) steps trained after it", resumed[0]["detail"])
+    said_coordinator = re.search(r"(\d+) steps lost", restarts[-1]["detail"])
+    assert said_service and said_coordinator, (resumed[0]["detail"], restarts[-1]["detail"])
+    said_service, said_coordinator = int(said_service[1]), int(said_coordinator[1])
     assert said_service == said_coordinator, (resumed[0]["detail"], restarts[-1]["detail"])
     after_m = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
     after_e = c.get(f"/jobs/{job_id}/events", params={"limit": 10_000}).json()["items"]

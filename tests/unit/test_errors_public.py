@@ -112,6 +112,9 @@ def test_a_schema_2_database_keeps_the_full_text_and_sanitizes_the_public_one(
     v2 = store_module._SCHEMA.replace(
         "    error_detail TEXT,             -- the full text behind error (added in schema 3)\n",
         "",
+    ).replace(
+        "    guard TEXT,                    -- a guard event's action, or NULL (added in schema 4)\n",
+        "",
     )
     assert "error_detail" not in v2
     raw = "could not start: " + str(remote(ValueError(SHARDS)))
@@ -128,7 +131,7 @@ def test_a_schema_2_database_keeps_the_full_text_and_sanitizes_the_public_one(
     conn.close()
     s = Store(path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         assert s.error_detail("bad") == (f"could not start: ValueError: {SHARDS}", raw)
         assert s.error_detail("ok") == (None, None)
         assert s.error_detail("nope") is None

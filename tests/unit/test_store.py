@@ -202,6 +202,16 @@ def test_retention_keeps_the_newest_checkpoints_and_thins_old_steps(
         st.close()
 
 
+def test_a_guard_events_action_is_stored_typed(store: Store) -> None:
+    jid = _job(store)
+    ev = _ev(seq=1, kind="guard", step=40, detail="out of bound", wall_time=1.0, guard="tighten")
+    store.ingest(jid, [], [ev])
+    (row,) = store.events(jid, kind="guard")
+    assert row.guard == "tighten"
+    (typed,) = store.typed_events(jid)
+    assert typed.guard == "tighten"
+
+
 def test_progress_summary_and_status_roundtrip(store: Store) -> None:
     jid = _job(store)
     store.update_progress(jid, step=7, total_steps=60, status={"workers": [{"id": 0}]})
@@ -382,8 +392,11 @@ def _schema_1_db(path: Path) -> None:
     v1 = store_module._SCHEMA.replace(
         "    fault TEXT,                    -- a FaultKind value, or NULL (added in schema 2)\n",
         "",
+    ).replace(
+        "    guard TEXT,                    -- a guard event's action, or NULL (added in schema 4)\n",
+        "",
     )
-    assert "fault TEXT" not in v1
+    assert "fault TEXT" not in v1 and "guard TEXT" not in v1
     conn = sqlite3.connect(path)
     conn.executescript(v1)
     conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
@@ -404,9 +417,9 @@ def test_a_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     _schema_1_db(path)
     s = Store(path)
     try:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(events)")}
-        assert "fault" in cols
+        assert "fault" in cols and "guard" in cols
         (old,) = s.typed_events("old")  # kept; its fault kind was never stored
         assert old.kind == "fault" and old.fault is None and old.target == "worker-0"
         new = Event.from_dict({**old.to_dict(), "seq": 2, "fault": "crash"})
