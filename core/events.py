@@ -41,6 +41,7 @@ class EventKind(StrEnum):
     CANCEL = "cancel"  # a cancel was requested
     RESUME = "resume"  # the service resumes the job from a checkpoint
     REAP = "reap"  # an actor that belonged to no live job was killed
+    RAY = "ray"  # Ray's GCS stopped answering; the job waits for a new connection
     WARNING = "warning"  # something the user should know that changes nothing
 
 

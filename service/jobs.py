@@ -34,6 +34,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -208,6 +209,8 @@ class RunnerBackend(Protocol):
     def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
     def actors(self) -> list[str]: ...
     def kill(self, names: list[str]) -> list[str]: ...
+    def ray_alive(self) -> bool: ...
+    def reconnect_ray(self) -> str: ...
 
 
 class Cluster(Protocol):
@@ -225,8 +228,9 @@ class RayRunnerBackend:
         start_timeout_s: every phase of a job's start must end within it.
     """
 
-    def __init__(self, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, start_timeout_s: float = 120.0, ray_address: str | None = None) -> None:
         self.start_timeout_s = start_timeout_s
+        self.ray_address = ray_address
 
     def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike:
         from service.runner import JobRunner
@@ -274,6 +278,16 @@ class RayRunnerBackend:
 
         return kill_actors(names)
 
+    def ray_alive(self) -> bool:
+        from service.ray_conn import gcs_reachable
+
+        return gcs_reachable()
+
+    def reconnect_ray(self) -> str:
+        from service.ray_conn import reconnect
+
+        return reconnect(self.ray_address)
+
 
 # -- the manager ------------------------------------------------------------------------------
 
@@ -300,6 +314,10 @@ START_BACKSTOP_S = 10.0
 ADMIT_MIN_GAP_S = 0.05
 # The first event of every job.
 SUBMITTED = "submitted; waiting for resources"
+# Seconds between two probes of Ray's GCS, and the misses in a row that mean it is gone
+# (3 x 1 s: a GCS that is busy for a moment is not lost; a killed one is found in ~3 s).
+RAY_PROBE_EVERY_S = 1.0
+RAY_LOST_AFTER = 3
 
 
 class JobManager:
@@ -322,7 +340,9 @@ class JobManager:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.backend: RunnerBackend = backend or RayRunnerBackend(settings.start_timeout_s)
+        self.backend: RunnerBackend = backend or RayRunnerBackend(
+            settings.start_timeout_s, settings.ray_address
+        )
         self.cluster = cluster
         self._live: dict[str, _Live] = {}
         self._lock = threading.RLock()
@@ -342,6 +362,11 @@ class JobManager:
         self._footprints: dict[str, Footprint] = {}
         self._last_reap = time.monotonic()
         self.on_terminal: list[Callable[[JobRow], None]] = []
+        # Ray's GCS: probed every RAY_PROBE_EVERY_S; lost after RAY_LOST_AFTER misses in a
+        # row; ``ray_ready`` is False from then until a new connection is made (/readyz)
+        self.ray_ready = True
+        self._ray_misses = 0
+        self._last_probe = 0.0
 
     # -- life of the manager ----------------------------------------------------------
 
@@ -770,8 +795,11 @@ class JobManager:
 
     # -- start-up reconcile -------------------------------------------------------------
 
-    def reconcile(self) -> None:
+    def reconcile(self, why: str | None = None) -> None:
         """Bring every non-terminal job the store knows back under supervision.
+
+        ``why`` says what happened, in the events of the jobs that resume (default: the
+        service restarted).
 
         Pending jobs wait again. A live one is re-attached to its coordinator if that still
         runs in Ray; if the coordinator is gone (it ran in the service's own Ray instance,
@@ -794,7 +822,7 @@ class JobManager:
                 log.warning("job %s: attach failed: %r", row.id, exc)
                 runner = None
             if runner is None:
-                self._resume(row, spec)
+                self._resume(row, spec, why)
                 continue
             with self._lock:
                 self._live[row.id] = _Live(runner=runner, spec=spec, seen_status=True)
@@ -806,11 +834,11 @@ class JobManager:
             )
             log.info("job %s re-attached (%s)", row.id, row.state)
 
-    def _resume(self, row: JobRow, spec: JobSpec) -> None:
+    def _resume(self, row: JobRow, spec: JobSpec, why: str | None = None) -> None:
         """Restart a live job whose coordinator is gone from its latest valid checkpoint."""
         gone = (
-            f"the service restarted and coordinator {coordinator_name(row.id)} is no longer in "
-            "Ray (it ran in the service's own Ray instance, or it crashed)"
+            f"{why or 'the service restarted'} and coordinator {coordinator_name(row.id)} is "
+            "no longer in Ray (it ran in the service's own Ray instance, or it crashed)"
         )
         try:
             found = self.backend.resumable(row.id, spec, Path(row.out_dir), self.settings.data_dir)
@@ -881,8 +909,10 @@ class JobManager:
             self._wake.clear()
 
     def tick(self) -> None:
-        """One supervisor round: follow every live job, then admit pending ones."""
+        """One supervisor round: check Ray, follow every live job, then admit pending ones."""
         self._last_tick = time.monotonic()
+        if not self._ray_up():
+            return
         with self._lock:
             live = list(self._live.items())
         for job_id, entry in live:
@@ -894,6 +924,64 @@ class JobManager:
                 log.exception("job %s: supervising failed", job_id)
         self._admit_pending()
         self._reap_if_due()
+
+    # -- Ray lost, service stays (service.ray_conn) ---------------------------------------
+
+    def _ray_up(self) -> bool:
+        """Probe Ray's GCS when due; after :data:`RAY_LOST_AFTER` misses in a row, take the
+        jobs off the lost instance and reconnect. False while Ray is not usable."""
+        now = time.monotonic()
+        if self.ray_ready and now - self._last_probe < RAY_PROBE_EVERY_S:
+            return True
+        self._last_probe = now
+        if self.ray_ready and self.backend.ray_alive():
+            self._ray_misses = 0
+            return True
+        self._ray_misses += 1
+        if self.ray_ready and self._ray_misses < RAY_LOST_AFTER:
+            return True  # one late answer is not a lost GCS: follow the jobs meanwhile
+        if self.ray_ready:
+            self._ray_lost()
+        return self._ray_reconnect()
+
+    def _ray_lost(self) -> None:
+        """Ray's GCS is gone: every live job moves to ``recovering`` (its runner is dropped
+        uncalled: calls into a dead instance hang) until Ray is back."""
+        self.ray_ready = False
+        misses_s = RAY_LOST_AFTER * RAY_PROBE_EVERY_S
+        log.error("Ray's GCS did not answer %d probes in a row: Ray is lost", RAY_LOST_AFTER)
+        with self._lock:
+            lost, self._live = self._live, {}
+        for job_id in lost:
+            row = self.store.get_job(job_id)
+            if row is None or JobState(row.state).terminal:
+                continue
+            self.store.add_event(
+                job_id,
+                "ray",
+                f"Ray's GCS stopped answering (no answer for {misses_s:g} s); the job waits "
+                "for a new connection and then resumes from its latest checkpoint",
+                step=row.step,
+            )
+            current = JobState(row.state)
+            if current is JobState.RUNNING:
+                with suppress(StaleState, InvalidTransition):
+                    self._transition(
+                        job_id, current, JobState.RECOVERING, "Ray lost", step=row.step
+                    )
+
+    def _ray_reconnect(self) -> bool:
+        """Connect to a new (embedded) or the returning (cluster) Ray, then bring the jobs
+        back as a restart of the service does (:meth:`reconcile`)."""
+        try:
+            gcs = self.backend.reconnect_ray()
+        except Exception:
+            log.exception("reconnecting to Ray failed; trying again")
+            return False
+        self.ray_ready, self._ray_misses = True, 0
+        log.warning("reconnected to Ray at %s; resuming the jobs", gcs)
+        self.reconcile(why=f"Ray's GCS was lost and the service reconnected (now {gcs})")
+        return True
 
     def _follow(self, job_id: str, entry: _Live) -> None:
         """One supervisor step for a live job: its start, a poll, its state."""

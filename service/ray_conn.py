@@ -19,12 +19,23 @@ the benchmarks and the test fixtures all connect through :func:`connect`, in nam
 Jobs keep running through a restart of the service only on a cluster (they are
 re-attached): a Ray instance embedded in a process ends with it, and its jobs resume from
 their latest checkpoints when the service starts again.
+
+**Ray lost, process stays.** Left to itself, a Ray driver whose GCS stops answering ends
+its own process after ``RAY_gcs_rpc_server_reconnect_timeout_s`` (60 s by default: the
+service would exit). :func:`connect` raises that timeout to a day, so the process decides:
+the supervisor probes the GCS (:func:`gcs_reachable`, a TCP connect to its port) and, when
+it is gone, :func:`reconnect` starts a new embedded instance (or waits, with backoff, for a
+cluster's GCS to answer again) and the jobs resume from their checkpoints
+(:meth:`service.jobs.JobManager.tick`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +47,13 @@ log = logging.getLogger(__name__)
 
 # the variables that name a cluster, in the order they are consulted
 ADDRESS_VARIABLES = ("ESGD_RAY_ADDRESS", "RAY_ADDRESS")
+# Ray's own limit on a lost GCS before it ends the process (and its raylet and workers):
+# a day, so that losing the GCS is this service's decision, not an exit (see above).
+GCS_RECONNECT_TIMEOUT_S = 86_400
+# ray.shutdown() of a driver whose GCS is dead took 7 s here; past this it is abandoned.
+SHUTDOWN_TIMEOUT_S = 30.0
+# A GCS probe: one TCP connect, at most this long.
+PROBE_TIMEOUT_S = 1.0
 
 
 class RayConnectionError(ElasticSGDError):
@@ -84,6 +102,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> str:
         )
     # Ray's log deduplication on the driver is off: job logs go to the store.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
     try:
         _init(address or None, num_cpus)
     except Exception as exc:
@@ -129,6 +148,62 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def gcs_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the connected Ray instance's GCS accepts a TCP connection now.
+
+    ``False`` when this process is not connected, or the GCS port refuses or times out.
+    A probe costs one connect, and never blocks on Ray's own retries.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        host, _, port = str(ray.get_runtime_context().gcs_address).rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def reconnect(address: str | None, *, backoff_s: tuple[float, float] = (1.0, 30.0)) -> str:
+    """Drop a connection whose GCS is gone and connect again.
+
+    Embedded (``address`` empty): the old instance is shut down (what is left of it: its
+    raylet, and with it the job's actors) and a new one starts. A cluster: connect again
+    once its GCS answers, retrying with exponential backoff from ``backoff_s[0]`` to
+    ``backoff_s[1]`` seconds between tries (a cluster's GCS may come back: GCS fault
+    tolerance, a restarted head).
+
+    Returns:
+        The GCS address of the new connection.
+    """
+    import ray
+
+    done = threading.Event()
+
+    def shut() -> None:
+        try:
+            ray.shutdown()
+        except Exception:
+            log.exception("ray.shutdown() of the lost instance failed")
+        done.set()
+
+    threading.Thread(target=shut, name="esgd-ray-shutdown", daemon=True).start()
+    if not done.wait(SHUTDOWN_TIMEOUT_S):
+        log.warning("ray.shutdown() still runs after %.0f s; connecting anyway", SHUTDOWN_TIMEOUT_S)
+    wait_s = backoff_s[0]
+    while True:
+        try:
+            return connect(address)
+        except RayConnectionError as exc:
+            if not address:
+                raise  # an embedded instance that cannot start: nothing to wait for
+            log.warning("Ray at %s: %s; trying again in %.0f s", address, exc, wait_s)
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, backoff_s[1])
 
 
 def is_connected() -> bool:

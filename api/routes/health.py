@@ -25,7 +25,8 @@ def healthz() -> HealthPublic:
 )
 def readyz(store: StoreDep, jobs: JobsDep) -> JSONResponse:
     ok_store = store.ping()
-    ok_ray = ray_conn.is_connected()
+    # connected, and not between a lost GCS and the new connection (service.jobs)
+    ok_ray = ray_conn.is_connected() and jobs.ray_ready
     ok_sup = jobs.healthy
     missing = [
         name

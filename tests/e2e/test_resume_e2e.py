@@ -7,7 +7,10 @@ that outlives it, so the job is re-attached instead.)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,3 +103,62 @@ def test_kill_9_of_a_service_with_its_own_ray_resumes_from_the_checkpoint(
     assert steps == set(range(1, SPEC["steps"] + 1))
     states = [e["target"] for e in after_e if e["kind"] == "state" and e["source"] == "service"]
     assert states[-3:] == ["recovering", "running", "succeeded"], states
+
+
+def _gcs_pids(service_pid: int) -> list[int]:
+    """The gcs_server processes the service's embedded Ray started (its children)."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(service_pid), "-f", "gcs_server"], capture_output=True, text=True
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_gcs_is_survived_the_job_resumes_on_a_new_ray(own_ray_server: Server) -> None:
+    """Ray lost, service stays: SIGKILL of the embedded Ray's GCS while a job trains. The
+    service does not exit; /readyz says not ready meanwhile; the job is ``recovering``,
+    then ``running``, then ``succeeded``, and the service and the coordinator count the
+    steps redone alike."""
+    srv = own_ray_server
+    assert srv.proc is not None
+    c = srv.client()
+    r = c.post("/jobs", json=SPEC)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    def checkpointed() -> dict[str, Any] | None:
+        j: dict[str, Any] = c.get(f"/jobs/{job_id}").json()
+        assert not j["terminal"], j
+        return j if j["checkpoints"] and j["step"] >= j["checkpoints"][-1]["step"] + 10 else None
+
+    wait_for(checkpointed, 180, what="a checkpoint and 10 steps after it")
+    gcs = _gcs_pids(srv.proc.pid)
+    assert len(gcs) == 1, gcs
+    os.kill(gcs[0], signal.SIGKILL)
+    wait_for(
+        lambda: c.get("/readyz").status_code == 503 or None, 30, what="/readyz to say not ready"
+    )
+    done = wait_for(
+        lambda: job_in(c, job_id, {"succeeded", "failed", "cancelled"}),
+        300,
+        what="the job to finish on the new Ray",
+    )
+    assert srv.proc.poll() is None, "the service exited"
+    assert c.get("/readyz").status_code == 200
+    assert done["state"] == "succeeded", done
+    assert _gcs_pids(srv.proc.pid) not in ([], gcs)  # a new GCS
+    events = c.get(f"/jobs/{job_id}/events", params={"limit": 10_000}).json()["items"]
+    assert [e for e in events if e["kind"] == "ray"], events
+    states = [e["target"] for e in events if e["kind"] == "state" and e["source"] == "service"]
+    assert states[-3:] == ["recovering", "running", "succeeded"], states
+    (resumed,) = [e for e in events if e["kind"] == "resume"]
+    restarts = [e for e in events if e["kind"] == "restart" and e["target"] == "coordinator"]
+    said_service = re.search(r"\((\d+) steps trained after it", resumed["detail"])
+    said_coordinator = re.search(r"(\d+) steps lost", restarts[-1]["detail"]) if restarts else None
+    assert said_service and said_coordinator, (resumed, restarts)
+    assert int(said_service[1]) == int(said_coordinator[1])
+    steps = {
+        m["step"]
+        for m in c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
+        if m["kind"] == "step"
+    }
+    assert steps == set(range(1, SPEC["steps"] + 1))

@@ -207,6 +207,9 @@ class FakeBackend:
         # named actors in the service's namespace (the reaper's view) and those killed
         self.named: list[str] = []
         self.killed: list[str] = []
+        # Ray's GCS as the probe sees it, and the reconnections made
+        self.gcs_up = True
+        self.reconnects = 0
 
     # the RunnerBackend protocol's signatures: a fake needs no data directory
     def create(
@@ -255,6 +258,16 @@ class FakeBackend:
         self.named = [n for n in self.named if n not in gone]
         self.killed += gone
         return gone
+
+    def ray_alive(self) -> bool:
+        return self.gcs_up
+
+    def reconnect_ray(self) -> str:
+        """A new instance: the old one's coordinators are gone (none survives to attach)."""
+        self.reconnects += 1
+        self.gcs_up = True
+        self.survivors.clear()
+        return "127.0.0.1:6380"
 
 
 class FakeCluster:

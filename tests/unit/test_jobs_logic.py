@@ -448,3 +448,59 @@ def test_a_burst_of_submissions_does_not_poll_live_jobs(env: tuple) -> None:
     elapsed = time.monotonic() - t0
     polls = runner.calls.count("poll") - polls0
     assert polls <= elapsed / 0.5 + 1, f"{polls} polls in {elapsed:.2f} s"
+
+
+def test_a_lost_gcs_moves_jobs_to_recovering_and_resumes_them_on_a_new_ray(env: tuple) -> None:
+    """Ray lost, service stays: 3 probes without an answer -> the running job is
+    ``recovering`` with a ``ray`` event and ``ray_ready`` is False; the reconnection (a new
+    instance: no coordinator survives) resumes the job from its checkpoint; it succeeds."""
+    mgr, backend, _, store = env
+    job = mgr.submit(SPEC.model_copy(update={"steps": 40}))
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    backend.checkpoints[job.id] = 2
+    backend.redone[job.id] = 1
+    backend.gcs_up = False
+    reconnect = backend.reconnect_ray
+    seen_ready: list[bool] = []
+
+    def observed_reconnect() -> str:
+        seen_ready.append(mgr.ray_ready)  # not ready while it reconnects
+        return reconnect()
+
+    backend.reconnect_ray = observed_reconnect  # type: ignore[method-assign]
+    for _ in range(2):  # two misses: a late answer, not a lost GCS
+        mgr._last_probe = 0.0
+        mgr.tick()
+    assert mgr.ray_ready and backend.reconnects == 0
+    mgr._last_probe = 0.0
+    mgr.tick()  # the third: lost -> recovering, reconnect, resume from the checkpoint
+    assert seen_ready == [False] and backend.reconnects == 1 and mgr.ray_ready
+    ray_events = store.events(job.id, kind="ray")
+    assert len(ray_events) == 1 and "stopped answering" in ray_events[0].detail
+    (resumed,) = store.events(job.id, kind="resume")
+    assert "Ray's GCS was lost" in resumed.detail and "checkpoint at step 2" in resumed.detail
+    assert "1 steps trained after it are trained again" in resumed.detail
+    until(mgr, lambda: state_of(store, job.id) == "succeeded")
+    states = [e.target for e in store.events(job.id, kind="state")]
+    assert states[-3:] == ["recovering", "running", "succeeded"], states
+
+
+def test_a_gcs_that_cannot_be_reached_again_keeps_the_service_not_ready(env: tuple) -> None:
+    """The check fails when it should: a reconnection that fails leaves ``ray_ready`` False
+    and the job ``recovering`` (not failed, not running), and is tried again."""
+    mgr, backend, _, store = env
+    job = mgr.submit(SPEC.model_copy(update={"steps": 40}))
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    backend.gcs_up = False
+    tries: list[int] = []
+
+    def broken() -> str:
+        tries.append(1)
+        raise RuntimeError("no Ray here")
+
+    backend.reconnect_ray = broken  # type: ignore[method-assign]
+    for _ in range(5):
+        mgr._last_probe = 0.0
+        mgr.tick()
+    assert not mgr.ray_ready and len(tries) == 3  # after the 3rd miss, every tick tries
+    assert state_of(store, job.id) == "recovering"
