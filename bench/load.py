@@ -16,6 +16,10 @@ others a ``GET /jobs/{id}`` of one of the training jobs.
   ~ 50 / throughput, whatever the code does per request.
 * ``paced``: each client starts a request every 500 ms (100 requests/s offered), the pace
   at which ``elastic-sgd submit --watch`` polls.
+* ``streams``: training's steps/s over a window without stream subscribers, then over one
+  with :data:`SSE_SUBSCRIBERS` clients of ``GET /jobs/{id}/stream`` reading every message
+  while :data:`SSE_READERS` paced clients read ``GET /jobs/{id}`` (targets: at most 10%
+  slower training, p99 < 50 ms).
 
 A request's latency is measured by its client from sending to having read the whole body,
 so it includes the client's own event loop on the same cores. The load generator freezes its
@@ -76,6 +80,16 @@ TARGET_P99_MS = 100.0
 TIME_LIMIT_S = 300.0
 # Seconds the service and the training jobs may take to come up (actors import torch).
 START_TIMEOUT_S = 180.0
+# The stream phase: 100 SSE subscribers (50 per training job) for 30 s, against 30 s
+# without; ESGD_MAX_STREAM_SUBSCRIBERS is raised past them (its default is 64).
+SSE_SUBSCRIBERS = 100
+SSE_WINDOW_S = 30.0
+QUICK_SSE_WINDOW_S = 8.0
+# Its targets: training's steps/s falls by at most 10%, paced GET /jobs/{id} p99 < 50 ms.
+SSE_MAX_SLOWDOWN = 0.10
+SSE_TARGET_P99_MS = 50.0
+# The paced readers of the stream phase: 10 clients, one GET every 500 ms each.
+SSE_READERS = 10
 
 # Each training job: digits, 2 workers; 10^6 steps outlast any measurement (cancelled at end).
 TRAIN_SPEC: dict[str, Any] = {
@@ -282,6 +296,81 @@ def run_phase(
     }
 
 
+async def subscriber(
+    svc: ServiceProcess, job_id: str, stop: asyncio.Event, got: list[int], index: int
+) -> None:
+    """One SSE client of ``GET /jobs/{id}/stream``, reading every line until ``stop``."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with (
+        aiohttp.ClientSession(base_url=svc.url, headers=svc.headers(), timeout=timeout) as sess,
+        sess.get(f"/jobs/{job_id}/stream") as r,
+    ):
+        if r.status != 200:
+            got[index] = -r.status
+            return
+        while not stop.is_set():
+            try:
+                line = await asyncio.wait_for(r.content.readline(), timeout=0.5)
+            except TimeoutError:
+                continue
+            if not line:
+                return
+            if line.startswith(b"data:"):
+                got[index] += 1
+
+
+def steps_per_s(client: httpx.Client, job_ids: Sequence[str], window_s: float) -> float:
+    """Training's steps/s over ``window_s`` (both jobs together), from their step counters."""
+    before = {j: int(client.get(f"/jobs/{j}").json()["step"]) for j in job_ids}
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    after = {j: int(client.get(f"/jobs/{j}").json()["step"]) for j in job_ids}
+    return sum(after[j] - before[j] for j in job_ids) / (time.monotonic() - t0)
+
+
+def run_sse_phase(
+    svc: ServiceProcess, client: httpx.Client, job_ids: Sequence[str], window_s: float
+) -> dict[str, Any]:
+    """Training's steps/s without and with :data:`SSE_SUBSCRIBERS` stream subscribers, and
+    the paced ``GET /jobs/{id}`` latency while they are subscribed."""
+    alone = steps_per_s(client, job_ids, window_s)
+    got = [0] * SSE_SUBSCRIBERS
+    samples: list[Sample] = []
+    rate: list[float] = []
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        subs = [
+            asyncio.create_task(subscriber(svc, job_ids[i % len(job_ids)], stop, got, i))
+            for i in range(SSE_SUBSCRIBERS)
+        ]
+        await asyncio.sleep(2.0)  # every subscriber caught up with the history
+        per_client = int(window_s / 0.5)
+        deadline = time.monotonic() + window_s + 10.0
+        readers = [
+            client_loop(i, SSE_READERS, svc, job_ids, per_client, 0.5, deadline, samples)
+            for i in range(SSE_READERS)
+        ]
+        timed = asyncio.to_thread(lambda: rate.append(steps_per_s(client, job_ids, window_s)))
+        await asyncio.gather(timed, *readers)
+        stop.set()
+        await asyncio.gather(*subs, return_exceptions=True)
+
+    asyncio.run(go())
+    gets = [x for x in samples if x.route == "GET /jobs/{id}"]
+    with_subs = rate[0]
+    return {
+        "subscribers": SSE_SUBSCRIBERS,
+        "subscribers_refused": sum(1 for g in got if g < 0),
+        "sse_messages": sum(g for g in got if g > 0),
+        "window_s": window_s,
+        "steps_per_s_alone": alone,
+        "steps_per_s_with_subscribers": with_subs,
+        "slowdown": 1.0 - with_subs / alone if alone > 0 else None,
+        "routes": {"GET /jobs/{id}": stats(gets)},
+    }
+
+
 def stats(samples: Sequence[Sample]) -> dict[str, Any]:
     """Latency percentiles (ms) of the successful requests, and the count of failed ones."""
     ok = np.array([s.latency_s for s in samples if 200 <= s.status < 300]) * 1000.0
@@ -381,6 +470,21 @@ def render(payload: dict[str, Any]) -> str:
         )
         + ".",
     ]
+    sse, st = payload["streams"], payload["streams_target"]
+    get = sse["routes"]["GET /jobs/{id}"]
+    lines += [
+        "",
+        f"Streams: {sse['subscribers']} SSE subscribers of `GET /jobs/{{id}}/stream` (half on "
+        f"each training job; {sse['subscribers_refused']} refused, {sse['sse_messages']} "
+        f"messages read), {sse['window_s']:g} s windows: training "
+        f"{sse['steps_per_s_alone']:.1f} steps/s without them, "
+        f"{sse['steps_per_s_with_subscribers']:.1f} with them (slowdown "
+        f"{fmt(None if sse['slowdown'] is None else 100 * sse['slowdown'], '.1f')}%); paced "
+        f"`GET /jobs/{{id}}` meanwhile ({SSE_READERS} clients, one request every 500 ms): "
+        f"p50 {fmt(get.get('p50_ms'), '.1f')} ms, p99 {fmt(get.get('p99_ms'), '.1f')} ms, "
+        f"{get['errors']} errors. Target slowdown <= {100 * st['max_slowdown']:.0f}% and p99 < "
+        f"{st['p99_ms']:.0f} ms: **{'met' if st['met'] else 'missed'}**.",
+    ]
     note = load_note(payload["load_before"])
     if note:
         lines += ["", note]
@@ -429,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="esgd-load-") as tmp:
         settings = {"ESGD_MAX_RUNNING_JOBS": "2"}  # the training jobs fill it: POSTs pend
+        # the stream phase's subscribers, and a margin (the default, 64, would refuse them)
+        settings["ESGD_MAX_STREAM_SUBSCRIBERS"] = str(SSE_SUBSCRIBERS + 28)
         if args.ray_address:
             settings["RAY_ADDRESS"] = args.ray_address
         svc = ServiceProcess(
@@ -462,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # the POSTed jobs of this phase wait in pending; they are not the next
                     # phase's load
                     cancel_pending(client)
+                window_s = QUICK_SSE_WINDOW_S if args.quick else SSE_WINDOW_S
+                say(f"[load] streams: {SSE_SUBSCRIBERS} subscribers, {window_s:g} s windows")
+                sse = run_sse_phase(svc, client, job_ids, window_s)
                 jobs_after = [client.get(f"/jobs/{j}").json() for j in job_ids]
                 load_after = load_average()
                 if any(j["state"] != "running" for j in jobs_after):
@@ -495,6 +604,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_after": load_after,
         "target": {"p99_ms": TARGET_P99_MS, "phases": target_phases},
         "phases": phases,
+        "streams": sse,
+        "streams_target": {
+            "max_slowdown": SSE_MAX_SLOWDOWN,
+            "p99_ms": SSE_TARGET_P99_MS,
+            "met": (sse["slowdown"] is not None and sse["slowdown"] <= SSE_MAX_SLOWDOWN)
+            and sse["routes"]["GET /jobs/{id}"].get("p99_ms", float("inf")) < SSE_TARGET_P99_MS
+            and sse["subscribers_refused"] == 0,
+        },
     }
     return publish(NAME, payload, render(payload), args.quick, before_doc=ensure_section)
 
