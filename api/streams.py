@@ -16,18 +16,24 @@ sends back). It first reads what it lacks up to the present from the store itsel
 pages, then takes the feed's items, skipping those it already has: it registers with the
 feed before reading, and the feed publishes everything after the store's head as it was
 when the feed started, so nothing falls between the two and nothing comes twice.
+
+On the wire a stream sends what it has in *chunks*: everything queued for it when it gets
+to run (up to :data:`CHUNK_ITEMS` SSE messages) in one write. One write per message cost
+100 subscribers of two jobs at ~290 steps/s about 29,000 writes a second, and most of
+training's speed (:func:`sse_bytes`, :meth:`Subscription.chunks`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi.sse import ServerSentEvent
+from fastapi.sse import KEEPALIVE_COMMENT, ServerSentEvent, format_sse_event
 
 from api.schemas import EventPublic, JobPublic, MetricPublic, clean
 from core.errors import ElasticSGDError
@@ -43,6 +49,11 @@ PAGE = 500
 # Items a subscriber may be behind before it is dropped: 2,048 = about 5 s of the fastest
 # training measured (379 records/s plus a state update per poll), or 4 full pages.
 QUEUE_ITEMS = 2048
+# SSE messages written to a stream at once, at most (a full page and some: a catch-up page
+# is one write; live, what queued up during one turn of the event loop).
+CHUNK_ITEMS = 512
+# Seconds of silence before a stream sends a keep-alive comment (as FastAPI's SSE does).
+PING_S = 15.0
 # The text of a Cursor: ``<seq>:<event id>`` (seq -1: no record yet).
 CURSOR_PATTERN = r"^(-1|\d{1,15}):(\d{1,15})$"
 
@@ -194,6 +205,22 @@ class _Dropped:
 _DROPPED = _Dropped()
 
 
+def _new_to(
+    pos: _Position, queued: list[FeedItem | _Dropped]
+) -> tuple[list[tuple[FeedItem, Cursor]], bool]:
+    """What of ``queued`` is new to ``pos`` (each with the cursor after it), and whether the
+    stream ends there (an :class:`EndItem`, or the subscriber was dropped)."""
+    out: list[tuple[FeedItem, Cursor]] = []
+    for item in queued:
+        if isinstance(item, _Dropped):
+            return out, True
+        if pos.take(item):
+            out.append((item, pos.cursor))
+        if isinstance(item, EndItem):
+            return out, True
+    return out, False
+
+
 class Subscription:
     """One stream's place in the hub: a bounded queue fed by the job's feed.
 
@@ -225,9 +252,16 @@ class Subscription:
         self.queue.put_nowait(_DROPPED)
 
     async def items(self, cursor: Cursor) -> AsyncIterator[tuple[FeedItem, Cursor]]:
-        """Everything after ``cursor``: first caught up from the store, then live; each
-        item with the cursor just after it. Ends after an :class:`EndItem`, or without one
-        when this subscriber is dropped (or the job is gone).
+        """Everything after ``cursor``, one item at a time (:meth:`chunks`, flattened)."""
+        async for chunk in self.chunks(cursor):
+            for pair in chunk:
+                yield pair
+
+    async def chunks(self, cursor: Cursor) -> AsyncIterator[list[tuple[FeedItem, Cursor]]]:
+        """Everything after ``cursor``: first caught up from the store (a page per chunk),
+        then live (per chunk, what is queued, up to :data:`CHUNK_ITEMS`); each item with
+        the cursor just after it. Ends after an :class:`EndItem`, or without one when this
+        subscriber is dropped (or the job is gone).
         """
         pos = _Position(cursor)
         while True:  # catch up, a page at a time
@@ -237,18 +271,19 @@ class Subscription:
             if batch.job is None:
                 return
             page: list[FeedItem] = [batch.job, *batch.metrics, *batch.events]
-            for item in page:
-                if pos.take(item):
-                    yield item, pos.cursor
+            out = [(item, pos.cursor) for item in page if pos.take(item)]
+            if out:
+                yield out
             if not batch.full:
                 break
         while True:  # live: the feed's items, less what the catch-up already gave
-            queued = await self.queue.get()
-            if isinstance(queued, _Dropped):
-                return
-            if pos.take(queued):
-                yield queued, pos.cursor
-            if isinstance(queued, EndItem):
+            queued = [await self.queue.get()]
+            while len(queued) < CHUNK_ITEMS and not self.queue.empty():
+                queued.append(self.queue.get_nowait())
+            out, ended = _new_to(pos, queued)
+            if out:
+                yield out
+            if ended:
                 return
 
     def close(self) -> None:
@@ -425,3 +460,45 @@ def sse_of(item: FeedItem, cursor: Cursor) -> ServerSentEvent:
     if isinstance(item, EventItem):
         return ServerSentEvent(event="event", id=cursor.text(), raw_data=item.payload)
     return ServerSentEvent(event="end", data={"state": item.state.value})
+
+
+def sse_bytes(chunk: list[tuple[FeedItem, Cursor]]) -> bytes:
+    """A chunk of items as SSE messages, ready for one write (see :func:`sse_of`)."""
+    out = []
+    for item, cursor in chunk:
+        ev = sse_of(item, cursor)
+        data = ev.raw_data if ev.raw_data is not None else json.dumps(ev.data)
+        out.append(format_sse_event(data_str=data, event=ev.event, id=ev.id))
+    return b"".join(out)
+
+
+async def sse_stream(
+    sub: Subscription, cursor: Cursor, ping_s: float = PING_S
+) -> AsyncIterator[bytes]:
+    """The bytes of a stream: :meth:`Subscription.chunks` as :func:`sse_bytes`, with a
+    keep-alive comment after ``ping_s`` of silence. The chunks are pulled by a task of
+    their own, so a timeout never cancels the subscription's generator mid-read."""
+    ready: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+
+    async def pull() -> None:
+        try:
+            async for chunk in sub.chunks(cursor):
+                await ready.put(sse_bytes(chunk))
+        finally:
+            await ready.put(None)
+
+    task = asyncio.get_running_loop().create_task(pull(), name="esgd-sse-pull")
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(ready.get(), ping_s)
+            except TimeoutError:
+                yield KEEPALIVE_COMMENT
+                continue
+            if data is None:
+                break
+            yield data
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import (
@@ -39,7 +38,7 @@ from api.schemas import (
     clean,
     ts,
 )
-from api.streams import CURSOR_PATTERN, Cursor, sse_of
+from api.streams import CURSOR_PATTERN, Cursor, sse_stream
 from core.spec import FaultSpec
 from core.state import JobState
 from service.store import JobRow, Store
@@ -231,8 +230,15 @@ def get_history(
 
 @router.get(
     "/{job_id}/stream",
-    response_class=EventSourceResponse,
-    responses={**_ID, 429: _E},
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "the stream (text/event-stream)",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_ID,
+        429: _E,
+    },
     summary="Server-sent events: 'job' (state/progress), 'metric', 'event', then 'end'",
     description="Starts after `after_seq`/`after_id` (from `/history`), or after the cursor "
     "in `Last-Event-ID`, which wins: each 'metric' and 'event' carries the cursor just after "
@@ -253,10 +259,15 @@ async def stream(
             description="'<seq>:<event id>', the `id` of the last event received",
         ),
     ] = None,
-) -> AsyncIterator[ServerSentEvent]:
+) -> StreamingResponse:
     cursor = Cursor(after_seq, after_id) if last_event_id is None else Cursor.parse(last_event_id)
-    async for item, after in sub.items(cursor):
-        yield sse_of(item, after)
+    # a chunk of messages per write (api.streams): as FastAPI's own SSE responses, without
+    # its one write per message
+    return StreamingResponse(
+        sse_stream(sub, cursor),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post(

@@ -291,3 +291,30 @@ def test_when_the_feed_cannot_read_its_streams_end_and_a_new_one_starts_over(
     finally:
         store.close()
     assert [type(i).__name__ for i, _ in got] == ["JobItem", "EventItem"]
+
+
+def test_a_live_stream_writes_what_queued_up_in_one_chunk_of_sse_messages(store: Store) -> None:
+    """Chunks: 200 records queued while the reader was away come out in one chunk (one
+    write), as SSE messages in order, each with the cursor after it as its id."""
+    from api.streams import sse_bytes
+
+    job_id = make_job(store)
+
+    async def main() -> list[list[tuple[FeedItem, Cursor]]]:
+        hub = StreamHub(store, max_subscribers=4, poll_s=POLL_S)
+        sub = await hub.subscribe(job_id)
+        chunks = sub.chunks(Cursor())
+        first = await anext(chunks)  # the catch-up: the job's row
+        await ingest(store, job_id, range(1, 201))
+        await asyncio.sleep(10 * POLL_S)  # the feed queues them all meanwhile
+        second = await anext(chunks)
+        sub.close()
+        return [first, second]
+
+    first, second = run(main())
+    assert isinstance(first[0][0], JobItem)  # the catch-up: the row (and its first event)
+    metrics = [(i, c) for i, c in second if isinstance(i, MetricItem)]
+    assert [i.seq for i, _ in metrics] == list(range(1, 201))  # one chunk, in order
+    wire = sse_bytes(second).decode()
+    assert wire.count("event: metric\n") == 200 and wire.endswith("\n\n")
+    assert "id: 200:0\n" in wire and wire.index("id: 1:0\n") < wire.index("id: 2:0\n")
