@@ -317,4 +317,6 @@ def test_a_live_stream_writes_what_queued_up_in_one_chunk_of_sse_messages(store:
     assert [i.seq for i, _ in metrics] == list(range(1, 201))  # one chunk, in order
     wire = sse_bytes(second).decode()
     assert wire.count("event: metric\n") == 200 and wire.endswith("\n\n")
-    assert "id: 200:0\n" in wire and wire.index("id: 1:0\n") < wire.index("id: 2:0\n")
+    after_id = metrics[0][1].after_id  # the event the catch-up already gave
+    assert f"id: 200:{after_id}\n" in wire
+    assert wire.index(f"id: 1:{after_id}\n") < wire.index(f"id: 2:{after_id}\n")
