@@ -320,7 +320,9 @@ class Training:
             refused=self.refused,
         )
         step = self.mode.step
-        decision = self.guard.after_step(step, applied.loss, self.record.x, self.can_rollback())
+        decision = self.guard.after_step(
+            step, applied.loss, self.record.x, self.can_rollback(), self.record.opt.applied_lr
+        )
         self._act(decision)
         if self.pending is not None:
             return

@@ -17,11 +17,12 @@ from actors.consistency import (
     Meter,
     ObservedNorms,
 )
+from actors.flat import ParamLayout
 from actors.messages import GradientReply
 from actors.modes.base import Mode, ModeContext, ModelOfRecord
 from actors.modes.local import LocalEngine
 from actors.modes.registry import MODES, analytic_bound, make_mode
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec, parse_spec
 
@@ -44,7 +45,12 @@ def _spec(mode: dict[str, Any], workers: int = 3, steps: int = 10, **extra: Any)
 
 
 def _mode(spec: JobSpec, dim: int = 3, blocks: list[tuple[int, int]] | None = None) -> Mode:
-    record = ModelOfRecord(torch.zeros(dim), FlatSGD(spec.optimizer))
+    layout = None
+    if blocks is not None:  # one parameter per block, as the coordinator's layout has
+        names = tuple(f"p{i}" for i in range(len(blocks)))
+        shapes = tuple((hi - lo,) for lo, hi in blocks)
+        layout = ParamLayout(names, shapes, tuple(lo for lo, _ in blocks), dim)
+    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(dim), layout))
     meter = Meter(ConsistencyMonitor(), False, spec.monitor_interval)
     meter.live_workers = lambda: spec.workers
     ctx = ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms(), blocks)
@@ -304,11 +310,10 @@ def test_elastic_block_order_does_not_change_the_model_of_record() -> None:
     mode.on_reply(members[1], _reply(1, 1, grads[1, 1]), grads[1, 1])
     done += list(mode.apply_ready())
     assert mode.step == 2 and len(done) == 2
-    ref = FlatSGD(mode.spec.optimizer)
-    x = torch.zeros(6)
+    ref = RecordOptimizer(mode.spec.optimizer, torch.zeros(6))
     for s in range(2):
-        ref.step(x, grads[0, s] + grads[1, s], scale=0.5)
-    assert torch.allclose(mode.model.x, x, atol=1e-6)
+        ref.step(grads[0, s] + grads[1, s], scale=0.5)
+    assert torch.allclose(mode.model.x, ref.x, atol=1e-6)
 
 
 # -- async --------------------------------------------------------------------------------
