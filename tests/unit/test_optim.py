@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from actors.flat import ParamLayout, flatten
-from actors.optim import RecordOptimizer, group_settings, warmup_cosine_factor
+from actors.optim import (
+    RecordOptimizer,
+    adam_coordinate_bound,
+    group_settings,
+    warmup_cosine_factor,
+)
 from core.spec import OptimizerSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
@@ -278,3 +283,27 @@ def test_warmup_cosine_factor_ramps_then_decays_to_the_ratio() -> None:
     assert f[4] == 1.0 and all(a > b for a, b in itertools.pairwise(f[4:]))
     assert warmup_cosine_factor(14, 4, 14, 0.1) == pytest.approx(0.1)
     assert warmup_cosine_factor(10_000, 4, 14, 0.1) == pytest.approx(0.1)  # clamped
+
+
+def test_adam_coordinate_bound_holds_and_is_reached() -> None:
+    """No gradient history takes |m_hat / sqrt(v_hat)| past the bound; the worst history
+    (g_s ~ (b1 / b2)^(t - s)) comes within rounding of it."""
+    b1, b2, t_end = 0.9, 0.999, 60
+    bound = adam_coordinate_bound(b1, b2, t_end)
+    assert adam_coordinate_bound(b1, b2, 1) == pytest.approx(1.0)
+    assert adam_coordinate_bound(b1, b2, 10**5) == pytest.approx(7.27, abs=0.01)
+    g = torch.Generator().manual_seed(0)
+    histories = [torch.randn(t_end, generator=g) * torch.rand(t_end, generator=g) ** 4]
+    histories.append(torch.tensor([(b1 / b2) ** (t_end - s) for s in range(1, t_end + 1)]))
+    ratios = []
+    for hist in histories:
+        x = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=1.0, betas=(b1, b2), eps=0.0)
+        for t, gt in enumerate(hist):
+            before = x.detach().clone()
+            x.grad = gt.reshape(1)
+            opt.step()
+            ratio = float((before - x.detach()).abs())
+            assert ratio <= adam_coordinate_bound(b1, b2, t + 1) * (1 + 1e-5)
+        ratios.append(ratio)
+    assert ratios[1] == pytest.approx(bound, rel=1e-4)
