@@ -78,7 +78,7 @@ def reference_run(spec: JobSpec) -> tuple[torch.Tensor, int]:
     for _ in range(spec.steps):
         idx = torch.from_numpy(np.concatenate([s.next_batch(b) for s in samplers]))
         opt.zero_grad()
-        loss(model(x[idx]), y[idx]).backward()
+        loss(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
         if clip is not None:
             clipped += int(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) > clip)
         opt.step()

@@ -122,7 +122,7 @@ def _flat_grad(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     torch.nn.utils.vector_to_parameters(x.clone(), model.parameters())
     model.zero_grad()
     xb, yb = _batch(k)
-    nn.functional.cross_entropy(model(xb), yb).backward()
+    nn.functional.cross_entropy(model(xb), yb).backward()  # type: ignore[no-untyped-call]
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
 
 
@@ -159,7 +159,7 @@ def test_record_optimizer_follows_plain_torch_step_for_step(raw: dict[str, Any])
         rec.step(g)
         opt.zero_grad()
         xb, yb = _batch(k)
-        nn.functional.cross_entropy(ref_model(xb), yb).backward()
+        nn.functional.cross_entropy(ref_model(xb), yb).backward()  # type: ignore[no-untyped-call]
         if spec.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(ref_model.parameters(), spec.clip_grad_norm)
         opt.step()
@@ -171,10 +171,12 @@ def test_record_optimizer_follows_plain_torch_step_for_step(raw: dict[str, Any])
 
 def test_no_decay_bias_and_norm_and_first_matching_group_win() -> None:
     model = _model()
-    spec = OptimizerSpec(
-        weight_decay=0.1,
-        no_decay_bias_and_norm=True,
-        param_groups=[{"match": r"^1\.", "weight_decay": 0.3, "lr_scale": 2.0}],
+    spec = OptimizerSpec.model_validate(
+        {
+            "weight_decay": 0.1,
+            "no_decay_bias_and_norm": True,
+            "param_groups": [{"match": r"^1\.", "weight_decay": 0.3, "lr_scale": 2.0}],
+        }
     )
     layout = ParamLayout.of(model)
     got = dict(zip(layout.names, group_settings(spec, layout), strict=True))
@@ -229,7 +231,9 @@ def test_block_steps_add_up_to_the_whole_step(raw: dict[str, Any]) -> None:
 
 
 def test_a_block_ahead_uses_the_lr_of_its_own_step() -> None:
-    spec = OptimizerSpec(lr=0.1, schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    spec = OptimizerSpec.model_validate(
+        {"lr": 0.1, "schedule": {"name": "step", "step_size": 1, "gamma": 0.5}}
+    )
     rec = RecordOptimizer(spec, torch.zeros(2), None, 10)
     rec.step_block(0, torch.ones(2), 1.0, 0)  # step 0 at lr 0.1
     rec.step_block(0, torch.ones(2), 1.0, 1)  # step 1 (ahead of the count) at lr 0.05
