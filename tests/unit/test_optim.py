@@ -8,12 +8,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from actors.checkpoint import latest_valid, write_checkpoint
 from actors.flat import ParamLayout, flatten
 from actors.optim import (
     RecordOptimizer,
@@ -311,3 +313,21 @@ def test_adam_coordinate_bound_holds_and_is_reached() -> None:
             assert ratio <= adam_coordinate_bound(b1, b2, t + 1) * (1 + 1e-5)
         ratios.append(ratio)
     assert ratios[1] == pytest.approx(bound, rel=1e-4)
+
+
+def test_a_checkpoint_file_restores_optimizer_and_schedule_exactly(tmp_path: Path) -> None:
+    """Through actors/checkpoint.py (torch.save, checksum, load): AdamW's moments and step
+    counts and the LambdaLR position come back, and the next steps are bit-identical."""
+    spec = OptimizerSpec(**SPECS[3])
+    rec, model = _warm(spec)
+    write_checkpoint(tmp_path, rec.steps, {"x": rec.x.clone(), "opt": rec.state_dict()}, 2)
+    loaded = latest_valid(tmp_path)
+    assert loaded is not None
+    back = RecordOptimizer(spec, loaded.state["x"], rec.layout, STEPS)
+    back.load_state_dict(loaded.state["opt"])
+    assert back.steps == rec.steps and back.lr == rec.lr
+    for k in range(5):
+        g = _flat_grad(model, rec.x, 300 + k)
+        rec.step(g)
+        back.step(g)
+        assert torch.equal(rec.x, back.x)
