@@ -4,6 +4,7 @@ record computed by hand; the registry and the per-mode bound terms."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass
@@ -488,3 +489,31 @@ def test_elastic_reply_after_its_streamed_step_completed_is_accepted_once() -> N
     again = mode.on_reply(members[1], _reply(1, 0, G1), G1)
     assert again.unexpected and not again.accepted
     assert torch.allclose(mode.model.x, -LR * (G0 + G1) / 2)
+
+
+# -- bounds for adaptive optimizers (docs/consistency.md, "Adaptive optimizers") -----------
+
+
+def _adam(mode: dict[str, Any]) -> JobSpec:
+    return parse_spec({"steps": 10, "workers": 4, "mode": mode, "optimizer": {"name": "adamw"}})
+
+
+def test_adaptive_bounds_are_written_in_u_not_m() -> None:
+    c = Constants(2.0, 2.0, 0.5, math.nan, warmup_steps=1, frozen_at_step=1, safety_factor=1.0)
+    c = dataclasses.replace(c, u=3.0)
+    elastic = _adam({"name": "elastic", "beta": 0.25, "max_lag": 2})
+    assert analytic_bound(elastic, c, 0.0, False) == pytest.approx(0.75 * 2 * 2 * 3.0)
+    straggler = _adam({"name": "straggler", "beta": 0.5, "max_lag": 3})
+    assert analytic_bound(straggler, c, 0.0, False) == pytest.approx(2 * 3 * 3.0)
+    asynchronous = _adam({"name": "async", "max_staleness": 5})
+    assert analytic_bound(asynchronous, c, 0.0, False) == pytest.approx(5 * 3.0)
+    # local steps are plain SGD on the replicas: still 2HM, in gradient units
+    local = _adam({"name": "local", "local_steps": 4})
+    assert analytic_bound(local, c, 0.0, False) == pytest.approx(2 * 4 * 2.0)
+    assert analytic_bound(_adam({"name": "sync"}), c, 0.0, False) == 0.0
+    # U never measured (a one-step warm-up): the bound is not stated, never 0
+    unmeasured = dataclasses.replace(c, u=math.nan)
+    assert math.isnan(analytic_bound(elastic, unmeasured, 0.0, False))
+    # with SGD the same constants give M's bound
+    sgd = _spec({"name": "async", "max_staleness": 5})
+    assert analytic_bound(sgd, c, 0.0, False) == pytest.approx(5 * 2.0)
