@@ -39,6 +39,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
 from actors.flat import ParamLayout
+from core.errors import TrainingFailed
 from core.spec import OptimizerSpec, StepSchedule, WarmupCosineSchedule
 
 
@@ -321,7 +322,10 @@ class RecordOptimizer:
             The norm of the block's update in units of the step's base lr.
         """
         if self.spec.clip_grad_norm is not None:
-            raise ValueError("step_block with clip_grad_norm: clipping needs whole steps")
+            raise TrainingFailed(
+                "step_block with optimizer.clip_grad_norm: clipping needs the whole "
+                "gradient; apply whole steps"
+            )
         lo, hi = self.blocks[b]
         torch.mul(grad, scale, out=self.grad[lo:hi])
         before = self.x[lo:hi].clone()
@@ -394,7 +398,17 @@ class RecordOptimizer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (exactly: the next step is the same)."""
+        """Restore what :meth:`state_dict` returned (exactly: the next step is the same).
+
+        Raises:
+            TrainingFailed: ``state`` is not this optimizer's (a checkpoint written by the
+                former flat SGD, or by another optimizer kind).
+        """
+        if "optimizer" not in state:
+            raise TrainingFailed(
+                "the checkpoint's optimizer state predates torch.optim (keys "
+                f"{sorted(state)}); start the job again without resuming"
+            )
         self.opt.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.sched is not None and state.get("scheduler") is not None:
             self.sched.load_state_dict(state["scheduler"])

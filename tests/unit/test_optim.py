@@ -23,6 +23,7 @@ from actors.optim import (
     group_settings,
     warmup_cosine_factor,
 )
+from core.errors import TrainingFailed
 from core.spec import OptimizerSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
@@ -245,8 +246,14 @@ def test_a_block_ahead_uses_the_lr_of_its_own_step() -> None:
 
 def test_block_steps_are_refused_with_clipping() -> None:
     rec = RecordOptimizer(OptimizerSpec(clip_grad_norm=1.0), torch.zeros(3))
-    with pytest.raises(ValueError, match="clip"):
+    with pytest.raises(TrainingFailed, match="clip"):
         rec.step_block(0, torch.ones(3), 1.0, 0)
+
+
+def test_a_former_flat_sgd_state_is_refused_with_what_to_do() -> None:
+    rec = RecordOptimizer(OptimizerSpec(), torch.zeros(3))
+    with pytest.raises(TrainingFailed, match=r"predates torch\.optim"):
+        rec.load_state_dict({"buf": None, "steps": 3})
 
 
 def test_clipping_clips_the_averaged_gradient_by_its_global_norm() -> None:
