@@ -517,3 +517,20 @@ def test_adaptive_bounds_are_written_in_u_not_m() -> None:
     # with SGD the same constants give M's bound
     sgd = _spec({"name": "async", "max_staleness": 5})
     assert analytic_bound(sgd, c, 0.0, False) == pytest.approx(5 * 2.0)
+
+
+def test_elastic_with_clipping_applies_a_step_whole_once_every_block_is_in() -> None:
+    """The global norm needs the whole averaged gradient: no block applies early, and the
+    step is the clipped mean, as one torch step over it."""
+    mode = _elastic(0.0, clip_grad_norm=1.0)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [2, 0])
+    assert list(mode.apply_ready()) == []
+    assert torch.equal(mode.model.x, torch.zeros(6))  # blocks 0 and 2 are in, not applied
+    mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    (applied,) = list(mode.apply_ready())
+    assert applied.consistent and mode.step == 1 and mode.model.opt.steps == 1
+    mean = (G0 + G1) / 2  # norm 3.2 > 1: clipped to norm 1
+    assert torch.allclose(mode.model.x, -LR * mean / float(mean.norm()), atol=1e-6)
