@@ -80,6 +80,8 @@ class GradientRequest:
         stream_blocks: announce each parameter block with a :class:`BlockReady` frame as
             soon as backward has written it into the gradient slot (per-block elastic, same
             host, uncompressed, one local step).
+        local_lr: the lr of the plain-SGD local steps (``local`` mode): the step's base lr
+            under the job's schedule; ``None``: ``optimizer.lr``.
     """
 
     step: int
@@ -90,6 +92,7 @@ class GradientRequest:
     faults: list[ActiveFault] | None = None
     local_steps: int = 1
     stream_blocks: bool = False
+    local_lr: float | None = None
 
 
 @dataclass

@@ -1,143 +1,415 @@
-"""SGD with momentum and weight decay on one flat parameter vector.
+"""The job's ``torch.optim`` optimizer, applied to the flat model of record.
 
-The coordinator keeps the model of record as a single flat tensor, so the optimizer is
-written for that shape. It follows ``torch.optim.SGD`` (dampening 0) operation for
-operation, so a synchronous run matches plain PyTorch to float tolerance, and it has a
-*functional* form (:meth:`FlatSGD.peek`) that the elastic mode uses to build a provisional
-view from a partial update without touching the model of record.
+The coordinator keeps the model of record as ONE flat float32 vector ``x`` (modes,
+transports and the B̂ monitor rely on it). :class:`RecordOptimizer` hands ``torch.optim``
+(SGD, Adam or AdamW, as the spec says) one ``nn.Parameter`` per model parameter that is a
+*view* of ``x``'s storage, and one ``.grad`` per parameter that is a view of a flat gradient
+buffer: ``optimizer.step()`` writes through into ``x``, and a flat gradient is copied into
+the buffer once. Nothing of the update rule is written here: momentum, Adam's moments,
+weight decay, the lr schedule (``torch.optim.lr_scheduler``: ``LambdaLR`` for linear
+warm-up + cosine, ``StepLR``) and clipping by global norm
+(``torch.nn.utils.clip_grad_norm_``) are torch's.
+
+What the modes need on top of ``step``:
+
+* :meth:`RecordOptimizer.step_many`: one update with the mean of several gradients;
+* :meth:`RecordOptimizer.step_block`: one parameter's share of an update (per-block elastic:
+  ``.grad`` is set for that parameter only, torch skips the others), with the lr of the step
+  it belongs to; :meth:`RecordOptimizer.end_step` counts the schedule once per full step;
+* :meth:`RecordOptimizer.peek`: a *functional* step (provisional views): the state after one
+  or more updates, computed on a scratch optimizer over copies (state copied in, allocated
+  once and reused), without touching the record;
+* :attr:`RecordOptimizer.lr`: the base lr of the step about to be applied (B̂ is measured in
+  units of it, docs/consistency.md); ``state_dict`` / ``load_state_dict`` (optimizer and
+  scheduler, exact).
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
-from core.spec import OptimizerSpec
+from actors.flat import ParamLayout
+from core.errors import TrainingFailed
+from core.spec import OptimizerSpec, StepSchedule, WarmupCosineSchedule
 
 
-class FlatSGD:
-    """SGD(+momentum, weight decay, Nesterov) over a flat tensor ``x``.
+def warmup_cosine_factor(t: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The lr factor of step ``t`` (0-based): linear warm-up, then cosine to the run's end.
+
+    ``(t + 1) / W`` for ``t < W``; then ``r + (1 - r) (1 + cos(pi s)) / 2`` with
+    ``s = (t - W) / (T - W)`` (clamped to 1), ``W`` warm-up steps, ``T`` total steps,
+    ``r`` the final ratio.
+    """
+    if t < warmup_steps:
+        return (t + 1) / warmup_steps
+    s = min((t - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * s))
+
+
+def adam_coordinate_bound(beta1: float, beta2: float, steps: int) -> float:
+    """The largest ``|m_hat / sqrt(v_hat)|`` of one coordinate over Adam's first ``steps``
+    steps, whatever the gradients (``eps`` only makes the update smaller).
+
+    With ``m_t = (1 - b1) sum_s b1^(t-s) g_s`` and ``v_t = (1 - b2) sum_s b2^(t-s) g_s^2``,
+    Cauchy-Schwarz gives ``|m_t| <= (1 - b1) sqrt(S_t v_t / (1 - b2))`` with
+    ``S_t = sum_{j<t} (b1^2 / b2)^j``; with the bias corrections ``m_hat = m_t / (1 - b1^t)``,
+    ``v_hat = v_t / (1 - b2^t)``: ``A_t = (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) S_t /
+    (1 - b2))``, reached by a gradient history ``g_s ~ (b1 / b2)^(t-s)``. For the defaults
+    (0.9, 0.999) it tends to 7.27; the L2 norm of an update of ``d`` coordinates is at most
+    ``A sqrt(d)`` (docs/consistency.md, "Adaptive optimizers").
+    """
+    if beta2 == 0.0:
+        # v_hat is the last g^2 alone: m_hat / |g_t| is 1 without momentum, else unbounded
+        return 1.0 if beta1 == 0.0 else math.inf
+    gamma = beta1 * beta1 / beta2
+    best, s = 0.0, 0.0
+    b1t = b2t = 1.0
+    for _ in range(max(steps, 1)):
+        s = 1.0 + gamma * s
+        b1t, b2t = b1t * beta1, b2t * beta2
+        a = (1.0 - beta1) / (1.0 - b1t) * math.sqrt((1.0 - b2t) * s / (1.0 - beta2))
+        best = max(best, a)
+    return best
+
+
+@dataclass
+class WarmupCosine:
+    """:func:`warmup_cosine_factor` as a ``LambdaLR`` factor (an object, so the scheduler's
+    ``state_dict`` carries it)."""
+
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, t: int) -> float:
+        return warmup_cosine_factor(t, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+def schedule_factor(spec: OptimizerSpec, t: int, total_steps: int) -> float:
+    """The closed form of the schedule's factor at step ``t`` (``StepLR``'s recursion gives
+    the same value up to rounding)."""
+    sch = spec.schedule
+    if isinstance(sch, WarmupCosineSchedule):
+        return warmup_cosine_factor(t, sch.warmup_steps, total_steps, sch.min_lr_ratio)
+    if isinstance(sch, StepSchedule):
+        return float(sch.gamma ** (t // sch.step_size))
+    return 1.0
+
+
+def group_settings(spec: OptimizerSpec, layout: ParamLayout) -> list[tuple[float, float]]:
+    """``(weight_decay, lr_scale)`` of each parameter of ``layout``, in order.
+
+    The optimizer's own values; with ``no_decay_bias_and_norm`` no weight decay on biases
+    and 1-D parameters (norm weights); then the first of ``param_groups`` whose ``match``
+    finds the parameter's name overrides the fields it sets.
+    """
+    out = []
+    patterns = [(re.compile(g.match), g) for g in spec.param_groups]
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        wd, scale = spec.weight_decay, 1.0
+        if spec.no_decay_bias_and_norm and (len(shape) <= 1 or name.endswith("bias")):
+            wd = 0.0
+        for pat, g in patterns:
+            if pat.search(name):
+                wd = wd if g.weight_decay is None else g.weight_decay
+                scale = scale if g.lr_scale is None else g.lr_scale
+                break
+        out.append((wd, scale))
+    return out
+
+
+def torch_param_groups(
+    spec: OptimizerSpec, layout: ParamLayout, params: Sequence[torch.Tensor]
+) -> list[dict[str, Any]]:
+    """``torch.optim`` parameter groups: one per distinct ``(weight_decay, lr_scale)``, in
+    order of first appearance (the same for a plain module's ``parameters()``)."""
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for p, (wd, scale) in zip(params, group_settings(spec, layout), strict=True):
+        g = groups.setdefault(
+            (wd, scale), {"params": [], "weight_decay": wd, "lr": spec.lr * scale}
+        )
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def make_optimizer(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> Optimizer:
+    """The ``torch.optim`` optimizer the spec names, over ``groups``."""
+    if spec.name == "sgd":
+        return SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    kind = Adam if spec.name == "adam" else AdamW
+    return kind(groups, lr=spec.lr, betas=spec.adam_betas, eps=spec.adam_eps)
+
+
+def make_scheduler(spec: OptimizerSpec, opt: Optimizer, total_steps: int) -> LRScheduler | None:
+    """The ``torch.optim.lr_scheduler`` of the spec's schedule (``None``: constant)."""
+    sch = spec.schedule
+    if isinstance(sch, WarmupCosineSchedule):
+        return LambdaLR(opt, WarmupCosine(sch.warmup_steps, total_steps, sch.min_lr_ratio))
+    if isinstance(sch, StepSchedule):
+        return StepLR(opt, step_size=sch.step_size, gamma=sch.gamma)
+    return None
+
+
+@dataclass
+class Snapshot:
+    """The record's state at one moment (copies): ``x``, per-parameter optimizer state, and
+    the steps taken."""
+
+    x: torch.Tensor
+    state: list[dict[str, Any]]
+    steps: int
+
+
+def _copy_state(src: dict[str, Any], dst: dict[str, Any]) -> None:
+    """Make ``dst`` (one parameter's optimizer state) equal ``src``, reusing its tensors."""
+    for k in [k for k in dst if k not in src]:
+        del dst[k]
+    for k, v in src.items():
+        have = dst.get(k)
+        if isinstance(v, torch.Tensor):
+            if isinstance(have, torch.Tensor) and have.shape == v.shape:
+                have.copy_(v)
+            else:
+                dst[k] = v.clone()
+        else:
+            dst[k] = v
+
+
+class RecordOptimizer:
+    """``torch.optim`` over the flat model of record ``x`` (see the module docstring).
 
     Args:
-        spec: learning rate, momentum, weight decay, nesterov.
+        spec: the optimizer, schedule, clipping and parameter groups.
+        x: the flat model of record (updated in place).
+        layout: names, shapes and offsets of the parameters in ``x`` (``None``: ``x`` is
+            one parameter named ``x``).
+        total_steps: the run's steps (the cosine schedule ends there).
+        scheduled: build the lr scheduler (a scratch copy sets its lrs itself).
     """
 
-    def __init__(self, spec: OptimizerSpec) -> None:
-        self.lr = spec.lr
-        self.momentum = spec.momentum
-        self.weight_decay = spec.weight_decay
-        self.nesterov = spec.nesterov
-        self.buf: torch.Tensor | None = None
-        self.steps = 0
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        x: torch.Tensor,
+        layout: ParamLayout | None = None,
+        total_steps: int = 1,
+        scheduled: bool = True,
+    ) -> None:
+        self.spec = spec
+        n = x.numel()
+        self.layout = layout or ParamLayout(("x",), ((n,),), (0,), n)
+        self.blocks = self.layout.blocks()
+        self.total_steps = max(total_steps, 1)
+        self.scheduled = scheduled
+        self.grad = torch.zeros_like(x)
+        self.grad_views = [self.grad[lo:hi].view(s) for (lo, hi), s in self._slices()]
+        self.steps = 0  # full steps applied (the schedule's count)
+        self._scratch: RecordOptimizer | None = None
+        self._bind(x)
 
-    def _direction(
-        self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if scale != 1.0:
-            grad = grad.mul(scale)
-        d_p = grad.add(x, alpha=self.weight_decay) if self.weight_decay != 0.0 else grad
-        if self.momentum == 0.0:
-            return d_p, None
-        new_buf = d_p.clone() if buf is None else buf.mul(self.momentum).add_(d_p)
-        d = d_p.add(new_buf, alpha=self.momentum) if self.nesterov else new_buf
-        return d, new_buf
+    def _slices(self) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+        return list(zip(self.blocks, self.layout.shapes, strict=True))
 
-    def step(self, x: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Apply one update with gradient ``scale * grad`` to ``x`` in place.
+    def _bind(self, x: torch.Tensor) -> None:
+        self.x = x
+        # nn.Parameter(view) aliases the view's storage: torch's in-place update writes x
+        self.params = [nn.Parameter(x[lo:hi].view(s)) for (lo, hi), s in self._slices()]
+        self.opt = make_optimizer(
+            self.spec, torch_param_groups(self.spec, self.layout, self.params)
+        )
+        self.base_lrs = [float(g["lr"]) for g in self.opt.param_groups]
+        self.sched = (
+            make_scheduler(self.spec, self.opt, self.total_steps) if self.scheduled else None
+        )
+        # the group each parameter sits in (per-block steps set that group's lr)
+        where = {id(p): i for i, g in enumerate(self.opt.param_groups) for p in g["params"]}
+        self.group_of = [where[id(p)] for p in self.params]
 
-        The common cases (no Nesterov) run in place over the buffers: this is on the
-        coordinator's critical path, once per step, over every parameter.
+    def rebind(self, x: torch.Tensor) -> None:
+        """Follow the model of record into new memory (``x`` holds its values already)."""
+        state = self.state_dict()
+        self._bind(x)
+        self.load_state_dict(state)
 
-        Returns:
-            The update direction ``d`` (the applied change is ``-lr * d``).
-        """
+    # -- the learning rate -----------------------------------------------------------------
+    def factor_at(self, t: int) -> float:
+        """The schedule's factor at step ``t`` (the last step's after the run's end)."""
+        return schedule_factor(self.spec, min(t, self.total_steps - 1), self.total_steps)
+
+    @property
+    def lr(self) -> float:
+        """The base lr (``optimizer.lr`` times the schedule) of the next step to apply: B̂'s
+        unit (docs/consistency.md)."""
+        return self.spec.lr * self.factor_at(self.steps)
+
+    @property
+    def applied_lr(self) -> float:
+        """The base lr of the last step applied (that of step 0 before any)."""
+        return self.spec.lr * self.factor_at(max(self.steps - 1, 0))
+
+    def _set_lrs(self, t: int) -> None:
+        """Give each group the lr of step ``t`` (the scheduler's own value at the current
+        step, else the closed form)."""
+        if t == self.steps and self.sched is not None:
+            return
+        f = self.factor_at(t)
+        for g, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * f
+
+    # -- full steps ------------------------------------------------------------------------
+    def _apply(self) -> None:
+        """One ``optimizer.step()`` with the gradient in ``self.grad`` (clipped if asked)."""
+        for p, g in zip(self.params, self.grad_views, strict=True):
+            p.grad = g
+        if self.spec.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.clip_grad_norm)
+        self.opt.step()
+
+    def end_step(self) -> None:
+        """A full step is applied: count it and advance the schedule."""
         self.steps += 1
-        if self.nesterov:
-            d, self.buf = self._direction(x, grad, self.buf, scale)
-            x.add_(d, alpha=-self.lr)
-            return d
-        if self.momentum == 0.0:
-            d = grad.mul(scale)
-            if self.weight_decay != 0.0:
-                d.add_(x, alpha=self.weight_decay)
-            x.add_(d, alpha=-self.lr)
-            return d
-        if self.buf is None:
-            self.buf = grad.mul(scale)
-        else:
-            self.buf.mul_(self.momentum).add_(grad, alpha=scale)
-        if self.weight_decay != 0.0:
-            self.buf.add_(x, alpha=self.weight_decay)
-        x.add_(self.buf, alpha=-self.lr)
-        return self.buf
+        if self.sched is not None:
+            self.sched.step()
 
-    def step_many(self, x: torch.Tensor, grads: list[torch.Tensor], scale: float) -> None:
-        """One update with gradient ``scale * sum(grads)``, without materialising the sum
-        when momentum is on (each gradient is folded straight into the momentum buffer)."""
+    def step(self, grad: torch.Tensor, scale: float = 1.0, count: bool = True) -> None:
+        """One update with the gradient ``scale * grad`` (``grad`` is not changed).
+
+        Args:
+            count: count the step (:meth:`end_step`); ``False`` when the caller counts.
+        """
+        torch.mul(grad, scale, out=self.grad)
+        self._apply()
+        if count:
+            self.end_step()
+
+    def step_many(self, grads: Sequence[torch.Tensor], scale: float) -> None:
+        """One update with the gradient ``scale * sum(grads)``."""
         if not grads:
             return
-        if len(grads) == 1 or self.nesterov or self.momentum == 0.0 or self.buf is None:
-            total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
-            self.step(x, total, scale)
-            return
-        self.steps += 1
-        self.buf.mul_(self.momentum)
-        for g in grads:
-            self.buf.add_(g, alpha=scale)
-        if self.weight_decay != 0.0:
-            self.buf.add_(x, alpha=self.weight_decay)
-        x.add_(self.buf, alpha=-self.lr)
+        self.grad.copy_(grads[0])
+        for g in grads[1:]:
+            self.grad.add_(g)
+        if scale != 1.0:
+            self.grad.mul_(scale)
+        self._apply()
+        self.end_step()
 
-    def step_slice(
-        self, x: torch.Tensor, grad: torch.Tensor, lo: int, hi: int, scale: float = 1.0
-    ) -> float:
-        """Apply one update to the slice ``x[lo:hi]`` only, with that slice's gradient
-        ``scale * grad`` and its slice of the momentum buffer.
+    def step_measured(self, grad: torch.Tensor, scale: float = 1.0) -> float:
+        """:meth:`step`, returning the update's norm in units of its base lr."""
+        lr, before = self.lr, self.x.clone()
+        self.step(grad, scale)
+        return float(before.sub_(self.x).norm()) / lr
 
-        The optimizer is elementwise, so applying every slice of a partition once is the same
-        update as :meth:`step` on the whole vector (a buffer not yet created starts at zero:
-        ``mu * 0 + g = g``, the first step's buffer). The per-block elastic mode applies each
-        parameter block's update when its gradients are in. ``steps`` is not counted here:
-        the caller counts a step once every slice of it is applied.
+    # -- per-block steps -------------------------------------------------------------------
+    def step_block(self, b: int, grad: torch.Tensor, scale: float, step_index: int) -> float:
+        """Apply parameter ``b``'s share of step ``step_index``'s update, with that block's
+        gradient ``scale * grad``, at the lr of ``step_index`` (only ``b``'s ``.grad`` is
+        set, so torch leaves the others and their state alone). Not counted: the caller
+        calls :meth:`end_step` once every block of the step is applied. Refused when
+        clipping is on (the global norm needs the whole gradient: apply whole steps).
 
         Returns:
-            The norm of the slice's update direction (the applied change is ``-lr * d``).
+            The norm of the block's update in units of the step's base lr.
         """
-        xs = x[lo:hi]
-        if self.momentum == 0.0:
-            d = grad.mul(scale)
-            if self.weight_decay != 0.0:
-                d.add_(xs, alpha=self.weight_decay)
-            xs.add_(d, alpha=-self.lr)
-            return float(d.norm())
-        if self.buf is None:
-            self.buf = torch.zeros_like(x)
-        b = self.buf[lo:hi]
-        if self.nesterov:
-            d_p = grad.mul(scale)
-            if self.weight_decay != 0.0:
-                d_p = d_p.add(xs, alpha=self.weight_decay)
-            b.mul_(self.momentum).add_(d_p)
-            d = d_p.add(b, alpha=self.momentum)
-            xs.add_(d, alpha=-self.lr)
-            return float(d.norm())
-        b.mul_(self.momentum).add_(grad, alpha=scale)
-        if self.weight_decay != 0.0:
-            b.add_(xs, alpha=self.weight_decay)
-        xs.add_(b, alpha=-self.lr)
-        return float(b.norm())
+        if self.spec.clip_grad_norm is not None:
+            raise TrainingFailed(
+                "step_block with optimizer.clip_grad_norm: clipping needs the whole "
+                "gradient; apply whole steps"
+            )
+        lo, hi = self.blocks[b]
+        torch.mul(grad, scale, out=self.grad[lo:hi])
+        before = self.x[lo:hi].clone()
+        group = self.opt.param_groups[self.group_of[b]]
+        saved = group["lr"]
+        if step_index != self.steps or self.sched is None:
+            group["lr"] = self.base_lrs[self.group_of[b]] * self.factor_at(step_index)
+        for i, p in enumerate(self.params):
+            p.grad = self.grad_views[i] if i == b else None
+        self.opt.step()
+        group["lr"] = saved
+        lr = self.spec.lr * self.factor_at(step_index)
+        return float(before.sub_(self.x[lo:hi]).norm()) / lr
+
+    # -- functional steps ------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """A copy of the record's state now (for :meth:`peek` from it later)."""
+        return Snapshot(
+            self.x.clone(),
+            [copy.deepcopy(self.opt.state.get(p, {})) for p in self.params],
+            self.steps,
+        )
 
     def peek(
-        self, x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The state after one update, on copies: ``(x', buf')``. Nothing here changes."""
-        d, new_buf = self._direction(x, grad, buf, scale)
-        return x.add(d, alpha=-self.lr), new_buf
+        self, steps: Sequence[tuple[torch.Tensor, float]], start: Snapshot | None = None
+    ) -> torch.Tensor:
+        """``x`` after the updates ``scale * grad`` of ``steps``, in order, from the record's
+        state now (or from ``start``): computed on a scratch optimizer (reused between
+        calls), the record untouched. Step ``i`` uses the lr of step ``steps0 + i``.
 
+        Returns:
+            A new tensor (the provisional view).
+        """
+        s = self._scratch
+        if s is None:
+            s = RecordOptimizer(self.spec, self.x.clone(), self.layout, self.total_steps, False)
+            self._scratch = s
+        if start is None:
+            s.x.copy_(self.x)
+            states = [self.opt.state.get(p, {}) for p in self.params]
+            t0 = self.steps
+        else:
+            s.x.copy_(start.x)
+            states, t0 = start.state, start.steps
+        for p, st in zip(s.params, states, strict=True):
+            if st:
+                _copy_state(st, s.opt.state[p])
+            else:
+                s.opt.state.pop(p, None)
+        for i, (g, scale) in enumerate(steps):
+            s.steps = t0 + i
+            s._set_lrs(t0 + i)
+            torch.mul(g, scale, out=s.grad)
+            s._apply()
+        return s.x.clone()
+
+    def clone(self) -> RecordOptimizer:
+        """An independent copy (its own ``x`` and state) that steps on its own."""
+        out = RecordOptimizer(self.spec, self.x.clone(), self.layout, self.total_steps)
+        out.load_state_dict(self.state_dict())
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"buf": None if self.buf is None else self.buf.clone(), "steps": self.steps}
+        """Optimizer, scheduler and step count (copies: later steps do not change it)."""
+        return {
+            "optimizer": copy.deepcopy(self.opt.state_dict()),
+            "scheduler": None if self.sched is None else copy.deepcopy(self.sched.state_dict()),
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buf = state["buf"]
+        """Restore what :meth:`state_dict` returned (exactly: the next step is the same).
+
+        Raises:
+            TrainingFailed: ``state`` is not this optimizer's (a checkpoint written by the
+                former flat SGD, or by another optimizer kind).
+        """
+        if "optimizer" not in state:
+            raise TrainingFailed(
+                "the checkpoint's optimizer state predates torch.optim (keys "
+                f"{sorted(state)}); start the job again without resuming"
+            )
+        self.opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.sched is not None and state.get("scheduler") is not None:
+            self.sched.load_state_dict(state["scheduler"])
         self.steps = int(state["steps"])

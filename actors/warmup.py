@@ -31,6 +31,10 @@ class Constants:
         warmup_steps: the window the constants were estimated over.
         frozen_at_step: the step at which they were frozen.
         safety_factor: the factor applied to the warm-up's maxima.
+        u: bound on one step's update direction in *update units*, ``||x_k - x_{k+1}|| /
+            lr_k`` (``lr_k`` the step's base lr): ``safety x max`` over the warm-up. The
+            constant of the bounds for adaptive optimizers (Adam scales each coordinate, so
+            ``M`` says little about the step; docs/consistency.md); ``nan``: never measured.
     """
 
     m: float
@@ -40,6 +44,7 @@ class Constants:
     warmup_steps: int
     frozen_at_step: int
     safety_factor: float
+    u: float = math.nan
 
     def public(self) -> dict[str, float | None]:
         """``{M, sigma, L}`` for the summary (``None`` for a constant never measured)."""
@@ -48,6 +53,7 @@ class Constants:
             "M_raw": self.m_raw,
             "sigma": self.sigma,
             "L": self.smoothness if math.isfinite(self.smoothness) else None,
+            "U": self.u if math.isfinite(self.u) else None,
         }
 
 
@@ -82,10 +88,12 @@ class WarmupEstimator:
     x_max: float = 0.0
     sigma_max: float = 0.0
     l_max: float = math.nan
+    u_max: float = math.nan  # largest ||x_k - x_{k+1}|| / lr_k seen (update units)
     frozen: Constants | None = None
     finite: bool = True  # every gradient seen in the warm-up was finite
     _open: dict[int, _StepSpread] = field(default_factory=dict)
     _prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, mean gradient) of a step
+    _last_x: torch.Tensor | None = None  # x at the previous step_done (for U)
 
     def see_grad(self, step: int, grad: torch.Tensor, sent: float, raw: float) -> None:
         """One worker's gradient of ``step`` (ignored once frozen)."""
@@ -106,12 +114,21 @@ class WarmupEstimator:
             acc.sq += sent * sent
             acc.n += 1
 
-    def step_done(self, step: int, x: torch.Tensor) -> Constants | None:
+    def step_done(self, step: int, x: torch.Tensor, lr: float | None = None) -> Constants | None:
         """Steps before ``step`` are complete at model ``x``; returns the constants when
-        this freezes them (``None`` otherwise, and always once frozen)."""
+        this freezes them (``None`` otherwise, and always once frozen).
+
+        Args:
+            lr: the base lr of the step just applied (``None``: ``U`` is not measured).
+        """
         if self.frozen is not None:
             return None
         self.x_max = max(self.x_max, float(x.norm()))
+        if lr is not None and lr > 0.0:
+            if self._last_x is not None:
+                u = float((x - self._last_x).norm()) / lr
+                self.u_max = u if math.isnan(self.u_max) else max(self.u_max, u)
+            self._last_x = x.clone()
         for s in sorted(k for k in self._open if k < step):
             self._close(self._open.pop(s), x)
         if step < self.start_step + self.warmup_steps:
@@ -145,7 +162,9 @@ class WarmupEstimator:
             warmup_steps=self.warmup_steps,
             frozen_at_step=step,
             safety_factor=k,
+            u=k * self.u_max,
         )
         self._open.clear()
         self._prev = None
+        self._last_x = None
         return self.frozen

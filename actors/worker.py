@@ -162,13 +162,16 @@ class WorkerCore:
         torch.autograd.grad(loss, pieces)  # the hooks wrote every block
         return float(loss.detach()), int(idx.numel())
 
-    def _local_sum(self, flat: torch.Tensor, steps: int, out: torch.Tensor) -> tuple[float, int]:
-        """``out = sum_t g(y_t)`` over ``steps`` plain SGD steps from ``y_0 = flat``.
+    def _local_sum(
+        self, flat: torch.Tensor, steps: int, out: torch.Tensor, lr: float | None = None
+    ) -> tuple[float, int]:
+        """``out = sum_t g(y_t)`` over ``steps`` plain SGD steps at ``lr`` (``None``:
+        ``optimizer.lr``) from ``y_0 = flat``.
 
         Returns:
             The mean loss over the steps and the samples drawn.
         """
-        lr = self.spec.optimizer.lr
+        lr = self.spec.optimizer.lr if lr is None else lr
         tmp = torch.empty(self.layout.numel, device=out.device) if steps > 1 else out
         loss_sum, n = 0.0, 0
         for t in range(steps):
@@ -212,10 +215,10 @@ class WorkerCore:
             loss, n = self._streamed_grad(flat, req.step, gbuf)
         elif self.device.type == "cuda":
             dev = torch.empty(self.layout.numel, device=self.device)
-            loss, n = self._local_sum(flat, req.local_steps, dev)
+            loss, n = self._local_sum(flat, req.local_steps, dev, req.local_lr)
             gbuf.copy_(dev.cpu())
         else:
-            loss, n = self._local_sum(flat, req.local_steps, gbuf)
+            loss, n = self._local_sum(flat, req.local_steps, gbuf, req.local_lr)
         for corruption in effect.corruptions:  # before compression: what is sent is corrupt
             corruption.apply(gbuf)
         raw_norm = float(gbuf.norm())

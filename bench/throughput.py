@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from actors.datasets import load_dataset, loss_fn
+from actors.flat import ParamLayout
 from actors.models import build_model, n_parameters
+from actors.optim import make_optimizer, make_scheduler, torch_param_groups
 from actors.sampler import ShardSampler
 from bench.common import (
     NOT_A_VERDICT,
@@ -142,7 +144,8 @@ PLAIN_1T = "plain PyTorch, 1 thread"
 
 
 def run_plain(spec: JobSpec, threads: int | None = None) -> dict[str, Any]:
-    """Train ``spec``'s model in this process with ``torch.optim.SGD`` on the global batch.
+    """Train ``spec``'s model in this process with the job's ``torch.optim`` optimizer (SGD,
+    Adam or AdamW; its schedule, clipping and parameter groups) on the global batch.
 
     Same dataset (and split), model, initial weights and optimizer settings as the job,
     one sampler over the whole training set drawing ``workers x batch_size`` rows per step.
@@ -167,13 +170,11 @@ def _train_plain(spec: JobSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)  # as the coordinator does before building the model
     model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
     o = spec.optimizer
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=o.lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-    )
+    # the same torch objects the coordinator builds (actors/optim.py), over the module's own
+    # parameters: plain PyTorch, no flat vector
+    params = list(model.parameters())
+    opt = make_optimizer(o, torch_param_groups(o, ParamLayout.of(model), params))
+    sched = make_scheduler(o, opt, spec.total_steps(ds.n_train))
     loss_of = loss_fn(ds.task)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     sampler = ShardSampler(np.arange(len(x)), seed=spec.seed, shard_key=0)
@@ -187,7 +188,11 @@ def _train_plain(spec: JobSpec) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         out = loss_of(model(x[idx]), y[idx])
         out.backward()
+        if o.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
         opt.step()
+        if sched is not None:
+            sched.step()
         loss = float(out.detach())
         points.append((float(step), time.time(), float(step * global_batch)))
     wall = time.perf_counter() - t0

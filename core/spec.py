@@ -9,6 +9,7 @@ refused with the field's path and the allowed range (:func:`parse_spec`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -97,14 +99,126 @@ class DatasetSpec(_Strict):
         return self
 
 
-class OptimizerSpec(_Strict):
-    """SGD with momentum and weight decay, applied by the coordinator to the model of record."""
+class ConstantSchedule(_Strict):
+    """The learning rate stays ``optimizer.lr`` for the whole run."""
 
-    name: Literal["sgd"] = "sgd"
+    name: Literal["constant"] = "constant"
+
+
+class WarmupCosineSchedule(_Strict):
+    """Linear warm-up, then cosine decay to the end of the run
+    (``torch.optim.lr_scheduler.LambdaLR``; actors/optim.py: :func:`warmup_cosine_factor`).
+
+    The lr of step ``t`` (0-based) is ``lr * (t + 1) / warmup_steps`` for
+    ``t < warmup_steps``, then ``lr * (r + (1 - r) * (1 + cos(pi * s)) / 2)`` with
+    ``s = (t - warmup_steps) / (total_steps - warmup_steps)`` and ``r = min_lr_ratio``; the
+    run's total steps come from ``steps`` or ``epochs``.
+    """
+
+    name: Literal["warmup_cosine"] = "warmup_cosine"
+    # 0: no warm-up (cosine from the first step)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    # the final lr as a share of ``optimizer.lr`` (0: decay to zero)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class StepSchedule(_Strict):
+    """The lr is multiplied by ``gamma`` every ``step_size`` steps
+    (``torch.optim.lr_scheduler.StepLR``)."""
+
+    name: Literal["step"] = "step"
+    step_size: int = Field(ge=1, le=MAX_STEPS)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+
+
+ScheduleSpec = Annotated[
+    ConstantSchedule | WarmupCosineSchedule | StepSchedule, Field(discriminator="name")
+]
+
+
+class ParamGroupSpec(_Strict):
+    """Settings for the parameters whose name (as ``named_parameters()`` spells it, e.g.
+    ``net.0.bias``) matches the regular expression ``match`` (``re.search``); the first
+    group that matches a parameter decides, unset fields keep the optimizer's."""
+
+    match: str = Field(min_length=1, max_length=256)
+    weight_decay: float | None = Field(default=None, ge=0.0, le=1.0)
+    # multiplies optimizer.lr (and the schedule) for these parameters
+    lr_scale: float | None = Field(default=None, ge=0.0, le=100.0)
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}); e.g. 'bias$'") from None
+        return v
+
+
+# Adam's own defaults (torch.optim.Adam)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_ADAM_FIELDS = ("betas", "eps")
+_SGD_FIELDS = ("momentum", "nesterov")
+
+
+class OptimizerSpec(_Strict):
+    """The optimizer the coordinator applies to the model of record (``torch.optim`` SGD,
+    Adam or AdamW; actors/optim.py), its lr schedule, clipping and parameter groups.
+
+    ``momentum``/``nesterov`` belong to ``sgd``; ``betas``/``eps`` to ``adam``/``adamw``
+    (given for the other kind they are refused). ``weight_decay`` is L2 added to the
+    gradient for ``sgd`` and ``adam``, decoupled for ``adamw`` (torch's meaning).
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(default=0.05, gt=0.0, le=100.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     nesterov: bool = False
+    # adam/adamw only; None: torch's defaults (ADAM_BETAS, ADAM_EPS)
+    betas: (
+        tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
+        | None
+    ) = None
+    eps: float | None = Field(default=None, gt=0.0, le=1.0)
+    schedule: ScheduleSpec = Field(default_factory=ConstantSchedule)
+    # clip the averaged gradient to this global L2 norm (torch.nn.utils.clip_grad_norm_)
+    clip_grad_norm: float | None = Field(default=None, gt=0.0, le=1e6)
+    param_groups: list[ParamGroupSpec] = Field(default_factory=list, max_length=MAX_LAYERS)
+    # biases and every 1-D parameter (LayerNorm/BatchNorm weights) get weight_decay 0
+    # (a group in ``param_groups`` that sets weight_decay for a parameter wins)
+    no_decay_bias_and_norm: bool = False
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        return self.betas if self.betas is not None else ADAM_BETAS
+
+    @property
+    def adam_eps(self) -> float:
+        return self.eps if self.eps is not None else ADAM_EPS
+
+    @property
+    def adaptive(self) -> bool:
+        """Adam or AdamW: the update is scaled per coordinate (docs/consistency.md)."""
+        return self.name in ("adam", "adamw")
+
+    @field_validator(*_SGD_FIELDS, *_ADAM_FIELDS)
+    @classmethod
+    def _belongs_to_name(cls, v: Any, info: ValidationInfo) -> Any:
+        """A field of the other kind of optimizer, given, is refused (not ignored)."""
+        name = info.data.get("name", "sgd")
+        adaptive = name in ("adam", "adamw")
+        # the other kind's "off" values (a dumped spec holds them) are no setting
+        unset = v is None or (info.field_name in _SGD_FIELDS and not v)
+        if not unset and info.field_name in (_SGD_FIELDS if adaptive else _ADAM_FIELDS):
+            owner = "sgd" if adaptive else "adam and adamw"
+            raise ValueError(
+                f"belongs to {owner}, not {name}; remove it (sgd: lr, momentum, "
+                f"weight_decay, nesterov; adam/adamw: lr, betas, eps, weight_decay)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _check_nesterov(self) -> OptimizerSpec:
@@ -471,8 +585,11 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str
     return format_error_list(exc.errors(), prefix)
 
 
-_UNION_FIELDS = {"mode"}
-_UNION_TAGS = {"sync", "elastic", "straggler", "async", "local"}
+_UNION_FIELDS = {"mode", "schedule"}
+_UNION_TAGS = {
+    *("sync", "elastic", "straggler", "async", "local"),
+    *("constant", "warmup_cosine", "step"),
+}
 
 
 def format_error_list(

@@ -83,10 +83,17 @@ class Guarding:
             return
         self.estimator.see_grad(reply.step, grad, reply.sent_norm, reply.raw_norm)
 
-    def after_step(self, step: int, loss: float, x: torch.Tensor, can_rollback: bool) -> Decision:
-        """A step was recorded at model ``x``: freeze the constants when the warm-up ends,
-        then judge (``loss`` nan: no gradient arrived)."""
-        c = self.estimator.step_done(step, x)
+    def after_step(
+        self,
+        step: int,
+        loss: float,
+        x: torch.Tensor,
+        can_rollback: bool,
+        lr: float | None = None,
+    ) -> Decision:
+        """A step was recorded at model ``x`` (applied at base lr ``lr``): freeze the
+        constants when the warm-up ends, then judge (``loss`` nan: no gradient arrived)."""
+        c = self.estimator.step_done(step, x, lr)
         if c is not None:
             self.constants = c
             self.state_bound("stated", f"after {c.warmup_steps} warm-up steps")

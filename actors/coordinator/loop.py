@@ -40,7 +40,7 @@ from actors.messages import Launch
 from actors.models import build_model
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from core.errors import InvalidTransition
 from core.events import EventKind
 from core.spec import FaultSpec, JobSpec
@@ -94,7 +94,9 @@ class CoordinatorCore:
             ConsistencyMonitor(window=spec.guard.window_steps), ef, spec.monitor_interval
         )
         self.meter.live_workers = lambda: len(self.members.live())
-        self.record = ModelOfRecord(flatten(self.model), FlatSGD(spec.optimizer))
+        self.record = ModelOfRecord(
+            RecordOptimizer(spec.optimizer, flatten(self.model), self.layout, self.total_steps)
+        )
         self.mode = make_mode(
             ModeContext(
                 spec, self.total_steps, self.record, self.meter, self.norms, self.layout.blocks()

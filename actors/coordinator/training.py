@@ -205,6 +205,8 @@ class Training:
                 plan=self.faults.plan,
             )
             req.stream_blocks = self._streams(w)
+            if req.local_steps > 1:  # local SGD steps at the round's lr (the schedule's)
+                req.local_lr = self.mode.model.opt.lr
             w.t_dispatch = time.perf_counter()
             self.inflight[w.id] = self.data.send(w, req)
 
@@ -320,7 +322,9 @@ class Training:
             refused=self.refused,
         )
         step = self.mode.step
-        decision = self.guard.after_step(step, applied.loss, self.record.x, self.can_rollback())
+        decision = self.guard.after_step(
+            step, applied.loss, self.record.x, self.can_rollback(), self.record.opt.applied_lr
+        )
         self._act(decision)
         if self.pending is not None:
             return

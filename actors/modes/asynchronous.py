@@ -17,7 +17,15 @@ import torch
 from typing_extensions import override
 
 from actors.messages import GradientReply
-from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
+from actors.modes.base import (
+    Applied,
+    Dispatch,
+    Member,
+    Mode,
+    ModeContext,
+    Verdict,
+    update_constant,
+)
 from actors.scheduling import AsyncRule, make_async_rule
 from actors.warmup import Constants
 from core.spec import AsyncMode, JobSpec, ModeSpec
@@ -124,8 +132,7 @@ class AsyncEngine(Mode):
         v = self.view_vec.pop(wid, None)
         if v is not None:
             self.meter.measure(self.step, (x - v) / opt.lr)
-        d = opt.step(x, grad)
-        self.norms.see_update(float(d.norm()))
+        self.norms.see_update(opt.step_measured(grad))
         self.staleness_max = max(self.staleness_max, self.model.version - self.outstanding[wid])
         self.model.version += 1
         self.outstanding.pop(wid, None)
@@ -135,11 +142,12 @@ class AsyncEngine(Mode):
     @override
     @classmethod
     def bound_term(cls, spec: JobSpec, c: Constants) -> float:
-        mode, mu = spec.mode, spec.optimizer.momentum
+        mode = spec.mode
         assert isinstance(mode, AsyncMode)
+        m, mu, _ = update_constant(spec, c)
         # a view at most tau updates old; each update (a momentum buffer, or g + mu buf with
-        # Nesterov) has norm <= M / (1 - mu) (docs: async)
-        return mode.max_staleness * c.m / (1.0 - mu)
+        # Nesterov) has norm <= M / (1 - mu); Adam: <= U, in update units (docs: async)
+        return mode.max_staleness * m / (1.0 - mu)
 
     @override
     def tighten(self) -> ModeSpec | None:

@@ -36,7 +36,7 @@ import torch
 
 from actors.consistency import Meter, ObservedNorms
 from actors.messages import GradientReply
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec
 
@@ -54,13 +54,43 @@ class Member(Protocol):
     last_step: int | None
 
 
-@dataclass
 class ModelOfRecord:
-    """The consistent model ``x``, its optimizer, and the count of updates applied."""
+    """The consistent model ``x``, its optimizer, and the count of updates applied.
 
-    x: torch.Tensor
-    opt: FlatSGD
-    version: int = 0
+    ``x`` is the optimizer's: its parameters are views of it (:mod:`actors.optim`), so
+    assigning a new tensor (shared memory) rebinds the optimizer to it.
+
+    Args:
+        opt: the job's optimizer over the flat model of record.
+        version: updates applied so far.
+    """
+
+    def __init__(self, opt: RecordOptimizer, version: int = 0) -> None:
+        self.opt = opt
+        self.version = version
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.opt.x
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        if value is not self.opt.x:
+            self.opt.rebind(value)
+
+
+def update_constant(spec: JobSpec, c: Constants) -> tuple[float, float, float]:
+    """``(M, momentum, weight_decay)`` a mode's bound term is written in.
+
+    SGD: the frozen gradient-norm bound ``M``, amplified by momentum and weight decay. Adam
+    and AdamW: the frozen bound ``U`` on one step's update direction in update units
+    (``||x_k - x_{k+1}|| / lr_k``, moments and weight decay inside it), not amplified
+    further (docs/consistency.md: adaptive optimizers).
+    """
+    opt = spec.optimizer
+    if opt.adaptive:
+        return c.u, 0.0, 0.0
+    return c.m, opt.momentum, opt.weight_decay
 
 
 @dataclass

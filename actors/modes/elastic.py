@@ -11,10 +11,15 @@ the model, :class:`actors.flat.ParamLayout`):
   small :class:`actors.messages.BlockReady` frame before the final reply; over the object
   store every block arrives with the reply).
 * The coordinator adds each arrived block into the step's sum, and applies block b's
-  averaged step-k update (:meth:`actors.optim.FlatSGD.step_slice`, exact: the optimizer is
-  elementwise) once every gradient step k expects has delivered block b (or is known lost)
-  and step k can get no new contributor. Each block applies its steps in order; different
-  blocks may be at different steps (the late ones catch up as their gradients arrive).
+  averaged step-k update (:meth:`actors.optim.RecordOptimizer.step_block`: ``torch.optim``
+  with ``.grad`` set for that parameter only, at step k's lr; exact, as SGD, Adam and AdamW
+  update each parameter from its own gradient and state) once every gradient step k
+  expects has delivered block b (or is known lost) and step k can get no new contributor.
+  Each block applies its steps in order; different blocks may be at different steps (the
+  late ones catch up as their gradients arrive). With ``clip_grad_norm`` the clip needs
+  the global norm of the whole averaged gradient, so a step's blocks apply together, once
+  all of them are in (blocks still stream in early; the share rule then sees a step as
+  applied whole or not at all).
 * A worker starts step k+1 once ``sum_{b applied} ||g_own,b|| >= beta * sum_b ||g_own,b||``
   over the per-block L2 norms of its own step-k gradient
   (:class:`actors.scheduling.BlockShareRule`), never more than ``max_lag`` steps ahead of
@@ -43,7 +48,15 @@ from typing_extensions import override
 
 from actors.consistency import elastic_amplification
 from actors.messages import GradientReply
-from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict
+from actors.modes.base import (
+    Applied,
+    Dispatch,
+    Member,
+    Mode,
+    ModeContext,
+    Verdict,
+    update_constant,
+)
 from actors.modes.missing import divisor
 from actors.scheduling import BlockShareRule, StepBook
 from actors.warmup import Constants
@@ -104,6 +117,8 @@ class ElasticEngine(Mode):
         self.rule = BlockShareRule(beta=mode.beta, max_lag=mode.max_lag)
         numel = ctx.model.x.numel()
         self.blocks: list[tuple[int, int]] = list(ctx.blocks or [(0, numel)])
+        if self.blocks != ctx.model.opt.blocks:
+            raise ValueError("the elastic mode's blocks must be the optimizer's parameters")
         self.book = StepBook(self.total_steps, jumps=True)
         self.done = [0] * len(self.blocks)  # per block: the next step it applies
         self.steps_in: dict[int, _StepBlocks] = {}
@@ -266,9 +281,7 @@ class ElasticEngine(Mode):
         n = divisor(self.spec.missing_policy, len(got), len(lost))
         lo, hi = self.blocks[b]
         if got and sb is not None:
-            sb.update_sum += self.model.opt.step_slice(
-                self.model.x, sb.total[lo:hi], lo, hi, scale=1.0 / n
-            )
+            sb.update_sum += self.model.opt.step_block(b, sb.total[lo:hi], 1.0 / n, step)
         self.done[b] = step + 1
         self.block_applies += 1
         self._measure_block(b, step + 1)
@@ -288,7 +301,36 @@ class ElasticEngine(Mode):
                 self.meter.record(self.step, math.sqrt(pv.sq) / self.model.opt.lr)
         self.pending = keep
 
+    def _apply_whole(self) -> Iterator[Applied]:
+        """With clipping: the oldest incomplete step, all blocks at once, once every block
+        is ready (see the module docstring)."""
+        opt = self.model.opt
+        while self.book.completed in self.book.open and all(
+            self.done[b] == self.book.completed and self._block_ready(b)
+            for b in range(len(self.blocks))
+        ):
+            step = self.book.completed
+            entry = self.book.open[step]
+            sb = self.steps_in.get(step)
+            if sb is not None and any(sb.arrived):
+                for b, (lo, hi) in enumerate(self.blocks):
+                    got = sb.arrived[b]
+                    n = divisor(self.spec.missing_policy, len(got), len(entry.lost - got))
+                    sb.total[lo:hi].mul_(1.0 / n)
+                before, lr = self.model.x.clone(), opt.lr
+                opt.step(sb.total, count=False)
+                before.sub_(self.model.x)
+                sb.update_sum = sum(float(before[lo:hi].norm()) / lr for lo, hi in self.blocks)
+            self.block_applies += 1
+            for b in range(len(self.blocks)):
+                self.done[b] = step + 1
+                self._measure_block(b, step + 1)
+            yield self._complete()
+
     def apply_ready(self) -> Iterator[Applied]:
+        if self.model.opt.spec.clip_grad_norm is not None:
+            yield from self._apply_whole()
+            return
         progressed = True
         while progressed:
             progressed = False
@@ -312,7 +354,9 @@ class ElasticEngine(Mode):
         # steps nobody was assigned (the book skips them) are no block's business
         self.done = [max(d, self.book.completed) for d in self.done]
         self.model.version += 1
-        self.model.opt.steps += 1
+        # the schedule counts completed steps (the book may skip steps nobody was assigned)
+        while self.model.opt.steps < self.book.completed:
+            self.model.opt.end_step()
         losses = sb.losses if sb is not None else []
         if sb is not None:
             self.norms.update_block_sum_max = max(self.norms.update_block_sum_max, sb.update_sum)
@@ -328,11 +372,12 @@ class ElasticEngine(Mode):
         assert isinstance(mode, ElasticMode)
         # U_S from the frozen constants: max_lag steps' updates, each at most 2M after the
         # optimizer's amplification A (momentum, weight decay); elastic_bound_term takes the
-        # per-step share, so the amplification over max_lag steps is divided back out
-        amp = elastic_amplification(
-            mode.max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov
-        )
-        return elastic_bound_term(mode.beta, mode.max_lag, 2.0 * c.m * amp / mode.max_lag)
+        # per-step share, so the amplification over max_lag steps is divided back out. Adam:
+        # 2U with U the frozen bound on one update in update units, A = max_lag (no momentum
+        # beyond what U holds)
+        m, mu, wd = update_constant(spec, c)
+        amp = elastic_amplification(mode.max_lag, mu, wd, opt.lr, opt.nesterov and mu > 0)
+        return elastic_bound_term(mode.beta, mode.max_lag, 2.0 * m * amp / mode.max_lag)
 
     @override
     def tighten(self) -> ModeSpec | None:

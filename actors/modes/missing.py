@@ -29,8 +29,8 @@ from collections.abc import Mapping
 
 import torch
 
-from actors.optim import FlatSGD
-from core.spec import MissingPolicy, OptimizerSpec
+from actors.optim import RecordOptimizer, Snapshot
+from core.spec import MissingPolicy
 
 
 def divisor(policy: MissingPolicy, arrived: int, lost: int) -> int:
@@ -43,25 +43,26 @@ class ShadowModel:
     """The consistent sequence ``x*`` (see the module docstring).
 
     Args:
-        x: the model of record when the shadow starts (copied).
-        opt: the model of record's optimizer (its state is copied, not shared).
-        spec: the optimizer's settings (the shadow's optimizer is built from them).
+        opt: the model of record's optimizer when the shadow starts (its ``x``, state and
+            schedule are copied, not shared).
     """
 
-    def __init__(self, x: torch.Tensor, opt: FlatSGD, spec: OptimizerSpec) -> None:
-        self.x = x.clone()
-        self.opt = FlatSGD(spec)
-        self.opt.load_state_dict(opt.state_dict())  # state_dict clones the momentum buffer
+    def __init__(self, opt: RecordOptimizer) -> None:
+        self.opt = opt.clone()
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.opt.x
 
     def apply(self, parts: list[torch.Tensor], count: int) -> None:
         """One step with the mean of ``count`` gradients whose sum is ``sum(parts)``."""
         if count > 0 and parts:
-            self.opt.step_many(self.x, parts, scale=1.0 / count)
+            self.opt.step_many(parts, scale=1.0 / count)
 
 
 def own_views(
-    opt: FlatSGD,
-    pre: tuple[torch.Tensor, torch.Tensor | None],
+    opt: RecordOptimizer,
+    pre: Snapshot,
     arrived_sum: torch.Tensor,
     own: Mapping[int, torch.Tensor],
     lost: int,
@@ -69,9 +70,9 @@ def own_views(
     """Each arrived worker's view after a step that lost ``lost`` gradients, under ``own``.
 
     Args:
-        opt: the model of record's optimizer (only its functional :meth:`FlatSGD.peek` is
-            used: nothing changes).
-        pre: the model of record and its momentum buffer *before* the step.
+        opt: the model of record's optimizer (only its functional
+            :meth:`~actors.optim.RecordOptimizer.peek` is used: nothing changes).
+        pre: the model of record and its optimizer state *before* the step.
         arrived_sum: ``S``, the sum of the step's arrived gradients.
         own: worker id -> that worker's gradient of the step (the arrived ones).
         lost: ``l``, how many gradients of the step were lost.
@@ -79,9 +80,8 @@ def own_views(
     Returns:
         worker id -> ``x_pre`` stepped with ``(S + l g_i) / n``, ``n = len(own) + lost``.
     """
-    x_pre, buf_pre = pre
     n = len(own) + lost
-    out = {}
-    for wid, g in own.items():
-        out[wid], _ = opt.peek(x_pre, arrived_sum.add(g, alpha=float(lost)), buf_pre, 1.0 / n)
-    return out
+    return {
+        wid: opt.peek([(arrived_sum.add(g, alpha=float(lost)), 1.0 / n)], start=pre)
+        for wid, g in own.items()
+    }

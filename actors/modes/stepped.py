@@ -28,6 +28,7 @@ import torch
 from actors.messages import GradientReply
 from actors.modes.base import Applied, Dispatch, Member, Mode, ModeContext, Verdict, ViewKey
 from actors.modes.missing import ShadowModel, divisor, own_views
+from actors.optim import Snapshot
 from actors.scheduling import StepBook, StepEntry, StepRule
 
 
@@ -167,15 +168,15 @@ class StepEngine(Mode):
         c = self.book.completed
         if target <= c:
             return ("x", self.model.version), x, True
-        v, buf = x, opt.buf
         parts = []
+        steps = []
         for j in range(c, target):
             entry = self.book.open.get(j)
             s = self.step_sums.get(j)
             n = len(entry.assigned) if entry is not None else 1
             parts.append((j, len(entry.arrived) if entry else 0, n))
-            g = s if s is not None else torch.zeros_like(x)
-            v, buf = opt.peek(v, g, buf, scale=1.0 / max(n, 1))
+            steps.append((s if s is not None else torch.zeros_like(x), 1.0 / max(n, 1)))
+        v = opt.peek(steps)
         return ("p", self.model.version, tuple(parts)), v, False
 
     # -- replies -----------------------------------------------------------------------------
@@ -232,14 +233,14 @@ class StepEngine(Mode):
             self.before_apply(step, grads)
             t_apply = time.perf_counter()
             if s is not None:
-                opt.step(x, s, scale=1.0 / n)
+                opt.step(s, scale=1.0 / n)
             else:
-                opt.step_many(x, grads, scale=1.0 / n)
+                opt.step_many(grads, scale=1.0 / n)
             apply_s = time.perf_counter() - t_apply
         elif lost:
             # every gradient lost: a zero gradient under any policy, so momentum goes on as
             # in x* (skipping the step would stop it: a gap of the whole momentum)
-            opt.step(x, torch.zeros_like(x))
+            opt.step(torch.zeros_like(x))
         self.book.complete(step)
         self.model.version += 1
         if pre is not None:
@@ -256,11 +257,11 @@ class StepEngine(Mode):
     # -- missing gradients (actors.modes.missing) ------------------------------------------
     def _missing_before(
         self, arrived: list[torch.Tensor], n_arrived: int, lost: list[torch.Tensor], own: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    ) -> Snapshot | None:
         """Step ``x*`` (started at the first loss) with every gradient of the step; returns
         the model of record's pre-step state if ``own`` views are to be built from it."""
         if lost and self.shadow is None:
-            self.shadow = ShadowModel(self.model.x, self.model.opt, self.spec.optimizer)
+            self.shadow = ShadowModel(self.model.opt)
         if self.shadow is not None:
             self.shadow.apply([*arrived, *lost], n_arrived + len(lost))
         if not lost:
@@ -268,12 +269,11 @@ class StepEngine(Mode):
         self.norms.see_lost(len(lost), n_arrived + len(lost))
         if not own or n_arrived == 0:
             return None
-        buf = self.model.opt.buf
-        return self.model.x.clone(), None if buf is None else buf.clone()
+        return self.model.opt.snapshot()
 
     def _own_views_after(
         self,
-        pre: tuple[torch.Tensor, torch.Tensor | None],
+        pre: Snapshot,
         arrived: list[torch.Tensor],
         own: dict[int, torch.Tensor],
         lost: int,

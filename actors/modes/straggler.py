@@ -16,7 +16,7 @@ from typing import ClassVar
 from typing_extensions import override
 
 from actors.consistency import elastic_amplification
-from actors.modes.base import ModeContext
+from actors.modes.base import ModeContext, update_constant
 from actors.modes.stepped import StepEngine
 from actors.scheduling import make_step_rule
 from actors.warmup import Constants
@@ -36,12 +36,18 @@ def straggler_bound_term(
     Args:
         beta: the rule's share in [0, 1] (1: sync, the bound is 0).
         max_lag: steps a worker may run ahead.
-        grad_bound: ``G``, a bound on one worker's gradient norm.
+        grad_bound: ``G``, a bound on one worker's gradient norm (Adam/AdamW: ``U``, the
+            bound on one update in update units).
         min_workers: the fewest workers a step can have.
         opt: the optimizer settings (momentum, weight decay, lr, Nesterov).
     """
     if beta >= 1.0:
         return 0.0
+    if opt.adaptive:
+        # Adam's update is not linear in the gradient: a provisional step and the true one
+        # are each at most U (``grad_bound`` in update units) apart from nothing, so 2U per
+        # step, max_lag steps, no further amplification (docs: adaptive optimizers)
+        return 2.0 * grad_bound * max_lag
     per_step = ((1.0 - beta) + 1.0 / max(min_workers, 1)) * grad_bound
     amp = elastic_amplification(max_lag, opt.momentum, opt.weight_decay, opt.lr, opt.nesterov)
     return per_step * amp
@@ -63,7 +69,8 @@ class StragglerEngine(StepEngine):
         mode = spec.mode
         assert isinstance(mode, StragglerMode)
         # G: the frozen bound M on one worker's gradient norm (docs: the constants)
-        return straggler_bound_term(mode.beta, mode.max_lag, c.m, spec.min_workers, spec.optimizer)
+        m, _, _ = update_constant(spec, c)
+        return straggler_bound_term(mode.beta, mode.max_lag, m, spec.min_workers, spec.optimizer)
 
     @override
     def tighten(self) -> ModeSpec | None:

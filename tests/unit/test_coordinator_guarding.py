@@ -19,7 +19,7 @@ from actors.guard import Action, Condition
 from actors.messages import GradientReply
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from core.events import EventKind
 from core.spec import JobSpec, parse_spec
 
@@ -41,7 +41,7 @@ def _spec(**guard: object) -> JobSpec:
 def _guarding(spec: JobSpec) -> tuple[Guarding, Reporter]:
     monitor = ConsistencyMonitor(window=spec.guard.window_steps)
     meter = Meter(monitor, False, 1)
-    record = ModelOfRecord(torch.zeros(2), FlatSGD(spec.optimizer))
+    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(2)))
     mode = make_mode(ModeContext(spec, 100, record, meter, ObservedNorms()))
     rep = Reporter(0.0, None, lambda: 0)
     return Guarding(spec, mode, monitor, (0.0, False), rep, []), rep

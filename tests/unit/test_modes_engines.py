@@ -4,6 +4,7 @@ record computed by hand; the registry and the per-mode bound terms."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from actors.consistency import (
     Meter,
     ObservedNorms,
 )
+from actors.flat import ParamLayout
 from actors.messages import GradientReply
 from actors.modes.base import Mode, ModeContext, ModelOfRecord
 from actors.modes.local import LocalEngine
 from actors.modes.registry import MODES, analytic_bound, make_mode
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from actors.warmup import Constants
 from core.spec import JobSpec, ModeSpec, parse_spec
 
@@ -44,7 +46,12 @@ def _spec(mode: dict[str, Any], workers: int = 3, steps: int = 10, **extra: Any)
 
 
 def _mode(spec: JobSpec, dim: int = 3, blocks: list[tuple[int, int]] | None = None) -> Mode:
-    record = ModelOfRecord(torch.zeros(dim), FlatSGD(spec.optimizer))
+    layout = None
+    if blocks is not None:  # one parameter per block, as the coordinator's layout has
+        names = tuple(f"p{i}" for i in range(len(blocks)))
+        shapes = tuple((hi - lo,) for lo, hi in blocks)
+        layout = ParamLayout(names, shapes, tuple(lo for lo, _ in blocks), dim)
+    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(dim), layout))
     meter = Meter(ConsistencyMonitor(), False, spec.monitor_interval)
     meter.live_workers = lambda: spec.workers
     ctx = ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms(), blocks)
@@ -304,11 +311,10 @@ def test_elastic_block_order_does_not_change_the_model_of_record() -> None:
     mode.on_reply(members[1], _reply(1, 1, grads[1, 1]), grads[1, 1])
     done += list(mode.apply_ready())
     assert mode.step == 2 and len(done) == 2
-    ref = FlatSGD(mode.spec.optimizer)
-    x = torch.zeros(6)
+    ref = RecordOptimizer(mode.spec.optimizer, torch.zeros(6))
     for s in range(2):
-        ref.step(x, grads[0, s] + grads[1, s], scale=0.5)
-    assert torch.allclose(mode.model.x, x, atol=1e-6)
+        ref.step(grads[0, s] + grads[1, s], scale=0.5)
+    assert torch.allclose(mode.model.x, ref.x, atol=1e-6)
 
 
 # -- async --------------------------------------------------------------------------------
@@ -483,3 +489,48 @@ def test_elastic_reply_after_its_streamed_step_completed_is_accepted_once() -> N
     again = mode.on_reply(members[1], _reply(1, 0, G1), G1)
     assert again.unexpected and not again.accepted
     assert torch.allclose(mode.model.x, -LR * (G0 + G1) / 2)
+
+
+# -- bounds for adaptive optimizers (docs/consistency.md, "Adaptive optimizers") -----------
+
+
+def _adam(mode: dict[str, Any]) -> JobSpec:
+    return parse_spec({"steps": 10, "workers": 4, "mode": mode, "optimizer": {"name": "adamw"}})
+
+
+def test_adaptive_bounds_are_written_in_u_not_m() -> None:
+    c = Constants(2.0, 2.0, 0.5, math.nan, warmup_steps=1, frozen_at_step=1, safety_factor=1.0)
+    c = dataclasses.replace(c, u=3.0)
+    elastic = _adam({"name": "elastic", "beta": 0.25, "max_lag": 2})
+    assert analytic_bound(elastic, c, 0.0, False) == pytest.approx(0.75 * 2 * 2 * 3.0)
+    straggler = _adam({"name": "straggler", "beta": 0.5, "max_lag": 3})
+    assert analytic_bound(straggler, c, 0.0, False) == pytest.approx(2 * 3 * 3.0)
+    asynchronous = _adam({"name": "async", "max_staleness": 5})
+    assert analytic_bound(asynchronous, c, 0.0, False) == pytest.approx(5 * 3.0)
+    # local steps are plain SGD on the replicas: still 2HM, in gradient units
+    local = _adam({"name": "local", "local_steps": 4})
+    assert analytic_bound(local, c, 0.0, False) == pytest.approx(2 * 4 * 2.0)
+    assert analytic_bound(_adam({"name": "sync"}), c, 0.0, False) == 0.0
+    # U never measured (a one-step warm-up): the bound is not stated, never 0
+    unmeasured = dataclasses.replace(c, u=math.nan)
+    assert math.isnan(analytic_bound(elastic, unmeasured, 0.0, False))
+    # with SGD the same constants give M's bound
+    sgd = _spec({"name": "async", "max_staleness": 5})
+    assert analytic_bound(sgd, c, 0.0, False) == pytest.approx(5 * 2.0)
+
+
+def test_elastic_with_clipping_applies_a_step_whole_once_every_block_is_in() -> None:
+    """The global norm needs the whole averaged gradient: no block applies early, and the
+    step is the clipped mean, as one torch step over it."""
+    mode = _elastic(0.0, clip_grad_norm=1.0)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    mode.on_reply(members[0], _reply(0, 0, G0), G0)
+    _stream(mode, members[1], 0, G1, [2, 0])
+    assert list(mode.apply_ready()) == []
+    assert torch.equal(mode.model.x, torch.zeros(6))  # blocks 0 and 2 are in, not applied
+    mode.on_reply(members[1], _reply(1, 0, G1), G1)
+    (applied,) = list(mode.apply_ready())
+    assert applied.consistent and mode.step == 1 and mode.model.opt.steps == 1
+    mean = (G0 + G1) / 2  # norm 3.2 > 1: clipped to norm 1
+    assert torch.allclose(mode.model.x, -LR * mean / float(mean.norm()), atol=1e-6)

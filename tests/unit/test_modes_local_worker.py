@@ -46,12 +46,14 @@ def _worker(spec: JobSpec) -> tuple[WorkerCore, np.ndarray]:
     return WorkerCore(init), shard
 
 
-def _reference(spec: JobSpec, view: torch.Tensor, shard: np.ndarray, h: int) -> torch.Tensor:
+def _reference(
+    spec: JobSpec, view: torch.Tensor, shard: np.ndarray, h: int, lr: float = LR
+) -> torch.Tensor:
     """``(view - y_H) / lr`` from torch.optim.SGD on the worker's batches, in order."""
     ds = load_dataset(spec.dataset, spec.seed)
     model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
     load_flat(model, view.clone())  # the model gets its own copy: SGD steps it in place
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     sampler = ShardSampler(shard, seed=spec.seed, shard_key=0)
     loss = loss_fn(ds.task)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
@@ -60,11 +62,12 @@ def _reference(spec: JobSpec, view: torch.Tensor, shard: np.ndarray, h: int) -> 
         opt.zero_grad()
         loss(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
         opt.step()
-    return (view - flatten(model)) / LR
+    return (view - flatten(model)) / lr
 
 
-@pytest.mark.parametrize("h", [1, 3])
-def test_a_worker_sends_the_sum_of_its_local_gradients(h: int) -> None:
+@pytest.mark.parametrize(("h", "local_lr"), [(1, None), (3, None), (3, 0.03)])
+def test_a_worker_sends_the_sum_of_its_local_gradients(h: int, local_lr: float | None) -> None:
+    """... at the request's ``local_lr`` (the round's scheduled lr) when it gives one."""
     spec = parse_spec(
         {
             "steps": 5,
@@ -78,10 +81,11 @@ def test_a_worker_sends_the_sum_of_its_local_gradients(h: int) -> None:
     worker, shard = _worker(spec)
     torch.manual_seed(1)
     view = torch.randn(worker.layout.numel) * 0.1
-    reply = worker.compute(GradientRequest(step=0, view=to_wire(view, "float32"), local_steps=h))
+    req = GradientRequest(step=0, view=to_wire(view, "float32"), local_steps=h, local_lr=local_lr)
+    reply = worker.compute(req)
     assert reply.grad is not None and reply.n == h * spec.batch_size
     got = torch.from_numpy(reply.grad)
-    want = _reference(spec, view, shard, h)
+    want = _reference(spec, view, shard, h, LR if local_lr is None else local_lr)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert reply.raw_norm == pytest.approx(float(got.norm()), rel=1e-6)
     assert reply.sampler_pos["pos"] == (h * spec.batch_size) % shard.size

@@ -17,7 +17,7 @@ from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.missing import ShadowModel, divisor, own_views
 from actors.modes.registry import make_mode
 from actors.modes.stepped import StepEngine
-from actors.optim import FlatSGD
+from actors.optim import RecordOptimizer
 from core.errors import SpecError
 from core.spec import OptimizerSpec, parse_spec
 
@@ -53,7 +53,7 @@ def _engine(policy: str, workers: int = 3) -> StepEngine:
             "missing_policy": policy,
         }
     )
-    record = ModelOfRecord(torch.zeros(3), FlatSGD(spec.optimizer))
+    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(3)))
     meter = Meter(ConsistencyMonitor(), False, 1)
     mode = make_mode(ModeContext(spec, 10, record, meter, ObservedNorms()))
     assert isinstance(mode, StepEngine)
@@ -192,15 +192,16 @@ def test_divisor_per_policy() -> None:
 
 
 def test_own_views_and_shadow_leave_the_optimizer_alone() -> None:
-    opt = FlatSGD(OptimizerSpec(lr=LR, momentum=MU))
-    x = torch.zeros(3)
-    opt.step(x, ONES)
-    before = opt.state_dict()
-    views = own_views(opt, (x.clone(), opt.buf), G0 + G1, {0: G0, 1: G1}, lost=1)
+    opt = RecordOptimizer(OptimizerSpec(lr=LR, momentum=MU), torch.zeros(3))
+    opt.step(ONES)
+    x, before = opt.x.clone(), opt.state_dict()
+    buf = before["optimizer"]["state"][0]["momentum_buffer"]
+    views = own_views(opt, opt.snapshot(), G0 + G1, {0: G0, 1: G1}, lost=1)
     assert torch.allclose(views[0], x - LR * (MU * ONES + (2 * G0 + G1) / 3))
-    shadow = ShadowModel(x, opt, OptimizerSpec(lr=LR, momentum=MU))
+    shadow = ShadowModel(opt)
     shadow.apply([G0, G1, G2], 3)
-    assert opt.buf is not None and torch.equal(opt.buf, before["buf"])
+    assert torch.equal(opt.x, x)
+    assert torch.equal(opt.opt.state[opt.params[0]]["momentum_buffer"], buf)
     assert torch.allclose(shadow.x, x - LR * (MU * ONES + (G0 + G1 + G2) / 3))
 
 
@@ -220,7 +221,7 @@ def test_a_provisional_view_is_measured_against_x_star_of_its_step() -> None:
             "optimizer": {"lr": LR},
         }
     )
-    record = ModelOfRecord(torch.zeros(3), FlatSGD(spec.optimizer))
+    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(3)))
     mode = make_mode(
         ModeContext(spec, 10, record, Meter(ConsistencyMonitor(), False, 1), ObservedNorms())
     )

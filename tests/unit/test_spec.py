@@ -385,3 +385,66 @@ def test_huge_numbers_and_lists_are_refused_with_the_field_and_its_bound(
     problems = dict(ei.value.problems)
     assert path in problems, problems
     assert allowed in problems[path]
+
+
+# -- the optimizer: kinds, schedules, groups ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "path", "says"),
+    [
+        ({"name": "adam", "momentum": 0.9}, "optimizer.momentum", "belongs to sgd"),
+        ({"name": "adamw", "nesterov": True}, "optimizer.nesterov", "belongs to sgd"),
+        ({"betas": [0.9, 0.99]}, "optimizer.betas", "belongs to adam"),
+        ({"name": "sgd", "eps": 1e-6}, "optimizer.eps", "belongs to adam"),
+        ({"name": "adamw", "betas": [0.9, 1.0]}, "optimizer.betas.1", "< 1"),
+        ({"name": "adam", "eps": 0}, "optimizer.eps", "> 0"),
+        ({"name": "rmsprop"}, "optimizer.name", "adamw"),
+        (
+            {"schedule": {"name": "warmup_cosine", "warmup_steps": -1}},
+            "optimizer.schedule.warmup_steps",
+            ">= 0",
+        ),
+        (
+            {"schedule": {"name": "warmup_cosine", "min_lr_ratio": 2}},
+            "optimizer.schedule.min_lr_ratio",
+            "<= 1",
+        ),
+        ({"schedule": {"name": "step"}}, "optimizer.schedule.step_size", "required"),
+        (
+            {"schedule": {"name": "step", "step_size": 5, "gamma": 0}},
+            "optimizer.schedule.gamma",
+            "> 0",
+        ),
+        ({"clip_grad_norm": 0}, "optimizer.clip_grad_norm", "> 0"),
+        ({"param_groups": [{"match": "(("}]}, "optimizer.param_groups.0.match", "regular"),
+        (
+            {"param_groups": [{"match": "bias", "lr_scale": -1}]},
+            "optimizer.param_groups.0.lr_scale",
+            ">= 0",
+        ),
+    ],
+)
+def test_bad_optimizer_values_name_their_field(
+    optimizer: dict[str, Any], path: str, says: str
+) -> None:
+    got_path, msg = _only(_with(optimizer=optimizer))
+    assert got_path == path and says in msg, (got_path, msg)
+
+
+def test_an_adamw_spec_with_schedule_and_groups_round_trips() -> None:
+    opt = {
+        "name": "adamw",
+        "lr": 3e-4,
+        "betas": [0.9, 0.95],
+        "weight_decay": 0.1,
+        "schedule": {"name": "warmup_cosine", "warmup_steps": 100, "min_lr_ratio": 0.1},
+        "clip_grad_norm": 1.0,
+        "param_groups": [{"match": r"embed", "lr_scale": 0.5}],
+        "no_decay_bias_and_norm": True,
+    }
+    spec = parse_spec(_with(optimizer=opt))
+    assert spec.optimizer.adaptive and spec.optimizer.adam_betas == (0.9, 0.95)
+    assert parse_spec(spec.model_dump()) == spec  # the dump's sgd "off" values are no setting
+    sgd = parse_spec(_with(optimizer={"lr": 0.1, "momentum": 0.9}))
+    assert parse_spec(sgd.model_dump()) == sgd and sgd.optimizer.adam_eps == 1e-8
