@@ -61,6 +61,7 @@ from service.ray_errors import describe, own_error, user_error
 from service.reaper import orphans
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
+from service.tasks import runtime_env, validate_task
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +224,14 @@ class RayRunnerBackend:
 
     Args:
         start_timeout_s: every phase of a job's start must end within it.
+        runtime_env: Ray's runtime_env for every job's actors (service.tasks), or None.
     """
 
-    def __init__(self, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, start_timeout_s: float = 120.0, runtime_env: dict[str, Any] | None = None
+    ) -> None:
         self.start_timeout_s = start_timeout_s
+        self.runtime_env = runtime_env
 
     def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike:
         from service.runner import JobRunner
@@ -238,6 +243,7 @@ class RayRunnerBackend:
             data_dir=data_dir,
             detached=True,
             start_timeout_s=self.start_timeout_s,
+            runtime_env=self.runtime_env,
         )
         return runner
 
@@ -255,7 +261,7 @@ class RayRunnerBackend:
         from service.runner import JobRunner
 
         found: tuple[RunnerLike, int] | None = JobRunner.resumable(
-            job_id, spec, out_dir, data_dir=data_dir
+            job_id, spec, out_dir, data_dir=data_dir, runtime_env=self.runtime_env
         )
         return found
 
@@ -322,7 +328,9 @@ class JobManager:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.backend: RunnerBackend = backend or RayRunnerBackend(settings.start_timeout_s)
+        self.backend: RunnerBackend = backend or RayRunnerBackend(
+            settings.start_timeout_s, runtime_env(settings)
+        )
         self.cluster = cluster
         self._live: dict[str, _Live] = {}
         self._lock = threading.RLock()
@@ -404,6 +412,7 @@ class JobManager:
 
     def _new_job(self, spec: JobSpec) -> tuple[str, Path, Footprint]:
         self.check_data_path(spec)
+        self.check_task(spec)
         fp = self.check_budget(spec)
         job_id = new_id()
         return job_id, self.settings.runs_dir / job_id, fp
@@ -415,6 +424,12 @@ class JobManager:
         log.info("job %s (%s) submitted", row.id, spec.name)
         self._wake.set()  # an admission round, not a poll of every live job
         return row
+
+    def check_task(self, spec: JobSpec) -> None:
+        """A job's task must be under the allowed module prefixes (checked before anything is
+        imported), resolve, and accept its params (service.tasks)."""
+        if spec.task is not None:
+            validate_task(spec.task, self.settings)
 
     def check_data_path(self, spec: JobSpec) -> None:
         """An ``npz`` dataset must name an existing file inside ``settings.data_dir``."""
@@ -451,6 +466,8 @@ class JobManager:
         """
         try:
             return estimate(spec, self.settings.data_dir)
+        except SpecError:
+            raise
         except ElasticSGDError as exc:
             raise SpecError([("model", str(exc))]) from None
 

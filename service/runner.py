@@ -101,6 +101,8 @@ class JobRunner:
             (``None``: no wait, as in the service, whose admission already checked).
         on_wait: told once, within seconds, what the job needs and what the cluster has,
             when it has to wait for room.
+        runtime_env: Ray's runtime_env of the coordinator (its workers inherit it): how a
+            task's package reaches the actors when it is not installed (service.tasks).
     """
 
     def __init__(
@@ -115,8 +117,10 @@ class JobRunner:
         start_timeout_s: float = 120.0,
         placement_timeout_s: float | None = None,
         on_wait: Callable[[str], None] | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> None:
         self.job_id = job_id
+        self.runtime_env = runtime_env
         self.start_timeout_s = start_timeout_s
         self.placement_timeout_s = placement_timeout_s
         self.on_wait = on_wait
@@ -175,6 +179,8 @@ class JobRunner:
         }
         if self.detached:
             opts["lifetime"] = "detached"
+        if self.runtime_env:
+            opts["runtime_env"] = self.runtime_env
         launch = Launch(
             worker_memory_bytes=fp.worker_bytes,
             worker_start_timeout_s=WORKER_START_SHARE * self.start_timeout_s,
@@ -290,12 +296,20 @@ class JobRunner:
 
     @classmethod
     def resumable(
-        cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
+        cls,
+        job_id: str,
+        spec: JobSpec,
+        out_dir: Path,
+        *,
+        data_dir: Path | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> tuple[JobRunner, int] | None:
         """A runner whose :meth:`start` continues the job from its latest valid checkpoint
         (its coordinator is gone, e.g. with the Ray instance of a killed service), and that
         checkpoint's step; ``None`` if the job left no valid checkpoint."""
-        runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        runner = cls(
+            job_id, spec, out_dir, data_dir=data_dir, detached=True, runtime_env=runtime_env
+        )
         loaded = latest_valid(runner.state_dir / "checkpoints")
         if loaded is None:
             return None
