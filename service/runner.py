@@ -101,8 +101,10 @@ class JobRunner:
             (``None``: no wait, as in the service, whose admission already checked).
         on_wait: told once, within seconds, what the job needs and what the cluster has,
             when it has to wait for room.
-        runtime_env: Ray's runtime_env of the coordinator (its workers inherit it): how a
-            task's package reaches the actors when it is not installed (service.tasks).
+        runtime_env: Ray's runtime_env for the job's actors, set where this process
+            connects to Ray (:func:`service.ray_conn.connect`: Ray takes local directories
+            only for a whole driver), so the coordinator and its workers (which inherit
+            it) import the task's package from it.
     """
 
     def __init__(
@@ -159,7 +161,7 @@ class JobRunner:
         Raises:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
-        ensure_connected()
+        ensure_connected(self.runtime_env)
         fp = estimate(self.spec, self.data_dir)
         if self.placement_timeout_s is not None:
             self.wait_for_placement(fp, self.placement_timeout_s)
@@ -179,8 +181,6 @@ class JobRunner:
         }
         if self.detached:
             opts["lifetime"] = "detached"
-        if self.runtime_env:
-            opts["runtime_env"] = self.runtime_env
         launch = Launch(
             worker_memory_bytes=fp.worker_bytes,
             worker_start_timeout_s=WORKER_START_SHARE * self.start_timeout_s,
