@@ -9,6 +9,7 @@ workers) fails the job within seconds with its own message."""
 
 from __future__ import annotations
 
+import io
 import sys
 import textwrap
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from conftest import Server, job_in, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -138,6 +140,12 @@ def test_a_user_task_shipped_by_runtime_env_trains_to_its_target(
     # workers' averaged running statistics
     assert last["test_acc"] >= 0.9, last
     assert last["test_loss"] < evals[0]["test_loss"]
+    # the model file holds the averaged running statistics, not the built ones (0 and 1)
+    r = client.get(f"/jobs/{job_id}/model")
+    assert r.status_code == 200
+    state = torch.load(io.BytesIO(r.content), weights_only=False)["state_dict"]
+    assert state["1.running_mean"].abs().max() > 0.1
+    assert not torch.allclose(state["1.running_var"], torch.ones(16))
 
 
 def test_disallowed_missing_and_badly_parametrised_tasks_are_422(
