@@ -1,8 +1,14 @@
-"""The worker actor: a data shard, a model replica and a seeded sampler.
+"""The worker actor: the job's task, a model replica, and a seeded sampler over its shard.
 
-Each :meth:`WorkerCore.compute` takes a :class:`~actors.messages.GradientRequest`: a *view*
-of the parameters (a shared-memory handle or an object-store array), draws the next batch of
-the worker's shard, computes the gradient on that view and hands it back in a
+A worker builds the job's task itself (:func:`actors.tasks.loader.job_task`), its model in
+``train()`` mode, and opens the task's training set itself: a ``DataLoader`` driven by the
+seeded :class:`~actors.sampler.ShardSampler` reads only the indices of its shard
+(:class:`actors.tasks.runtime.ShardLoader`; docs/tasks.md). Each
+:meth:`WorkerCore.compute` takes a :class:`~actors.messages.GradientRequest`: a *view* of
+the parameters (a shared-memory handle or an object-store array), takes the next batch,
+computes ``task.loss`` on that view (``torch.func.functional_call`` with the view's pieces
+as the parameters, under bfloat16 autocast when the job asks for it) and its gradient, and
+hands it back, with the worker's floating buffers (BatchNorm statistics), in a
 :class:`~actors.messages.GradientReply` (into its shared-memory slot, or as an array, or as
 a compressed payload with error-feedback memory).
 
