@@ -309,9 +309,6 @@ class Worker(WorkerCore):
         init: as for :class:`WorkerCore`.
     """
 
-    def __init__(self, init: WorkerInit) -> None:
-        super().__init__(init)
-
     def ping(self) -> int:
         return self.id
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 
-from actors.datasets import Dataset, load_dataset, loss_fn, shape_of
+from actors.datasets import Dataset, Shape, load_dataset, loss_fn, shape_of
 from actors.models import build_model
 from actors.tasks.base import Task, TaskContext
 from core.spec import DatasetSpec, ModelSpec
@@ -204,11 +204,12 @@ class BuiltinTask(Task):
         return None if self._ds is None else self._ds.optimum
 
     def build_model(self) -> nn.Module:
-        shape = shape_of(self.params.dataset, self.data_dir)
-        if self._ds is not None:  # the loaded data knows its widths exactly
-            shape = shape.__class__(
-                self._ds.n_train, self._ds.n_features, self._ds.n_outputs, self._ds.input_shape
-            )
+        ds = self._ds
+        shape = (
+            shape_of(self.params.dataset, self.data_dir)
+            if ds is None  # the spec (and an npz file's headers) give the widths
+            else Shape(ds.n_train, ds.n_features, ds.n_outputs, ds.input_shape)
+        )
         return build_model(self.params.model, shape.n_features, shape.n_outputs, shape.input_shape)
 
     def train_data(self, ctx: TaskContext) -> TensorRows:
