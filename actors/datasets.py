@@ -225,6 +225,67 @@ def _check_arrays(where: str, x: np.ndarray, y: np.ndarray) -> None:
         raise DatasetError(f"{where}: y must be int class ids or finite floats, got {y.dtype}")
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a model needs to know of a dataset without loading it.
+
+    Attributes:
+        n_samples: rows in the whole file or generated set (before the split).
+        n_features: length of one flat row.
+        n_outputs: number of classes, or 1 for regression.
+        input_shape: image shape of a row, else ``None``.
+    """
+
+    n_samples: int
+    n_features: int
+    n_outputs: int
+    input_shape: tuple[int, ...] | None
+
+
+# scikit-learn's bundled digits: 1,797 images of 8x8 pixels, 10 classes
+DIGITS_SHAPE = Shape(1797, 64, 10, (8, 8))
+
+
+def npz_shape(path: Path) -> Shape:
+    """The shape of an npz dataset from its arrays' headers (only ``y`` is read, for the
+    number of classes); a file that cannot be read gives the smallest shape (the loader
+    then says what is wrong with it)."""
+    n_samples, n_features, n_outputs = 1, 1, 1
+    input_shape: tuple[int, ...] | None = None
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read(f)
+        n_samples = int(shape[0]) if shape else 1
+        n_features = max(1, math.prod(int(s) for s in shape[1:]))
+        if len(shape) == 3:
+            input_shape = (int(shape[1]), int(shape[2]))
+        with np.load(path, allow_pickle=False) as npz:
+            y = npz["y"]
+            if np.issubdtype(y.dtype, np.integer) and y.size:
+                n_outputs = int(y.max()) + 1
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass
+    return Shape(n_samples, n_features, n_outputs, input_shape)
+
+
+def shape_of(spec: DatasetSpec, data_dir: Path | None = None) -> Shape:
+    """The dataset's :class:`Shape` from the spec (and an npz file's headers), unloaded."""
+    if spec.name == "digits":
+        return DIGITS_SHAPE
+    if spec.name == "npz":
+        if data_dir is None or spec.path is None:
+            return Shape(1, 1, 1, None)
+        return npz_shape(Path(data_dir) / spec.path)
+    outputs = spec.n_classes if spec.name == "synthetic_classification" else 1
+    return Shape(spec.n_samples, spec.n_features, outputs, None)
+
+
 def load_dataset(spec: DatasetSpec, seed: int, data_dir: Path | None = None) -> Dataset:
     """Load, split and standardise the dataset a job asks for.
 

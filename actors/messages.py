@@ -3,7 +3,8 @@
 Four messages cross the coordinator-worker boundary, over a Ray call or the same-host pipe
 (:mod:`actors.channel`, which pickles them; every field here pickles):
 
-* :class:`WorkerInit`: everything a worker is created with (its shard, the plan, ...).
+* :class:`WorkerInit`: everything a worker is created with (the spec, its shard, the plan,
+  ...); never data: the worker opens its task's training set itself.
 * :class:`GradientRequest`: one step's work: the view to compute on and what to send back.
 * :class:`BlockReady`: one parameter block of the gradient is in the slot (same-host
   streaming, ahead of the reply).
@@ -34,33 +35,27 @@ class WorkerInit:
 
     Attributes:
         worker_id: the worker's id in the job (stable across rejoins).
-        spec: the job.
-        x_train: the training set's inputs (an array, or a Ray object ref the actor resolves).
-        y_train: the training set's targets (likewise).
-        task: the dataset's task (picks the loss).
-        n_features: input width of the model.
-        n_outputs: output width of the model.
-        input_shape: the image shape for ``cnn`` models, else ``None``.
-        shard: training-set row indices this worker samples from.
+        spec: the job (the worker builds its task from it and opens the training set
+            itself: no data crosses Ray).
+        data_dir: the operator's data directory (``TaskContext.data_dir``), if any.
+        shard: training-set indices this worker samples from.
         sampler_state: resume the sampler from here (after a restart), else start fresh.
         faults: the job's bound fault plan.
         t0: wall time the job started (fault windows in seconds are relative to it).
         grad_slot: shared-memory slot for gradients, if the worker shares the host.
+        buffers: the job's averaged floating buffers to start from (a new or restored
+            worker; ``None``: the model's own, as built).
     """
 
     worker_id: int
     spec: JobSpec
-    x_train: Any
-    y_train: Any
-    task: str
-    n_features: int
-    n_outputs: int
-    input_shape: tuple[int, ...] | None
+    data_dir: str | None
     shard: np.ndarray
     sampler_state: dict[str, Any] | None
     faults: list[ActiveFault]
     t0: float
     grad_slot: ShmRef | None = None
+    buffers: np.ndarray | None = None
 
 
 @dataclass
@@ -136,6 +131,8 @@ class GradientReply:
         grad: the gradient as a wire array (object-store transport).
         payload: the compressed gradient.
         residual: the error-feedback memory, when it was asked for.
+        buffers: the worker's floating persistent buffers after the batch (BatchNorm
+            running statistics) as one float32 vector; ``None`` for a model without any.
     """
 
     worker: int
@@ -152,6 +149,7 @@ class GradientReply:
     grad: np.ndarray | None = None
     payload: Payload | None = None
     residual: np.ndarray | None = None
+    buffers: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Model registry: the networks a job may train, built from a :class:`ModelSpec`.
+"""Model registry: the built-in task's networks, built from a :class:`ModelSpec`.
+
+A user's task brings any module (buffers, dropout: docs/tasks.md); these are the ones a
+spec without ``task`` names in its ``model`` section (actors/tasks/builtin.py).
 
 Every model here is plain ``torch.nn`` with parameters only (no buffers, no batch norm, no
 dropout), so the coordinator can hold the model of record as a flat parameter vector and a

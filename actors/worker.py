@@ -1,8 +1,14 @@
-"""The worker actor: a data shard, a model replica and a seeded sampler.
+"""The worker actor: the job's task, a model replica, and a seeded sampler over its shard.
 
-Each :meth:`WorkerCore.compute` takes a :class:`~actors.messages.GradientRequest`: a *view*
-of the parameters (a shared-memory handle or an object-store array), draws the next batch of
-the worker's shard, computes the gradient on that view and hands it back in a
+A worker builds the job's task itself (:func:`actors.tasks.loader.job_task`), its model in
+``train()`` mode, and opens the task's training set itself: a ``DataLoader`` driven by the
+seeded :class:`~actors.sampler.ShardSampler` reads only the indices of its shard
+(:class:`actors.tasks.runtime.ShardLoader`; docs/tasks.md). Each
+:meth:`WorkerCore.compute` takes a :class:`~actors.messages.GradientRequest`: a *view* of
+the parameters (a shared-memory handle or an object-store array), takes the next batch,
+computes ``task.loss`` on that view (``torch.func.functional_call`` with the view's pieces
+as the parameters, under bfloat16 autocast when the job asks for it) and its gradient, and
+hands it back, with the worker's floating buffers (BatchNorm statistics), in a
 :class:`~actors.messages.GradientReply` (into its shared-memory slot, or as an array, or as
 a compressed payload with error-feedback memory).
 
@@ -27,6 +33,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +43,13 @@ from torch.func import functional_call
 
 from actors.channel import serve
 from actors.compression import ErrorFeedback, Payload, make_compressor
-from actors.datasets import loss_fn
 from actors.faults import WorkerFaults
 from actors.flat import ParamLayout
 from actors.messages import BlockReady, GradientReply, GradientRequest, WorkerInit
-from actors.models import build_model
 from actors.sampler import ShardSampler
+from actors.tasks.base import TaskContext
+from actors.tasks.loader import job_task
+from actors.tasks.runtime import Buffers, LossOf, ShardLoader, autocast, to_device
 from actors.transport import ShmCache, ShmRef, from_wire, host_id, to_wire
 
 
@@ -58,19 +66,33 @@ class WorkerCore:
         self.id = init.worker_id
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.x = torch.from_numpy(np.ascontiguousarray(init.x_train))
-        self.y = torch.from_numpy(np.ascontiguousarray(init.y_train))
-        if self.device.type == "cuda":
-            self.x, self.y = self.x.to(self.device), self.y.to(self.device)
-        self.loss = loss_fn(init.task)
-        self.model = build_model(spec.model, init.n_features, init.n_outputs, init.input_shape).to(
-            self.device
-        )
+        data_dir = None if init.data_dir is None else Path(init.data_dir)
+        # the worker builds the task and opens its training set itself (nothing but the
+        # spec crosses Ray); a task that raises here fails the worker's start with its error
+        self.task = job_task(spec, data_dir)
+        torch.manual_seed(spec.seed)
+        self.model = self.task.build_model().to(self.device)
+        self.model.train()  # dropout and batch statistics on: buffers are this worker's
         self.layout = ParamLayout.of(self.model)
+        self.buffers = Buffers.of(self.model)
+        if init.buffers is not None:
+            self.buffers.write(self.model, init.buffers)  # the job's averaged statistics
+        self.loss_of = LossOf(self.task, self.model)
+        self.param_names = tuple(f"model.{n}" for n in self.layout.names)
+        ctx = TaskContext(seed=spec.seed, worker_id=self.id, data_dir=data_dir, device=self.device)
+        train = self.task.train_data(ctx)
         if init.sampler_state is not None:
-            self.sampler = ShardSampler.from_state(init.sampler_state)
+            sampler = ShardSampler.from_state(init.sampler_state)
         else:
-            self.sampler = ShardSampler(np.asarray(init.shard), seed=spec.seed, shard_key=self.id)
+            sampler = ShardSampler(np.asarray(init.shard), seed=spec.seed, shard_key=self.id)
+        self.batches = ShardLoader(
+            self.task,
+            train,
+            sampler,
+            spec.batch_size,
+            loader_workers=spec.loader_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         self.faults = WorkerFaults(init.faults, self.id, spec.seed)
         self.t0 = init.t0
         self.shm = ShmCache()
@@ -123,20 +145,30 @@ class WorkerCore:
         if req.grad_slot is not None:
             self.grad_slot = req.grad_slot
         if req.reshard is not None:
-            self.sampler.reshard(np.asarray(req.reshard, dtype=np.int64))
+            self.reshard(req.reshard)
         if req.faults is not None:
             self.faults.faults = req.faults
 
+    @property
+    def sampler(self) -> ShardSampler:
+        """The sampler at the position after the last batch used."""
+        return self.batches.sampler
+
+    def _loss(self, pieces: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """``task.loss`` of the next batch with the model's parameters set to ``pieces``
+        (under autocast when the job's precision is bfloat16); with the batch's size."""
+        batch = to_device(self.batches.next(), self.device)
+        params = dict(zip(self.param_names, pieces, strict=True))
+        with autocast(self.device, self.spec.precision):
+            loss = functional_call(self.loss_of, params, (batch,))
+        return loss, self.spec.batch_size
+
     def _batch_grads(self, flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float, int]:
         """The gradient of the next batch's loss at ``flat``; with the loss and batch size."""
-        idx = torch.from_numpy(self.sampler.next_batch(self.spec.batch_size))
-        xb = self.x[idx.to(self.x.device)]
-        yb = self.y[idx.to(self.y.device)]
         pieces = self.layout.pieces(flat)
-        out = functional_call(self.model, self.layout.params(pieces), (xb,))
-        loss = self.loss(out, yb)
+        loss, n = self._loss(pieces)
         grads = torch.autograd.grad(loss, pieces)
-        return grads, float(loss.detach()), int(idx.numel())
+        return grads, float(loss.detach()), n
 
     def _streamed_grad(self, flat: torch.Tensor, step: int, out: torch.Tensor) -> tuple[float, int]:
         """One gradient into ``out``, each parameter block announced as backward writes it.
@@ -148,7 +180,6 @@ class WorkerCore:
         """
         emit = self.emit
         assert emit is not None
-        idx = torch.from_numpy(self.sampler.next_batch(self.spec.batch_size))
         pieces = self.layout.pieces(flat)
         for i, (piece, (lo, hi)) in enumerate(zip(pieces, self.layout.blocks(), strict=True)):
 
@@ -157,10 +188,9 @@ class WorkerCore:
                 emit(BlockReady(self.id, step, i, float(out[lo:hi].norm())))
 
             piece.register_hook(ready)  # type: ignore[no-untyped-call]
-        out_y = functional_call(self.model, self.layout.params(pieces), (self.x[idx],))
-        loss = self.loss(out_y, self.y[idx])
+        loss, n = self._loss(pieces)
         torch.autograd.grad(loss, pieces)  # the hooks wrote every block
-        return float(loss.detach()), int(idx.numel())
+        return float(loss.detach()), n
 
     def _local_sum(
         self, flat: torch.Tensor, steps: int, out: torch.Tensor, lr: float | None = None
@@ -233,6 +263,8 @@ class WorkerCore:
             # the injector's knowledge, for accounting only (the coordinator checks values)
             corrupted=effect.corrupted,
             sampler_pos={"epoch": int(pos["epoch"]), "pos": int(pos["pos"])},
+            # this worker's batch statistics (only a model with floating buffers has any)
+            buffers=self.buffers.read(self.model),
         )
         if self.compressor is not None:
             g = gbuf.numpy()
@@ -260,10 +292,15 @@ class WorkerCore:
 
     def reset_sampler(self, state: dict[str, Any]) -> None:
         """Rewind the sampler (a restarted coordinator resumes from its checkpoint)."""
-        self.sampler = ShardSampler.from_state(state)
+        self.batches.restart(ShardSampler.from_state(state))
+
+    def set_buffers(self, buffers: np.ndarray) -> None:
+        """Start again from the job's averaged buffers (a restored checkpoint's)."""
+        self.buffers.write(self.model, buffers)
 
     def reshard(self, shard: list[int]) -> None:
         self.sampler.reshard(np.asarray(shard, dtype=np.int64))
+        self.batches.restart()
 
 
 # max_concurrency: the pipe-serving loop occupies one thread; ping/info/exit need others
@@ -272,13 +309,8 @@ class Worker(WorkerCore):
     """The Ray actor around :class:`WorkerCore` (methods are called by the coordinator).
 
     Args:
-        init: as for :class:`WorkerCore`; ``x_train``/``y_train`` may be object refs.
+        init: as for :class:`WorkerCore`.
     """
-
-    def __init__(self, init: WorkerInit) -> None:
-        if isinstance(init.x_train, ray.ObjectRef):
-            init.x_train, init.y_train = ray.get([init.x_train, init.y_train])
-        super().__init__(init)
 
     def ping(self) -> int:
         return self.id

@@ -12,6 +12,7 @@ import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -29,6 +30,7 @@ from service.drills.service import DrillService
 from service.jobs import Cluster, JobManager
 from service.settings import Settings
 from service.store import Store
+from service.tasks import runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,10 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:  # FastAPI passes the app
         the_cluster = cluster
         if connect_ray:
-            await run_in_threadpool(ray_conn.connect, settings.ray_address)
+            # the operator's runtime_env (ESGD_RUNTIME_ENV_*) ships user tasks to every actor
+            await run_in_threadpool(
+                partial(ray_conn.connect, runtime_env=runtime_env(settings)), settings.ray_address
+            )
             # the runtime (torch, the actors) is needed by the first job: load it now, so
             # that it is frozen below with the rest of what lives as long as the process
             await run_in_threadpool(importlib.import_module, "service.runner")

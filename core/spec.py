@@ -99,6 +99,82 @@ class DatasetSpec(_Strict):
         return self
 
 
+# Bounds of a task's params (a JSON object checked before the task sees it): a task's
+# settings are a few dozen values; these keep a request from making the service walk a huge
+# or deeply nested structure (each is far past any real task's needs).
+MAX_PARAMS_DEPTH = 8
+MAX_PARAMS_ITEMS = 10_000  # values in the whole object, nested ones included
+MAX_PARAMS_KEY_CHARS = 128
+MAX_PARAMS_STRING_CHARS = 4096
+# ``pkg.module:attr``: a dotted module path, a colon, an attribute (dotted for a nested one)
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+ENTRYPOINT_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$"
+
+
+def _check_scalar(value: Any, path: str) -> None:
+    """A leaf of a task's params: a bounded string, a finite number, a boolean or null."""
+    if isinstance(value, str):
+        if len(value) > MAX_PARAMS_STRING_CHARS:
+            raise ValueError(
+                f"{path}: strings may hold at most {MAX_PARAMS_STRING_CHARS} characters"
+            )
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: numbers must be finite")
+    elif value is not None and not isinstance(value, (bool, int)):
+        raise ValueError(
+            f"{path}: only JSON values (objects, lists, strings, numbers, booleans, null)"
+        )
+
+
+def _check_params(value: Any, path: str, depth: int, count: list[int]) -> None:
+    """Refuse anything in a task's params that is not bounded JSON (see the bounds above).
+
+    Raises:
+        ValueError: naming the place (``task.params.<key>...``) and the bound.
+    """
+    count[0] += 1
+    if count[0] > MAX_PARAMS_ITEMS:
+        raise ValueError(f"task.params holds more than {MAX_PARAMS_ITEMS} values")
+    if not isinstance(value, (dict, list)):
+        _check_scalar(value, path)
+        return
+    if depth >= MAX_PARAMS_DEPTH:
+        raise ValueError(f"{path} nests deeper than {MAX_PARAMS_DEPTH} levels")
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        if isinstance(value, dict) and not (
+            isinstance(k, str) and 0 < len(k) <= MAX_PARAMS_KEY_CHARS
+        ):
+            raise ValueError(
+                f"{path}: keys must be strings of 1 to {MAX_PARAMS_KEY_CHARS} characters"
+            )
+        _check_params(v, f"{path}.{k}", depth + 1, count)
+
+
+class TaskSpec(_Strict):
+    """The job's task, named by import path (``actors/tasks``; docs/tasks.md).
+
+    The service imports only entrypoints under the module prefixes its operator allows
+    (``ESGD_TASK_MODULES``); ``params`` go to the entrypoint (validated by its pydantic model
+    when it gives one).
+    """
+
+    entrypoint: str = Field(max_length=200, pattern=ENTRYPOINT_PATTERN)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _bounded_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_params(v, "task.params", 0, [0])
+        return v
+
+    @property
+    def module(self) -> str:
+        """The entrypoint's module path (before the colon)."""
+        return self.entrypoint.partition(":")[0]
+
+
 class ConstantSchedule(_Strict):
     """The learning rate stays ``optimizer.lr`` for the whole run."""
 
@@ -470,8 +546,17 @@ class JobSpec(_Strict):
     """
 
     name: str = Field(default="job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # What is trained: a task named by import path, or (without ``task``) the built-in task
+    # made of ``model`` and ``dataset`` (actors/tasks/builtin.py); not both.
+    task: TaskSpec | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    # Workers compute forward and loss under ``autocast`` to this dtype (CPU and CUDA);
+    # parameters, gradients and the model of record stay float32.
+    precision: Literal["float32", "bfloat16"] = "float32"
+    # DataLoader worker processes per training worker (0: load in the worker itself).
+    # 8: each is a process; more than a few per worker only oversubscribes the cores.
+    loader_workers: int = Field(default=0, ge=0, le=8)
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     epochs: float | None = Field(default=None, gt=0.0, le=1_000_000.0)
@@ -522,6 +607,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_job(self) -> JobSpec:
+        given = {"model", "dataset"} & self.model_fields_set
+        if self.task is not None and given:
+            raise ValueError(
+                f"give either task or {' and '.join(sorted(given))}, not both: model and "
+                "dataset are the params of the built-in task (drop them, or drop task)"
+            )
         if self.steps is None and self.epochs is None:
             raise ValueError("give steps or epochs")
         if self.steps is not None and self.epochs is not None:

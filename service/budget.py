@@ -24,16 +24,15 @@ factor comes from.
 
 from __future__ import annotations
 
-import math
-import zipfile
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-import numpy as np
-
 from core.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 # float32: parameters, gradients, views and the training set's rows on the wire
 BYTES_PER_VALUE = 4
@@ -116,37 +115,26 @@ class DataShape:
 
 def _npz_shape(path: Path) -> DataShape:
     """Shapes from the npz's array headers (nothing but ``y`` is read), size from disk."""
+    from actors.datasets import npz_shape  # numpy only, but actors load on first use
+
     on_disk = path.stat().st_size
-    n_samples, n_features, n_outputs = 1, 1, 1
-    input_shape: tuple[int, ...] | None = None
-    try:
-        with zipfile.ZipFile(path) as zf:
-            with zf.open("x.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, _ = read(f)
-            n_samples = int(shape[0]) if shape else 1
-            n_features = max(1, math.prod(int(s) for s in shape[1:]))
-            if len(shape) == 3:
-                input_shape = (int(shape[1]), int(shape[2]))
-        with np.load(path, allow_pickle=False) as npz:
-            y = npz["y"]
-            if np.issubdtype(y.dtype, np.integer) and y.size:
-                n_outputs = int(y.max()) + 1
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        pass  # the coordinator's loader says what is wrong with the file
+    sh = npz_shape(path)
     return DataShape(
-        n_samples, n_features, n_outputs, input_shape, NPZ_LOAD_FACTOR * on_disk, "dataset.path"
+        sh.n_samples,
+        sh.n_features,
+        sh.n_outputs,
+        sh.input_shape,
+        NPZ_LOAD_FACTOR * on_disk,
+        "dataset.path",
     )
 
 
 def data_shape(spec: JobSpec, data_dir: Path | None = None) -> DataShape:
     """The dataset's size and the model's input and output widths, from the spec (and the
-    header of an ``npz`` file in ``data_dir``)."""
+    header of an ``npz`` file in ``data_dir``); a task's data is its own (opened by each
+    process, not loaded by the service): nothing is counted for it."""
+    if spec.task is not None:
+        return DataShape(1, 1, 1, None, 0, "task.params")
     d = spec.dataset
     if d.name == "digits":
         n = DIGITS_SAMPLES * DIGITS_FEATURES
@@ -174,18 +162,43 @@ def data_shape(spec: JobSpec, data_dir: Path | None = None) -> DataShape:
     )
 
 
-def count_parameters(spec: JobSpec, shape: DataShape) -> int:
-    """Parameters of the job's model, built on the ``meta`` device (no memory allocated)."""
+def count_parameters(spec: JobSpec, data_dir: Path | None = None) -> int:
+    """Parameters of the job's model: its task's ``build_model`` on the ``meta`` device (no
+    memory allocated; a model that cannot be built there is built on the CPU).
+
+    Returns:
+        The count; 0 when the task's ``build_model`` raises (the job then fails at its
+        start with the task's own error, where its traceback is logged).
+
+    Raises:
+        ModelError: a built-in model cannot be built for its data.
+        SpecError: the task's entrypoint cannot be loaded.
+    """
     import torch  # imported when first used: the job manager imports this module
 
-    from actors.models import build_model, n_parameters
+    from actors.models import ModelError, n_parameters
+    from actors.tasks.loader import job_task
 
-    with torch.device("meta"):
-        model = build_model(spec.model, shape.n_features, shape.n_outputs, shape.input_shape)
-    return n_parameters(model)
+    task = job_task(spec, data_dir)
+    try:
+        with torch.device("meta"):
+            return n_parameters(task.build_model())
+    except ModelError:
+        raise
+    except Exception:
+        log.debug("task %s: meta build failed, building on the CPU", spec.task, exc_info=True)
+    try:
+        return n_parameters(task.build_model())
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - the task's own error: the job's start reports it
+        log.info("task %s: build_model raised; the job's start reports it", spec.task)
+        return 0
 
 
 def _model_field(spec: JobSpec) -> str:
+    if spec.task is not None:
+        return "task.params"
     # logreg's size is n_features x n_outputs; mlp's and cnn's are set by hidden
     return "dataset.n_features" if spec.model.name == "logreg" else "model.hidden"
 
@@ -199,7 +212,7 @@ def estimate(spec: JobSpec, data_dir: Path | None = None) -> Footprint:
     from actors.coordinator.dataplane import VIEW_CACHE_SIZE
 
     shape = data_shape(spec, data_dir)
-    p = count_parameters(spec, shape)
+    p = count_parameters(spec, data_dir)
     workers = spec.max_workers_or_workers
     vec = p * BYTES_PER_VALUE
     coord_copies = COORDINATOR_COPIES + (1 if spec.optimizer.momentum > 0 else 0)
@@ -210,6 +223,8 @@ def estimate(spec: JobSpec, data_dir: Path | None = None) -> Footprint:
     widths = shape.n_features + sum(spec.model.hidden) + shape.n_outputs
     if spec.model.name == "cnn":  # every conv layer's activation is a whole feature map
         widths = shape.n_features * (1 + sum(spec.model.hidden))
+    if spec.task is not None:  # a task's data and activations are its own: not estimated
+        widths = 0
     activations = spec.batch_size * widths * BYTES_PER_VALUE * ACTIVATION_FACTOR
     worker_model = vec * worker_copies
     model_field = _model_field(spec)

@@ -62,6 +62,7 @@ from service.ray_errors import describe, own_error, user_error
 from service.reaper import orphans
 from service.settings import Settings
 from service.store import JobRow, StaleState, Store, new_id
+from service.tasks import runtime_env, validate_task
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,17 @@ class RayRunnerBackend:
 
     Args:
         start_timeout_s: every phase of a job's start must end within it.
+        runtime_env: Ray's runtime_env for every job's actors (service.tasks), or None.
     """
 
-    def __init__(self, start_timeout_s: float = 120.0, ray_address: str | None = None) -> None:
+    def __init__(
+        self,
+        start_timeout_s: float = 120.0,
+        runtime_env: dict[str, Any] | None = None,
+        ray_address: str | None = None,
+    ) -> None:
         self.start_timeout_s = start_timeout_s
+        self.runtime_env = runtime_env
         self.ray_address = ray_address
 
     def create(self, job_id: str, spec: JobSpec, out_dir: Path, data_dir: Path) -> RunnerLike:
@@ -242,6 +250,7 @@ class RayRunnerBackend:
             data_dir=data_dir,
             detached=True,
             start_timeout_s=self.start_timeout_s,
+            runtime_env=self.runtime_env,
         )
         return runner
 
@@ -259,7 +268,7 @@ class RayRunnerBackend:
         from service.runner import JobRunner
 
         found: tuple[RunnerLike, int, int] | None = JobRunner.resumable(
-            job_id, spec, out_dir, data_dir=data_dir
+            job_id, spec, out_dir, data_dir=data_dir, runtime_env=self.runtime_env
         )
         return found
 
@@ -341,7 +350,7 @@ class JobManager:
         self.settings = settings
         self.store = store
         self.backend: RunnerBackend = backend or RayRunnerBackend(
-            settings.start_timeout_s, settings.ray_address
+            settings.start_timeout_s, runtime_env(settings), settings.ray_address
         )
         self.cluster = cluster
         self._live: dict[str, _Live] = {}
@@ -429,6 +438,7 @@ class JobManager:
 
     def _new_job(self, spec: JobSpec) -> tuple[str, Path, Footprint]:
         self.check_data_path(spec)
+        self.check_task(spec)
         fp = self.check_budget(spec)
         job_id = new_id()
         return job_id, self.settings.runs_dir / job_id, fp
@@ -440,6 +450,12 @@ class JobManager:
         log.info("job %s (%s) submitted", row.id, spec.name)
         self._wake.set()  # an admission round, not a poll of every live job
         return row
+
+    def check_task(self, spec: JobSpec) -> None:
+        """A job's task must be under the allowed module prefixes (checked before anything is
+        imported), resolve, and accept its params (service.tasks)."""
+        if spec.task is not None:
+            validate_task(spec.task, self.settings)
 
     def check_data_path(self, spec: JobSpec) -> None:
         """An ``npz`` dataset must name an existing file inside ``settings.data_dir``."""
@@ -476,6 +492,8 @@ class JobManager:
         """
         try:
             return estimate(spec, self.settings.data_dir)
+        except SpecError:
+            raise
         except ElasticSGDError as exc:
             raise SpecError([("model", str(exc))]) from None
 

@@ -77,12 +77,22 @@ def address_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def connect(address: str | None, *, num_cpus: int | None = None) -> str:
+def connect(
+    address: str | None,
+    *,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> str:
     """Connect this process to Ray (idempotent: an existing connection is kept as it is).
 
     Args:
         address: a cluster address; ``None`` or empty starts an embedded instance.
         num_cpus: logical CPUs of an embedded instance (default: the machine's cores).
+        runtime_env: the job-level ``runtime_env`` of every actor this process creates
+            (and, by inheritance, of the actors they create): how user tasks' packages
+            reach the workers (``py_modules``/``working_dir`` directories are uploaded
+            once, here; Ray takes local directories only at this level). Ignored when
+            already connected.
 
     Returns:
         The GCS address of the Ray instance now connected.
@@ -104,7 +114,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
     try:
-        _init(address or None, num_cpus)
+        _init(address or None, num_cpus, runtime_env)
     except Exception as exc:
         where = f"the Ray cluster at {address!r}" if address else "an embedded Ray instance"
         raise RayConnectionError(
@@ -117,10 +127,12 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> str:
     return gcs
 
 
-def _init(address: str | None, num_cpus: int | None) -> None:
+def _init(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None) -> None:
     import ray
 
     common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if runtime_env:
+        common["runtime_env"] = runtime_env
     if address is not None:
         ray.init(address=address, **common)
         return
@@ -130,8 +142,9 @@ def _init(address: str | None, num_cpus: int | None) -> None:
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **common)
 
 
-def ensure_connected() -> str:
-    """:func:`connect` to where the environment says (:func:`address_from_env`).
+def ensure_connected(runtime_env: dict[str, Any] | None = None) -> str:
+    """:func:`connect` to where the environment says (:func:`address_from_env`), with
+    ``runtime_env`` if this connects.
 
     Returns:
         The GCS address of the Ray instance now connected.
@@ -139,7 +152,7 @@ def ensure_connected() -> str:
     Raises:
         RayConnectionError: as :func:`connect`.
     """
-    return connect(address_from_env())
+    return connect(address_from_env(), runtime_env=runtime_env)
 
 
 def disconnect() -> None:

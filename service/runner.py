@@ -102,6 +102,10 @@ class JobRunner:
             (``None``: no wait, as in the service, whose admission already checked).
         on_wait: told once, within seconds, what the job needs and what the cluster has,
             when it has to wait for room.
+        runtime_env: Ray's runtime_env for the job's actors, set where this process
+            connects to Ray (:func:`service.ray_conn.connect`: Ray takes local directories
+            only for a whole driver), so the coordinator and its workers (which inherit
+            it) import the task's package from it.
     """
 
     def __init__(
@@ -116,8 +120,10 @@ class JobRunner:
         start_timeout_s: float = 120.0,
         placement_timeout_s: float | None = None,
         on_wait: Callable[[str], None] | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> None:
         self.job_id = job_id
+        self.runtime_env = runtime_env
         self.start_timeout_s = start_timeout_s
         self.placement_timeout_s = placement_timeout_s
         self.on_wait = on_wait
@@ -156,7 +162,7 @@ class JobRunner:
         Raises:
             ElasticSGDError: the spec cannot run here (e.g. an ``npz`` path problem).
         """
-        ensure_connected()
+        ensure_connected(self.runtime_env)
         fp = estimate(self.spec, self.data_dir)
         if self.placement_timeout_s is not None:
             self.wait_for_placement(fp, self.placement_timeout_s)
@@ -291,12 +297,22 @@ class JobRunner:
 
     @classmethod
     def resumable(
-        cls, job_id: str, spec: JobSpec, out_dir: Path, *, data_dir: Path | None = None
+        cls,
+        job_id: str,
+        spec: JobSpec,
+        out_dir: Path,
+        *,
+        data_dir: Path | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> tuple[JobRunner, int, int] | None:
         """A runner whose :meth:`start` continues the job from its latest valid checkpoint
-        (its coordinator is gone, e.g. with the Ray instance of a killed service), and that
-        checkpoint's step; ``None`` if the job left no valid checkpoint."""
-        runner = cls(job_id, spec, out_dir, data_dir=data_dir, detached=True)
+        (its coordinator is gone, e.g. with the Ray instance of a killed service), that
+        checkpoint's step, and the steps trained after it that the resume trains again (read
+        from the coordinator's journal, as the resumed coordinator counts them); ``None`` if
+        the job left no valid checkpoint."""
+        runner = cls(
+            job_id, spec, out_dir, data_dir=data_dir, detached=True, runtime_env=runtime_env
+        )
         loaded = latest_valid(runner.state_dir / "checkpoints")
         if loaded is None:
             return None

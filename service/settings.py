@@ -9,8 +9,9 @@ listen beyond loopback without a bearer token (:attr:`Settings.token`).
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     AliasChoices,
@@ -20,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.errors import ElasticSGDError
 from core.spec import format_errors
@@ -28,6 +29,11 @@ from service.store import Retention
 
 if TYPE_CHECKING:
     from service.budget import Budgets
+
+
+# the built-in tasks and the example packages under examples/
+DEFAULT_TASK_MODULES = ("actors.tasks", "gpt_bytes", "cnn_digits")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class SettingsError(ElasticSGDError):
@@ -150,6 +156,68 @@ class Settings(BaseSettings):
     # Step records per job at full resolution; older ones are thinned to every second
     # record past it. 200,000: a 100,000-step job is kept whole (about 60 MB of rows).
     step_records_keep: int = Field(default=200_000, ge=2, le=1_000_000_000)
+
+    # -- tasks (service.tasks, docs/tasks.md) ----------------------------------------------
+    # Module prefixes whose tasks the service may import (comma-separated in the
+    # environment); an entrypoint outside them is refused before anything is imported.
+    # Default: the built-in tasks and the two example packages shipped under examples/.
+    task_modules: Annotated[tuple[str, ...], NoDecode] = DEFAULT_TASK_MODULES
+    # Ray runtime_env of every job's actors: local package directories shipped to the
+    # workers as ``py_modules`` (comma-separated), and a ``working_dir``. The service also
+    # imports tasks from them to validate a submission.
+    runtime_env_py_modules: Annotated[tuple[Path, ...], NoDecode] = ()
+    runtime_env_working_dir: Path | None = None
+
+    @field_validator("task_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        for m in value:
+            if not isinstance(m, str) or not _MODULE_RE.match(m):
+                raise ValueError(
+                    f"task_modules (ESGD_TASK_MODULES): {m!r} is not a dotted module path "
+                    "(e.g. my_company.tasks); separate several with commas"
+                )
+        return value
+
+    @field_validator("runtime_env_py_modules", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("runtime_env_py_modules")
+    @classmethod
+    def _dirs_exist(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for p in value:
+            if not p.is_dir():
+                raise ValueError(
+                    f"runtime_env_py_modules (ESGD_RUNTIME_ENV_PY_MODULES): {str(p)!r} is not "
+                    "a directory; give the directory of each package to ship (its name is "
+                    "the module's)"
+                )
+        return tuple(p.resolve() for p in value)
+
+    @field_validator("runtime_env_working_dir")
+    @classmethod
+    def _working_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(
+                f"runtime_env_working_dir (ESGD_RUNTIME_ENV_WORKING_DIR): {str(value)!r} is "
+                "not a directory"
+            )
+        return None if value is None else value.resolve()
+
+    @property
+    def import_paths(self) -> list[Path]:
+        """Where the service imports shipped tasks from: each ``py_modules`` package's
+        parent, and the working directory."""
+        paths = [p.parent for p in self.runtime_env_py_modules]
+        if self.runtime_env_working_dir is not None:
+            paths.append(self.runtime_env_working_dir)
+        return paths
 
     @field_validator("ray_address")
     @classmethod

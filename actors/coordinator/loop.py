@@ -33,14 +33,15 @@ from actors.coordinator.membership import Membership, WorkerSlot, kill_process, 
 from actors.coordinator.recovery import Recovery
 from actors.coordinator.reporting import Reporter, RunFacts
 from actors.coordinator.training import Training
-from actors.datasets import Dataset, load_dataset
-from actors.flat import ParamLayout, flatten, load_flat
+from actors.flat import ParamLayout, flatten
 from actors.guard import Action, Decision
 from actors.messages import Launch
-from actors.models import build_model
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
 from actors.optim import RecordOptimizer
+from actors.tasks.base import TaskContext
+from actors.tasks.loader import job_task
+from actors.tasks.runtime import dataset_len
 from core.errors import InvalidTransition
 from core.events import EventKind
 from core.spec import FaultSpec, JobSpec
@@ -78,15 +79,25 @@ class CoordinatorCore:
         self.error: str | None = None
         self.t_run: float | None = None
         self.t_end: float | None = None
+        self.data_dir = data_dir
+        # the job's task (docs/tasks.md): a raise in its model or data fails the start here,
+        # with the task's own message (the traceback is in this actor's log)
+        self.task = job_task(spec, None if data_dir is None else Path(data_dir))
         torch.manual_seed(spec.seed)
-        self.ds: Dataset = load_dataset(
-            spec.dataset, spec.seed, None if data_dir is None else Path(data_dir)
+        self.model = self.task.build_model()
+        self.model.eval()  # the evaluation model: dropout off, running statistics used
+        ctx = TaskContext(
+            seed=spec.seed,
+            worker_id=None,
+            data_dir=None if data_dir is None else Path(data_dir),
+            device=torch.device("cpu"),
         )
-        self.model = build_model(
-            spec.model, self.ds.n_features, self.ds.n_outputs, self.ds.input_shape
-        )
+        # the training set's length cuts the shards (a map-style dataset opens lazily);
+        # the coordinator never reads its samples
+        n_train = dataset_len(self.task.train_data(ctx), "train_data")
+        self.eval_set = self.task.eval_data(ctx)
         self.layout = ParamLayout.of(self.model)
-        self.total_steps = spec.total_steps(len(self.ds.x_train))
+        self.total_steps = spec.total_steps(n_train)
         q, _ = error_factor(spec.compression, self.layout.numel)
         ef = spec.compression.name != "none" and spec.compression.error_feedback
         self.norms = ObservedNorms()
@@ -104,7 +115,7 @@ class CoordinatorCore:
         )
         self.recovery = Recovery(Path(state_dir) if state_dir else None, spec.checkpoint)
         self.reporter = Reporter(time.time(), self.recovery.journal, lambda: self.mode.step)
-        self.members = Membership(job_id, spec, self.reporter, len(self.ds.x_train), launch)
+        self.members = Membership(job_id, spec, self.reporter, n_train, launch)
         self.data = DataPlane(job_id, spec, self.layout.numel)
         self.faults = Faulting(spec, self.reporter, self.recovery)
         self.train = Training(
@@ -113,7 +124,7 @@ class CoordinatorCore:
             self.meter,
             self.norms,
             q,
-            (self.model, self.ds),
+            (self.task, self.model, self.eval_set),
             (self.data, self.members, self.faults, self.recovery, self.reporter),
         )
         self.restarts = self.steps_lost = 0
@@ -148,11 +159,13 @@ class CoordinatorCore:
             ids, samplers = self._resume()
         self.members.cut_shards(ids)
         members = self.recovery.load_members() if samplers else {}
-        self.members.template = worker_template(self.spec, self.ds, self.faults.plan, self.t0)
+        self.members.template = worker_template(self.spec, self.data_dir, self.faults.plan, self.t0)
 
         async def bring(wid: int) -> None:
             if wid in members:
-                slot = await self.members.reattach(wid, members[wid], samplers.get(wid))
+                slot = await self.members.reattach(
+                    wid, members[wid], samplers.get(wid), self.train.mean_buffers()
+                )
                 if slot is not None and await self._attach(slot, reattached=True):
                     return
             await self._add_worker(wid, self.members.shards[wid], samplers.get(wid))
@@ -160,10 +173,11 @@ class CoordinatorCore:
         await asyncio.gather(*(bring(w) for w in ids))
         live = self.members.live()
         if len(live) < self.spec.min_workers:
-            self._set_state(
-                JobState.FAILED,
-                f"only {len(live)} workers started; min_workers={self.spec.min_workers}",
-            )
+            why = f"only {len(live)} workers started; min_workers={self.spec.min_workers}"
+            if self.members.start_failure is not None:
+                why += f"; {self.members.start_failure}"
+            self.error = why
+            self._set_state(JobState.FAILED, why)
         return {
             "workers": [w.public() for w in live],
             "total_steps": self.total_steps,
@@ -185,7 +199,7 @@ class CoordinatorCore:
     async def _add_worker(
         self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None
     ) -> WorkerSlot | None:
-        slot = self.members.spawn(wid, shard, sampler_state)
+        slot = self.members.spawn(wid, shard, sampler_state, self.train.mean_buffers())
         return slot if await self._attach(slot) else None
 
     async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:
@@ -409,7 +423,7 @@ class CoordinatorCore:
         self._wake.set()
 
     def model_bytes(self) -> bytes:
-        load_flat(self.model, self.record.x)
+        self.train.load_eval_model()
         buf = io.BytesIO()
         state = {"state_dict": self.model.state_dict(), "spec": self.spec.model_dump()}
         torch.save({**state, "step": self.step}, buf)

@@ -23,7 +23,6 @@ import ray
 
 from actors.channel import CoordinatorEnd
 from actors.coordinator.reporting import Reporter
-from actors.datasets import Dataset
 from actors.faults import ActiveFault
 from actors.messages import Launch, WorkerInit
 from actors.sampler import make_shards
@@ -94,23 +93,40 @@ def kill_process(w: WorkerSlot) -> None:
             ray.kill(w.actor, no_restart=True)
 
 
-def worker_template(spec: JobSpec, ds: Dataset, plan: list[ActiveFault], t0: float) -> WorkerInit:
-    """What every worker of the job is created with (the training set goes into Ray's object
-    store once; id, shard and sampler are filled in per worker)."""
+def worker_template(
+    spec: JobSpec, data_dir: str | None, plan: list[ActiveFault], t0: float
+) -> WorkerInit:
+    """What every worker of the job is created with: the spec, not data (each worker builds
+    the task and opens its training set itself); id, shard, sampler and buffers are filled
+    in per worker."""
     return WorkerInit(
         worker_id=-1,
         spec=spec,
-        x_train=ray.put(ds.x_train),
-        y_train=ray.put(ds.y_train),
-        task=ds.task,
-        n_features=ds.n_features,
-        n_outputs=ds.n_outputs,
-        input_shape=ds.input_shape,
+        data_dir=data_dir,
         shard=np.zeros(0, dtype=np.int64),
         sampler_state=None,
         faults=plan,  # the plan's own list: live injections reach new workers too
         t0=t0,
     )
+
+
+# the error's own line is what a user acts on; its traceback stays in the worker's log
+_MAX_ERROR_CHARS = 500
+
+
+def start_error(exc: BaseException) -> str:
+    """A worker's start failure in a line: the error its constructor raised (a task's
+    ``build_model`` or ``train_data``) and where the traceback is."""
+    cause = getattr(exc, "cause", None)  # RayActorError: the creation task's exception
+    inner = getattr(cause, "cause", None) if cause is not None else None
+    err = inner if isinstance(inner, BaseException) else cause
+    if isinstance(err, BaseException):
+        text = str(err).strip().splitlines()
+        first = text[-1] if text else ""
+        msg = f"{type(err).__name__}: {first}"[:_MAX_ERROR_CHARS]
+        return f"{msg} (traceback: the worker's log, in Ray's session logs)"
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:_MAX_ERROR_CHARS]
 
 
 @dataclass
@@ -150,6 +166,8 @@ class Membership:
         self.pending_joins: list[tuple[float, int]] = []  # (wall time due, worker id)
         self.resizes = 0
         self.template: WorkerInit | None = None  # what every worker is created with
+        # why the first worker that failed to start failed (the job's error if too few start)
+        self.start_failure: str | None = None
 
     def check_size(self, n: int) -> None:
         """Refuse a size outside ``[min_workers, max_workers]``.
@@ -223,11 +241,22 @@ class Membership:
         )
 
     def spawn(
-        self, wid: int, shard: np.ndarray, sampler_state: dict[str, Any] | None
+        self,
+        wid: int,
+        shard: np.ndarray,
+        sampler_state: dict[str, Any] | None,
+        buffers: np.ndarray | None = None,
     ) -> WorkerSlot:
-        """Create worker ``wid``'s next incarnation (not yet probed)."""
+        """Create worker ``wid``'s next incarnation (not yet probed), starting from the
+        job's averaged ``buffers`` when there are any."""
         assert self.template is not None, "start() sets the template first"
-        init = replace(self.template, worker_id=wid, shard=shard, sampler_state=sampler_state)
+        init = replace(
+            self.template,
+            worker_id=wid,
+            shard=shard,
+            sampler_state=sampler_state,
+            buffers=buffers,
+        )
         old = self.workers.get(wid)
         gen = old.gen + 1 if old is not None else 0
         actor = Worker.options(**self._worker_options(wid, gen)).remote(init)  # type: ignore[attr-defined]
@@ -237,14 +266,21 @@ class Membership:
         return slot
 
     async def reattach(
-        self, wid: int, gen: int, sampler_state: dict[str, Any] | None
+        self,
+        wid: int,
+        gen: int,
+        sampler_state: dict[str, Any] | None,
+        buffers: np.ndarray | None = None,
     ) -> WorkerSlot | None:
-        """Adopt a worker that outlived the previous coordinator incarnation."""
+        """Adopt a worker that outlived the previous coordinator incarnation (its sampler
+        and buffers go back to the checkpoint's)."""
         try:
             actor = ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE)
             await asyncio.wait_for(actor.ping.remote(), timeout=REATTACH_PING_S)
             if sampler_state is not None:
                 await actor.reset_sampler.remote(sampler_state)
+            if buffers is not None:
+                await actor.set_buffers.remote(buffers)
         except Exception:  # noqa: BLE001 - gone or unreachable: start a new one instead
             return None
         slot = WorkerSlot(id=wid, actor=actor, shard=self.shards[wid], gen=gen)
@@ -273,9 +309,12 @@ class Membership:
                     )
         except Exception as exc:  # noqa: BLE001 - any failure to start is a lost worker
             slot.state = "dead"
+            why = start_error(exc)
+            if self.start_failure is None:
+                self.start_failure = f"worker {slot.id} failed to start: {why}"
             self.reporter.event(
                 EventKind.MEMBERSHIP,
-                f"worker failed to start: {exc}",
+                f"worker failed to start: {why}",
                 target=f"worker-{slot.id}",
             )
             return False

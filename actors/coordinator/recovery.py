@@ -61,6 +61,9 @@ class CheckpointState:
     # the guard's state: frozen constants, the first loss, the (possibly tightened) mode
     # setting; empty in checkpoints written before the guard existed
     guard: dict[str, Any] = field(default_factory=dict)
+    # the live workers' averaged floating buffers (BatchNorm statistics; docs/tasks.md),
+    # None for a model without any (and in checkpoints written before buffers were kept)
+    buffers: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -94,6 +97,7 @@ class CheckpointState:
             t0=float(d["t0"]),
             guard=dict(d.get("guard") or {}),
             steps_all_lost=int(d.get("steps_all_lost", 0)),  # absent before it was counted
+            buffers=d.get("buffers"),
         )
 
 

@@ -19,7 +19,9 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
 
 from actors.checkpoint import list_checkpoints
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
@@ -29,12 +31,15 @@ from actors.coordinator.guarding import Guarding
 from actors.coordinator.membership import Membership, WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
-from actors.datasets import Dataset, evaluate
 from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
 from actors.flat import load_flat
 from actors.guard import Action, Condition, Decision
 from actors.messages import BlockReady, GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
+from actors.tasks.base import Task
+from actors.tasks.builtin import BuiltinTask
+from actors.tasks.evaluation import evaluate_task
+from actors.tasks.runtime import Buffers
 from core.events import EventKind, FaultKind
 from core.spec import JobSpec
 
@@ -48,7 +53,8 @@ class Training:
         meter: the B̂ meter the mode writes to.
         norms: observed norms (the bound's constants).
         q: the compressor's error factor (the residual bound).
-        evaluation: a model to load the model of record into, and the test set.
+        evaluation: the task, a model to load the model of record into (in eval mode),
+            and the task's evaluation set.
         parts: the collaborators: data plane, membership, faults, recovery, reporter.
     """
 
@@ -59,7 +65,7 @@ class Training:
         meter: Meter,
         norms: ObservedNorms,
         q: float,
-        evaluation: tuple[torch.nn.Module, Dataset],
+        evaluation: tuple[Task, torch.nn.Module, TorchDataset[Any]],
         parts: tuple[DataPlane, Membership, Faulting, Recovery, Reporter],
     ) -> None:
         self.spec = spec
@@ -68,7 +74,12 @@ class Training:
         self.meter = meter
         self.norms = norms
         self.q = q
-        self.net, self.ds = evaluation
+        self.task, self.net, self.eval_set = evaluation
+        # floating buffers (docs/tasks.md): each live worker's latest, and their mean, which
+        # the evaluation model, checkpoints and new workers get
+        self.buffer_layout = Buffers.of(self.net)
+        self.worker_buffers: dict[int, np.ndarray] = {}
+        self.buffers: np.ndarray | None = self.buffer_layout.read(self.net)
         self.data, self.members, self.faults, self.recovery, self.reporter = parts
         self.inflight: dict[int, asyncio.Future[Outcome]] = {}
         self.lost_idle: list[Loss] = []  # workers whose serving loop ended between requests
@@ -287,6 +298,8 @@ class Training:
         """Bookkeeping of a reply that arrived (``counted``: not lost on the way)."""
         self.reporter.timing.see(reply, time.perf_counter() - w.t_dispatch)
         w.sampler = reply.sampler_pos
+        if reply.buffers is not None:
+            self.worker_buffers[w.id] = reply.buffers
         if not counted:
             return
         w.steps_done += 1
@@ -397,15 +410,31 @@ class Training:
         )
 
     # -- evaluation and checkpoints ------------------------------------------------------------
-    def evaluate(self) -> None:
-        """Test metrics of the model of record (recorded)."""
-        ds = self.ds
+    def mean_buffers(self) -> np.ndarray | None:
+        """The mean of the live workers' latest floating buffers (a model without any:
+        ``None``); with no live worker's reply yet, the last mean (or the built model's)."""
+        live = [
+            self.worker_buffers[w.id] for w in self.members.live() if w.id in self.worker_buffers
+        ]
+        if live:
+            self.buffers = np.mean(np.stack(live), axis=0).astype(np.float32)
+        return self.buffers
+
+    def load_eval_model(self) -> None:
+        """The evaluation model := the model of record, with the averaged buffers."""
         load_flat(self.net, self.record.x)
-        metrics = evaluate(self.net, ds)
-        if ds.optimum is not None:
-            metrics["dist_to_optimum"] = float(
-                (self.record.x - torch.from_numpy(ds.optimum)).norm()
-            )
+        buffers = self.mean_buffers()
+        if buffers is not None:
+            self.buffer_layout.write(self.net, buffers)
+
+    def evaluate(self) -> None:
+        """The task's evaluation metrics of the model of record (recorded): ``test_loss``
+        and ``test_<metric>`` for each metric, means over the evaluation set."""
+        self.load_eval_model()
+        metrics = evaluate_task(self.task, self.net, self.eval_set, self.spec.batch_size)
+        optimum = self.task.optimum if isinstance(self.task, BuiltinTask) else None
+        if optimum is not None:
+            metrics["dist_to_optimum"] = float((self.record.x - torch.from_numpy(optimum)).norm())
         self.reporter.eval_record(metrics, len(self.members.live()))
 
     def checkpoint(self) -> None:
@@ -444,6 +473,7 @@ class Training:
             steps_all_lost=self.steps_all_lost,
             t0=self.reporter.t0,
             guard=self.guard.state(),
+            buffers=None if self.buffers is None else self.mean_buffers(),
         )
         path = self.recovery.write(state, build_s=time.perf_counter() - t_build)
         self.reporter.event(EventKind.CHECKPOINT, f"step {self.mode.step} -> {path.name}")
@@ -452,6 +482,9 @@ class Training:
         """Continue from checkpoint ``st`` (the model, counters, monitor, fired faults, and
         with ``guard_state`` the frozen constants and the mode's setting)."""
         self.record.x.copy_(st.x)
+        if st.buffers is not None:
+            self.buffers = np.asarray(st.buffers, dtype=np.float32).copy()
+            self.worker_buffers.clear()  # the workers' own are from after the checkpoint
         self.record.opt.load_state_dict(st.opt)
         self.record.version, self.samples = st.version, st.samples
         self.faults.driver.fired.update(st.fired)

@@ -27,17 +27,11 @@ LR = 0.1
 
 
 def _worker(spec: JobSpec) -> tuple[WorkerCore, np.ndarray]:
-    ds = load_dataset(spec.dataset, spec.seed)
     shard = np.arange(200, dtype=np.int64)
     init = WorkerInit(
         worker_id=0,
         spec=spec,
-        x_train=ds.x_train,
-        y_train=ds.y_train,
-        task=ds.task,
-        n_features=ds.n_features,
-        n_outputs=ds.n_outputs,
-        input_shape=ds.input_shape,
+        data_dir=None,
         shard=shard,
         sampler_state=None,
         faults=[],
