@@ -113,7 +113,8 @@ def test_a_schema_2_database_keeps_the_full_text_and_sanitizes_the_public_one(
         "    error_detail TEXT,             -- the full text behind error (added in schema 3)\n",
         "",
     ).replace(
-        "    guard TEXT,                    -- a guard event's action, or NULL (added in schema 4)\n",
+        "    guard TEXT,                    -- a guard event's action, or NULL"
+        " (added in schema 4)\n",
         "",
     )
     assert "error_detail" not in v2

@@ -393,7 +393,8 @@ def _schema_1_db(path: Path) -> None:
         "    fault TEXT,                    -- a FaultKind value, or NULL (added in schema 2)\n",
         "",
     ).replace(
-        "    guard TEXT,                    -- a guard event's action, or NULL (added in schema 4)\n",
+        "    guard TEXT,                    -- a guard event's action, or NULL"
+        " (added in schema 4)\n",
         "",
     )
     assert "fault TEXT" not in v1 and "guard TEXT" not in v1
