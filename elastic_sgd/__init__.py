@@ -44,6 +44,7 @@ from elastic_sgd.errors import (
     ServiceUnreachable,
     TooManyRequests,
     Unauthorized,
+    UnexpectedAnswer,
     ValidationFailed,
 )
 from elastic_sgd.local import LocalRun, run
@@ -97,6 +98,7 @@ __all__ = [
     "TaskContext",
     "TooManyRequests",
     "Unauthorized",
+    "UnexpectedAnswer",
     "ValidationFailed",
     "run",
     "weighted_means",

@@ -34,7 +34,7 @@ from typing import Any, Literal, Self, TypeVar
 
 import httpx
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from api.schemas import (
     DrillPublic,
@@ -54,7 +54,7 @@ from api.schemas import (
 from core.errors import SpecError
 from core.spec import FaultSpec, JobSpec, load_spec
 from core.state import JobState
-from elastic_sgd.errors import ServiceError, ServiceUnreachable, error_of
+from elastic_sgd.errors import ServiceError, ServiceUnreachable, UnexpectedAnswer, error_of
 from elastic_sgd.streams import (
     EventUpdate,
     MetricUpdate,
@@ -161,11 +161,28 @@ class Client:
 
     def _get(self, path: str, model: type[M], params: Mapping[str, Any] | None = None) -> M:
         r = self.request("GET", path, params=_query(params))
-        return model.model_validate_json(r.content)
+        return self._parse(r, model)
 
     def _post(self, path: str, model: type[M], body: Any = None) -> M:
         r = self.request("POST", path, json=body)
-        return model.model_validate_json(r.content)
+        return self._parse(r, model)
+
+    def _parse(self, r: httpx.Response, model: type[M]) -> M:
+        """The answer's body as ``model``.
+
+        Raises:
+            UnexpectedAnswer: the body is not a ``model``.
+        """
+        try:
+            return model.model_validate_json(r.content)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise UnexpectedAnswer(
+                f"{r.request.method} {r.request.url.path} at {self.url} answered {r.status_code} "
+                f"with a body that is not a {model.__name__} ({where}: {first['msg']}; "
+                f"{exc.error_count()} problems): is this an elastic-sgd service of this version?"
+            ) from None
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -495,7 +512,7 @@ class Client:
             raise ServiceUnreachable(self.url, _reason(exc)) from exc
         if r.status_code not in (200, 503):
             raise error_of(r.status_code, r.content, "GET", "/readyz")
-        return ReadyPublic.model_validate_json(r.content)
+        return self._parse(r, ReadyPublic)
 
 
 def _reason(exc: httpx.TransportError) -> str:

@@ -59,6 +59,11 @@ class ServiceUnreachable(ServiceError):
         return (type(self), (self.url, self.reason))
 
 
+class UnexpectedAnswer(ServiceError):
+    """The service answered, but not with what the route promises (another version of the
+    service, or something else listening at the URL)."""
+
+
 class ApiError(ServiceError):
     """The service answered with an error status.
 
