@@ -433,8 +433,9 @@ class Client:
     # -- the model --------------------------------------------------------------------------
 
     def model_bytes(self, job_id: str) -> bytes:
-        """The job's latest model of record: ``torch.save`` of its ``state_dict``
-        (``torch.load(io.BytesIO(data), weights_only=True)`` reads it).
+        """The job's latest model of record, as ``torch.save`` wrote it: a dict with the
+        model's ``state_dict``, the job's ``spec`` and the ``step`` it was taken at
+        (``torch.load(io.BytesIO(data), weights_only=True)["state_dict"]`` are the weights).
 
         Raises:
             Conflict: the job has no model yet.

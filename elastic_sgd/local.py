@@ -5,7 +5,7 @@ coordinator and workers are started on an embedded Ray instance (or the cluster 
 ``RAY_ADDRESS`` names), and its files are written to ``out_dir``:
 
 * ``metrics.jsonl``: one JSON record per step and per evaluation;
-* ``model.pt``: ``torch.save`` of the final model's ``state_dict``;
+* ``model.pt``: ``torch.save`` of the final model (``state_dict``, ``spec``, ``step``);
 * ``summary.json``: the run's summary (what :attr:`LocalRun.summary` holds);
 * ``tensorboard/``: event files of the metrics, when asked (``tensorboard=True`` or the
   spec's ``tensorboard: true``).
@@ -44,7 +44,7 @@ class LocalRun:
 
     @property
     def model_path(self) -> Path:
-        """``torch.save`` of the final model's ``state_dict``."""
+        """The final model: ``torch.load(path, weights_only=True)["state_dict"]``."""
         return self.out_dir / "model.pt"
 
     @property

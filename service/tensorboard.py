@@ -20,10 +20,13 @@ tag                            value (from the record)
 =============================  ==============================================
 
 A run that goes back in steps (a coordinator restarted from its checkpoint, the guard
-rolling back, a service resuming the job) writes the steps it repeats again: each writer
-starts with TensorBoard's ``purge_step`` at its first step, so readers hide what an earlier
-writer wrote from that step on, and a step that goes back within one writer opens a new
-writer at that step.
+rolling back, a service re-attaching to the job or resuming it) writes the steps it repeats
+again, and TensorBoard shows the new ones only: a step record whose step is not past the
+last step record written opens a new event file with TensorBoard's ``purge_step`` at that
+step (readers then hide everything an earlier file holds from that step on), and so does
+the first step record a :class:`TensorBoardLog` writes (an earlier process may have
+written the steps it repeats). Evaluations never start a purge: the final one may share
+its step with the last periodic one.
 """
 
 from __future__ import annotations
@@ -89,30 +92,34 @@ class TensorBoardLog:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = Path(log_dir)
         self._writer: SummaryWriter | None = None
-        # the last step written of each kind: a record at or before it is a step repeated
-        self._last: dict[str, int] = {}
+        # the last step record's step: a step record not past it repeats steps
+        # (None: this log wrote no step record yet, an earlier process may have)
+        self._last_step: int | None = None
 
     def write(self, records: Iterable[Record]) -> None:
         """Add the records' points, then flush them to disk (a reader sees them at once)."""
         wrote = False
         for r in records:
-            last = self._last.get(r.kind)
-            if self._writer is None or (last is not None and r.step <= last):
+            if isinstance(r, StepRecord) and (self._last_step is None or r.step <= self._last_step):
                 self._open(purge_step=r.step)
+            elif self._writer is None:
+                self._open(purge_step=None)
             writer = self._writer
             assert writer is not None
             for s in scalars_of(r):
                 writer.add_scalar(s.tag, s.value, global_step=s.step, walltime=s.wall_time)
-            self._last[r.kind] = r.step
+            if isinstance(r, StepRecord):
+                self._last_step = r.step
             wrote = True
         if wrote and self._writer is not None:
             self._writer.flush()
 
-    def _open(self, purge_step: int) -> None:
+    def _open(self, purge_step: int | None) -> None:
+        """A new event file; with ``purge_step``, readers hide earlier files' points from
+        that step on."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.close()
-        self._last.clear()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 

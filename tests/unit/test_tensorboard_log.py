@@ -93,6 +93,21 @@ def test_event_files_read_back_with_their_tags_steps_and_values(tmp_path: Path) 
     log.close()  # idempotent
 
 
+def test_a_final_eval_at_the_last_step_and_a_write_after_close_keep_every_point(
+    tmp_path: Path,
+) -> None:
+    log = TensorBoardLog(tmp_path / "tb")
+    log.write([step(1, 1), step(2, 2, loss=0.5), evaluation(3, 2, 0.7)])
+    log.write([evaluation(4, 2, 0.75)])  # the final evaluation shares the last step
+    log.close()
+    log.write([evaluation(5, 2, 0.8)])  # after close: a new file, nothing hidden
+    log.close()
+    acc = read(tmp_path / "tb")
+    assert values(acc, "train/loss") == [(1, 1.0), (2, 0.5)]
+    got = [(st, round(v, 3)) for st, v in values(acc, "eval/test_accuracy")]
+    assert got == [(2, 0.7), (2, 0.75), (2, 0.8)]
+
+
 def test_steps_written_again_replace_the_old_ones(tmp_path: Path) -> None:
     log = TensorBoardLog(tmp_path / "tb")
     log.write([step(i, i, loss=10.0 - i) for i in range(1, 6)])
