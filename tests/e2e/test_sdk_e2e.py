@@ -4,18 +4,22 @@ One small digits job with ``tensorboard: true`` is submitted, followed on the li
 to its end, read back (``get``, ``metrics``, ``history``), its model downloaded and loaded,
 its TensorBoard event files read with TensorBoard's reader, and its stream resumed from a
 cursor; a slow job is followed live and cancelled; refusals come back as typed errors (a
-422 with the refused fields, a 401 without the token, a 403 with a wrong one, a 404).
+422 with the refused fields, a 401 without the token, a 403 with a wrong one, a 404); and
+the complete example of docs/sdk.md runs as written.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_SPEC, Server
+from conftest import REPO, SMALL_SPEC, Server
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.state import JobState
@@ -133,3 +137,26 @@ def test_refusals_are_typed_errors(server: Server, client: Client) -> None:
         client.get("0123456789ab")
     with Client(server.url) as anonymous:  # reads need no token
         assert anonymous.list(limit=5).total >= 1
+
+
+def doc_example() -> str:
+    """The first Python block after "## A complete example" in docs/sdk.md."""
+    text = (REPO / "docs" / "sdk.md").read_text()
+    section = text.split("## A complete example", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_example_runs_as_written(server: Server) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ESGD_URL": server.url, "ESGD_TOKEN": TOKEN}
+    r = subprocess.run(
+        [sys.executable, "-c", doc_example()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ready" in r.stdout and "ended: succeeded" in r.stdout
+    assert "step 60: loss" in r.stdout
+    assert "batch_size: " in r.stdout  # the refused field of the 422
