@@ -414,7 +414,16 @@ class Client:
             parser = SSEParser()
             for line in r.iter_lines():
                 msg = parser.feed(line)
-                item = None if msg is None else item_of(msg)
+                if msg is None:
+                    continue
+                try:
+                    item = item_of(msg)
+                except (ValidationError, ValueError, KeyError, TypeError) as exc:
+                    raise UnexpectedAnswer(
+                        f"the stream of job {job_id} at {self.url} sent a {msg.event!r} message "
+                        f"that is not what the API sends ({type(exc).__name__}): is this an "
+                        "elastic-sgd service of this version?"
+                    ) from exc
                 if item is not None:
                     yield item
 

@@ -19,6 +19,7 @@ from elastic_sgd import (
     NotFound,
     ServiceUnreachable,
     StreamEnd,
+    UnexpectedAnswer,
 )
 from elastic_sgd.streams import SSEMessage, SSEParser, item_of
 
@@ -140,3 +141,12 @@ def test_a_stream_that_keeps_breaking_gives_up_and_a_404_is_raised_at_once() -> 
     )
     with pytest.raises(NotFound, match="no job j-9"):
         list(gone.stream_events("j-9"))
+
+
+def test_a_message_that_is_not_the_apis_is_an_unexpected_answer() -> None:
+    bad = sse("metric", {"kind": "step"}, "1:0")  # no seq, no step
+    c = Client(
+        "http://esgd.test", transport=httpx.MockTransport(lambda _r: httpx.Response(200, text=bad))
+    )
+    with pytest.raises(UnexpectedAnswer, match="'metric' message"):
+        list(c.stream("j-1"))
