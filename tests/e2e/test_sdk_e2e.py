@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL_SPEC, Server
+from conftest import REPO, SMALL_SPEC, Server, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.state import JobState
@@ -111,7 +111,9 @@ def test_follow_a_live_job_then_cancel_it(client: Client, tmp_path: Path) -> Non
         if len(seen) >= 3:
             break
     assert seen == sorted(seen) and len(seen) == 3
-    # the live model of record, while it trains
+    # the live model of record, while it trains (records may come before the service's
+    # supervisor has seen the job running)
+    wait_for(lambda: client.get(job.id).state is JobState.RUNNING, 60, what="job running")
     path = client.download_model(job.id, tmp_path / "live.pt")
     assert torch.load(path, weights_only=True)["state_dict"]
     assert client.cancel(job.id).id == job.id
