@@ -31,7 +31,7 @@ demo: setup
 run: setup
 	$(BIN)/elastic-sgd run configs/digits_elastic.yaml --out runs/digits-elastic
 
-SOURCES := core actors service api cli tests bench scripts
+SOURCES := core actors service api elastic_sgd cli tests bench scripts
 
 # ruff's rules (complexity: mccabe at most 12; unused arguments) and the import-linter
 # layer contracts are configured in pyproject.toml.
@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/lint-imports
 
-# mypy strict on the packages core actors service api cli (the list, and the per-library
+# mypy strict on the packages core actors service api elastic_sgd cli (the list, and the per-library
 # overrides, are pyproject.toml's [tool.mypy])
 typecheck: setup
 	$(BIN)/mypy

@@ -1,9 +1,10 @@
 """``elastic-sgd``: the command line.
 
 Service commands talk to a running service over HTTP (``--url`` / ``ESGD_URL``, bearer
-token from ``--token`` / ``ESGD_TOKEN``): ``serve`` starts one; ``submit``, ``status``,
-``cancel``, ``scale``, ``inject``, ``drill`` and ``logs`` use it. Local commands (``run``)
-need no service: they sit in their own section at the end.
+token from ``--token`` / ``ESGD_TOKEN``) through the SDK's :class:`elastic_sgd.Client`:
+``serve`` starts one; ``submit``, ``status``, ``cancel``, ``scale``, ``inject``, ``drill``
+and ``logs`` use it. Local commands (``run``) need no service: they sit in their own
+section at the end.
 
 Exit codes: 0 success (for ``submit --watch`` and ``drill``: the job succeeded / the drill
 passed), 1 the job or drill did not succeed, 2 the request was refused (bad input, unknown
@@ -12,21 +13,24 @@ id, forbidden state, auth) or the service cannot be reached.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import httpx
 import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.schemas import EventPublic
 from core.errors import ElasticSGDError, SpecError
 from core.spec import load_spec
+from elastic_sgd import ApiError, Client, ServiceError
+from elastic_sgd.client import DEFAULT_URL
 from service.jobs import parse_fault
 
 app = typer.Typer(
@@ -39,11 +43,17 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 UrlOpt = Annotated[
     str, typer.Option("--url", envvar="ESGD_URL", help="service address", show_default=True)
+]
+TensorBoardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help="also write the metrics as TensorBoard event files (tensorboard/ in the job's "
+        "folder), as the spec's `tensorboard: true` does",
+    ),
 ]
 TokenOpt = Annotated[
     str | None,
@@ -70,51 +80,31 @@ def fail_problems(exc: SpecError | ElasticSGDError) -> NoReturn:
     fail(str(exc))
 
 
-class Client:
-    """A small HTTP client that turns every refusal into a clear message and exit code 2."""
-
-    def __init__(self, url: str, token: str | None, timeout_s: float = 30.0) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            r = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            fail(
-                f"cannot reach the service at {self.url} ({type(exc).__name__}): start it with "
-                "`elastic-sgd serve`, or point --url / ESGD_URL at it"
-            )
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"detail": r.text}
-            errors = body.get("errors") or []
-            if errors:
-                err_console.print(f"[bold red]error {r.status_code}:[/] refused:")
-                for e in errors:
-                    err_console.print(f"  [bold]{e.get('path')}[/]: {e.get('message')}")
-                raise typer.Exit(2)
-            fail(f"{r.status_code}: {body.get('detail', r.text)}")
-        return r
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
-
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, json=body).json()
+@contextmanager
+def refusals() -> Iterator[None]:
+    """What the service refused, or no answer at all, as a message on stderr and exit
+    code 2: the refused fields one per line, else the service's reason."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.errors:
+            err_console.print(f"[bold red]error {exc.status}:[/] refused:")
+            for e in exc.errors:
+                err_console.print(f"  [bold]{e.path}[/]: {e.message}")
+            raise typer.Exit(2) from None
+        fail(f"{exc.status}: {exc.detail}")
+    except ServiceError as exc:
+        fail(str(exc))
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _when(iso: str | None) -> str:
-    if not iso:
+def _when(t: datetime | None) -> str:
+    if t is None:
         return "-"
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 _STATE_STYLE = {
@@ -202,6 +192,7 @@ def serve(
 def submit(
     file: Annotated[Path, typer.Argument(help="job spec (YAML)")],
     watch: Annotated[bool, typer.Option("--watch", help="follow the job to its end")] = False,
+    tensorboard: TensorBoardOpt = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     interval: IntervalOpt = 0.5,
@@ -211,18 +202,21 @@ def submit(
         spec = load_spec(file)  # refuse bad specs here, with the same messages as the API
     except SpecError as exc:
         fail_problems(exc)
-    client = Client(url, token)
-    job = client.post("/jobs", spec.model_dump(mode="json"))
-    console.print(f"submitted job [bold]{job['id']}[/] ({job['name']}): {_state(job['state'])}")
+    if tensorboard:
+        spec = spec.model_copy(update={"tensorboard": True})
+    with refusals(), Client(url, token) as client:
+        job = client.submit(spec)
+        console.print(f"submitted job [bold]{job.id}[/] ({job.name}): {_state(job.state)}")
+        if watch:
+            code = _watch(client, job.id, interval)
     if watch:
-        raise typer.Exit(_watch(client, job["id"], interval))
+        raise typer.Exit(code)
 
 
 def _watch(client: Client, job_id: str, interval: float) -> int:
     """Progress bar with loss, accuracy and B-hat until the job ends; returns the exit code."""
     after_id = 0
     loss = acc = None
-    job: dict[str, Any] = {}
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -234,40 +228,39 @@ def _watch(client: Client, job_id: str, interval: float) -> int:
         task = bar.add_task(job_id, total=None, info="")
         after_seq = -1
         while True:
-            job = client.get(f"/jobs/{job_id}")
-            page = client.get(f"/jobs/{job_id}/metrics", params={"after_seq": after_seq})
-            for r in page["items"]:
-                if r["kind"] == "step" and r.get("loss") is not None:
-                    loss = r["loss"]
-                if r["kind"] == "eval" and r.get("test_accuracy") is not None:
-                    acc = r["test_accuracy"]
-            if page["last_seq"] is not None:
-                after_seq = page["last_seq"]
-            events = client.get(f"/jobs/{job_id}/events", params={"after_id": after_id})
-            for e in events["items"]:
-                if e["kind"] != "state" or e["source"] == "service":
+            job = client.get(job_id)
+            page = client.metrics(job_id, after_seq=after_seq)
+            for r in page.items:
+                if r.kind == "step" and r.loss is not None:
+                    loss = r.loss
+                if r.kind == "eval" and r.test_accuracy is not None:
+                    acc = r.test_accuracy
+            if page.last_seq is not None:
+                after_seq = page.last_seq
+            events = client.events(job_id, after_id=after_id)
+            for e in events.items:
+                if e.kind != "state" or e.source == "service":
                     bar.console.print(_event_line(e))
-            if events["last_id"] is not None:
-                after_id = events["last_id"]
+            if events.last_id is not None:
+                after_id = events.last_id
             bar.update(
                 task,
-                description=f"{job_id} {job['state']}",
-                total=job["total_steps"],
-                completed=job["step"],
+                description=f"{job_id} {job.state}",
+                total=job.total_steps,
+                completed=job.step,
                 info=f"loss {_fmt(loss)}  acc {_fmt(acc, '.3f')}  "
-                f"B̂ max {_fmt(job['b_hat_max'], '.3g')}  "
-                f"bound {_fmt(job['bound'], '.3g')}  workers {len(job['workers'])}",
+                f"B̂ max {_fmt(job.b_hat_max, '.3g')}  "
+                f"bound {_fmt(job.bound, '.3g')}  workers {len(job.workers)}",
             )
-            if job["terminal"]:
+            if job.terminal:
                 break
             time.sleep(interval)
-    detail = client.get(f"/jobs/{job_id}")
+    detail = client.get(job_id)
     console.print(
-        f"job {job_id}: {_state(detail['state'])}"
-        + (f" — {detail['error']}" if detail.get("error") else "")
+        f"job {job_id}: {_state(detail.state)}" + (f" — {detail.error}" if detail.error else "")
     )
-    if detail.get("summary"):
-        s = detail["summary"]
+    if detail.summary:
+        s = detail.summary
         cons = s.get("consistency") or {}
         console.print(
             f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
@@ -275,14 +268,13 @@ def _watch(client: Client, job_id: str, interval: float) -> int:
             f"B̂ max {_fmt(cons.get('b_hat_max'), '.3g')} (bound "
             f"{_fmt(cons.get('bound'), '.3g')})"
         )
-    return 0 if detail["state"] == "succeeded" else 1
+    return 0 if detail.state == "succeeded" else 1
 
 
-def _event_line(e: dict[str, Any]) -> str:
-    step = "-" if e.get("step") is None else str(e["step"])
+def _event_line(e: EventPublic) -> str:
+    step = "-" if e.step is None else str(e.step)
     return (
-        f"[dim]{_when(e['wall_time'])} step {step:>6}[/] {e['kind']:<12} "
-        f"{e.get('target') or '':<10} {e['detail']}"
+        f"[dim]{_when(e.wall_time)} step {step:>6}[/] {e.kind:<12} {e.target or '':<10} {e.detail}"
     )
 
 
@@ -296,46 +288,48 @@ def status(
     token: TokenOpt = None,
 ) -> None:
     """List jobs, or show one job with its workers."""
-    client = Client(url, token)
+    with refusals(), Client(url, token) as client:
+        if job_id is None:
+            page = client.list(state, limit=limit)
+        else:
+            j = client.get(job_id)
     if job_id is None:
-        page = client.get("/jobs", params={"state": state or [], "limit": limit})
         if as_json:
-            console.print_json(json.dumps(page))
+            console.print_json(page.model_dump_json())
             return
-        t = Table(title=f"jobs ({page['total']} total)")
+        t = Table(title=f"jobs ({page.total} total)")
         for col in ("id", "name", "state", "step", "B̂ max", "bound", "workers", "created"):
             t.add_column(col)
-        for j in page["items"]:
+        for row in page.items:
             t.add_row(
-                j["id"],
-                j["name"],
-                _state(j["state"]),
-                f"{j['step']}/{j['total_steps'] or '?'}",
-                _fmt(j["b_hat_max"], ".3g"),
-                _fmt(j["bound"], ".3g"),
-                str(len(j["workers"])),
-                _when(j["created_at"]),
+                row.id,
+                row.name,
+                _state(row.state),
+                f"{row.step}/{row.total_steps or '?'}",
+                _fmt(row.b_hat_max, ".3g"),
+                _fmt(row.bound, ".3g"),
+                str(len(row.workers)),
+                _when(row.created_at),
             )
         console.print(t)
         return
-    j = client.get(f"/jobs/{job_id}")
     if as_json:
-        console.print_json(json.dumps(j))
+        console.print_json(j.model_dump_json())
         return
     console.print(
-        f"[bold]{j['id']}[/] {j['name']}: {_state(j['state'])}  step "
-        f"{j['step']}/{j['total_steps'] or '?'}  B̂ max {_fmt(j['b_hat_max'], '.3g')}"
-        f" mean {_fmt(j['b_hat_mean'], '.3g')} bound {_fmt(j['bound'], '.3g')}"
+        f"[bold]{j.id}[/] {j.name}: {_state(j.state)}  step "
+        f"{j.step}/{j.total_steps or '?'}  B̂ max {_fmt(j.b_hat_max, '.3g')}"
+        f" mean {_fmt(j.b_hat_mean, '.3g')} bound {_fmt(j.bound, '.3g')}"
     )
-    if j.get("error"):
-        console.print(f"  [red]error:[/] {j['error']}")
-    if j["workers"]:
+    if j.error:
+        console.print(f"  [red]error:[/] {j.error}")
+    if j.workers:
         t = Table("worker", "state", "node", "step")
-        for w in j["workers"]:
-            t.add_row(str(w["id"]), w["state"], w.get("node") or "-", str(w.get("step", "-")))
+        for w in j.workers:
+            t.add_row(str(w.id), w.state, w.node or "-", str(w.step))
         console.print(t)
-    if j.get("summary"):
-        s = j["summary"]
+    if j.summary:
+        s = j.summary
         console.print(
             f"  final test accuracy {_fmt(s.get('final_test_accuracy'), '.4f')}, "
             f"wall {_fmt(s.get('wall_seconds'), '.1f')} s"
@@ -349,8 +343,9 @@ def cancel(
     token: TokenOpt = None,
 ) -> None:
     """Cancel a job."""
-    j = Client(url, token).post(f"/jobs/{job_id}/cancel")
-    console.print(f"cancel requested for {job_id}: now {_state(j['state'])}")
+    with refusals(), Client(url, token) as client:
+        j = client.cancel(job_id)
+    console.print(f"cancel requested for {job_id}: now {_state(j.state)}")
 
 
 @app.command()
@@ -361,7 +356,8 @@ def scale(
     token: TokenOpt = None,
 ) -> None:
     """Change the number of workers of a running job."""
-    Client(url, token).post(f"/jobs/{job_id}/scale", {"workers": workers})
+    with refusals(), Client(url, token) as client:
+        client.scale(job_id, workers)
     console.print(f"scaling {job_id} to {workers} workers")
 
 
@@ -413,9 +409,8 @@ def inject(
         fault = parse_fault(data)
     except SpecError as exc:
         fail_problems(exc)
-    Client(url, token).post(
-        f"/jobs/{job_id}/faults", fault.model_dump(mode="json", exclude_none=True)
-    )
+    with refusals(), Client(url, token) as client:
+        client.inject(job_id, fault)
     console.print(f"{kind} fault sent to job {job_id}")
 
 
@@ -446,19 +441,19 @@ def drill(
 
         rep = run_drill(spec, out, data_dir=data_dir, progress=True)
         state = "passed" if rep["passed"] else "failed"
-        d = {"id": str(out), "name": spec.name, "state": state, "error": rep["error"]}
-        _print_drill({**d, "report": rep})
+        local = {"id": str(out), "name": spec.name, "state": state, "error": rep["error"]}
+        _print_drill({**local, "report": rep})
         console.print(f"report: {out / 'report.md'} (and report.json, report.png)")
         raise typer.Exit(0 if rep["passed"] else 1)
-    client = Client(url, token)
-    d = client.post("/drills", spec.model_dump(mode="json"))
-    console.print(f"drill [bold]{d['id']}[/] ({d['name']}) runs as job {d['job_id']}")
-    with console.status("drill running..."):
-        while d["state"] == "running":
-            time.sleep(interval)
-            d = client.get(f"/drills/{d['id']}")
-    _print_drill(d)
-    raise typer.Exit(0 if d["state"] == "passed" else 1)
+    with refusals(), Client(url, token) as client:
+        d = client.submit_drill(spec)
+        console.print(f"drill [bold]{d.id}[/] ({d.name}) runs as job {d.job_id}")
+        with console.status("drill running..."):
+            while d.state == "running":
+                time.sleep(interval)
+                d = client.get_drill(d.id)
+    _print_drill(d.model_dump(mode="json"))
+    raise typer.Exit(0 if d.state == "passed" else 1)
 
 
 def _print_drill(d: dict[str, Any]) -> None:
@@ -492,17 +487,17 @@ def logs(
     interval: IntervalOpt = 0.5,
 ) -> None:
     """Print a job's events (state changes, faults, membership, checkpoints)."""
-    client = Client(url, token)
-    after_id = 0
-    while True:
-        page = client.get(f"/jobs/{job_id}/events", params={"after_id": after_id})
-        for e in page["items"]:
-            console.print(_event_line(e), highlight=False)
-        if page["last_id"] is not None:
-            after_id = page["last_id"]
-        if not follow or (client.get(f"/jobs/{job_id}")["terminal"] and not page["items"]):
-            return
-        time.sleep(interval)
+    with refusals(), Client(url, token) as client:
+        after_id = 0
+        while True:
+            page = client.events(job_id, after_id=after_id)
+            for e in page.items:
+                console.print(_event_line(e), highlight=False)
+            if page.last_id is not None:
+                after_id = page.last_id
+            if not follow or (client.get(job_id).terminal and not page.items):
+                return
+            time.sleep(interval)
 
 
 # -- local commands (no service) ------------------------------------------------------------
@@ -527,21 +522,23 @@ def run(
             "failing (what it needs and what the cluster has is said at once)",
         ),
     ] = 60.0,
+    tensorboard: TensorBoardOpt = False,
 ) -> None:
     """Run one job on a local Ray instance (or RAY_ADDRESS) without the service."""
-    from service.local_run import run_local
+    from elastic_sgd.local import run as run_job
 
     try:
-        spec = load_spec(config)
-        summary = run_local(
-            spec,
+        done = run_job(
+            load_spec(config),
             out,
             data_dir=data_dir,
+            tensorboard=True if tensorboard else None,
             progress=not quiet,
             placement_timeout_s=placement_timeout_s,
         )
     except (SpecError, ElasticSGDError) as exc:
         fail_problems(exc)
+    summary = done.summary
     cons = summary["consistency"]
     console.print(
         f"[bold]{summary['state']}[/]: {summary['steps']} steps in {summary['wall_seconds']:.1f} s "
@@ -549,6 +546,8 @@ def run(
         f"{_fmt(summary['final_test_accuracy'])}, test loss {_fmt(summary['final_test_loss'])}, "
         f"B̂ max {_fmt(cons['b_hat_max'])} (bound {_fmt(cons['bound'])}) -> {out}"
     )
+    if done.tensorboard_dir is not None:
+        console.print(f"TensorBoard: tensorboard --logdir {done.tensorboard_dir}")
     if summary["state"] != "succeeded":
         raise typer.Exit(1)
 

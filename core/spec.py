@@ -594,6 +594,9 @@ class JobSpec(_Strict):
     guard: GuardSpec = Field(default_factory=GuardSpec)
     # Seconds without news from a worker before it is declared lost.
     heartbeat_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    # Also write the metrics as TensorBoard event files, in ``tensorboard/`` of the job's
+    # folder (docs/sdk.md, "TensorBoard").
+    tensorboard: bool = False
 
     @field_validator("missing_policy", mode="before")
     @classmethod

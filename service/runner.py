@@ -34,6 +34,7 @@ from core.spec import FaultSpec, JobSpec
 from service.budget import Footprint, estimate, placement, total, with_memory
 from service.ray_conn import ensure_connected
 from service.ray_errors import user_error
+from service.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class JobRunner:
     Args:
         job_id: unique id (names the coordinator actor).
         spec: the validated job.
-        out_dir: where ``metrics.jsonl``, ``model.pt`` and ``summary.json`` go.
+        out_dir: where ``metrics.jsonl``, ``model.pt`` and ``summary.json`` go (and, when
+            the spec asks for ``tensorboard``, the event files in ``tensorboard/``).
         data_dir: where ``npz`` datasets are looked up.
         detached: keep the coordinator alive if this process dies (the service does).
         state_dir: checkpoints and journal (default ``out_dir / "state"``).
@@ -142,6 +144,10 @@ class JobRunner:
         self.run_ref: Any = None
         self._seen = 0  # highest seq handed to the caller
         self._acked = 0  # highest seq the coordinator may forget
+        # the spec's ``tensorboard``: the records also go to event files in the job's folder
+        self.tensorboard = (
+            TensorBoardLog(self.out_dir / TENSORBOARD_DIR) if spec.tensorboard else None
+        )
 
     @property
     def actor_name(self) -> str:
@@ -346,6 +352,8 @@ class JobRunner:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             for r in recs:
                 f.write(json.dumps(r.to_dict()) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(recs)
 
     def done(self) -> bool:
         """True once the job reached a terminal state (a crashed coordinator is not done)."""
@@ -418,7 +426,9 @@ class JobRunner:
         return summary
 
     def release(self) -> None:
-        """Stop the workers and the coordinator."""
+        """Stop the workers and the coordinator (and close the job's event files)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.actor is None:
             return
         with contextlib.suppress(ray.exceptions.RayError):

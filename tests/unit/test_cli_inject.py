@@ -1,7 +1,7 @@
 """Unit tests for ``elastic-sgd inject`` (cli/main.py): the ``corrupt`` kind's options reach
 the fault the service is sent, and a bad corrupt fault is refused before anything is sent,
 with what to change. The service is a small real HTTP server in this process that records
-what it receives."""
+what it receives and answers as the service does (202 and the job)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,36 @@ from cli.main import app
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
+# The job as POST /jobs/{id}/faults answers it (api.schemas.JobPublic).
+JOB = {
+    "id": "j1",
+    "name": "job",
+    "state": "running",
+    "terminal": False,
+    "created_at": "2026-01-01T00:00:00Z",
+    "updated_at": "2026-01-01T00:00:01Z",
+    "started_at": "2026-01-01T00:00:01Z",
+    "finished_at": None,
+    "step": 5,
+    "total_steps": 100,
+    "progress": 0.05,
+    "workers": [],
+    "b_hat_max": None,
+    "b_hat_mean": None,
+    "bound": None,
+    "error": None,
+    "drill_id": None,
+}
+
+
 class _Recorder(BaseHTTPRequestHandler):
     received: list[tuple[str, Any]] = []
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Recorder.received.append((self.path, body))
-        out = b"{}"
-        self.send_response(200)
+        out = json.dumps(JOB).encode()
+        self.send_response(202)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
