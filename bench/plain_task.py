@@ -138,8 +138,11 @@ def load_task(ref: TaskRef) -> Task:
 def _params_model(factory: Callable[..., Any]) -> type[BaseModel] | None:
     """The pydantic model the factory's only argument is annotated with, if any."""
     target = factory.__init__ if inspect.isclass(factory) else factory
-    hints = typing.get_type_hints(target)
-    params = [p for p in inspect.signature(factory).parameters.values() if p.name != "self"]
+    try:
+        hints = typing.get_type_hints(target)
+        params = [p for p in inspect.signature(factory).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError, NameError):  # a builtin, or hints that do not resolve
+        return None
     if len(params) != 1:
         return None
     hint = hints.get(params[0].name)
