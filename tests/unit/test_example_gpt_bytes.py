@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from gpt_bytes.data import (
+    LOG_FLUSH_EVERY,
     ByteWindows,
     CorpusError,
     build_index,
@@ -186,8 +187,13 @@ def test_read_log_records_what_each_process_served(tmp_path: Path) -> None:
     ev = task.eval_data(COORD)
     ev[0]
     ev.flush_log()
-    logs = {r.who: r for r in read_log(tmp_path)}
-    assert set(logs) == {"w1", "eval"}
-    assert logs["w1"].indices == frozenset({1, 3, 7}) and logs["w1"].served == 4
-    assert logs["eval"].indices == frozenset({0})
-    assert logs["w1"].peak_rss_kib is not None and logs["w1"].peak_rss_kib > 0
+    logs = {(r.who, r.split): r for r in read_log(tmp_path)}
+    assert set(logs) == {("w1", "train"), ("coord", "val")}
+    w1 = logs["w1", "train"]
+    assert w1.indices == frozenset({1, 3, 7}) and w1.served == 4
+    assert logs["coord", "val"].indices == frozenset({0})
+    assert w1.peak_rss_kib is not None and w1.peak_rss_kib > 0
+    # flushed without being asked every LOG_FLUSH_EVERY samples
+    for i in range(LOG_FLUSH_EVERY):
+        ds[i]
+    assert max(r.served for r in read_log(tmp_path)) == 4 + LOG_FLUSH_EVERY

@@ -25,14 +25,17 @@ indices therefore never holds more of the corpus than the windows of its current
 (plus what the operating system caches in its shared page cache, which is not the
 process's memory).
 
-**Read log** (for the benchmark's memory check). With ``read_log_dir`` set, each process
-appends the indices it served to ``<dir>/reads-<who>-<pid>.bin`` (int64, native order) and
-its peak resident memory to ``<dir>/rss-<who>-<pid>.txt``, where ``who`` is ``w<id>`` for
-a worker and ``eval`` for the coordinator. See :func:`read_log`.
+**Read log** (for the memory check of the benchmark and the tests). With ``read_log_dir``
+set, each process appends the indices it served to ``<dir>/reads-<who>-<split>-<pid>.bin``
+(int64, native order) and its peak resident memory to ``<dir>/rss-<who>-<split>-<pid>.txt``,
+where ``who`` is ``w<id>`` for a worker and ``coord`` for the coordinator, every
+:data:`LOG_FLUSH_EVERY` samples (a process killed in between loses at most that many). See
+:func:`read_log`.
 """
 
 import array
 import bisect
+import contextlib
 import hashlib
 import os
 import resource
@@ -54,8 +57,9 @@ SKIP_DIRS = frozenset(
 # File descriptors a dataset keeps open (least recently used closed first): a batch of
 # windows touches a handful of files, and a DataLoader worker process has its own set.
 OPEN_FILES = 16
-# Served indices buffered before an append to the read log (8 bytes each: 2 KB a flush).
-LOG_FLUSH_EVERY = 256
+# Served indices buffered before an append to the read log (8 bytes each: 256 B a flush; one
+# small append per 32 samples costs microseconds against a training step's milliseconds).
+LOG_FLUSH_EVERY = 32
 # Hash buckets of the split: val_fraction is resolved to 1/10000.
 SPLIT_BUCKETS = 10_000
 
@@ -93,12 +97,14 @@ class CorpusIndex:
     """The files of one split, in stream order, and where each starts in the stream.
 
     Attributes:
+        split: ``train`` or ``val``.
         root: the folder the paths are relative to.
         files: relative paths, in stream order.
         starts: byte offset of each file in the split's stream; ``starts[-1]`` is the
             stream's length (so ``len(starts) == len(files) + 1``).
     """
 
+    split: Split
     root: Path
     files: tuple[str, ...]
     starts: tuple[int, ...]
@@ -151,7 +157,7 @@ def build_index(
             f"max_bytes={max_bytes}, val_fraction={val_fraction}); raise max_files or "
             "max_bytes, or pick a val_fraction strictly between 0 and 1"
         )
-    return CorpusIndex(root, tuple(files), tuple(starts))
+    return CorpusIndex(split, root, tuple(files), tuple(starts))
 
 
 class ByteWindows(Dataset[torch.Tensor]):
@@ -163,7 +169,7 @@ class ByteWindows(Dataset[torch.Tensor]):
         max_windows: keep at most this many windows, evenly spaced over the stream (for an
             evaluation set that costs the same whatever the corpus size); ``None``: all.
         read_log_dir: where to log the served indices and peak memory (``None``: no log).
-        who: the process's label in the read log (``w<id>`` or ``eval``).
+        who: the process's label in the read log (``w<id>`` or ``coord``).
 
     Raises:
         CorpusError: the stream is shorter than one window.
@@ -175,8 +181,10 @@ class ByteWindows(Dataset[torch.Tensor]):
         block_size: int,
         max_windows: int | None = None,
         read_log_dir: Path | None = None,
-        who: str = "eval",
+        who: str = "coord",
     ) -> None:
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._served = array.array("q")
         self.index = index
         self.block_size = block_size
         # the last window needs block_size + 1 bytes from its start
@@ -190,8 +198,6 @@ class ByteWindows(Dataset[torch.Tensor]):
         self.n = n_all if max_windows is None else min(n_all, max_windows)
         self.read_log_dir = read_log_dir
         self.who = who
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._served = array.array("q")
 
     def __len__(self) -> int:
         return self.n
@@ -251,7 +257,8 @@ class ByteWindows(Dataset[torch.Tensor]):
         if self.read_log_dir is None:
             return
         self.read_log_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{self.who}-{os.getpid()}"
+        split = "val" if self.index.split == "val" else "train"
+        tag = f"{self.who}-{split}-{os.getpid()}"
         with open(self.read_log_dir / f"reads-{tag}.bin", "ab") as fh:
             self._served.tofile(fh)
         self._served = array.array("q")
@@ -267,6 +274,9 @@ class ByteWindows(Dataset[torch.Tensor]):
         return state
 
     def __del__(self) -> None:
+        if self._served:  # what is left since the last flush (a killed process loses it)
+            with contextlib.suppress(OSError):
+                self.flush_log()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -274,9 +284,11 @@ class ByteWindows(Dataset[torch.Tensor]):
 
 @dataclass(frozen=True)
 class ProcessReads:
-    """What one process logged: who it was, the indices it served, its peak memory."""
+    """What one process logged: who it was, of which split, the indices it served (and how
+    many times it served one), its peak resident memory."""
 
     who: str
+    split: str
     pid: int
     indices: frozenset[int]
     served: int
@@ -288,10 +300,10 @@ def read_log(folder: Path) -> list[ProcessReads]:
     out: list[ProcessReads] = []
     for path in sorted(folder.glob("reads-*.bin")):
         tag = path.stem.removeprefix("reads-")
-        who, _, pid = tag.rpartition("-")
+        who, split, pid = tag.split("-")
         served = array.array("q")
         served.frombytes(path.read_bytes())
         rss_path = folder / f"rss-{tag}.txt"
         rss = int(rss_path.read_text()) if rss_path.exists() else None
-        out.append(ProcessReads(who, int(pid), frozenset(served), len(served), rss))
+        out.append(ProcessReads(who, split, int(pid), frozenset(served), len(served), rss))
     return out

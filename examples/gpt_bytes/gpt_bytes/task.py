@@ -85,7 +85,7 @@ class GPTBytesTask(Task):
 
     def _windows(self, split: str, ctx: TaskContext, max_windows: int | None) -> ByteWindows:
         log = Path(self.params.read_log_dir) if self.params.read_log_dir else None
-        who = "eval" if ctx.worker_id is None else f"w{ctx.worker_id}"
+        who = "coord" if ctx.worker_id is None else f"w{ctx.worker_id}"
         return ByteWindows(self.index(split), self.params.block_size, max_windows, log, who)
 
     def train_data(self, ctx: TaskContext) -> ByteWindows:
