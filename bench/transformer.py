@@ -400,10 +400,11 @@ def render(payload: dict[str, Any]) -> str:
             for i in range(len(tp[m]["runs"]))
         )
         verdicts.append(f"every worker read only its shard: {'yes' if only_own else 'NO'}")
-    lines += [
-        "",
-        "Targets: **" + "; ".join(verdicts) + "**." + (f" {NOT_A_VERDICT}" if note else ""),
-    ]
+    if verdicts:  # a plain-only smoke run has none
+        lines += [
+            "",
+            "Targets: **" + "; ".join(verdicts) + "**." + (f" {NOT_A_VERDICT}" if note else ""),
+        ]
     return "\n".join(lines)
 
 
