@@ -104,7 +104,7 @@ def test_transformer_reaches_plain_pytorchs_validation_loss(
     runs: dict[str, tuple[JobSpec, Path, Any]], mode: str
 ) -> None:
     spec, out, _ = runs[mode]
-    plain = train_plain(PlainJob.model_validate(spec.model_dump()))
+    plain = train_plain(PlainJob.model_validate(spec.model_dump()), threads=1)
     got = _final_eval(out)
     assert got["step"] == STEPS
     want = plain.final_eval_loss

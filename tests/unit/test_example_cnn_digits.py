@@ -38,7 +38,7 @@ def test_samples_and_batches() -> None:
     model = task.build_model()
     assert model(batch[0]).shape == (16, 10)
     loss = task.loss(model, batch)
-    assert loss.ndim == 0 and float(loss) > 0
+    assert loss.ndim == 0 and float(loss.detach()) > 0
     acc = task.metrics(model, batch)["accuracy"]
     assert 0.0 <= acc <= 1.0
 

@@ -4,6 +4,8 @@ differs from the synchronous one in its mode (and name) only."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,17 @@ def test_elastic_variant_differs_in_mode_only() -> None:
     assert {k: v for k, v in sync.items() if k not in strip} == {
         k: v for k, v in elastic.items() if k not in strip
     }
+
+
+@pytest.mark.parametrize(
+    ("dist", "package"), [("gpt-bytes", "gpt_bytes"), ("cnn-digits", "cnn_digits")]
+)
+def test_examples_are_installed_packages_that_depend_on_elastic_sgd(
+    dist: str, package: str
+) -> None:
+    """`make setup` installs them with pip, as a user installs a task package (a folder on
+    sys.path would import, but would have no distribution metadata)."""
+    assert importlib.metadata.version(dist) == "0.1.0"
+    requires = importlib.metadata.requires(dist) or []
+    assert any(r.startswith("elastic-sgd") for r in requires), requires
+    assert importlib.import_module(f"{package}.task").build is not None

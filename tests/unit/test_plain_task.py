@@ -115,7 +115,7 @@ def test_load_task_validates_params_and_refuses_bad_entrypoints() -> None:
 def test_one_sgd_step_is_gradient_descent_on_the_global_batch() -> None:
     job = _job(steps=1, optimizer={"name": "sgd", "lr": 0.5})
     task = load_task(job.task)
-    got = train_plain(job, task)
+    got = train_plain(job, task, threads=1)
     train = task.train_data(_ctx())
     torch.manual_seed(job.seed)
     model = task.build_model()
@@ -134,7 +134,7 @@ def _ctx() -> TaskContext:
 
 
 def test_a_run_is_deterministic_learns_and_depends_on_the_sample_order() -> None:
-    a, b = train_plain(_job()), train_plain(_job())
+    a, b = train_plain(_job(), threads=1), train_plain(_job(), threads=1)
     assert torch.equal(a.params, b.params)
     assert [e.step for e in a.evals] == [0, 6, 12]
     assert a.final_eval_loss < a.evals[0].loss - 0.3
@@ -145,7 +145,7 @@ def test_a_run_is_deterministic_learns_and_depends_on_the_sample_order() -> None
     assert a.tokens_per_sample == 16
     assert a.steady_tokens_per_s == pytest.approx(16 * a.steady_samples_per_s)
     # one worker with the same global batch draws other samples: another model
-    c = train_plain(_job(workers=1, batch_size=8))
+    c = train_plain(_job(workers=1, batch_size=8), threads=1)
     assert not torch.equal(a.params, c.params)
 
 
