@@ -151,5 +151,6 @@ def test_cnn_with_batchnorm_trains_to_its_target(
     saved = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     # the BatchNorm running statistics were trained and kept in the model of record
     assert "features.1.running_mean" in saved and "features.4.running_var" in saved
+    # (they start at mean 0, variance 1: moved means the workers' statistics reached it)
     assert float(saved["features.1.running_mean"].abs().sum()) > 0.0
-    assert int(saved["features.1.num_batches_tracked"]) > 0
+    assert not torch.allclose(saved["features.4.running_var"], torch.ones(32))
