@@ -82,13 +82,14 @@ class Schedule(_Loose):
 
 
 class Optimizer(_Loose):
+    # a field the job leaves unset (None) takes torch's default for the optimizer
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.05
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float | None = None
+    nesterov: bool | None = None
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     schedule: Schedule = Field(default_factory=Schedule)
     clip_grad_norm: float | None = None
     no_decay_bias_and_norm: bool = False
@@ -187,9 +188,13 @@ def make_optimizer(model: torch.nn.Module, opt: Optimizer) -> torch.optim.Optimi
     """The ``torch.optim`` optimizer the job names, over :func:`param_groups`."""
     groups = param_groups(model, opt)
     if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+        return torch.optim.SGD(
+            groups, lr=opt.lr, momentum=opt.momentum or 0.0, nesterov=bool(opt.nesterov)
+        )
     kind = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
-    return kind(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    # torch's defaults for Adam and AdamW: betas (0.9, 0.999), eps 1e-8
+    betas = opt.betas if opt.betas is not None else (0.9, 0.999)
+    return kind(groups, lr=opt.lr, betas=betas, eps=1e-8 if opt.eps is None else opt.eps)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from bench.plain_task import (
     load_task,
     lr_factor,
     main,
+    make_optimizer,
     param_groups,
     sample_order,
     train_plain,
@@ -156,3 +157,12 @@ def test_the_command_line_runs_a_config(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([str(cfg), "--steps", "4", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "step     4  eval loss" in out and "tokens/s on 1 threads" in out
+
+
+def test_unset_optimizer_fields_take_torchs_defaults() -> None:
+    model = torch.nn.Linear(2, 2)
+    adamw = make_optimizer(model, Optimizer(name="adamw", lr=0.01, betas=None, eps=None))
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["betas"] == (0.9, 0.999) and adamw.defaults["eps"] == 1e-8
+    sgd = make_optimizer(model, Optimizer(name="sgd", momentum=None, nesterov=None))
+    assert sgd.defaults["momentum"] == 0.0 and sgd.defaults["nesterov"] is False
