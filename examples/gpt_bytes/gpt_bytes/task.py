@@ -46,7 +46,7 @@ class GPTParams(BaseModel):
     # share of the files (by a stable hash of the path) held out for validation
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     # bound the corpus: the first max_files sorted files (the stdlib has ~700), and at most
-    # max_bytes per split (the training stream is ~10 MB unbounded)
+    # max_bytes per split (the training stream is ~11 MB unbounded)
     max_files: int | None = Field(default=None, ge=2, le=1_000_000)
     max_bytes: int | None = Field(default=None, ge=64, le=10**12)
     # validation windows evaluated (evenly spaced over the validation stream): 32 windows
