@@ -130,10 +130,15 @@ def job(
     return data
 
 
+def config_params() -> GPTParams:
+    """The config's task params."""
+    data = yaml.safe_load(CONFIG.read_text())
+    return GPTParams.model_validate(data["task"]["params"])
+
+
 def tokens_per_sample() -> int:
     """Bytes of context of the config's task (each sample trains that many tokens)."""
-    data = yaml.safe_load(CONFIG.read_text())
-    return int(GPTParams.model_validate(data["task"]["params"]).block_size)
+    return config_params().block_size
 
 
 # -- throughput -------------------------------------------------------------------------
@@ -167,7 +172,7 @@ def run_throughput(mode: str, seed: int, steps: int) -> dict[str, Any]:
 
 def memory_report(logs: list[ProcessReads], seed: int) -> dict[str, Any]:
     """Per worker: peak RSS, windows read against its shard's, reads outside the shard."""
-    task = GPTBytesTask(GPTParams())
+    task = GPTBytesTask(config_params())
     train = task.train_data(TaskContext(seed, 0, None, torch.device("cpu")))
     shards = make_shards(len(train), WORKERS, seed)
     window_bytes = train.block_size + 1
