@@ -5,6 +5,7 @@ memory of a dataset, and the read log the benchmark's memory check uses."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from gpt_bytes.data import (
 from gpt_bytes.model import GPT, n_parameters
 from gpt_bytes.task import GPTBytesTask, GPTParams, build
 from pydantic import ValidationError
+from torch.utils.data import DataLoader
 
 from actors.tasks.base import Task, TaskContext
 
@@ -197,3 +199,18 @@ def test_read_log_records_what_each_process_served(tmp_path: Path) -> None:
     for i in range(LOG_FLUSH_EVERY):
         ds[i]
     assert max(r.served for r in read_log(tmp_path)) == 4 + LOG_FLUSH_EVERY
+
+
+def test_a_dataloader_worker_process_reads_the_same_windows(tmp_path: Path) -> None:
+    """Sent to a DataLoader worker process (pickled without its open files), the dataset
+    serves the same bytes, and that process's reads are logged under its own pid."""
+    params = TINY.model_copy(update={"read_log_dir": str(tmp_path)})
+    ds = build(params).train_data(WORKER)
+    order = [5, 0, 9, 2, 7, 3, 1, 8]
+    loader = DataLoader(ds, batch_size=4, sampler=order, num_workers=1)
+    batches = list(loader)
+    assert torch.equal(torch.cat(batches), torch.stack([ds[i] for i in order]))
+    del loader
+    logged = [r for r in read_log(tmp_path) if r.pid != os.getpid()]
+    # logged after each batch the loader fetched
+    assert logged and logged[0].who == "w0" and logged[0].indices == frozenset(order)

@@ -29,7 +29,8 @@ process's memory).
 set, each process appends the indices it served to ``<dir>/reads-<who>-<split>-<pid>.bin``
 (int64, native order) and its peak resident memory to ``<dir>/rss-<who>-<split>-<pid>.txt``,
 where ``who`` is ``w<id>`` for a worker and ``coord`` for the coordinator, every
-:data:`LOG_FLUSH_EVERY` samples (a process killed in between loses at most that many). See
+:data:`LOG_FLUSH_EVERY` samples read one by one and after every batch a ``DataLoader``
+fetches (``__getitems__``), so the log is complete up to the last batch served. See
 :func:`read_log`.
 """
 
@@ -217,6 +218,14 @@ class ByteWindows(Dataset[torch.Tensor]):
             self._log(int(i))
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        """A batch of samples (what a ``DataLoader`` asks for); the read log, if on, is
+        flushed after each batch, so it is complete up to the last batch served."""
+        out = [self[i] for i in indices]
+        if self.read_log_dir is not None:
+            self.flush_log()
+        return out
+
     def _read(self, start: int, length: int) -> bytes:
         """``length`` bytes of the stream from ``start`` (across file ends if need be)."""
         starts, files = self.index.starts, self.index.files
@@ -274,8 +283,10 @@ class ByteWindows(Dataset[torch.Tensor]):
         return state
 
     def __del__(self) -> None:
-        if self._served:  # what is left since the last flush (a killed process loses it)
-            with contextlib.suppress(OSError):
+        # what is left since the last flush (best effort: at interpreter exit the builtins
+        # may be gone, and a killed process runs no finaliser at all)
+        if self._served:
+            with contextlib.suppress(Exception):
                 self.flush_log()
         for fd in self._fds.values():
             os.close(fd)
