@@ -142,6 +142,10 @@ def test_each_worker_read_only_its_shard(
     for r in train_reads:
         shard = set(shards[int(r.who[1:])].tolist())
         assert r.indices <= shard, (r.who, sorted(r.indices - shard)[:5])
+    # the log is complete (flushed after every batch): every step's batch of each worker
+    for who in ("w0", "w1"):
+        served = sum(r.served for r in train_reads if r.who == who)
+        assert served >= STEPS * spec.batch_size, (who, served)
     # the coordinator evaluated the validation windows only
     assert all(r.who == "coord" for r in logs if r.split == "val")
 
