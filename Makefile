@@ -12,10 +12,16 @@ setup: $(VENV)/.installed
 
 # torch==2.13.0 is pinned in pyproject.toml (a CPU wheel lies on this machine's disk;
 # an unpinned torch would pull a multi-GB CUDA build).
-$(VENV)/.installed: pyproject.toml
+# The example task packages are installed as a user installs theirs (pip, as packages of
+# their own, next to elastic-sgd): jobs name them as gpt_bytes.task:build and
+# cnn_digits.task:build, and the tests import them from the installed packages.
+EXAMPLES := examples/gpt_bytes examples/cnn_digits
+
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(addprefix -e ,$(EXAMPLES))
 	touch $@
 
 # Headless Chromium (Debian's package) for the dashboard's browser test.
@@ -31,7 +37,7 @@ demo: setup
 run: setup
 	$(BIN)/elastic-sgd run configs/digits_elastic.yaml --out runs/digits-elastic
 
-SOURCES := core actors service api elastic_sgd cli tests bench scripts
+SOURCES := core actors service api elastic_sgd cli tests bench scripts examples
 
 # ruff's rules (complexity: mccabe at most 12; unused arguments) and the import-linter
 # layer contracts are configured in pyproject.toml.
@@ -40,10 +46,16 @@ lint: setup
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/lint-imports
 
-# mypy strict on the packages core actors service api elastic_sgd cli (the list, and the per-library
-# overrides, are pyproject.toml's [tool.mypy])
+# mypy strict on the packages core actors service api elastic_sgd
+# cli (the list, and the per-library
+# overrides, are pyproject.toml's [tool.mypy]); then, with the same settings, the example
+# task packages and the benchmarks that train them
+TYPED_EXAMPLES := examples/gpt_bytes/gpt_bytes examples/cnn_digits/cnn_digits \
+	bench/plain_task.py bench/transformer.py
+
 typecheck: setup
 	$(BIN)/mypy
+	$(BIN)/mypy $(TYPED_EXAMPLES)
 
 test: setup browser lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -54,6 +66,7 @@ unit: setup
 bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.straggler
+	$(PY) -m bench.transformer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs
