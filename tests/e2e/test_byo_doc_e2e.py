@@ -1,4 +1,4 @@
-"""The "Bring your own task" page (docs/byo_task.md) runs as written: its Python block is
+"""The README's "Bring your own task" section runs as written: its Python block is
 saved as the module it names, its YAML block is the job, its shell block's settings start a
 real server (the module allowed by ESGD_TASK_MODULES, its folder shipped to the actors as
 Ray's working_dir), and the job submitted over HTTP reaches the accuracy the page's task is
@@ -18,11 +18,24 @@ from conftest import REPO, Server, job_in, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-PAGE = REPO / "docs" / "byo_task.md"
+README = REPO / "README.md"
+
+
+def _section() -> str:
+    """The README's "Bring your own task" section (up to the next ``## `` heading)."""
+    text = README.read_text()
+    start = text.index("## Bring your own task\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", PAGE.read_text(), flags=re.S | re.M)
+    return re.findall(rf"^```{lang}\n(.*?)^```", _section(), flags=re.S | re.M)
+
+
+def test_the_task_section_comes_right_after_the_two_commands() -> None:
+    headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
+    assert headings[0] == "Bring your own task", headings
 
 
 def test_the_page_s_task_is_complete_and_short() -> None:
@@ -37,7 +50,7 @@ def test_the_page_s_task_trains_through_the_service_as_written(
     (code,) = _blocks("python")
     (job_yaml,) = _blocks("yaml")
     (sh,) = _blocks("sh")
-    module = re.search(r"`(\w+)\.py`", PAGE.read_text())
+    module = re.search(r"`(\w+)\.py`", _section())
     assert module is not None
     (tmp_path / f"{module.group(1)}.py").write_text(code)
     serve = next(line for line in sh.splitlines() if "serve" in line)
