@@ -610,7 +610,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_job(self) -> JobSpec:
-        given = {"model", "dataset"} & self.model_fields_set
+        # set and not the defaults: a dumped spec (the store keeps model_dump()) re-validates
+        given = {
+            k
+            for k, default in (("model", ModelSpec()), ("dataset", DatasetSpec()))
+            if k in self.model_fields_set and getattr(self, k) != default
+        }
         if self.task is not None and given:
             raise ValueError(
                 f"give either task or {' and '.join(sorted(given))}, not both: model and "

@@ -448,3 +448,13 @@ def test_an_adamw_spec_with_schedule_and_groups_round_trips() -> None:
     assert parse_spec(spec.model_dump()) == spec  # the dump's sgd "off" values are no setting
     sgd = parse_spec(_with(optimizer={"lr": 0.1, "momentum": 0.9}))
     assert parse_spec(sgd.model_dump()) == sgd and sgd.optimizer.adam_eps == 1e-8
+
+
+def test_a_task_job_dumped_and_validated_again_is_the_same_job() -> None:
+    """The store keeps ``model_dump()`` of a spec and validates it again (reconcile, drills):
+    the built-in task's defaults in it are not a second task."""
+    from core.spec import JobSpec
+
+    spec = parse_spec({"task": {"entrypoint": "cnn_digits.task:build"}, "steps": 5})
+    for dumped in (spec.model_dump(), spec.model_dump(mode="json")):
+        assert JobSpec.model_validate(dumped) == spec

@@ -150,7 +150,7 @@ def _spec_problems(data: dict[str, Any]) -> dict[str, str]:
 
 
 def test_task_and_model_or_dataset_together_are_refused() -> None:
-    msg = _spec_problems({"task": {"entrypoint": "a.b:c"}, "dataset": {"name": "digits"}})
+    msg = _spec_problems({"task": {"entrypoint": "a.b:c"}, "dataset": {"name": "least_squares"}})
     assert "task or dataset, not both" in msg["spec"]
     ok = parse_spec({"steps": 1, "task": {"entrypoint": "a.b:c", "params": {"x": [1, "y"]}}})
     assert ok.task is not None and ok.task.module == "a.b"
