@@ -290,6 +290,8 @@ class Reporter:
             "final_test_loss": self.last_eval.get("test_loss"),
             "final_test_mse": self.last_eval.get("test_mse"),
             "final_dist_to_optimum": self.last_eval.get("dist_to_optimum"),
+            # every value of the last evaluation (a task's own test_<metric> too)
+            "final_eval": dict(self.last_eval),
             "steps": f.steps,
             "total_steps": f.total_steps,
             "updates": f.updates,

@@ -43,6 +43,10 @@ from actors.tasks.runtime import Buffers
 from core.events import EventKind, FaultKind
 from core.spec import JobSpec
 
+# Rows per forward pass when the coordinator evaluates the built-in task (flat rows of a few
+# hundred features: 4096 of them are a few MB of activations, and one pass for digits).
+BUILTIN_EVAL_BATCH_ROWS = 4096
+
 
 class Training:
     """See the module docstring.
@@ -431,7 +435,12 @@ class Training:
         """The task's evaluation metrics of the model of record (recorded): ``test_loss``
         and ``test_<metric>`` for each metric, means over the evaluation set."""
         self.load_eval_model()
-        metrics = evaluate_task(self.task, self.net, self.eval_set, self.spec.batch_size)
+        # a user's task is evaluated in batches of its training batch (a size its memory is
+        # known to allow); the built-in task's rows are small: 4096 per forward pass
+        batch = self.spec.batch_size
+        if isinstance(self.task, BuiltinTask):
+            batch = max(batch, BUILTIN_EVAL_BATCH_ROWS)
+        metrics = evaluate_task(self.task, self.net, self.eval_set, batch)
         optimum = self.task.optimum if isinstance(self.task, BuiltinTask) else None
         if optimum is not None:
             metrics["dist_to_optimum"] = float((self.record.x - torch.from_numpy(optimum)).norm())

@@ -108,7 +108,7 @@ def test_timing_means() -> None:
 def test_summary_carries_the_runs_facts() -> None:
     spec = parse_spec({"steps": 10, "workers": 2, "mode": {"name": "local", "local_steps": 2}})
     r = _reporter()
-    r.eval_record({"test_accuracy": 0.97}, workers=2)
+    r.eval_record({"test_accuracy": 0.97, "test_perplexity": 3.5}, workers=2)
     r.event(EventKind.STATE, "running")
     facts = RunFacts(
         job_id="j",
@@ -136,6 +136,7 @@ def test_summary_carries_the_runs_facts() -> None:
     assert s["mode"] == "local" and s["mode_settings"]["local_steps"] == 2
     assert s["samples_per_s"] == pytest.approx(128.0)
     assert s["final_test_accuracy"] == 0.97 and s["dropped_gradients"] == 1
+    assert s["final_eval"] == {"test_accuracy": 0.97, "test_perplexity": 3.5}  # a task's own
     assert (s["gradients_corrupted"], s["gradients_refused_nonfinite"]) == (2, 1)
     assert s["steps_all_lost"] == 1
     assert [e["kind"] for e in s["events"]] == ["state"]

@@ -24,7 +24,7 @@ from actors.flat import flatten
 from actors.messages import GradientRequest, WorkerInit
 from actors.sampler import ShardSampler
 from actors.tasks.base import Task, TaskContext
-from actors.tasks.builtin import BuiltinParams, BuiltinTask, TensorRows
+from actors.tasks.builtin import BuiltinParams, BuiltinTask, TensorRows, cached_dataset
 from actors.tasks.evaluation import evaluate_task
 from actors.tasks.runtime import Buffers, ShardLoader
 from actors.transport import to_wire
@@ -206,7 +206,27 @@ def test_evaluation_is_in_eval_mode_with_means_weighted_by_batch_size() -> None:
     x, y = torch.from_numpy(np.array(data.x)), torch.from_numpy(np.array(data.y))
     with torch.no_grad():
         logits = model(x)
-    assert out["test_accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    # exactly k / n, as the model file's reader computes it (no float32 rounding)
+    assert out["test_accuracy"] == int((logits.argmax(1) == y).sum()) / len(y)
     ref = float(nn.functional.cross_entropy(logits, y))
     assert out["test_loss"] == pytest.approx(ref, rel=1e-5)
     assert isinstance(data, TensorRows) and len(data) == 360
+
+
+def test_the_builtin_dataset_is_cached_per_host_and_memory_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = DatasetSpec(name="least_squares", n_samples=300, n_features=5)
+    first = cached_dataset(spec, 3, None, tmp_path)  # loads, and leaves the arrays
+    (entry,) = list(tmp_path.iterdir())
+    second = cached_dataset(spec, 3, None, tmp_path)
+    assert isinstance(second.x_train, np.memmap)
+    for k in ("x_train", "y_train", "x_test", "y_test", "optimum"):
+        assert np.array_equal(getattr(first, k), getattr(second, k)), k
+    assert (second.n_features, second.n_outputs, second.task) == (5, 1, "regression")
+    # another seed is another entry; a dataset over the cache's bound is not cached
+    cached_dataset(spec, 4, None, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    monkeypatch.setattr("actors.tasks.builtin.MAX_CACHE_BYTES", 1000)
+    cached_dataset(spec, 5, None, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2 and entry.is_dir()
