@@ -1,17 +1,22 @@
-"""End-to-end fixtures: one Ray instance per test module, real servers in subprocesses.
+"""End-to-end fixtures: one Ray instance per test session, real servers in subprocesses.
 
-The Ray instance is started by this (pytest) process without a dashboard; each server is
+The Ray instance is started by this (pytest) process without a dashboard, once (starting
+Ray costs seconds; the integration tests' session fixture reuses the same instance when
+both run in one session); each server is
 ``python -m cli serve`` on 127.0.0.1 with a free port and a temp state directory,
 pointed at that Ray with ``RAY_ADDRESS``, so that killing a server (even with -9) leaves
 its jobs training in Ray, as in a real deployment. A server made with ``ray_address=None``
 starts its own Ray instead (the embedded default), which dies with it.
 
 Each server runs in its own session (process group): stopping it also stops whatever it
-started and left behind (the agents of its own Ray instance outlive a ``kill -9``).
+started and left behind (the agents of its own Ray instance outlive a ``kill -9``). What a
+module's servers started in the shared Ray instance is stopped when the module ends
+(:func:`make_server`), so that every module starts on an idle instance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 
 from bench.service_process import ServiceProcess
 from service import ray_conn
@@ -40,9 +46,13 @@ SMALL_SPEC: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
+# A module's leftover actors, killed at its end, give their CPUs back within this bound.
+RAY_IDLE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    """A Ray instance for this module (4 logical CPUs: room for a few small jobs at once)."""
+    """A Ray instance for the session (4 logical CPUs: room for a few small jobs at once)."""
     started = not ray_conn.is_connected()
     address = ray_conn.connect(None, num_cpus=4)
     yield address
@@ -85,6 +95,25 @@ def make_server(
     yield make
     for s in servers:
         s.stop()
+    stop_leftover_actors()
+
+
+def stop_leftover_actors() -> None:
+    """Kill every named actor in the shared Ray instance (the coordinators of jobs a module
+    left running: their workers go with them), then wait until every CPU is free again.
+
+    Raises:
+        AssertionError: CPUs were still held after :data:`RAY_IDLE_TIMEOUT_S`.
+    """
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]))
+    total = ray.cluster_resources().get("CPU", 0.0)
+    wait_for(
+        lambda: ray.available_resources().get("CPU", 0.0) >= total,
+        timeout_s=RAY_IDLE_TIMEOUT_S,
+        what="the module's actors to give their CPUs back",
+    )
 
 
 def wait_for(

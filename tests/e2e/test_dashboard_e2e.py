@@ -58,13 +58,27 @@ COUNT_LINE_PIXELS = """([id, r, g, b]) => {
 }"""
 
 
+BIG_STEPS = 100_000
+
+
+@pytest.fixture(scope="module")
+def big_job_and_server(
+    make_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Server]:
+    """One server for the module (a start imports torch: seconds), started on a state
+    directory that already holds a finished job of :data:`BIG_STEPS` steps."""
+    state_dir = tmp_path_factory.mktemp("dashboard") / "state"
+    job_id = store_a_finished_job(state_dir, BIG_STEPS)
+    return job_id, make_server(state_dir=state_dir)
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install -y chromium")
 def test_dashboard_lists_a_job_and_draws_live_charts(
-    make_server: Callable[..., Server], tmp_path: Path
+    big_job_and_server: tuple[str, Server], tmp_path: Path
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    srv = make_server()
+    _, srv = big_job_and_server
     client = srv.client()
     job = client.post("/jobs", json=SPEC).json()
     requests: list[str] = []
@@ -122,9 +136,6 @@ def test_dashboard_lists_a_job_and_draws_live_charts(
     wait_for(lambda: client.get(f"/jobs/{job['id']}").json()["terminal"], 30, what="the job to end")
 
 
-BIG_STEPS = 100_000
-
-
 def store_a_finished_job(state_dir: Path, steps: int) -> str:
     """A job of ``steps`` steps that has succeeded, written into a service's state directory
     the way the service writes one (Store.ingest of typed records), before it starts."""
@@ -171,13 +182,11 @@ def store_a_finished_job(state_dir: Path, steps: int) -> str:
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install -y chromium")
 def test_dashboard_draws_a_finished_job_of_100k_steps(
-    make_server: Callable[..., Server], tmp_path: Path
+    big_job_and_server: tuple[str, Server], tmp_path: Path
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    state_dir = tmp_path / "state"
-    job_id = store_a_finished_job(state_dir, BIG_STEPS)
-    srv = make_server(state_dir=state_dir)
+    job_id, srv = big_job_and_server
     requests: list[str] = []
     errors: list[str] = []
     with sync_playwright() as p:

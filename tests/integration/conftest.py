@@ -16,7 +16,9 @@ from service import ray_conn
 def ray_session() -> Iterator[None]:
     """One Ray instance per test session (4 logical CPUs: a coordinator and 4 workers at
     0.25 CPU each fit several times over), embedded in this process whatever RAY_ADDRESS
-    says (the cluster tests start their own clusters), shut down at the end."""
+    says (the cluster tests start their own clusters), shut down at the end. When the
+    end-to-end tests ran first in this session, their instance (also 4 CPUs, idle between
+    modules: ``tests/e2e/conftest.py``) is reused rather than a second one started."""
     ray_conn.connect(None, num_cpus=4)
     try:
         yield
