@@ -28,6 +28,7 @@ import torch
 from actors.compression import error_factor
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
 from actors.coordinator.dataplane import DataPlane
+from actors.coordinator.evaluation import open_task
 from actors.coordinator.faulting import Faulting, Loss
 from actors.coordinator.membership import Membership, WorkerSlot, kill_process, worker_template
 from actors.coordinator.recovery import Recovery
@@ -39,9 +40,6 @@ from actors.messages import Launch
 from actors.modes.base import ModeContext, ModelOfRecord
 from actors.modes.registry import make_mode
 from actors.optim import RecordOptimizer
-from actors.tasks.base import TaskContext
-from actors.tasks.loader import job_task
-from actors.tasks.runtime import dataset_len
 from core.errors import InvalidTransition
 from core.events import EventKind
 from core.spec import FaultSpec, JobSpec
@@ -82,20 +80,7 @@ class CoordinatorCore:
         self.data_dir = data_dir
         # the job's task (docs/tasks.md): a raise in its model or data fails the start here,
         # with the task's own message (the traceback is in this actor's log)
-        self.task = job_task(spec, None if data_dir is None else Path(data_dir))
-        torch.manual_seed(spec.seed)
-        self.model = self.task.build_model()
-        self.model.eval()  # the evaluation model: dropout off, running statistics used
-        ctx = TaskContext(
-            seed=spec.seed,
-            worker_id=None,
-            data_dir=None if data_dir is None else Path(data_dir),
-            device=torch.device("cpu"),
-        )
-        # the training set's length cuts the shards (a map-style dataset opens lazily);
-        # the coordinator never reads its samples
-        n_train = dataset_len(self.task.train_data(ctx), "train_data")
-        self.eval_set = self.task.eval_data(ctx)
+        self.task, self.model, self.eval_set, n_train = open_task(spec, data_dir)
         self.layout = ParamLayout.of(self.model)
         self.total_steps = spec.total_steps(n_train)
         q, _ = error_factor(spec.compression, self.layout.numel)

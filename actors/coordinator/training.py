@@ -25,27 +25,21 @@ from torch.utils.data import Dataset as TorchDataset
 
 from actors.checkpoint import list_checkpoints
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
+from actors.coordinator import snapshot
 from actors.coordinator.dataplane import DataPlane, Outcome
+from actors.coordinator.evaluation import Evaluation
 from actors.coordinator.faulting import Faulting, Loss
 from actors.coordinator.guarding import Guarding
 from actors.coordinator.membership import Membership, WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
 from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
-from actors.flat import load_flat
 from actors.guard import Action, Condition, Decision
 from actors.messages import BlockReady, GradientReply
 from actors.modes.base import Applied, Mode, ModelOfRecord
 from actors.tasks.base import Task
-from actors.tasks.builtin import BuiltinTask
-from actors.tasks.evaluation import evaluate_task
-from actors.tasks.runtime import Buffers
 from core.events import EventKind, FaultKind
 from core.spec import JobSpec
-
-# Rows per forward pass when the coordinator evaluates the built-in task (flat rows of a few
-# hundred features: 4096 of them are a few MB of activations, and one pass for digits).
-BUILTIN_EVAL_BATCH_ROWS = 4096
 
 
 class Training:
@@ -78,13 +72,9 @@ class Training:
         self.meter = meter
         self.norms = norms
         self.q = q
-        self.task, self.net, self.eval_set = evaluation
-        # floating buffers (docs/tasks.md): each live worker's latest, and their mean, which
-        # the evaluation model, checkpoints and new workers get
-        self.buffer_layout = Buffers.of(self.net)
-        self.worker_buffers: dict[int, np.ndarray] = {}
-        self.buffers: np.ndarray | None = self.buffer_layout.read(self.net)
         self.data, self.members, self.faults, self.recovery, self.reporter = parts
+        task, net, eval_set = evaluation
+        self.evaluation = Evaluation(spec, task, net, eval_set, self.record, self.members)
         self.inflight: dict[int, asyncio.Future[Outcome]] = {}
         self.lost_idle: list[Loss] = []  # workers whose serving loop ended between requests
         self.wake = asyncio.Event()  # set when lost_idle gets one (the loop acts at once)
@@ -303,7 +293,7 @@ class Training:
         self.reporter.timing.see(reply, time.perf_counter() - w.t_dispatch)
         w.sampler = reply.sampler_pos
         if reply.buffers is not None:
-            self.worker_buffers[w.id] = reply.buffers
+            self.evaluation.worker_buffers[w.id] = reply.buffers
         if not counted:
             return
         w.steps_done += 1
@@ -380,28 +370,15 @@ class Training:
             self.pending = d
 
     def finish_rollback(self) -> str | None:
-        """Drained: restore the last checkpoint (taken inside the bound) with the mode's
-        stricter setting; returns why it could not (the loop then fails the job)."""
+        """Drained: back to the last checkpoint with a stricter setting
+        (:func:`actors.coordinator.snapshot.roll_back`); why it could not, else ``None``."""
         d = self.pending
         assert d is not None and self.draining
         self.draining = False
-        loaded, st = self.recovery.latest()
-        new = self.mode.tighten()
-        if loaded is None or st is None or new is None:
-            return f"{d.reason}; rollback impossible (no checkpoint or no stricter setting)"
-        old = self.spec.mode
-        live = self.members.live()
-        for w in live:
-            self.mode.leave(w.id)
-        self.restore(st, guard_state=False)  # the constants and the reference loss stay
-        self.mode.retune(new)
-        for w in live:
-            w.state, w.last_step = "idle", None
-            self.mode.join(w.id)
-        self.data.invalidate()
-        self.pending = None
-        self.guard.rolled_back(loaded.path.name, st.step, old, d.reason)
-        return None
+        why = snapshot.roll_back(self, d.reason)
+        if why is None:
+            self.pending = None
+        return why
 
     def _all_lost(self, step: int) -> None:
         """-- missing gradients: a step whose every gradient was lost is counted and said."""
@@ -415,98 +392,23 @@ class Training:
 
     # -- evaluation and checkpoints ------------------------------------------------------------
     def mean_buffers(self) -> np.ndarray | None:
-        """The mean of the live workers' latest floating buffers (a model without any:
-        ``None``); with no live worker's reply yet, the last mean (or the built model's)."""
-        live = [
-            self.worker_buffers[w.id] for w in self.members.live() if w.id in self.worker_buffers
-        ]
-        if live:
-            self.buffers = np.mean(np.stack(live), axis=0).astype(np.float32)
-        return self.buffers
+        return self.evaluation.mean_buffers()
 
     def load_eval_model(self) -> None:
-        """The evaluation model := the model of record, with the averaged buffers."""
-        load_flat(self.net, self.record.x)
-        buffers = self.mean_buffers()
-        if buffers is not None:
-            self.buffer_layout.write(self.net, buffers)
+        self.evaluation.load_model()
 
     def evaluate(self) -> None:
-        """The task's evaluation metrics of the model of record (recorded): ``test_loss``
-        and ``test_<metric>`` for each metric, means over the evaluation set."""
-        self.load_eval_model()
-        # a user's task is evaluated in batches of its training batch (a size its memory is
-        # known to allow); the built-in task's rows are small: 4096 per forward pass
-        batch = self.spec.batch_size
-        if isinstance(self.task, BuiltinTask):
-            batch = max(batch, BUILTIN_EVAL_BATCH_ROWS)
-        metrics = evaluate_task(self.task, self.net, self.eval_set, batch)
-        optimum = self.task.optimum if isinstance(self.task, BuiltinTask) else None
-        if optimum is not None:
-            metrics["dist_to_optimum"] = float((self.record.x - torch.from_numpy(optimum)).norm())
+        """The task's evaluation metrics of the model of record, recorded."""
+        metrics = self.evaluation.metrics()
         self.reporter.eval_record(metrics, len(self.members.live()))
 
     def checkpoint(self) -> None:
+        """Write a checkpoint of the run as it is now (:mod:`actors.coordinator.snapshot`)."""
         t_build = time.perf_counter()
-        spec = self.spec
-        samplers = {
-            w.id: {
-                **w.sampler,
-                "seed": spec.seed,
-                "shard_key": w.id,
-                "shard": self.members.shards[w.id].tolist(),
-            }
-            for w in self.members.live()
-            if w.sampler is not None
-        }
-        m = self.monitor
-        state = CheckpointState(
-            x=self.record.x.clone(),
-            opt=self.record.opt.state_dict(),
-            step=self.mode.step,
-            version=self.record.version,
-            samples=self.samples,
-            workers=sorted(samplers),
-            samplers=samplers,
-            fired=sorted(self.faults.driver.fired),
-            resizes=self.members.resizes,
-            monitor=(m.b_max, m.count, m.total),
-            norms=vars(self.norms).copy(),
-            elapsed_s=time.time() - self.reporter.t0,
-            residuals={k: v.copy() for k, v in self.meter.residuals.items()},
-            torch_rng=torch.get_rng_state(),
-            refused=self.refused,
-            dropped=self.faults.dropped,
-            corrupted=self.corrupted,
-            refused_nonfinite=self.refused_nonfinite,
-            steps_all_lost=self.steps_all_lost,
-            t0=self.reporter.t0,
-            guard=self.guard.state(),
-            buffers=None if self.buffers is None else self.mean_buffers(),
-        )
+        state = snapshot.take(self)
         path = self.recovery.write(state, build_s=time.perf_counter() - t_build)
         self.reporter.event(EventKind.CHECKPOINT, f"step {self.mode.step} -> {path.name}")
 
     def restore(self, st: CheckpointState, guard_state: bool = True) -> None:
-        """Continue from checkpoint ``st`` (the model, counters, monitor, fired faults, and
-        with ``guard_state`` the frozen constants and the mode's setting)."""
-        self.record.x.copy_(st.x)
-        if st.buffers is not None:
-            self.buffers = np.asarray(st.buffers, dtype=np.float32).copy()
-            self.worker_buffers.clear()  # the workers' own are from after the checkpoint
-        self.record.opt.load_state_dict(st.opt)
-        self.record.version, self.samples = st.version, st.samples
-        self.faults.driver.fired.update(st.fired)
-        self.members.resizes = st.resizes
-        m = self.monitor
-        m.b_max, m.count, m.total = st.monitor
-        for k, v in st.norms.items():
-            setattr(self.norms, k, v)
-        self.meter.residuals = dict(st.residuals)
-        self.refused, self.faults.dropped = st.refused, st.dropped
-        self.corrupted, self.refused_nonfinite = st.corrupted, st.refused_nonfinite
-        self.steps_all_lost = st.steps_all_lost
-        torch.set_rng_state(st.torch_rng)
-        self.mode.restore(st.step)
-        if guard_state:
-            self.guard.load(st.guard)
+        """Continue from checkpoint ``st`` (:func:`actors.coordinator.snapshot.restore`)."""
+        snapshot.restore(self, st, guard_state)

@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -148,7 +149,11 @@ def test_metrics_jsonl_has_step_and_eval_records(runs: Runs, mode: str) -> None:
     assert set(range(0, 301, spec.eval_interval)) <= eval_steps
     last = max(evals, key=lambda r: (r["step"], r["seq"]))
     assert last["test_accuracy"] == summary["final_test_accuracy"]
-    assert steps[-1]["loss"] < steps[0]["loss"]
+    # per-block elastic applies a step once its blocks are in, possibly before any reply
+    # (which carries the loss) arrived: such a step's record has no loss. Most have one.
+    losses = [r["loss"] for r in steps if r["loss"] is not None and math.isfinite(r["loss"])]
+    assert len(losses) >= 0.9 * len(steps)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
 @pytest.mark.timeout(900)

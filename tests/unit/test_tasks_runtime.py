@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from actors.coordinator.training import Training
+from actors.coordinator.evaluation import Evaluation
 from actors.flat import flatten
 from actors.messages import GradientRequest, WorkerInit
 from actors.sampler import ShardSampler
@@ -184,13 +184,15 @@ class _Live:
 
 
 def test_the_coordinator_averages_the_live_workers_latest_buffers() -> None:
-    t = object.__new__(Training)  # only the buffer bookkeeping is exercised
+    t = object.__new__(Evaluation)  # only the buffer bookkeeping is exercised
     t.buffers = np.zeros(2, dtype=np.float32)
     t.worker_buffers = {0: np.array([1.0, 2.0]), 1: np.array([3.0, 6.0]), 2: np.array([9.0, 9.0])}
     t.members = _Live([0, 1])  # type: ignore[assignment]
     assert t.mean_buffers().tolist() == [2.0, 4.0]  # type: ignore[union-attr]
     t.members = _Live([])  # type: ignore[assignment]
     assert t.mean_buffers().tolist() == [2.0, 4.0]  # type: ignore[union-attr]  # kept
+    t.restore(np.array([5.0, 5.0]))  # a checkpoint's mean; the workers' own are older
+    assert t.mean_buffers().tolist() == [5.0, 5.0] and not t.worker_buffers  # type: ignore[union-attr]
 
 
 def test_evaluation_is_in_eval_mode_with_means_weighted_by_batch_size() -> None:
