@@ -142,6 +142,15 @@ class GuardPolicy:
             )
         return None
 
+    def healthy(self, loss: float | None) -> bool:
+        """Whether a model with this step's ``loss`` may be a rollback's destination: a
+        finite loss no worse than the run's first (the untrained model's). A checkpoint
+        inside the bound but on its way to a divergence (loss climbing) would put a
+        rollback straight back on that way."""
+        if loss is None or self.first_loss is None:
+            return loss is None or math.isfinite(loss)
+        return math.isfinite(loss) and loss <= self.first_loss
+
     def _budget_left(self) -> bool:
         return self.actions_taken < self.spec.max_actions
 

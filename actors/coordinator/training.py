@@ -337,11 +337,13 @@ class Training:
             return
         if step % self.spec.eval_interval == 0 or step >= self.mode.total_steps:
             self.evaluate()
-        # only a run inside its bound leaves a checkpoint (a rollback's destination), and
-        # only when the model of record is exactly one step's (per-block modes)
+        # only a run inside its bound and healthy (a loss no worse than its first) leaves a
+        # checkpoint (a rollback's destination), and only when the model of record is
+        # exactly one step's (per-block modes)
         if (
             decision.condition is Condition.WITHIN
             and applied.consistent
+            and self.guard.policy.healthy(applied.loss)
             and self.recovery.checkpoint_due(step)
         ):
             self.checkpoint()

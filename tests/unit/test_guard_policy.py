@@ -130,3 +130,17 @@ def test_the_guard_section_is_validated() -> None:
         with pytest.raises(SpecError) as exc:
             parse_spec({"steps": 10, "guard": bad})
         assert any(path == field for path, _ in exc.value.problems), exc.value.problems
+
+
+def test_a_rollback_destination_must_be_healthy() -> None:
+    """Checkpoints are left only by a model whose loss is finite and no worse than the
+    run's first: one on its way to a divergence is not a destination."""
+    from actors.guard import GuardPolicy
+    from core.spec import GuardSpec
+
+    p = GuardPolicy(GuardSpec())
+    assert p.healthy(None) and p.healthy(5.0)  # no reference yet: any finite loss
+    assert not p.healthy(float("nan"))
+    p.first_loss = 2.3
+    assert p.healthy(0.4) and p.healthy(2.3)
+    assert not p.healthy(2.31) and not p.healthy(float("inf"))
