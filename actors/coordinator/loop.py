@@ -153,7 +153,11 @@ class CoordinatorCore:
                 )
                 if slot is not None and await self._attach(slot, reattached=True):
                     return
-            await self._add_worker(wid, self.members.shards[wid], samplers.get(wid))
+                # the earlier incarnation may live on unreachable: a new generation's name
+                # (and that one gone, with its CPUs)
+                self.members.kill_named(wid, members[wid])
+            gen = members[wid] + 1 if wid in members else 0
+            await self._add_worker(wid, self.members.shards[wid], samplers.get(wid), gen)
 
         await asyncio.gather(*(bring(w) for w in ids))
         live = self.members.live()
@@ -182,9 +186,11 @@ class CoordinatorCore:
 
     # -- membership --------------------------------------------------------------------------
     async def _add_worker(
-        self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None
+        self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None, min_gen: int = 0
     ) -> WorkerSlot | None:
-        slot = self.members.spawn(wid, shard, sampler_state, self.train.mean_buffers())
+        slot = self.members.spawn(
+            wid, shard, sampler_state, self.train.mean_buffers(), min_gen=min_gen
+        )
         return slot if await self._attach(slot) else None
 
     async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:

@@ -246,9 +246,11 @@ class Membership:
         shard: np.ndarray,
         sampler_state: dict[str, Any] | None,
         buffers: np.ndarray | None = None,
+        min_gen: int = 0,
     ) -> WorkerSlot:
         """Create worker ``wid``'s next incarnation (not yet probed), starting from the
-        job's averaged ``buffers`` when there are any."""
+        job's averaged ``buffers`` when there are any; its generation is at least
+        ``min_gen`` (a restarted coordinator: past the incarnations it knows of)."""
         assert self.template is not None, "start() sets the template first"
         init = replace(
             self.template,
@@ -258,12 +260,17 @@ class Membership:
             buffers=buffers,
         )
         old = self.workers.get(wid)
-        gen = old.gen + 1 if old is not None else 0
+        gen = max(old.gen + 1 if old is not None else 0, min_gen)
         actor = Worker.options(**self._worker_options(wid, gen)).remote(init)  # type: ignore[attr-defined]
         slot = WorkerSlot(id=wid, actor=actor, shard=init.shard, gen=gen)
         self.shards[wid] = init.shard
         self.workers[wid] = slot
         return slot
+
+    def kill_named(self, wid: int, gen: int) -> None:
+        """Kill incarnation ``gen`` of worker ``wid`` by its name, if it still exists."""
+        with contextlib.suppress(Exception):  # gone already
+            ray.kill(ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE))
 
     async def reattach(
         self,

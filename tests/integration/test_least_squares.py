@@ -91,7 +91,9 @@ def test_distance_to_the_optimum_shrinks(
 def test_larger_tau_gives_larger_b_hat(
     sweep: dict[int, tuple[JobSpec, Path, dict[str, Any]]],
 ) -> None:
-    b = {tau: sweep[tau][2]["consistency"]["b_hat_max"] for tau in TAUS}
+    # the mean (the paper's expectation, the verdict's quantity): the max of a few hundred
+    # samples saturates (29.07 at tau 4 against 28.92 at tau 16 in one run)
+    b = {tau: sweep[tau][2]["consistency"]["b_hat_mean"] for tau in TAUS}
     refused = {tau: sweep[tau][2]["refused_stale"] for tau in TAUS}
     # tau = 0 with refuse: only gradients on the current model are applied
     assert b[0] == 0.0
