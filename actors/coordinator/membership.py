@@ -110,6 +110,9 @@ def worker_template(
     )
 
 
+# Stale incarnations of one worker id skipped at most when a new one starts (each a killed
+# actor of an earlier coordinator; a handful at most in practice).
+MAX_STALE_GENERATIONS = 64
 # the error's own line is what a user acts on; its traceback stays in the worker's log
 _MAX_ERROR_CHARS = 500
 
@@ -261,11 +264,25 @@ class Membership:
         )
         old = self.workers.get(wid)
         gen = max(old.gen + 1 if old is not None else 0, min_gen)
+        # an incarnation this coordinator does not know of (an earlier coordinator's, not
+        # re-attached) may still hold the name: it is stale; take the next free generation
+        for _ in range(MAX_STALE_GENERATIONS):
+            if not self._name_taken(wid, gen):
+                break
+            self.kill_named(wid, gen)
+            gen += 1
         actor = Worker.options(**self._worker_options(wid, gen)).remote(init)  # type: ignore[attr-defined]
         slot = WorkerSlot(id=wid, actor=actor, shard=init.shard, gen=gen)
         self.shards[wid] = init.shard
         self.workers[wid] = slot
         return slot
+
+    def _name_taken(self, wid: int, gen: int) -> bool:
+        try:
+            ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE)
+        except ValueError:
+            return False
+        return True
 
     def kill_named(self, wid: int, gen: int) -> None:
         """Kill incarnation ``gen`` of worker ``wid`` by its name, if it still exists."""
