@@ -29,9 +29,6 @@ TOKEN = "fuzz-token-0123456789abcdef"
 # accepted, but a job spec has cross-field rules JSON Schema does not carry (steps or
 # epochs, min_workers <= workers, one fault trigger, ...): those are 422s that name them.
 EXCLUDED_CHECKS = "positive_data_acceptance"
-# CPython's AST recursion check tripping inside hypothesis's case generation (seen once in a
-# clean CI run, then not again): a fault of the generator, not of the service
-GENERATOR_BUG = "AST constructor recursion depth mismatch"
 
 
 def st_binary() -> str:
@@ -63,8 +60,12 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violatio
         "none",
         "--request-timeout",
         "15",
+        # one worker thread: hypothesis parses lambdas' source with ast.parse, and CPython
+        # 3.11's AST constructor keeps its recursion depth in state shared between threads
+        # (python/cpython#106905): two workers made it raise "AST constructor recursion
+        # depth mismatch" inside case generation, reproducibly on one seed in CI
         "--workers",
-        "2",
+        "1",
         "--header",
         f"Authorization: Bearer {TOKEN}",
         # an SSE stream of a (fuzzed, hence unknown) job is a 404; of a real one it never
@@ -80,10 +81,6 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violatio
     # ~60 s on an idle 2-core machine (the stateful phase included); room for a busy one.
     # cwd: schemathesis keeps a cache directory there; keep it out of the repository
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
-    if r.returncode != 0 and GENERATOR_BUG in r.stdout:
-        # an error inside hypothesis while it builds a case (not a response of ours): once
-        # more, on the same seed; a server error or a schema violation still fails below
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-2000:]}\n{srv.log()}"
     suite = ET.parse(report).getroot()
     assert int(suite.attrib["tests"]) >= 14, r.stdout  # every operation was exercised
