@@ -4,7 +4,9 @@ A checkpoint is one file ``ckpt-<step>.pt`` (a ``torch.save`` of plain tensors a
 whose SHA-256 is stored beside it in ``ckpt-<step>.sha256``. Both are written to a temporary
 name, flushed to disk and renamed, so a reader sees either the whole file or none; a
 checkpoint counts only if its checksum file exists and matches. :func:`latest_valid` walks
-back from the newest one and skips (and reports) any that are partial or corrupt.
+back from the newest one and skips (and reports) any that are partial or corrupt. A
+rollback of the guard returns to an older one (:func:`latest_valid` with ``at_most``,
+else :func:`oldest_valid`) and drops the newer ones (:func:`drop_after`).
 
 The journal (``journal.jsonl``) holds every metric record and event the coordinator
 produced, one JSON line each, so a restarted coordinator can hand back what its previous
@@ -74,28 +76,66 @@ class Loaded:
     skipped: list[str]
 
 
-def latest_valid(folder: Path) -> Loaded | None:
-    """The newest checkpoint whose checksum matches; ``None`` if there is none."""
+def _load(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A checkpoint file's state if its checksum matches and it loads, else why not."""
+    try:
+        data = path.read_bytes()
+        expected = path.with_suffix(".sha256").read_text().strip()
+    except OSError as exc:
+        return None, f"{path.name}: unreadable ({exc.strerror})"
+    if hashlib.sha256(data).hexdigest() != expected:
+        return None, f"{path.name}: checksum mismatch (partial or corrupt)"
+    try:
+        return torch.load(io.BytesIO(data), weights_only=False), ""
+    except Exception as exc:  # noqa: BLE001 - any unreadable payload is skipped
+        return None, f"{path.name}: cannot load ({exc})"
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _NAME.match(path.name)
+    assert m is not None, path
+    return int(m.group(1))
+
+
+def latest_valid(folder: Path, at_most: int | None = None) -> Loaded | None:
+    """The newest checkpoint whose checksum matches (of a step ``<= at_most`` when given);
+    ``None`` if there is none."""
     skipped: list[str] = []
     for path in reversed(list_checkpoints(folder)):
-        m = _NAME.match(path.name)
-        assert m is not None
-        try:
-            data = path.read_bytes()
-            expected = path.with_suffix(".sha256").read_text().strip()
-        except OSError as exc:
-            skipped.append(f"{path.name}: unreadable ({exc.strerror})")
+        step = checkpoint_step(path)
+        if at_most is not None and step > at_most:
             continue
-        if hashlib.sha256(data).hexdigest() != expected:
-            skipped.append(f"{path.name}: checksum mismatch (partial or corrupt)")
+        state, why = _load(path)
+        if state is None:
+            skipped.append(why)
             continue
-        try:
-            state = torch.load(io.BytesIO(data), weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable payload is skipped
-            skipped.append(f"{path.name}: cannot load ({exc})")
-            continue
-        return Loaded(path, int(m.group(1)), state, skipped)
+        return Loaded(path, step, state, skipped)
     return None
+
+
+def oldest_valid(folder: Path) -> Loaded | None:
+    """The oldest checkpoint whose checksum matches; ``None`` if there is none."""
+    skipped: list[str] = []
+    for path in list_checkpoints(folder):
+        state, why = _load(path)
+        if state is None:
+            skipped.append(why)
+            continue
+        return Loaded(path, checkpoint_step(path), state, skipped)
+    return None
+
+
+def drop_after(folder: Path, step: int) -> list[str]:
+    """Delete the checkpoints of steps after ``step`` (a trajectory a rollback abandoned:
+    a restart must not resume it); returns their names."""
+    gone: list[str] = []
+    for path in list_checkpoints(folder):
+        if checkpoint_step(path) > step:
+            for p in (path, path.with_suffix(".sha256")):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(path.name)
+    return gone
 
 
 class Journal:

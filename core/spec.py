@@ -533,6 +533,10 @@ class GuardSpec(_Strict):
     # fail: end failed; rollback: back to the last checkpoint taken inside the bound, with
     # a stricter setting (needs checkpoints: a state folder and a checkpoint interval)
     on_diverged: Literal["fail", "rollback"] = "fail"
+    # a rollback returns to a checkpoint at least this many steps before the step that saw
+    # the divergence (else to the oldest kept): the one just before may already hold a model
+    # on its way out, its loss measured at a staler view that still looked healthy
+    rollback_margin_steps: int = Field(default=5, ge=0, le=1_000_000)
     # rollbacks and tightenings a run may take before the guard fails it instead
     max_actions: int = Field(default=8, ge=0, le=1000)
 

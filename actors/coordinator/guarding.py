@@ -157,8 +157,11 @@ class Guarding:
         self.state_bound("restated", f"for {_setting_change(old, new)}")
         return new, refused
 
-    def rolled_back(self, checkpoint: str, step: int, old: ModeSpec, why: str) -> None:
-        """The loop restored ``checkpoint``: say so, restart an unfinished warm-up."""
+    def rolled_back(
+        self, checkpoint: str, step: int, old: ModeSpec, why: str, dropped: list[str]
+    ) -> None:
+        """The loop restored ``checkpoint`` (and deleted the newer ``dropped``): say so,
+        restart an unfinished warm-up."""
         if self.constants is None:  # the warm-up saw the divergence: estimate again
             e = self.estimator
             self.estimator = WarmupEstimator(
@@ -166,10 +169,11 @@ class Guarding:
             )
         self.monitor.reset_window()
         self.nonfinite = None
+        gone = f" ({len(dropped)} newer checkpoints of the abandoned run deleted)" * bool(dropped)
         self.reporter.event(
             EventKind.GUARD,
             f"rollback to {checkpoint} (step {step}) with {_setting_change(old, self.spec.mode)}"
-            f"; {why}",
+            f"{gone}; {why}",
             guard="rollback",
             step=step,
         )

@@ -28,7 +28,14 @@ import numpy as np
 import ray
 import torch
 
-from actors.checkpoint import Journal, Loaded, latest_valid, write_checkpoint
+from actors.checkpoint import (
+    Journal,
+    Loaded,
+    drop_after,
+    latest_valid,
+    oldest_valid,
+    write_checkpoint,
+)
 from actors.coordinator.reporting import Reporter
 from core.events import Event, EventKind, FaultKind, Record, record_from_dict
 from core.spec import CheckpointSpec
@@ -245,6 +252,22 @@ class Recovery:
             return None, None
         self.last_ckpt_step = loaded.step
         return loaded, CheckpointState.from_dict(loaded.state)
+
+    def rollback_target(
+        self, step: int, margin: int
+    ) -> tuple[Loaded | None, CheckpointState | None, list[str]]:
+        """Where a rollback at ``step`` returns: the newest valid checkpoint at least
+        ``margin`` steps older (one just before a divergence may hold a model already on its
+        way out: its step's loss was measured at a staler, healthier view), else the oldest
+        kept. The checkpoints after it belong to the abandoned trajectory and are deleted
+        (a restart must not resume it); their names are returned."""
+        assert self.ckpt_dir is not None
+        loaded = latest_valid(self.ckpt_dir, at_most=step - margin) or oldest_valid(self.ckpt_dir)
+        if loaded is None:
+            return None, None, []
+        dropped = drop_after(self.ckpt_dir, loaded.step)
+        self.last_ckpt_step = loaded.step
+        return loaded, CheckpointState.from_dict(loaded.state), dropped
 
     # -- the journal ---------------------------------------------------------------------
     def replay_journal(self) -> JournalReplay:

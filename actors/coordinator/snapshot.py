@@ -84,14 +84,19 @@ def restore(t: Training, st: CheckpointState, guard_state: bool = True) -> None:
 
 
 def roll_back(t: Training, reason: str) -> str | None:
-    """The guard's rollback, once the requests in flight are drained: restore the last
-    checkpoint (written only inside the bound) with the mode's stricter setting; the frozen
-    constants and the reference loss stay. Returns why it could not (the loop then fails
-    the job), else ``None``."""
-    loaded, st = t.recovery.latest()
+    """The guard's rollback, once the requests in flight are drained: restore a checkpoint
+    (written only inside the bound and healthy) at least ``guard.rollback_margin_steps``
+    before this step (:meth:`Recovery.rollback_target`) with the mode's stricter setting;
+    the frozen constants and the reference loss stay. Returns why it could not (the loop
+    then fails the job), else ``None``."""
     new = t.mode.tighten()
-    if loaded is None or st is None or new is None:
-        return f"{reason}; rollback impossible (no checkpoint or no stricter setting)"
+    if new is None:
+        return f"{reason}; rollback impossible (no stricter setting)"
+    loaded, st, dropped = t.recovery.rollback_target(
+        t.mode.step, t.spec.guard.rollback_margin_steps
+    )
+    if loaded is None or st is None:
+        return f"{reason}; rollback impossible (no valid checkpoint)"
     old = t.spec.mode
     live = t.members.live()
     for w in live:
@@ -102,5 +107,5 @@ def roll_back(t: Training, reason: str) -> str | None:
         w.state, w.last_step = "idle", None
         t.mode.join(w.id)
     t.data.invalidate()
-    t.guard.rolled_back(loaded.path.name, st.step, old, reason)
+    t.guard.rolled_back(loaded.path.name, st.step, old, reason, dropped)
     return None

@@ -75,6 +75,40 @@ def test_no_checkpoint_yields_none(tmp_path: Path) -> None:
     assert Recovery(tmp_path, CheckpointSpec()).latest() == (None, None)
 
 
+def test_a_rollback_returns_margin_steps_back_and_deletes_the_abandoned_checkpoints(
+    tmp_path: Path,
+) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec(interval_steps=5, interval_s=None, keep=3))
+    for step in (30, 35, 40):
+        rec.write(_state(step))
+    # diverged at 42: 40 is within the margin of 5 (it may hold a model on its way out), 35
+    # is not; 40 is deleted so neither a later rollback nor a restart resumes it
+    loaded, st, dropped = rec.rollback_target(42, margin=5)
+    assert loaded is not None and st is not None and (loaded.step, st.step) == (35, 35)
+    assert dropped == ["ckpt-0000000040.pt"] and rec.last_ckpt_step == 35
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [f"ckpt-00000000{s}.{x}" for s in (30, 35) for x in ("pt", "sha256")]
+    assert rec.latest()[0].step == 35  # type: ignore[union-attr]
+    # every kept one is within the margin: the oldest
+    loaded, _, dropped = rec.rollback_target(36, margin=10)
+    assert loaded is not None and loaded.step == 30 and dropped == ["ckpt-0000000035.pt"]
+    # margin 0: the newest at or before the step
+    assert rec.rollback_target(30, margin=0)[0].step == 30  # type: ignore[union-attr]
+
+
+def test_a_rollback_skips_a_corrupt_checkpoint_and_finds_none_in_an_empty_folder(
+    tmp_path: Path,
+) -> None:
+    rec = Recovery(tmp_path, CheckpointSpec(interval_steps=5, interval_s=None, keep=3))
+    assert rec.rollback_target(10, margin=5) == (None, None, [])
+    rec.write(_state(10))
+    bad = rec.write(_state(20))
+    bad.write_bytes(b"torn")
+    loaded, _, _ = rec.rollback_target(30, margin=5)
+    assert loaded is not None and loaded.step == 10
+    assert loaded.skipped and "checksum mismatch" in loaded.skipped[0]
+
+
 def test_checkpoint_due_by_steps_or_seconds(tmp_path: Path) -> None:
     rec = Recovery(tmp_path, CheckpointSpec(interval_steps=10, interval_s=None))
     assert not rec.checkpoint_due(9) and rec.checkpoint_due(10)
