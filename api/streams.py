@@ -18,9 +18,13 @@ feed before reading, and the feed publishes everything after the store's head as
 when the feed started, so nothing falls between the two and nothing comes twice.
 
 On the wire a stream sends what it has in *chunks*: everything queued for it when it gets
-to run (up to :data:`CHUNK_ITEMS` SSE messages) in one write. One write per message cost
-100 subscribers of two jobs at ~290 steps/s about 29,000 writes a second, and most of
-training's speed (:func:`sse_bytes`, :meth:`Subscription.chunks`).
+to run in one write, the metric records of a chunk as one ``metrics`` message (a JSON array,
+its SSE ``id`` the cursor after the last one). A feed publishes what one read found as one
+:class:`Chunk` whose bytes are rendered once and written to every subscriber that was
+exactly where the chunk starts (all of them, once caught up); only a subscriber in between
+has its own part rendered. One write and one message per record cost 100 subscribers of two
+jobs at ~290 steps/s about 29,000 writes (and as many messages for the clients to parse) a
+second, and most of training's speed (:func:`sse_bytes`, :meth:`Subscription.chunks`).
 """
 
 from __future__ import annotations
@@ -46,12 +50,12 @@ log = logging.getLogger(__name__)
 # a feed passes on per poll; a running job adds ~190 records per 0.5 s poll at the fastest
 # speed measured (379 steps/s), so a feed keeps up in one read per poll.
 PAGE = 500
-# Items a subscriber may be behind before it is dropped: 2,048 = about 5 s of the fastest
-# training measured (379 records/s plus a state update per poll), or 4 full pages.
-QUEUE_ITEMS = 2048
-# SSE messages written to a stream at once, at most (a full page and some: a catch-up page
-# is one write; live, what queued up during one turn of the event loop).
-CHUNK_ITEMS = 512
+# Feed chunks a subscriber may be behind before it is dropped: 32 = 16 s of 0.5 s polls,
+# or 32 full pages (16,000 records); the chunks are shared, a slow subscriber holds only
+# references to them.
+QUEUE_CHUNKS = 32
+# Feed chunks written to a stream at once, at most (live: what queued up while it waited).
+WRITE_CHUNKS = 16
 # Seconds of silence before a stream sends a keep-alive comment (as FastAPI's SSE does).
 PING_S = 15.0
 # The text of a Cursor: ``<seq>:<event id>`` (seq -1: no record yet).
@@ -127,6 +131,32 @@ class EndItem:
 
 
 FeedItem = JobItem | MetricItem | EventItem | EndItem
+Pairs = list[tuple[FeedItem, "Cursor"]]
+
+
+@dataclass
+class Chunk:
+    """What one read of a feed found, published once to every subscriber: its items with
+    the cursor after each, from ``before`` (the feed's cursor when it read) to ``after``;
+    its bytes are rendered on first use and shared."""
+
+    before: Cursor
+    pairs: Pairs
+    _wire: bytes | None = None
+
+    @property
+    def after(self) -> Cursor:
+        return self.pairs[-1][1] if self.pairs else self.before
+
+    @property
+    def job(self) -> JobItem | None:
+        first = self.pairs[0][0] if self.pairs else None
+        return first if isinstance(first, JobItem) else None
+
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = sse_bytes(self.pairs)
+        return self._wire
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,19 @@ class _Position:
     version: float = float("-inf")
     job: str = ""
 
+    def take_whole(self, chunk: Chunk) -> bool:
+        """True (and move past ``chunk``) when this subscriber is exactly where ``chunk``
+        starts and its job state is new: then all of it is new, as it was rendered."""
+        job = chunk.job
+        if self.cursor != chunk.before:
+            return False
+        if job is not None and (job.version <= self.version or job.payload == self.job):
+            return False
+        if job is not None:
+            self.version, self.job = job.version, job.payload
+        self.cursor = chunk.after
+        return True
+
     def take(self, item: FeedItem) -> bool:
         """True (and move past ``item``) when ``item`` is new to this subscriber."""
         c = self.cursor
@@ -205,20 +248,35 @@ class _Dropped:
 _DROPPED = _Dropped()
 
 
-def _new_to(
-    pos: _Position, queued: list[FeedItem | _Dropped]
-) -> tuple[list[tuple[FeedItem, Cursor]], bool]:
-    """What of ``queued`` is new to ``pos`` (each with the cursor after it), and whether the
-    stream ends there (an :class:`EndItem`, or the subscriber was dropped)."""
-    out: list[tuple[FeedItem, Cursor]] = []
-    for item in queued:
-        if isinstance(item, _Dropped):
-            return out, True
-        if pos.take(item):
-            out.append((item, pos.cursor))
-        if isinstance(item, EndItem):
-            return out, True
-    return out, False
+def _new_to(pos: _Position, queued: list[Chunk | _Dropped]) -> tuple[Pairs, bytes, bool]:
+    """What of ``queued`` is new to ``pos`` (each item with the cursor after it) and its
+    bytes, and whether the stream ends there (an :class:`EndItem`, or the subscriber was
+    dropped). A chunk that starts where ``pos`` is goes out as rendered by the feed."""
+    out: Pairs = []
+    wire: list[bytes] = []
+    mine: Pairs = []  # items new to pos from chunks it was not at the start of
+
+    def flush() -> None:
+        if mine:
+            wire.append(sse_bytes(mine))
+            out.extend(mine)
+            mine.clear()
+
+    for chunk in queued:
+        if isinstance(chunk, _Dropped):
+            flush()
+            return out, b"".join(wire), True
+        if pos.take_whole(chunk):
+            flush()
+            out.extend(chunk.pairs)
+            wire.append(chunk.wire())
+        else:
+            mine.extend((item, pos.cursor) for item, _ in chunk.pairs if pos.take(item))
+        if chunk.pairs and isinstance(chunk.pairs[-1][0], EndItem):
+            flush()
+            return out, b"".join(wire), True
+    flush()
+    return out, b"".join(wire), False
 
 
 class Subscription:
@@ -227,16 +285,16 @@ class Subscription:
     Made by :meth:`StreamHub.subscribe`; :meth:`close` it when the stream ends.
     """
 
-    def __init__(self, hub: StreamHub, feed: JobFeed, queue_items: int) -> None:
+    def __init__(self, hub: StreamHub, feed: JobFeed, queue_chunks: int) -> None:
         self.hub, self.feed = hub, feed
-        self.queue: asyncio.Queue[FeedItem | _Dropped] = asyncio.Queue(queue_items)
+        self.queue: asyncio.Queue[Chunk | _Dropped] = asyncio.Queue(queue_chunks)
         self.dropped = False
         self.closed = False
 
-    def offer(self, item: FeedItem) -> bool:
-        """Queue ``item``; a full queue drops this subscriber (False)."""
+    def offer(self, chunk: Chunk) -> bool:
+        """Queue ``chunk``; a full queue drops this subscriber (False)."""
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait(chunk)
             return True
         except asyncio.QueueFull:
             self.dropped = True
@@ -253,15 +311,16 @@ class Subscription:
 
     async def items(self, cursor: Cursor) -> AsyncIterator[tuple[FeedItem, Cursor]]:
         """Everything after ``cursor``, one item at a time (:meth:`chunks`, flattened)."""
-        async for chunk in self.chunks(cursor):
-            for pair in chunk:
+        async for pairs, _ in self.chunks(cursor):
+            for pair in pairs:
                 yield pair
 
-    async def chunks(self, cursor: Cursor) -> AsyncIterator[list[tuple[FeedItem, Cursor]]]:
+    async def chunks(self, cursor: Cursor) -> AsyncIterator[tuple[Pairs, bytes]]:
         """Everything after ``cursor``: first caught up from the store (a page per chunk),
-        then live (per chunk, what is queued, up to :data:`CHUNK_ITEMS`); each item with
-        the cursor just after it. Ends after an :class:`EndItem`, or without one when this
-        subscriber is dropped (or the job is gone).
+        then live (per chunk, what is queued, up to :data:`WRITE_CHUNKS` feed chunks); each
+        item with the cursor just after it, and the chunk's SSE bytes. Ends after an
+        :class:`EndItem`, or without one when this subscriber is dropped (or the job is
+        gone).
         """
         pos = _Position(cursor)
         while True:  # catch up, a page at a time
@@ -273,16 +332,16 @@ class Subscription:
             page: list[FeedItem] = [batch.job, *batch.metrics, *batch.events]
             out = [(item, pos.cursor) for item in page if pos.take(item)]
             if out:
-                yield out
+                yield out, sse_bytes(out)
             if not batch.full:
                 break
-        while True:  # live: the feed's items, less what the catch-up already gave
+        while True:  # live: the feed's chunks, less what the catch-up already gave
             queued = [await self.queue.get()]
-            while len(queued) < CHUNK_ITEMS and not self.queue.empty():
+            while len(queued) < WRITE_CHUNKS and not self.queue.empty():
                 queued.append(self.queue.get_nowait())
-            out, ended = _new_to(pos, queued)
+            out, wire, ended = _new_to(pos, queued)
             if out:
-                yield out
+                yield out, wire
             if ended:
                 return
 
@@ -320,19 +379,21 @@ class JobFeed:
                 batch = await asyncio.to_thread(read_batch, self.hub.store, self.job_id, cursor)
                 if batch.job is None:
                     break
+                chunk = Chunk(cursor, [])
                 if batch.job.payload != last_job:
                     last_job = batch.job.payload
-                    self._publish(batch.job)
+                    chunk.pairs.append((batch.job, cursor))
                 for m in batch.metrics:
-                    self._publish(m)
+                    cursor = Cursor(m.seq, cursor.after_id)
+                    chunk.pairs.append((m, cursor))
                 for e in batch.events:
-                    self._publish(e)
-                if batch.metrics:
-                    cursor = Cursor(batch.metrics[-1].seq, cursor.after_id)
-                if batch.events:
-                    cursor = Cursor(cursor.after_seq, batch.events[-1].event_id)
+                    cursor = Cursor(cursor.after_seq, e.event_id)
+                    chunk.pairs.append((e, cursor))
                 if batch.finished:
-                    self._publish(EndItem(batch.job.state))
+                    chunk.pairs.append((EndItem(batch.job.state), cursor))
+                if chunk.pairs:
+                    self._publish(chunk)
+                if batch.finished:
                     self.subscribers.clear()
                     break
                 if not batch.full:
@@ -343,15 +404,15 @@ class JobFeed:
             self.ready.set()
             self._stop()
 
-    def _publish(self, item: FeedItem) -> None:
+    def _publish(self, chunk: Chunk) -> None:
         for sub in list(self.subscribers):
-            if not sub.offer(item):
+            if not sub.offer(chunk):
                 self.subscribers.discard(sub)
                 self.hub.dropped += 1
                 log.info(
-                    "a stream of job %s fell %d items behind and was dropped",
+                    "a stream of job %s fell %d chunks behind and was dropped",
                     self.job_id,
-                    self.hub.queue_items,
+                    self.hub.queue_chunks,
                 )
 
     def _stop(self) -> None:
@@ -374,7 +435,7 @@ class StreamHub:
             ``max_stream_subscribers`` setting).
         poll_s: seconds between two reads of a caught-up feed (the supervisor's poll
             interval: the store changes no faster).
-        queue_items: items a subscriber may be behind before it is dropped.
+        queue_chunks: feed chunks a subscriber may be behind before it is dropped.
     """
 
     def __init__(
@@ -383,12 +444,12 @@ class StreamHub:
         *,
         max_subscribers: int,
         poll_s: float,
-        queue_items: int = QUEUE_ITEMS,
+        queue_chunks: int = QUEUE_CHUNKS,
     ) -> None:
         self.store = store
         self.max_subscribers = max_subscribers
         self.poll_s = poll_s
-        self.queue_items = queue_items
+        self.queue_chunks = queue_chunks
         self.open = 0  # subscriptions not closed yet
         self.dropped = 0  # subscribers dropped for falling behind, since start
         self._feeds: dict[str, JobFeed] = {}
@@ -413,7 +474,7 @@ class StreamHub:
         if feed is None:
             feed = self._feeds[job_id] = JobFeed(self, job_id)
             feed.start()
-        sub = Subscription(self, feed, self.queue_items)
+        sub = Subscription(self, feed, self.queue_chunks)
         feed.subscribers.add(sub)
         self.open += 1
         try:
@@ -451,24 +512,45 @@ class StreamHub:
 
 
 def sse_of(item: FeedItem, cursor: Cursor) -> ServerSentEvent:
-    """``item`` on the wire: ``job``, ``metric`` and ``event`` (these two with ``cursor`` as
-    their SSE ``id``), ``end``. Payloads were serialised once, by the feed."""
+    """``item`` on the wire: ``job``, ``event`` (with ``cursor`` as its SSE ``id``),
+    ``end``; a lone record as a one-record ``metrics``. Payloads were serialised once, by
+    the feed."""
     if isinstance(item, JobItem):
         return ServerSentEvent(event="job", raw_data=item.payload)
     if isinstance(item, MetricItem):
-        return ServerSentEvent(event="metric", id=cursor.text(), raw_data=item.payload)
+        return ServerSentEvent(event="metrics", id=cursor.text(), raw_data=f"[{item.payload}]")
     if isinstance(item, EventItem):
         return ServerSentEvent(event="event", id=cursor.text(), raw_data=item.payload)
     return ServerSentEvent(event="end", data={"state": item.state.value})
 
 
-def sse_bytes(chunk: list[tuple[FeedItem, Cursor]]) -> bytes:
-    """A chunk of items as SSE messages, ready for one write (see :func:`sse_of`)."""
-    out = []
+def _message(ev: ServerSentEvent) -> bytes:
+    data = ev.raw_data if ev.raw_data is not None else json.dumps(ev.data)
+    return format_sse_event(data_str=data, event=ev.event, id=ev.id)
+
+
+def sse_bytes(chunk: Pairs) -> bytes:
+    """A chunk of items as SSE messages, ready for one write (see :func:`sse_of`): each run
+    of metric records is one ``metrics`` message, a JSON array of them whose ``id`` is the
+    cursor after the last."""
+    out: list[bytes] = []
+    run: list[str] = []
+    last = Cursor()
+
+    def flush() -> None:
+        if run:
+            ev = ServerSentEvent(event="metrics", id=last.text(), raw_data=f"[{','.join(run)}]")
+            out.append(_message(ev))
+            run.clear()
+
     for item, cursor in chunk:
-        ev = sse_of(item, cursor)
-        data = ev.raw_data if ev.raw_data is not None else json.dumps(ev.data)
-        out.append(format_sse_event(data_str=data, event=ev.event, id=ev.id))
+        if isinstance(item, MetricItem):
+            run.append(item.payload)
+            last = cursor
+            continue
+        flush()
+        out.append(_message(sse_of(item, cursor)))
+    flush()
     return b"".join(out)
 
 
@@ -482,8 +564,8 @@ async def sse_stream(
 
     async def pull() -> None:
         try:
-            async for chunk in sub.chunks(cursor):
-                await ready.put(sse_bytes(chunk))
+            async for _, wire in sub.chunks(cursor):
+                await ready.put(wire)
         finally:
             await ready.put(None)
 

@@ -61,7 +61,7 @@ from elastic_sgd.streams import (
     SSEParser,
     StreamEnd,
     StreamItem,
-    item_of,
+    items_of,
 )
 from service.drills.spec import DrillSpec, parse_drill
 
@@ -417,15 +417,14 @@ class Client:
                 if msg is None:
                     continue
                 try:
-                    item = item_of(msg)
+                    items = items_of(msg)
                 except (ValidationError, ValueError, KeyError, TypeError) as exc:
                     raise UnexpectedAnswer(
                         f"the stream of job {job_id} at {self.url} sent a {msg.event!r} message "
                         f"that is not what the API sends ({type(exc).__name__}): is this an "
                         "elastic-sgd service of this version?"
                     ) from exc
-                if item is not None:
-                    yield item
+                yield from items
 
     def stream_metrics(self, job_id: str, *, after_seq: int = -1) -> Iterator[MetricPublic]:
         """The job's metric records as they come (see :meth:`stream`), until it ends."""

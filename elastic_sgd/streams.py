@@ -1,15 +1,17 @@
 """Reading a job's live stream (``GET /jobs/{id}/stream``, server-sent events) as typed items.
 
 The service sends four kinds of message (:mod:`api.streams`): ``job`` (the job's state and
-progress: :class:`~api.schemas.JobPublic` without ``updated_at``), ``metric`` (a
-:class:`~api.schemas.MetricPublic`), ``event`` (an :class:`~api.schemas.EventPublic`), and a
-final ``end`` once the job is terminal and everything it wrote was sent. Each ``metric`` and
-``event`` carries, as its SSE ``id``, the *cursor* just after it (``<seq>:<event id>``): sent
-back as ``Last-Event-ID``, it resumes the stream exactly there, nothing lost and nothing
-twice. :class:`elastic_sgd.Client` does that by itself when a stream breaks off.
+progress: :class:`~api.schemas.JobPublic` without ``updated_at``), ``metrics`` (a JSON array
+of :class:`~api.schemas.MetricPublic`, in ``seq`` order), ``event`` (an
+:class:`~api.schemas.EventPublic`), and a final ``end`` once the job is terminal and
+everything it wrote was sent. Each ``metrics`` and ``event`` carries, as its SSE ``id``, the
+*cursor* just after it (``<seq>:<event id>``): sent back as ``Last-Event-ID``, it resumes the
+stream exactly there, nothing lost and nothing twice. :class:`elastic_sgd.Client` does that
+by itself when a stream breaks off; it hands out a ``metrics`` message record by record,
+each with the cursor just after that record.
 
 This module is the pure part: :class:`SSEParser` turns lines into messages, and
-:func:`item_of` turns a message into a :class:`StreamItem`.
+:func:`items_of` turns a message into :class:`StreamItem` s.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from pydantic import TypeAdapter
 
 from api.schemas import EventPublic, JobPublic, MetricPublic
 from core.state import JobState
@@ -108,20 +112,29 @@ class SSEParser:
         return msg
 
 
-def item_of(msg: SSEMessage) -> StreamItem | None:
-    """The typed item of a stream message (``None`` for a kind this client does not know,
-    so that a newer service can add kinds).
+_RECORDS: TypeAdapter[list[MetricPublic]] = TypeAdapter(list[MetricPublic])
+
+
+def items_of(msg: SSEMessage) -> list[StreamItem]:
+    """The typed items of a stream message (none for a kind this client does not know, so
+    that a newer service can add kinds); a ``metrics`` message gives one
+    :class:`MetricUpdate` per record, its cursor the record's ``seq`` and the message's
+    event id.
 
     Raises:
         pydantic.ValidationError: the message's data is not what its kind promises.
-        ValueError: an ``end`` whose data is not JSON, or names no known state.
+        ValueError: an ``end`` whose data is not JSON, or names no known state; a
+            ``metrics`` message whose id is not a cursor.
     """
     if msg.event == "job":
-        return JobUpdate(JobSnapshot.model_validate_json(msg.data))
-    if msg.event == "metric":
-        return MetricUpdate(MetricPublic.model_validate_json(msg.data), msg.id or "")
+        return [JobUpdate(JobSnapshot.model_validate_json(msg.data))]
+    if msg.event == "metrics":
+        _, sep, after_id = (msg.id or "").partition(":")
+        if not sep or not after_id.isdigit():
+            raise ValueError(f"a 'metrics' message's id {msg.id!r} is not '<seq>:<event id>'")
+        return [MetricUpdate(r, f"{r.seq}:{after_id}") for r in _RECORDS.validate_json(msg.data)]
     if msg.event == "event":
-        return EventUpdate(EventPublic.model_validate_json(msg.data), msg.id or "")
+        return [EventUpdate(EventPublic.model_validate_json(msg.data), msg.id or "")]
     if msg.event == "end":
-        return StreamEnd(JobState(json.loads(msg.data)["state"]))
-    return None
+        return [StreamEnd(JobState(json.loads(msg.data)["state"]))]
+    return []

@@ -239,10 +239,11 @@ def get_history(
         **_ID,
         429: _E,
     },
-    summary="Server-sent events: 'job' (state/progress), 'metric', 'event', then 'end'",
+    summary="Server-sent events: 'job' (state/progress), 'metrics', 'event', then 'end'",
     description="Starts after `after_seq`/`after_id` (from `/history`), or after the cursor "
-    "in `Last-Event-ID`, which wins: each 'metric' and 'event' carries the cursor just after "
-    "it as its SSE `id`, which a browser sends back when it reconnects. All streams of a job "
+    "in `Last-Event-ID`, which wins. 'metrics' is a JSON array of new metric records in `seq` "
+    "order; each 'metrics' and 'event' carries the cursor just after it as its SSE `id`, "
+    "which a browser sends back when it reconnects. All streams of a job "
     "share one reader of the store; one that falls too far behind is closed (reconnect "
     "with `Last-Event-ID`). At most `max_stream_subscribers` streams are open at once: "
     "429 past it.",

@@ -116,12 +116,16 @@ function openStream() {
     queueDraw();
     if (prev !== S.job.state) refreshJobs();  // keep the list's state in step
   });
-  es.addEventListener("metric", e => {
-    const r = JSON.parse(e.data);
-    if (r.seq <= S.lastSeq) return;
-    S.lastSeq = r.seq;
-    addMetric(r);
-    queueDraw();
+  // a run of new records in one message (a JSON array, in seq order)
+  es.addEventListener("metrics", e => {
+    let added = false;
+    for (const r of JSON.parse(e.data)) {
+      if (r.seq <= S.lastSeq) continue;
+      S.lastSeq = r.seq;
+      addMetric(r);
+      added = true;
+    }
+    if (added) queueDraw();
   });
   es.addEventListener("event", e => {
     const ev = JSON.parse(e.data);

@@ -213,7 +213,8 @@ def read_sse(
     until: Callable[[list[tuple[str, Any]]], bool],
     timeout_s: float = 120,
 ) -> list[tuple[str, Any]]:
-    """Collect (event, data) pairs from an SSE stream until ``until`` holds or it ends."""
+    """Collect (event, data) pairs from an SSE stream until ``until`` holds or it ends; a
+    ``metrics`` message (an array of records) gives a ``("metric", record)`` pair each."""
     got: list[tuple[str, Any]] = []
     kind = None
     deadline = time.monotonic() + timeout_s
@@ -224,7 +225,11 @@ def read_sse(
             if line.startswith("event:"):
                 kind = line.split(":", 1)[1].strip()
             elif line.startswith("data:") and kind is not None:
-                got.append((kind, json.loads(line.split(":", 1)[1])))
+                data = json.loads(line.split(":", 1)[1])
+                if kind == "metrics":
+                    got.extend(("metric", r) for r in data)
+                else:
+                    got.append((kind, data))
                 if until(got) or kind == "end" or time.monotonic() > deadline:
                     break
     return got

@@ -21,7 +21,7 @@ from elastic_sgd import (
     StreamEnd,
     UnexpectedAnswer,
 )
-from elastic_sgd.streams import SSEMessage, SSEParser, item_of
+from elastic_sgd.streams import SSEMessage, SSEParser, items_of
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -82,18 +82,26 @@ def test_the_parser_reads_events_ids_multiline_data_and_skips_comments() -> None
 def test_messages_become_typed_items_and_unknown_kinds_are_skipped() -> None:
     msgs = parse(
         sse("job", JOB)
-        + sse("metric", metric(4), "4:0")
-        + sse("event", event(7), "4:7")
+        + sse("metrics", [metric(4), metric(5)], "5:0")
+        + sse("event", event(7), "5:7")
         + sse("future-kind", {"x": 1})
         + 'event: end\ndata: {"state":"succeeded"}\n\n'
     )
-    items = [item_of(m) for m in msgs]
-    job, m, e, unknown, end = items
+    items = [items_of(m) for m in msgs]
+    [job], [m4, m5], [e], unknown, [end] = items
     assert isinstance(job, JobUpdate) and job.job.step == 3 and job.job.updated_at is None
-    assert isinstance(m, MetricUpdate) and m.metric.seq == 4 and m.cursor == "4:0"
-    assert isinstance(e, EventUpdate) and e.event.id == 7 and e.cursor == "4:7"
-    assert unknown is None
+    # one item per record, each with the cursor just after it
+    assert isinstance(m4, MetricUpdate) and m4.metric.seq == 4 and m4.cursor == "4:0"
+    assert isinstance(m5, MetricUpdate) and m5.metric.seq == 5 and m5.cursor == "5:0"
+    assert isinstance(e, EventUpdate) and e.event.id == 7 and e.cursor == "5:7"
+    assert unknown == []
     assert end == StreamEnd(JobState.SUCCEEDED)
+
+
+def test_a_metrics_message_without_a_cursor_is_refused() -> None:
+    for bad_id in (None, "7", "7:x"):
+        with pytest.raises(ValueError, match="'metrics' message's id"):
+            items_of(SSEMessage("metrics", json.dumps([metric(7)]), bad_id))
 
 
 def test_a_stream_that_breaks_off_resumes_from_its_last_cursor() -> None:
@@ -102,9 +110,10 @@ def test_a_stream_that_breaks_off_resumes_from_its_last_cursor() -> None:
     def answer(req: httpx.Request) -> httpx.Response:
         asked.append((req.headers.get("Last-Event-ID"), dict(req.url.params)))
         if len(asked) == 1:  # the service drops this reader after two records
-            body = sse("job", JOB) + sse("metric", metric(1), "1:0") + sse("event", event(2), "1:2")
+            body = sse("job", JOB) + sse("metrics", [metric(1)], "1:0")
+            body += sse("event", event(2), "1:2")
         else:
-            body = sse("metric", metric(2), "2:2") + 'event: end\ndata: {"state":"failed"}\n\n'
+            body = sse("metrics", [metric(2)], "2:2") + 'event: end\ndata: {"state":"failed"}\n\n'
         return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
     c = Client("http://esgd.test", transport=httpx.MockTransport(answer))
@@ -144,9 +153,9 @@ def test_a_stream_that_keeps_breaking_gives_up_and_a_404_is_raised_at_once() -> 
 
 
 def test_a_message_that_is_not_the_apis_is_an_unexpected_answer() -> None:
-    bad = sse("metric", {"kind": "step"}, "1:0")  # no seq, no step
+    bad = sse("metrics", [{"kind": "step"}], "1:0")  # no seq, no step
     c = Client(
         "http://esgd.test", transport=httpx.MockTransport(lambda _r: httpx.Response(200, text=bad))
     )
-    with pytest.raises(UnexpectedAnswer, match="'metric' message"):
+    with pytest.raises(UnexpectedAnswer, match="'metrics' message"):
         list(c.stream("j-1"))

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 
 from api.streams import (
+    Chunk,
     Cursor,
     EndItem,
     EventItem,
@@ -24,11 +25,16 @@ from api.streams import (
     InvalidCursor,
     JobItem,
     MetricItem,
+    Pairs,
     StreamHub,
     Subscription,
     TooManyStreams,
+    _new_to,
+    _Position,
+    sse_bytes,
 )
 from core.events import Event, EventKind, StepRecord
+from core.state import JobState
 from service.store import Store, new_id
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -119,7 +125,9 @@ def test_subscribers_share_one_feed_and_each_gets_everything_once(store: Store) 
         # the feed queues these before the subscribers read: their catch-up has them too
         await ingest(store, job_id, range(11, 61), events=True)
         await asyncio.sleep(5 * POLL_S)
-        assert all(s.queue.qsize() >= 100 for s in (a, b))
+        # one chunk per read of the feed (a read takes a page of each: 50 records, 50 events)
+        queued = [[c.pairs for c in s.queue._queue] for s in (a, b)]  # type: ignore[attr-defined]
+        assert all(sum(len(p) for p in q) >= 100 for q in queued), queued
         # a from the start, b from the middle; records arrive while both follow
         ta = asyncio.create_task(collect(a, Cursor()))
         tb = asyncio.create_task(collect(b, Cursor(5, 0)))
@@ -179,7 +187,7 @@ def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on(
     job_id = make_job(store)
 
     async def main() -> tuple[list[Any], list[Any], int, int]:
-        hub = StreamHub(store, max_subscribers=10, poll_s=POLL_S, queue_items=8)
+        hub = StreamHub(store, max_subscribers=10, poll_s=POLL_S, queue_chunks=8)
         slow = await hub.subscribe(job_id)
         fast = await hub.subscribe(job_id)
         slow_items = slow.items(Cursor())
@@ -295,12 +303,11 @@ def test_when_the_feed_cannot_read_its_streams_end_and_a_new_one_starts_over(
 
 def test_a_live_stream_writes_what_queued_up_in_one_chunk_of_sse_messages(store: Store) -> None:
     """Chunks: 200 records queued while the reader was away come out in one chunk (one
-    write), as SSE messages in order, each with the cursor after it as its id."""
-    from api.streams import sse_bytes
-
+    write), as one ``metrics`` message (a JSON array, in order) whose id is the cursor
+    after the last record."""
     job_id = make_job(store)
 
-    async def main() -> list[list[tuple[FeedItem, Cursor]]]:
+    async def main() -> list[tuple[Pairs, bytes]]:
         hub = StreamHub(store, max_subscribers=4, poll_s=POLL_S)
         sub = await hub.subscribe(job_id)
         chunks = sub.chunks(Cursor())
@@ -311,12 +318,72 @@ def test_a_live_stream_writes_what_queued_up_in_one_chunk_of_sse_messages(store:
         sub.close()
         return [first, second]
 
-    first, second = run(main())
-    assert isinstance(first[0][0], JobItem)  # the catch-up: the row (and its first event)
-    metrics = [(i, c) for i, c in second if isinstance(i, MetricItem)]
+    first, (pairs, wire_bytes) = run(main())
+    assert isinstance(first[0][0][0], JobItem)  # the catch-up: the row (and its first event)
+    metrics = [(i, c) for i, c in pairs if isinstance(i, MetricItem)]
     assert [i.seq for i, _ in metrics] == list(range(1, 201))  # one chunk, in order
-    wire = sse_bytes(second).decode()
-    assert wire.count("event: metric\n") == 200 and wire.endswith("\n\n")
+    wire = wire_bytes.decode()
+    assert wire == sse_bytes(pairs).decode() and wire.endswith("\n\n")
+    assert wire.count("event: metrics\n") == 1 and "event: metric\n" not in wire
     after_id = metrics[0][1].after_id  # the event the catch-up already gave
     assert f"id: 200:{after_id}\n" in wire
-    assert wire.index(f"id: 1:{after_id}\n") < wire.index(f"id: 2:{after_id}\n")
+    data = next(line for line in wire.splitlines() if line.startswith("data: ["))
+    assert [r["seq"] for r in json.loads(data.removeprefix("data: "))] == list(range(1, 201))
+
+
+def test_caught_up_subscribers_share_the_feeds_rendered_bytes(store: Store) -> None:
+    """A feed chunk is rendered once: every subscriber that was where it starts writes the
+    same bytes object, one that caught up from the store in between included."""
+    job_id = make_job(store)
+
+    async def main() -> tuple[list[bytes], list[bytes], list[int]]:
+        hub = StreamHub(store, max_subscribers=4, poll_s=POLL_S)
+        a, b = await hub.subscribe(job_id), await hub.subscribe(job_id)
+        ca, cb = a.chunks(Cursor()), b.chunks(Cursor())
+        await anext(ca), await anext(cb)  # caught up: the row and the first event
+        await ingest(store, job_id, range(1, 51))
+        (_, wa), (_, wb) = await anext(ca), await anext(cb)
+        # a third one from record 30 reads 31..50 from the store, then takes the feed's
+        c = await hub.subscribe(job_id)
+        cc = c.chunks(Cursor(30, 0))
+        caught, _ = await anext(cc)
+        await ingest(store, job_id, range(51, 81))
+        (_, wa2), (_, wb2), (live, wc) = await anext(ca), await anext(cb), await anext(cc)
+        for sub in (a, b, c):
+            sub.close()
+        seqs = [i.seq for i, _ in [*caught, *live] if isinstance(i, MetricItem)]
+        return [wa, wb], [wa2, wb2, wc], seqs
+
+    first, second, seqs_c = run(main())
+    assert first[0] is first[1] and second[0] is second[1] is second[2]  # one rendering
+    assert seqs_c == list(range(31, 81))
+
+
+def test_a_subscriber_inside_a_chunk_gets_only_the_rest_rendered_for_it() -> None:
+    """Pure: a subscriber whose catch-up read past the feed's cursor takes, of the feed's
+    next chunk, only what it lacks, rendered for it (the shared bytes would repeat some)."""
+    before = Cursor(50, 1)
+    pairs: Pairs = [(MetricItem(q, f'{{"seq":{q}}}'), Cursor(q, 1)) for q in range(51, 81)]
+    chunk = Chunk(before, pairs)
+    inside = _Position(Cursor(60, 1))
+    out, wire, ended = _new_to(inside, [chunk])
+    assert [i.seq for i, _ in out] == list(range(61, 81)) and not ended  # type: ignore[union-attr]
+    assert wire.decode().startswith('event: metrics\ndata: [{"seq":61},')
+    assert wire.decode().endswith('{"seq":80}]\nid: 80:1\n\n')
+    at_start = _Position(before)
+    out2, wire2, _ = _new_to(at_start, [chunk])
+    assert wire2 is chunk.wire() and len(out2) == 30 and at_start.cursor == Cursor(80, 1)
+
+
+def test_sse_bytes_groups_each_run_of_records_into_one_metrics_message() -> None:
+    c = Cursor
+    m1, m2 = MetricItem(1, '{"seq":1}'), MetricItem(2, '{"seq":2}')
+    ev = EventItem(7, '{"id":7}')
+    end = EndItem(JobState.SUCCEEDED)
+    wire = sse_bytes([(m1, c(1, 0)), (ev, c(1, 7)), (m2, c(2, 7)), (end, c(2, 7))])
+    assert wire.decode() == (
+        'event: metrics\ndata: [{"seq":1}]\nid: 1:0\n\n'
+        'event: event\ndata: {"id":7}\nid: 1:7\n\n'
+        'event: metrics\ndata: [{"seq":2}]\nid: 2:7\n\n'
+        'event: end\ndata: {"state": "succeeded"}\n\n'
+    )

@@ -56,14 +56,18 @@ def make_app(tmp_path: Path, **settings: Any) -> FastAPI:
 
 
 def sse(text: str) -> list[tuple[str, str | None, Any]]:
-    """(event, id, data) of each message of an SSE body."""
+    """(event, id, data) of each message of an SSE body; a ``metrics`` message gives a
+    ("metric", the cursor after it, record) each, as the SDK hands them out."""
     out = []
     for block in text.split("\n\n"):
         fields: dict[str, str] = {}
         for line in block.splitlines():
             key, _, value = line.partition(": ")
             fields[key] = value
-        if "event" in fields:
+        if fields.get("event") == "metrics":  # a record each, with the cursor after it
+            after_id = fields["id"].split(":")[1]
+            out.extend(("metric", f"{r['seq']}:{after_id}", r) for r in json.loads(fields["data"]))
+        elif "event" in fields:
             out.append((fields["event"], fields.get("id"), json.loads(fields["data"])))
     return out
 
