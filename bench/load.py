@@ -299,28 +299,42 @@ def run_phase(
 async def subscriber(
     svc: ServiceProcess, job_id: str, stop: asyncio.Event, got: list[int], index: int
 ) -> None:
-    """One SSE client of ``GET /jobs/{id}/stream``, reading every line until ``stop``;
-    ``got[index]`` counts the metric records received (a ``metrics`` message holds many)."""
+    """One viewer as the dashboard is one: the job's history in one request (``GET
+    /jobs/{id}/history``), then ``GET /jobs/{id}/stream`` from where it ends, reading every
+    line until ``stop``; ``got[index]`` counts the metric records received (a ``metrics``
+    message holds many)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with (
-        aiohttp.ClientSession(base_url=svc.url, headers=svc.headers(), timeout=timeout) as sess,
-        sess.get(f"/jobs/{job_id}/stream") as r,
-    ):
-        if r.status != 200:
-            got[index] = -r.status
-            return
-        records = False
-        while not stop.is_set():
-            try:
-                line = await asyncio.wait_for(r.content.readline(), timeout=0.5)
-            except TimeoutError:
-                continue
-            if not line:
+    async with aiohttp.ClientSession(
+        base_url=svc.url, headers=svc.headers(), timeout=timeout
+    ) as sess:
+        async with sess.get(f"/jobs/{job_id}/history") as h:
+            if h.status != 200:
+                got[index] = -h.status
                 return
-            if line.startswith(b"event:"):
-                records = line.strip() == b"event: metrics"
-            elif records and line.startswith(b"data:"):
-                got[index] += line.count(b'"seq":')
+            hist = await h.json()
+        after = {"after_seq": hist["last_seq"], "after_id": hist["last_event_id"]}
+        async with sess.get(f"/jobs/{job_id}/stream", params=after) as r:
+            await _read_stream(r, stop, got, index)
+
+
+async def _read_stream(
+    r: aiohttp.ClientResponse, stop: asyncio.Event, got: list[int], index: int
+) -> None:
+    if r.status != 200:
+        got[index] = -r.status
+        return
+    records = False
+    while not stop.is_set():
+        try:
+            line = await asyncio.wait_for(r.content.readline(), timeout=0.5)
+        except TimeoutError:
+            continue
+        if not line:
+            return
+        if line.startswith(b"event:"):
+            records = line.strip() == b"event: metrics"
+        elif records and line.startswith(b"data:"):
+            got[index] += line.count(b'"seq":')
 
 
 def steps_per_s(client: httpx.Client, job_ids: Sequence[str], window_s: float) -> float:
