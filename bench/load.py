@@ -355,6 +355,7 @@ def run_sse_phase(
     got = [0] * SSE_SUBSCRIBERS
     samples: list[Sample] = []
     rate: list[float] = []
+    joined_s: list[float] = []
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -362,7 +363,12 @@ def run_sse_phase(
             asyncio.create_task(subscriber(svc, job_ids[i % len(job_ids)], stop, got, i))
             for i in range(SSE_SUBSCRIBERS)
         ]
-        await asyncio.sleep(2.0)  # every subscriber caught up with the history
+        # the window starts once every subscriber has its history and its first live
+        # records (or was refused): the 100 history requests are not what is measured
+        t_join = time.monotonic()
+        while any(g == 0 for g in got) and time.monotonic() - t_join < START_TIMEOUT_S:
+            await asyncio.sleep(0.1)
+        joined_s.append(time.monotonic() - t_join)
         per_client = int(window_s / 0.5)
         deadline = time.monotonic() + window_s + 10.0
         readers = [
@@ -381,6 +387,7 @@ def run_sse_phase(
         "subscribers": SSE_SUBSCRIBERS,
         "subscribers_refused": sum(1 for g in got if g < 0),
         "sse_records": sum(g for g in got if g > 0),
+        "subscribers_joined_s": joined_s[0],
         "window_s": window_s,
         "steps_per_s_alone": alone,
         "steps_per_s_with_subscribers": with_subs,
@@ -492,9 +499,11 @@ def render(payload: dict[str, Any]) -> str:
     get = sse["routes"]["GET /jobs/{id}"]
     lines += [
         "",
-        f"Streams: {sse['subscribers']} SSE subscribers of `GET /jobs/{{id}}/stream` (half on "
-        f"each training job; {sse['subscribers_refused']} refused, {sse['sse_records']} "
-        f"records read), {sse['window_s']:g} s windows: training "
+        f"Streams: {sse['subscribers']} SSE subscribers (half on each training job), each as "
+        "the dashboard: `GET /jobs/{id}/history`, then `GET /jobs/{id}/stream` from its end "
+        f"({sse['subscribers_refused']} refused; all following after "
+        f"{sse['subscribers_joined_s']:.1f} s; {sse['sse_records']} records read), "
+        f"{sse['window_s']:g} s windows: training "
         f"{sse['steps_per_s_alone']:.1f} steps/s without them, "
         f"{sse['steps_per_s_with_subscribers']:.1f} with them (slowdown "
         f"{fmt(None if sse['slowdown'] is None else 100 * sse['slowdown'], '.1f')}%); paced "
