@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import multiprocessing
 import os
 import secrets
 import sys
@@ -49,6 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -297,16 +299,19 @@ def run_phase(
 
 
 async def subscriber(
-    svc: ServiceProcess, job_id: str, stop: asyncio.Event, got: list[int], index: int
+    url: str,
+    headers: dict[str, str],
+    job_id: str,
+    stop: asyncio.Event,
+    got: list[int],
+    index: int,
 ) -> None:
     """One viewer as the dashboard is one: the job's history in one request (``GET
     /jobs/{id}/history``), then ``GET /jobs/{id}/stream`` from where it ends, reading every
     line until ``stop``; ``got[index]`` counts the metric records received (a ``metrics``
     message holds many)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with aiohttp.ClientSession(
-        base_url=svc.url, headers=svc.headers(), timeout=timeout
-    ) as sess:
+    async with aiohttp.ClientSession(base_url=url, headers=headers, timeout=timeout) as sess:
         async with sess.get(f"/jobs/{job_id}/history") as h:
             if h.status != 200:
                 got[index] = -h.status
@@ -346,52 +351,101 @@ def steps_per_s(client: httpx.Client, job_ids: Sequence[str], window_s: float) -
     return sum(after[j] - before[j] for j in job_ids) / (time.monotonic() - t0)
 
 
-def run_sse_phase(
-    svc: ServiceProcess, client: httpx.Client, job_ids: Sequence[str], window_s: float
-) -> dict[str, Any]:
-    """Training's steps/s without and with :data:`SSE_SUBSCRIBERS` stream subscribers, and
-    the paced ``GET /jobs/{id}`` latency while they are subscribed."""
-    alone = steps_per_s(client, job_ids, window_s)
-    got = [0] * SSE_SUBSCRIBERS
-    samples: list[Sample] = []
-    rate: list[float] = []
-    joined_s: list[float] = []
+def subscribers_main(
+    url: str, headers: dict[str, str], job_ids: Sequence[str], n: int, conn: Connection
+) -> None:
+    """The stream subscribers' process (they stand for browsers on other machines): at
+    niceness 19, so they take only what the service and training leave of the cores. Sends
+    the seconds until every subscriber followed, then (when told ``stop``) the records each
+    received and the process's CPU seconds from then on."""
+    os.nice(19)
+    got = [0] * n
 
     async def go() -> None:
         stop = asyncio.Event()
         subs = [
-            asyncio.create_task(subscriber(svc, job_ids[i % len(job_ids)], stop, got, i))
-            for i in range(SSE_SUBSCRIBERS)
+            asyncio.create_task(subscriber(url, headers, job_ids[i % len(job_ids)], stop, got, i))
+            for i in range(n)
         ]
-        # the window starts once every subscriber has its history and its first live
-        # records (or was refused): the 100 history requests are not what is measured
-        t_join = time.monotonic()
-        while any(g == 0 for g in got) and time.monotonic() - t_join < START_TIMEOUT_S:
+        # every subscriber has its history and its first live records (or was refused)
+        t0 = time.monotonic()
+        while any(g == 0 for g in got) and time.monotonic() - t0 < START_TIMEOUT_S:
             await asyncio.sleep(0.1)
-        joined_s.append(time.monotonic() - t_join)
-        per_client = int(window_s / 0.5)
-        deadline = time.monotonic() + window_s + 10.0
-        readers = [
-            client_loop(i, SSE_READERS, svc, job_ids, per_client, 0.5, deadline, samples)
-            for i in range(SSE_READERS)
-        ]
-        timed = asyncio.to_thread(lambda: rate.append(steps_per_s(client, job_ids, window_s)))
-        await asyncio.gather(timed, *readers)
+        conn.send(time.monotonic() - t0)
+        cpu0 = time.process_time()
+        base = list(got)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+        cpu = time.process_time() - cpu0
         stop.set()
         await asyncio.gather(*subs, return_exceptions=True)
+        conn.send(([g - b if g > 0 else g for g, b in zip(got, base, strict=True)], cpu))
 
     asyncio.run(go())
+
+
+def run_sse_phase(
+    svc: ServiceProcess, client: httpx.Client, job_ids: Sequence[str], window_s: float
+) -> dict[str, Any]:
+    """Training's steps/s without and with :data:`SSE_SUBSCRIBERS` stream subscribers (in a
+    process of their own: :func:`subscribers_main`), the paced ``GET /jobs/{id}`` latency
+    while they are subscribed, and the CPU seconds the server and the subscribers used."""
+    cpu0 = process_cpu_s(svc.proc.pid)
+    alone = steps_per_s(client, job_ids, window_s)
+    cpu1 = process_cpu_s(svc.proc.pid)
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(
+        target=subscribers_main,
+        args=(svc.url, svc.headers(), list(job_ids), SSE_SUBSCRIBERS, there),
+        daemon=True,
+    )
+    proc.start()
+    try:
+        joined_s = here.recv() if here.poll(START_TIMEOUT_S + 30) else float("nan")
+        samples: list[Sample] = []
+        rate: list[float] = []
+        cpu2 = process_cpu_s(svc.proc.pid)
+
+        async def go() -> None:
+            deadline = time.monotonic() + window_s + 10.0
+            per_client = int(window_s / 0.5)
+            readers = [
+                client_loop(i, SSE_READERS, svc, job_ids, per_client, 0.5, deadline, samples)
+                for i in range(SSE_READERS)
+            ]
+            timed = asyncio.to_thread(lambda: rate.append(steps_per_s(client, job_ids, window_s)))
+            await asyncio.gather(timed, *readers)
+
+        t_window = time.monotonic()
+        asyncio.run(go())
+        cpu3 = process_cpu_s(svc.proc.pid)
+        t_window = time.monotonic() - t_window
+        here.send("stop")
+        got, sub_cpu = here.recv() if here.poll(60) else ([], float("nan"))
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
     gets = [x for x in samples if x.route == "GET /jobs/{id}"]
     with_subs = rate[0]
+
+    def per_s(a: float | None, b: float | None, dt: float) -> float | None:
+        return None if a is None or b is None else (b - a) / dt
+
     return {
         "subscribers": SSE_SUBSCRIBERS,
         "subscribers_refused": sum(1 for g in got if g < 0),
         "sse_records": sum(g for g in got if g > 0),
-        "subscribers_joined_s": joined_s[0],
+        "subscribers_joined_s": joined_s,
         "window_s": window_s,
         "steps_per_s_alone": alone,
         "steps_per_s_with_subscribers": with_subs,
         "slowdown": 1.0 - with_subs / alone if alone > 0 else None,
+        # CPU seconds per second of the window: the service's process, without and with
+        # the subscribers, and the subscribers' own process
+        "server_cpu_per_s_alone": per_s(cpu0, cpu1, window_s),
+        "server_cpu_per_s_with_subscribers": per_s(cpu2, cpu3, t_window),
+        "subscribers_cpu_per_s": sub_cpu / t_window,
         "routes": {"GET /jobs/{id}": stats(gets)},
     }
 
@@ -502,14 +556,19 @@ def render(payload: dict[str, Any]) -> str:
         f"Streams: {sse['subscribers']} SSE subscribers (half on each training job), each as "
         "the dashboard: `GET /jobs/{id}/history`, then `GET /jobs/{id}/stream` from its end "
         f"({sse['subscribers_refused']} refused; all following after "
-        f"{sse['subscribers_joined_s']:.1f} s; {sse['sse_records']} records read), "
-        f"{sse['window_s']:g} s windows: training "
+        f"{sse['subscribers_joined_s']:.1f} s; {sse['sse_records']} records read in the "
+        f"window; the subscribers run in a process of their own at niceness 19, standing for "
+        f"browsers elsewhere), {sse['window_s']:g} s windows: training "
         f"{sse['steps_per_s_alone']:.1f} steps/s without them, "
         f"{sse['steps_per_s_with_subscribers']:.1f} with them (slowdown "
         f"{fmt(None if sse['slowdown'] is None else 100 * sse['slowdown'], '.1f')}%); paced "
         f"`GET /jobs/{{id}}` meanwhile ({SSE_READERS} clients, one request every 500 ms): "
         f"p50 {fmt(get.get('p50_ms'), '.1f')} ms, p99 {fmt(get.get('p99_ms'), '.1f')} ms, "
-        f"{get['errors']} errors. Target slowdown <= {100 * st['max_slowdown']:.0f}% and p99 < "
+        f"{get['errors']} errors. CPU seconds per second: the service "
+        f"{fmt(sse['server_cpu_per_s_alone'], '.2f')} without the subscribers, "
+        f"{fmt(sse['server_cpu_per_s_with_subscribers'], '.2f')} with them; the subscribers "
+        f"{fmt(sse['subscribers_cpu_per_s'], '.2f')}. "
+        f"Target slowdown <= {100 * st['max_slowdown']:.0f}% and p99 < "
         f"{st['p99_ms']:.0f} ms: **{'met' if st['met'] else 'missed'}**.",
     ]
     note = load_note(payload["load_before"])
