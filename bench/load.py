@@ -389,9 +389,11 @@ def run_sse_phase(
     """Training's steps/s without and with :data:`SSE_SUBSCRIBERS` stream subscribers (in a
     process of their own: :func:`subscribers_main`), the paced ``GET /jobs/{id}`` latency
     while they are subscribed, and the CPU seconds the server and the subscribers used."""
-    cpu0 = process_cpu_s(svc.proc.pid)
+    assert svc.proc is not None
+    pid = svc.proc.pid
+    cpu0 = process_cpu_s(pid)
     alone = steps_per_s(client, job_ids, window_s)
-    cpu1 = process_cpu_s(svc.proc.pid)
+    cpu1 = process_cpu_s(pid)
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     proc = ctx.Process(
@@ -404,7 +406,7 @@ def run_sse_phase(
         joined_s = here.recv() if here.poll(START_TIMEOUT_S + 30) else float("nan")
         samples: list[Sample] = []
         rate: list[float] = []
-        cpu2 = process_cpu_s(svc.proc.pid)
+        cpu2 = process_cpu_s(pid)
 
         async def go() -> None:
             deadline = time.monotonic() + window_s + 10.0
@@ -418,7 +420,7 @@ def run_sse_phase(
 
         t_window = time.monotonic()
         asyncio.run(go())
-        cpu3 = process_cpu_s(svc.proc.pid)
+        cpu3 = process_cpu_s(pid)
         t_window = time.monotonic() - t_window
         here.send("stop")
         got, sub_cpu = here.recv() if here.poll(60) else ([], float("nan"))
