@@ -17,9 +17,11 @@ others a ``GET /jobs/{id}`` of one of the training jobs.
 * ``paced``: each client starts a request every 500 ms (100 requests/s offered), the pace
   at which ``elastic-sgd submit --watch`` polls.
 * ``streams``: training's steps/s over a window without stream subscribers, then over one
-  with :data:`SSE_SUBSCRIBERS` clients of ``GET /jobs/{id}/stream`` reading every message
-  while :data:`SSE_READERS` paced clients read ``GET /jobs/{id}`` (targets: at most 10%
-  slower training, p99 < 50 ms).
+  with :data:`SSE_SUBSCRIBERS` viewers (each as the dashboard: ``GET /jobs/{id}/history``,
+  then ``GET /jobs/{id}/stream`` from its end, reading every message; in a process of their
+  own at niceness 19, standing for browsers on other machines) while :data:`SSE_READERS`
+  paced clients read ``GET /jobs/{id}``, then without again (targets: at most 10% slower
+  training than the mean of the two windows without, p99 < 50 ms).
 
 A request's latency is measured by its client from sending to having read the whole body,
 so it includes the client's own event loop on the same cores. The load generator freezes its
@@ -428,8 +430,12 @@ def run_sse_phase(
         proc.join(30)
         if proc.is_alive():
             proc.kill()
+    # alone again: training's speed drifts over a run (the store grows); the slowdown is
+    # against the mean of the windows before and after
+    after = steps_per_s(client, job_ids, window_s)
     gets = [x for x in samples if x.route == "GET /jobs/{id}"]
     with_subs = rate[0]
+    alone_mean = (alone + after) / 2
 
     def per_s(a: float | None, b: float | None, dt: float) -> float | None:
         return None if a is None or b is None else (b - a) / dt
@@ -440,9 +446,11 @@ def run_sse_phase(
         "sse_records": sum(g for g in got if g > 0),
         "subscribers_joined_s": joined_s,
         "window_s": window_s,
-        "steps_per_s_alone": alone,
+        "steps_per_s_alone": alone_mean,
+        "steps_per_s_alone_before": alone,
+        "steps_per_s_alone_after": after,
         "steps_per_s_with_subscribers": with_subs,
-        "slowdown": 1.0 - with_subs / alone if alone > 0 else None,
+        "slowdown": 1.0 - with_subs / alone_mean if alone_mean > 0 else None,
         # CPU seconds per second of the window: the service's process, without and with
         # the subscribers, and the subscribers' own process
         "server_cpu_per_s_alone": per_s(cpu0, cpu1, window_s),
@@ -561,7 +569,9 @@ def render(payload: dict[str, Any]) -> str:
         f"{sse['subscribers_joined_s']:.1f} s; {sse['sse_records']} records read in the "
         f"window; the subscribers run in a process of their own at niceness 19, standing for "
         f"browsers elsewhere), {sse['window_s']:g} s windows: training "
-        f"{sse['steps_per_s_alone']:.1f} steps/s without them, "
+        f"{sse['steps_per_s_alone']:.1f} steps/s without them (the mean of "
+        f"{sse['steps_per_s_alone_before']:.1f} before and {sse['steps_per_s_alone_after']:.1f}"
+        " after), "
         f"{sse['steps_per_s_with_subscribers']:.1f} with them (slowdown "
         f"{fmt(None if sse['slowdown'] is None else 100 * sse['slowdown'], '.1f')}%); paced "
         f"`GET /jobs/{{id}}` meanwhile ({SSE_READERS} clients, one request every 500 ms): "
