@@ -293,14 +293,18 @@ class RecordOptimizer:
             self.end_step()
 
     def step_many(self, grads: Sequence[torch.Tensor], scale: float) -> None:
-        """One update with the gradient ``scale * sum(grads)``."""
+        """One update with the gradient ``scale * sum(grads)`` (summed first, then scaled,
+        in as few passes over the parameters as that order allows: one per gradient)."""
         if not grads:
             return
-        self.grad.copy_(grads[0])
-        for g in grads[1:]:
-            self.grad.add_(g)
-        if scale != 1.0:
-            self.grad.mul_(scale)
+        if len(grads) == 1:
+            torch.mul(grads[0], scale, out=self.grad)
+        else:
+            torch.add(grads[0], grads[1], out=self.grad)
+            for g in grads[2:]:
+                self.grad.add_(g)
+            if scale != 1.0:
+                self.grad.mul_(scale)
         self._apply()
         self.end_step()
 
