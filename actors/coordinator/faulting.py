@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -46,14 +47,72 @@ from core.spec import FaultSpec, JobSpec
 HUNG_ROUNDTRIPS = 20.0
 
 
+# The same exception raised by the task's code this many times (any workers, replacements
+# included) fails the job: a replacement would only raise it again.
+TASK_ERROR_REPEATS = 3
+
+
 @dataclass
 class Loss:
-    """Take ``worker`` out of the membership."""
+    """Take ``worker`` out of the membership (and with ``fatal``, fail the job: why)."""
 
     worker: WorkerSlot
     why: str
     keep_actor: bool = False  # its actor may come back (partition): no replacement now
     kill: bool = False  # kill its process too (it hangs)
+    fatal: str | None = None
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def task_error(exc: BaseException) -> tuple[str, str] | None:
+    """The exception a worker's own code raised while it computed (Ray's ``RayTaskError``:
+    the process is alive, the call failed) as (where: its type and the innermost frame of
+    its traceback, ``Type: message``); ``None`` for a worker that died or any other
+    failure."""
+    if not type(exc).__module__.startswith("ray"):
+        return None
+    from ray.exceptions import RayTaskError
+
+    cause = getattr(exc, "cause", None)
+    if not isinstance(exc, RayTaskError) or not isinstance(cause, Exception):
+        return None
+    frames = _FRAME.findall(str(getattr(exc, "traceback_str", "")))
+    where = ":".join(frames[-1]) if frames else ""
+    return f"{type(cause).__name__} at {where}", f"{type(cause).__name__}: {str(cause)[:200]}"
+
+
+@dataclass
+class TaskErrors:
+    """The exceptions workers' computations raised, by type and the line that raised them
+    (the message may name a sample, a shape: it varies). A worker that raises is lost and
+    replaced, as a dead one (an error of its environment, say a shared-memory file gone with
+    a restarted coordinator, goes with the process); the same exception from the same line
+    ``repeats`` times is the task's own fault (a sample its dataset cannot read, a shape its
+    model refuses), which replacements would raise again for ever: the job fails with it."""
+
+    repeats: int = TASK_ERROR_REPEATS
+    seen: dict[str, list[int]] = field(default_factory=dict)
+
+    def see(self, wid: int, exc: BaseException) -> str | None:
+        """Count ``exc`` of worker ``wid``; the job's error once it is fatal."""
+        got = task_error(exc)
+        if got is None:
+            return None
+        where, text = got
+        workers = self.seen.setdefault(where, [])
+        workers.append(wid)
+        if len(workers) < self.repeats:
+            return None
+        who = ", ".join(str(w) for w in sorted(set(workers)))
+        return (
+            f"the task raised {text} ({where.split(' at ', 1)[1] or 'no traceback'}; "
+            f"{len(workers)} gradient computations of workers {who} raised there): "
+            "an error of the task's code, which replacing the worker would repeat; the "
+            "traceback is in the worker's log (Ray's worker-*.err files of the job's "
+            "session, or the dashboard's logs)"
+        )
 
 
 @dataclass

@@ -219,6 +219,9 @@ class CoordinatorCore:
             )
 
     def _apply_loss(self, loss: Loss) -> None:
+        if loss.fatal is not None and not self.state.terminal:
+            self.error = loss.fatal
+            self._set_state(JobState.FAILED, loss.fatal)
         self._lose_worker(loss.worker, loss.why, keep_actor=loss.keep_actor)
         if loss.kill:
             kill_process(loss.worker)

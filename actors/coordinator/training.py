@@ -28,7 +28,7 @@ from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
 from actors.coordinator import snapshot
 from actors.coordinator.dataplane import DataPlane, Outcome
 from actors.coordinator.evaluation import Evaluation
-from actors.coordinator.faulting import Faulting, Loss
+from actors.coordinator.faulting import Faulting, Loss, TaskErrors
 from actors.coordinator.guarding import Guarding
 from actors.coordinator.membership import Membership, WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
@@ -77,6 +77,7 @@ class Training:
         self.evaluation = Evaluation(spec, task, net, eval_set, self.record, self.members)
         self.inflight: dict[int, asyncio.Future[Outcome]] = {}
         self.lost_idle: list[Loss] = []  # workers whose serving loop ended between requests
+        self.task_errors = TaskErrors()  # what workers' task code raised, by type and line
         self.wake = asyncio.Event()  # set when lost_idle gets one (the loop acts at once)
         self.samples = 0
         self.refused = 0
@@ -231,7 +232,8 @@ class Training:
             return None
         if exc is not None or reply is None:
             # 200 characters: a Ray error's first line (its traceback stays in the logs)
-            return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}")
+            fatal = None if exc is None else self.task_errors.see(w.id, exc)
+            return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}", fatal=fatal)
         self.data.release_view(w)
         if self.draining:  # computed on a model the rollback discards
             self.mode.leave(w.id)

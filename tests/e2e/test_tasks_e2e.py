@@ -5,7 +5,8 @@ submitted over HTTP to a real server and trains to its target (a model with Batc
 dropout: the averaged buffers are what the evaluation uses); a disallowed or missing
 entrypoint is a 422 naming ``task.entrypoint``, a bad param one naming ``task.params.*``;
 a task that raises while building its model (in the coordinator) or its data (in the
-workers) fails the job within seconds with its own message."""
+workers), or in the middle of training (a sample its dataset cannot read, raised again by
+every replacement), fails the job within seconds with its own message."""
 
 from __future__ import annotations
 
@@ -77,6 +78,27 @@ class RaisesInModel(Blobs):
 class RaisesInData(Blobs):
     def train_data(self, ctx):
         raise FileNotFoundError(f"worker {ctx.worker_id}: no shard file under /nowhere")
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    """Every 50th sample cannot be read: the job starts, then the batches that hold one
+    raise (on every worker, and on their replacements)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if i % 50 == 7:
+            raise ValueError(f"sample {i} is unreadable: truncated record")
+        return self.inner[i]
+
+
+class RaisesInBatch(Blobs):
+    def train_data(self, ctx):
+        return _Unreadable(self._data(ctx.seed, 0))
 '''
 
 
@@ -173,6 +195,8 @@ def test_disallowed_missing_and_badly_parametrised_tasks_are_422(
     [
         ("RaisesInModel", "width 16 is not a power of three"),
         ("RaisesInData", "no shard file under /nowhere"),
+        # mid-training: not a lost worker to replace for ever
+        ("RaisesInBatch", "is unreadable: truncated record"),
     ],
 )
 def test_a_task_that_raises_fails_the_job_with_its_message(

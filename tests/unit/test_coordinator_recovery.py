@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.coordinator.faulting import Faulting, corruption_text
+from actors.coordinator.faulting import TASK_ERROR_REPEATS, Faulting, TaskErrors, corruption_text
 from actors.coordinator.membership import WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
@@ -278,3 +278,28 @@ def test_an_injection_without_trigger_fires_now_and_reaches_every_worker() -> No
     assert bound.spec.at_step == 12 and bound.targets == [1]
     assert all(w.send_plan for w in slots)
     assert f.reporter.events[-1].kind is EventKind.INJECT
+
+
+def test_the_same_task_error_three_times_is_fatal_a_dead_worker_never() -> None:
+    """Ray's own exception types (no Ray instance needed to make them): a computation that
+    raised (RayTaskError with its cause and traceback) counts by its type and the line that
+    raised it, whatever its message; a dead worker (ActorDiedError) or anything else not."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    def raised(msg: str, line: int = 73) -> BaseException:
+        tb = (
+            'Traceback (most recent call last):\n  File "/ray/worker.py", line 10, in compute\n'
+            f'  File "/pkg/task.py", line {line}, in __getitem__\nValueError: {msg}\n'
+        )
+        return RayTaskError("compute", tb, ValueError(msg)).as_instanceof_cause()
+
+    errs = TaskErrors()
+    assert TASK_ERROR_REPEATS == 3
+    assert errs.see(0, raised("sample 7 unreadable")) is None
+    assert errs.see(1, raised("sample 7 unreadable", line=90)) is None  # elsewhere: apart
+    assert errs.see(1, ActorDiedError()) is None and errs.see(0, OSError("gone")) is None
+    assert errs.see(0, raised("sample 57 unreadable")) is None
+    fatal = errs.see(2, raised("sample 107 unreadable"))
+    assert fatal is not None
+    assert "ValueError: sample 107 unreadable" in fatal and "/pkg/task.py:73:__getitem__" in fatal
+    assert "3 gradient computations of workers 0, 2" in fatal and "log" in fatal
