@@ -129,6 +129,8 @@ class CoordinatorCore:
     def _set_state(self, state: JobState, why: str) -> None:
         if state == self.state:
             return
+        if state is JobState.FAILED and self.error is None:
+            self.error = why  # the job's reason, whichever path failed it
         old, self.state = self.state, state
         self.reporter.event(EventKind.STATE, f"{old.value} -> {state.value}: {why}")
         self._wake.set()
@@ -220,7 +222,6 @@ class CoordinatorCore:
 
     def _apply_loss(self, loss: Loss) -> None:
         if loss.fatal is not None and not self.state.terminal:
-            self.error = loss.fatal
             self._set_state(JobState.FAILED, loss.fatal)
         self._lose_worker(loss.worker, loss.why, keep_actor=loss.keep_actor)
         if loss.kill:
