@@ -78,7 +78,7 @@ def task_error(exc: BaseException) -> tuple[str, str] | None:
     cause = getattr(exc, "cause", None)
     if not isinstance(exc, RayTaskError) or not isinstance(cause, Exception):
         return None
-    frames = _FRAME.findall(str(getattr(exc, "traceback_str", "")))
+    frames = _FRAME.findall(str(exc))  # Ray puts the remote traceback in the text
     where = ":".join(frames[-1]) if frames else ""
     return f"{type(cause).__name__} at {where}", f"{type(cause).__name__}: {str(cause)[:200]}"
 
@@ -95,20 +95,22 @@ class TaskErrors:
     repeats: int = TASK_ERROR_REPEATS
     seen: dict[str, list[int]] = field(default_factory=dict)
 
-    def see(self, wid: int, exc: BaseException) -> str | None:
-        """Count ``exc`` of worker ``wid``; the job's error once it is fatal."""
+    def see(self, wid: int, exc: BaseException) -> tuple[str, str | None]:
+        """Count ``exc`` of worker ``wid``: what it says (for the loss's event: a Ray
+        error's first 200 characters, or the task's exception and where) and, once fatal,
+        the job's error."""
         got = task_error(exc)
         if got is None:
-            return None
+            return f"{type(exc).__name__}: {str(exc)[:200]}", None
         where, text = got
+        said = f"the task raised {text} ({where.split(' at ', 1)[1] or 'no traceback'})"
         workers = self.seen.setdefault(where, [])
         workers.append(wid)
         if len(workers) < self.repeats:
-            return None
+            return said, None
         who = ", ".join(str(w) for w in sorted(set(workers)))
-        return (
-            f"the task raised {text} ({where.split(' at ', 1)[1] or 'no traceback'}; "
-            f"{len(workers)} gradient computations of workers {who} raised there): "
+        return said, (
+            f"{said}; {len(workers)} gradient computations of workers {who} raised there: "
             "an error of the task's code, which replacing the worker would repeat; the "
             "traceback is in the worker's log (Ray's worker-*.err files of the job's "
             "session, or the dashboard's logs)"

@@ -217,7 +217,8 @@ class CoordinatorCore:
         if len(ready) < self.spec.min_workers:
             self._set_state(
                 JobState.FAILED,
-                f"{len(ready)} live workers < min_workers={self.spec.min_workers}",
+                f"{len(ready)} live workers < min_workers={self.spec.min_workers} (the last "
+                f"lost: {why})",
             )
 
     def _apply_loss(self, loss: Loss) -> None:

@@ -231,9 +231,10 @@ class Training:
             w.partition_held = (reply, exc)  # the message waits out the partition
             return None
         if exc is not None or reply is None:
-            # 200 characters: a Ray error's first line (its traceback stays in the logs)
-            fatal = None if exc is None else self.task_errors.see(w.id, exc)
-            return Loss(w, f"worker lost: {type(exc).__name__}: {str(exc)[:200]}", fatal=fatal)
+            # a Ray error's first line, or the task's exception (the traceback stays in the
+            # worker's log)
+            said, fatal = self.task_errors.see(w.id, exc or RuntimeError("no reply"))
+            return Loss(w, f"worker lost: {said}", fatal=fatal)
         self.data.release_view(w)
         if self.draining:  # computed on a model the rollback discards
             self.mode.leave(w.id)

@@ -295,11 +295,15 @@ def test_the_same_task_error_three_times_is_fatal_a_dead_worker_never() -> None:
 
     errs = TaskErrors()
     assert TASK_ERROR_REPEATS == 3
-    assert errs.see(0, raised("sample 7 unreadable")) is None
-    assert errs.see(1, raised("sample 7 unreadable", line=90)) is None  # elsewhere: apart
-    assert errs.see(1, ActorDiedError()) is None and errs.see(0, OSError("gone")) is None
-    assert errs.see(0, raised("sample 57 unreadable")) is None
-    fatal = errs.see(2, raised("sample 107 unreadable"))
+    said, fatal = errs.see(0, raised("sample 7 unreadable"))
+    assert fatal is None
+    assert said == "the task raised ValueError: sample 7 unreadable (/pkg/task.py:73:__getitem__)"
+    assert errs.see(1, raised("sample 7 unreadable", line=90))[1] is None  # elsewhere: apart
+    said, fatal = errs.see(1, ActorDiedError())
+    assert fatal is None and said.startswith("ActorDiedError: ")
+    assert errs.see(0, OSError("gone")) == ("OSError: gone", None)
+    assert errs.see(0, raised("sample 57 unreadable"))[1] is None
+    _, fatal = errs.see(2, raised("sample 107 unreadable"))
     assert fatal is not None
     assert "ValueError: sample 107 unreadable" in fatal and "/pkg/task.py:73:__getitem__" in fatal
     assert "3 gradient computations of workers 0, 2" in fatal and "log" in fatal
