@@ -103,7 +103,8 @@ class TaskErrors:
         if got is None:
             return f"{type(exc).__name__}: {str(exc)[:200]}", None
         where, text = got
-        said = f"the task raised {text} ({where.split(' at ', 1)[1] or 'no traceback'})"
+        loc = where.split(" at ", 1)[1] or "no traceback"
+        said = f"the task raised {text} ({loc}; the traceback is in the worker's log)"
         workers = self.seen.setdefault(where, [])
         workers.append(wid)
         if len(workers) < self.repeats:
@@ -111,9 +112,8 @@ class TaskErrors:
         who = ", ".join(str(w) for w in sorted(set(workers)))
         return said, (
             f"{said}; {len(workers)} gradient computations of workers {who} raised there: "
-            "an error of the task's code, which replacing the worker would repeat; the "
-            "traceback is in the worker's log (Ray's worker-*.err files of the job's "
-            "session, or the dashboard's logs)"
+            "an error of the task's code, which replacing the worker would repeat (the "
+            "worker's log: Ray's worker-*.err files of the job's session, or the dashboard)"
         )
 
 

@@ -297,7 +297,10 @@ def test_the_same_task_error_three_times_is_fatal_a_dead_worker_never() -> None:
     assert TASK_ERROR_REPEATS == 3
     said, fatal = errs.see(0, raised("sample 7 unreadable"))
     assert fatal is None
-    assert said == "the task raised ValueError: sample 7 unreadable (/pkg/task.py:73:__getitem__)"
+    assert said == (
+        "the task raised ValueError: sample 7 unreadable (/pkg/task.py:73:__getitem__; the "
+        "traceback is in the worker's log)"
+    )
     assert errs.see(1, raised("sample 7 unreadable", line=90))[1] is None  # elsewhere: apart
     said, fatal = errs.see(1, ActorDiedError())
     assert fatal is None and said.startswith("ActorDiedError: ")
