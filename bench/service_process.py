@@ -147,3 +147,22 @@ class ServiceProcess:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")[-tail_chars:]
+
+
+def stop_named_actors(timeout_s: float) -> bool:
+    """Kill every named actor of the Ray instance this process is connected to (the
+    coordinators of jobs a test module left running: their workers go with them), then
+    wait up to ``timeout_s`` until every CPU is free again; whether they all were. For
+    tests that share one Ray instance between modules, never for a service's own Ray."""
+    import ray
+
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        with contextlib.suppress(ValueError):  # gone meanwhile
+            ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]))
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True

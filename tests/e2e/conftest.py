@@ -16,7 +16,6 @@ module's servers started in the shared Ray instance is stopped when the module e
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 
-from bench.service_process import ServiceProcess
+from bench.service_process import ServiceProcess, stop_named_actors
 from service import ray_conn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,20 +97,14 @@ def make_server(
 
 
 def stop_leftover_actors() -> None:
-    """Kill every named actor in the shared Ray instance (the coordinators of jobs a module
-    left running: their workers go with them), then wait until every CPU is free again.
+    """Kill the named actors a module left in the shared Ray instance and wait for their
+    CPUs (:func:`bench.service_process.stop_named_actors`).
 
     Raises:
         AssertionError: CPUs were still held after :data:`RAY_IDLE_TIMEOUT_S`.
     """
-    for named in ray.util.list_named_actors(all_namespaces=True):
-        with contextlib.suppress(ValueError):  # gone meanwhile
-            ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]))
-    total = ray.cluster_resources().get("CPU", 0.0)
-    wait_for(
-        lambda: ray.available_resources().get("CPU", 0.0) >= total,
-        timeout_s=RAY_IDLE_TIMEOUT_S,
-        what="the module's actors to give their CPUs back",
+    assert stop_named_actors(RAY_IDLE_TIMEOUT_S), (
+        f"the module's actors did not give their CPUs back within {RAY_IDLE_TIMEOUT_S} s"
     )
 
 

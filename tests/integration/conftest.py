@@ -5,12 +5,12 @@ Helpers that run jobs and read their files live in ``integration_helpers.py``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import ray
 
+from bench.service_process import stop_named_actors
 from service import ray_conn
 
 # A module's leftover actors, killed at its end, give their CPUs back within this bound.
@@ -37,14 +37,5 @@ def idle_after_module() -> Iterator[None]:
     coordinator and workers) and wait for their CPUs, so the next module starts on an idle
     instance (a module once found CPU=0 free and its workers were never placed)."""
     yield
-    if not ray.is_initialized():
-        return
-    for named in ray.util.list_named_actors(all_namespaces=True):
-        try:
-            ray.kill(ray.get_actor(named["name"], namespace=named["namespace"]))
-        except ValueError:
-            continue  # gone meanwhile
-    total = ray.cluster_resources().get("CPU", 0.0)
-    deadline = time.monotonic() + IDLE_TIMEOUT_S
-    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0.0) < total:
-        time.sleep(0.5)
+    if ray.is_initialized():
+        stop_named_actors(IDLE_TIMEOUT_S)
