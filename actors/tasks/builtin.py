@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,14 @@ class TensorRows(TorchDataset[tuple[Tensor, Tensor]]):
 
 
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test", "optimum")
-# Datasets larger than this are not cached (each process loads them itself): the cache is
-# never cleaned, and 256 MiB is 4x the largest shipped config's data (digits: 0.5 MB).
+# Datasets larger than this are not cached (each process loads them itself): 256 MiB is
+# 4x the largest shipped config's data (digits: 0.5 MB).
 MAX_CACHE_BYTES = 256 << 20
+# The whole cache of a host: past this, the entries used longest ago are deleted after each
+# write (a process that has one memory-mapped keeps reading it: Linux frees the files when
+# the last map goes); an entry unused for CACHE_MAX_AGE_S is deleted too.
+MAX_CACHE_TOTAL_BYTES = 1 << 30
+CACHE_MAX_AGE_S = 7 * 24 * 3600.0
 
 
 def _cache_key(spec: DatasetSpec, seed: int, data_dir: Path | None) -> str:
@@ -111,6 +117,7 @@ def cached_dataset(
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
+            os.utime(meta_file)  # used now: the last to go when the cache is pruned
             arrays = {
                 k: np.load(where / f"{k}.npy", mmap_mode="r", allow_pickle=False)
                 for k in _ARRAYS
@@ -161,8 +168,43 @@ def _write_cache(where: Path, ds: Dataset) -> None:
             os.rename(tmp, where)
         except OSError:  # another process was first: its copy is the same
             shutil.rmtree(tmp, ignore_errors=True)
+        prune_cache(where.parent, keep=where.name)
     except OSError:
         return
+
+
+def prune_cache(
+    cache_dir: Path,
+    keep: str | None = None,
+    max_bytes: int = MAX_CACHE_TOTAL_BYTES,
+    max_age_s: float = CACHE_MAX_AGE_S,
+) -> list[str]:
+    """Delete the cache's entries unused for ``max_age_s``, then the ones used longest ago
+    until the rest fit in ``max_bytes`` (never ``keep``, the one just written); returns the
+    names deleted. Half-written folders (no ``meta.json``) older than an hour go too."""
+    now = time.time()
+    entries: list[tuple[float, int, Path]] = []
+    for d in cache_dir.iterdir() if cache_dir.is_dir() else []:
+        meta = d / "meta.json"
+        try:
+            if not meta.is_file():
+                if d.is_dir() and now - d.stat().st_mtime > 3600:
+                    shutil.rmtree(d, ignore_errors=True)
+                continue
+            size = sum(f.stat().st_size for f in d.iterdir())
+            entries.append((meta.stat().st_mtime, size, d))
+        except OSError:
+            continue  # deleted meanwhile by another process
+    entries.sort()  # used longest ago first
+    total = sum(size for _, size, _ in entries)
+    gone: list[str] = []
+    for used, size, d in entries:
+        if d.name == keep or (total <= max_bytes and now - used <= max_age_s):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        total -= size
+        gone.append(d.name)
+    return gone
 
 
 def default_cache_dir() -> Path:

@@ -7,8 +7,10 @@ close to the float32 one."""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,13 @@ from actors.flat import flatten
 from actors.messages import GradientRequest, WorkerInit
 from actors.sampler import ShardSampler
 from actors.tasks.base import Task, TaskContext
-from actors.tasks.builtin import BuiltinParams, BuiltinTask, TensorRows, cached_dataset
+from actors.tasks.builtin import (
+    BuiltinParams,
+    BuiltinTask,
+    TensorRows,
+    cached_dataset,
+    prune_cache,
+)
 from actors.tasks.evaluation import evaluate_task
 from actors.tasks.runtime import Buffers, ShardLoader
 from actors.transport import to_wire
@@ -232,3 +240,25 @@ def test_the_builtin_dataset_is_cached_per_host_and_memory_mapped(
     monkeypatch.setattr("actors.tasks.builtin.MAX_CACHE_BYTES", 1000)
     cached_dataset(spec, 5, None, tmp_path)
     assert len(list(tmp_path.iterdir())) == 2 and entry.is_dir()
+
+
+def test_the_dataset_cache_is_pruned_oldest_used_first_and_by_age(tmp_path: Path) -> None:
+    spec = DatasetSpec(name="least_squares", n_samples=300, n_features=5)
+    for seed in (1, 2, 3):
+        cached_dataset(spec, seed, None, tmp_path)
+    entries = sorted(tmp_path.iterdir(), key=lambda d: (d / "meta.json").stat().st_mtime)
+    size = sum(f.stat().st_size for f in entries[0].iterdir())
+    now = time.time()
+    for i, d in enumerate(entries):  # used 30, 20, 10 s ago; then seed 1's is read again
+        os.utime(d / "meta.json", (now - 30 + 10 * i, now - 30 + 10 * i))
+    first = entries[0]
+    cached_dataset(spec, 1, None, tmp_path)  # a hit: now the most recently used
+    half_written = tmp_path / "abc.tmp"
+    half_written.mkdir()
+    os.utime(half_written, (now - 7200, now - 7200))
+    # room for two: the least recently used (seed 2's) goes, the one just read stays
+    gone = prune_cache(tmp_path, max_bytes=2 * size + 10)
+    assert gone == [entries[1].name] and first.is_dir() and not half_written.exists()
+    # unused for longer than the age limit: gone whatever the room, but never ``keep``
+    assert prune_cache(tmp_path, keep=first.name, max_age_s=5.0) == [entries[2].name]
+    assert [d.name for d in tmp_path.iterdir()] == [first.name]
