@@ -18,6 +18,7 @@ plain-SGD trajectory (the model delta divided by the learning rate).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,12 +102,15 @@ class BlockReady:
         step: the request's step.
         block: the block's index (:meth:`actors.flat.ParamLayout.blocks`).
         norm: the block's L2 norm.
+        loss: the batch's loss (known before backward writes the first block), so a step
+            completed from streamed blocks ahead of its replies still records its loss.
     """
 
     worker: int
     step: int
     block: int
     norm: float
+    loss: float = math.nan
 
 
 @dataclass

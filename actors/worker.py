@@ -29,6 +29,7 @@ otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -181,16 +182,18 @@ class WorkerCore:
         emit = self.emit
         assert emit is not None
         pieces = self.layout.pieces(flat)
+        loss_of_batch = math.nan  # known once forward is done, before any hook fires
         for i, (piece, (lo, hi)) in enumerate(zip(pieces, self.layout.blocks(), strict=True)):
 
             def ready(g: torch.Tensor, i: int = i, lo: int = lo, hi: int = hi) -> None:
                 out[lo:hi].copy_(g.reshape(-1))
-                emit(BlockReady(self.id, step, i, float(out[lo:hi].norm())))
+                emit(BlockReady(self.id, step, i, float(out[lo:hi].norm()), loss_of_batch))
 
             piece.register_hook(ready)  # type: ignore[no-untyped-call]
         loss, n = self._loss(pieces)
+        loss_of_batch = float(loss.detach())
         torch.autograd.grad(loss, pieces)  # the hooks wrote every block
-        return float(loss.detach()), n
+        return loss_of_batch, n
 
     def _local_sum(
         self, flat: torch.Tensor, steps: int, out: torch.Tensor, lr: float | None = None

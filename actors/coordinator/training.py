@@ -181,7 +181,8 @@ class Training:
             return
         if w.partition_until is not None or self.data.shm is None:
             return  # the reply carries every block
-        if self.mode.on_block(w, msg.step, msg.block, msg.norm, self.data.shm.grad(wid)):
+        grad = self.data.shm.grad(wid)
+        if self.mode.on_block(w, msg.step, msg.block, msg.norm, grad, msg.loss):
             self.apply_ready()
             self.wake.set()
 

@@ -222,10 +222,13 @@ class Mode(ABC):
     def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
         """A reply arrived (through the fault plan's network path); ``grad`` is decoded."""
 
-    def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
+    def on_block(
+        self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor, loss: float
+    ) -> bool:
         """One parameter block of ``w``'s step-``step`` gradient is in ``grad`` (its slot),
-        ahead of the reply (only called when :attr:`streams_blocks`); True if taken."""
-        del w, step, block, norm, grad
+        ahead of the reply, with the batch's ``loss`` (only called when
+        :attr:`streams_blocks`); True if taken."""
+        del w, step, block, norm, grad, loss
         return False
 
     @abstractmethod

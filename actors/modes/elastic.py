@@ -100,7 +100,7 @@ class _StepBlocks:
 
     total: torch.Tensor  # the sum of the arrived blocks (zeros where none yet)
     arrived: list[set[int]]  # per block: the workers whose block arrived
-    losses: list[float] = field(default_factory=list)
+    losses: dict[int, float] = field(default_factory=dict)  # per worker: its batch's loss
     update_sum: float = 0.0  # sum_b ||d_b|| of the blocks applied so far
 
 
@@ -224,11 +224,15 @@ class ElasticEngine(Mode):
         return own is not None and own[0] == step and min(self.done) > step
 
     @override
-    def on_block(self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor) -> bool:
+    def on_block(
+        self, w: Member, step: int, block: int, norm: float, grad: torch.Tensor, loss: float
+    ) -> bool:
         if not self._expects(w.id, step) or not 0 <= block < len(self.blocks):
             return False
         lo, hi = self.blocks[block]
         self._take_block(w.id, step, block, grad[lo:hi], norm)
+        if math.isfinite(loss):  # the step may complete before the reply: its loss is in
+            self.steps_in[step].losses[w.id] = loss
         return True
 
     def on_reply(self, w: Member, reply: GradientReply, grad: torch.Tensor) -> Verdict:
@@ -237,7 +241,7 @@ class ElasticEngine(Mode):
         if not self._expects(w.id, step):
             if self._streamed_and_applied(w.id, step):
                 # every block came ahead of the reply and the step completed meanwhile (its
-                # record has the losses that were in by then): the reply only closes it
+                # record has the losses the blocks brought): the reply only closes it
                 self.own[w.id] = None
                 w.last_step = step
                 return Verdict(accepted=True)
@@ -248,7 +252,7 @@ class ElasticEngine(Mode):
             if sb is None or w.id not in sb.arrived[b]:  # not streamed: it came with the reply
                 piece = grad[lo:hi]
                 self._take_block(w.id, step, b, piece, float(piece.norm()))
-        self.steps_in[step].losses.append(reply.loss)
+        self.steps_in[step].losses[w.id] = reply.loss
         w.last_step = step
         return Verdict(accepted=True)
 
@@ -357,7 +361,7 @@ class ElasticEngine(Mode):
         # the schedule counts completed steps (the book may skip steps nobody was assigned)
         while self.model.opt.steps < self.book.completed:
             self.model.opt.end_step()
-        losses = sb.losses if sb is not None else []
+        losses = list(sb.losses.values()) if sb is not None else []
         if sb is not None:
             self.norms.update_block_sum_max = max(self.norms.update_block_sum_max, sb.update_sum)
         # the model of record is x_step exactly unless some block already applied a later step

@@ -200,11 +200,33 @@ G0 = _g(3, 4, 0, 1, 0, 0)
 G1 = _g(1, 0, 2, 0, 2, 0)
 
 
-def _stream(mode: Mode, w: FakeMember, step: int, grad: torch.Tensor, blocks: list[int]) -> None:
+def _stream(
+    mode: Mode,
+    w: FakeMember,
+    step: int,
+    grad: torch.Tensor,
+    blocks: list[int],
+    loss: float = 0.5,
+) -> None:
     """Announce ``blocks`` of ``grad`` (the worker's slot) ahead of its reply."""
     for b in blocks:
         lo, hi = BLOCKS[b]
-        assert mode.on_block(w, step, b, float(grad[lo:hi].norm()), grad)
+        assert mode.on_block(w, step, b, float(grad[lo:hi].norm()), grad, loss)
+
+
+def test_elastic_a_step_completed_from_streamed_blocks_records_their_losses() -> None:
+    """Every block of both workers streamed in: the step completes before either reply,
+    and its record has the mean of the losses the blocks brought; the replies add none."""
+    mode = _elastic(1.0)
+    members = [FakeMember(i) for i in range(2)]
+    mode.schedule(members)
+    _stream(mode, members[0], 0, G0, [2, 1, 0], loss=0.25)
+    _stream(mode, members[1], 0, G1, [2, 1, 0], loss=0.75)
+    (applied,) = list(mode.apply_ready())
+    assert applied.loss == 0.5 and mode.step == 1
+    for w, g in ((members[0], G0), (members[1], G1)):
+        assert mode.on_reply(w, _reply(w.id, 0, g), g).accepted  # closes it, nothing more
+    assert list(mode.apply_ready()) == []
 
 
 def test_elastic_beta_one_waits_for_every_block_and_is_sync() -> None:
@@ -481,9 +503,10 @@ def test_elastic_reply_after_its_streamed_step_completed_is_accepted_once() -> N
     members = [FakeMember(i) for i in range(2)]
     mode.schedule(members)
     mode.on_reply(members[0], _reply(0, 0, G0), G0)
-    _stream(mode, members[1], 0, G1, [2, 1, 0])  # all of worker 1's blocks, reply not yet in
+    # all of worker 1's blocks, its reply not yet in: its loss came with the blocks
+    _stream(mode, members[1], 0, G1, [2, 1, 0], loss=0.5)
     (applied,) = list(mode.apply_ready())
-    assert mode.step == 1 and applied.loss == 1.0
+    assert mode.step == 1 and applied.loss == 0.75  # worker 0's reply 1.0, worker 1's 0.5
     v = mode.on_reply(members[1], _reply(1, 0, G1), G1)
     assert v.accepted and members[1].state == "waiting" and members[1].last_step == 0
     again = mode.on_reply(members[1], _reply(1, 0, G1), G1)
