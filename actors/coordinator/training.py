@@ -182,6 +182,13 @@ class Training:
         if w.partition_until is not None or self.data.shm is None:
             return  # the reply carries every block
         grad = self.data.shm.grad(wid)
+        blocks = self.record.blocks
+        if 0 <= msg.block < len(blocks):
+            lo, hi = blocks[msg.block]
+            if screen_gradient(grad[lo:hi]) is not GradientVerdict.ACCEPT:
+                # never applied, not even this block: the reply's whole screen refuses
+                # the gradient (counted and recorded there)
+                return
         if self.mode.on_block(w, msg.step, msg.block, msg.norm, grad, msg.loss):
             self.apply_ready()
             self.wake.set()
