@@ -1,0 +1,69 @@
+"""Unit tests for actors/coordinator/training.py's per-block receive path (no Ray): a block
+announced ahead of its reply reaches the mode only if it is finite.
+
+The :class:`~actors.coordinator.training.Training` is made without its constructor and
+given just what ``_on_block`` reads: a worker slot with a request in flight, the slot's
+gradient (a stand-in for the shared-memory file) and a mode that records what it is
+handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from actors.coordinator.training import Training
+from actors.messages import BlockReady
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+BLOCKS = [(0, 2), (2, 3), (3, 6)]
+
+
+class RecordingMode:
+    def __init__(self) -> None:
+        self.taken: list[tuple[int, int, float]] = []
+
+    def on_block(
+        self, w: Any, step: int, block: int, norm: float, grad: torch.Tensor, loss: float
+    ) -> bool:
+        del w, norm, grad
+        self.taken.append((step, block, loss))
+        return True
+
+
+def _training(grad: torch.Tensor) -> tuple[Training, RecordingMode]:
+    t = object.__new__(Training)
+    mode = RecordingMode()
+    slot = SimpleNamespace(id=0, gen=1, gone=False, partition_until=None)
+    t.members = SimpleNamespace(workers={0: slot})  # type: ignore[assignment]
+    t.inflight = {0: SimpleNamespace(done=lambda: False)}  # type: ignore[dict-item]
+    t.data = SimpleNamespace(shm=SimpleNamespace(grad=lambda _wid: grad))  # type: ignore[assignment]
+    t.record = SimpleNamespace(blocks=BLOCKS)  # type: ignore[assignment]
+    t.mode = mode  # type: ignore[assignment]
+    t.wake = asyncio.Event()
+    t.apply_ready = lambda: None  # type: ignore[method-assign]
+    return t, mode
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_streamed_block_never_reaches_the_mode(bad: float) -> None:
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0, bad, 6.0])
+    t, mode = _training(grad)
+    for b in (2, 1, 0):  # backward order: the last block (with the bad entry) first
+        t._on_block(0, 1, BlockReady(worker=0, step=5, block=b, norm=1.0, loss=0.3))
+    # the finite blocks are taken with the batch's loss; the bad one is left to the
+    # reply's whole-gradient screen, which refuses the gradient
+    assert mode.taken == [(5, 1, 0.3), (5, 0, 0.3)]
+    assert t.wake.is_set()
+
+
+def test_finite_blocks_all_reach_the_mode() -> None:
+    t, mode = _training(torch.arange(6, dtype=torch.float32))
+    for b in (2, 1, 0):
+        t._on_block(0, 1, BlockReady(worker=0, step=0, block=b, norm=1.0, loss=0.7))
+    assert [b for _, b, _ in mode.taken] == [2, 1, 0]
