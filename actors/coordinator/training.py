@@ -182,7 +182,7 @@ class Training:
         if w.partition_until is not None or self.data.shm is None:
             return  # the reply carries every block
         grad = self.data.shm.grad(wid)
-        blocks = self.record.blocks
+        blocks = self.record.opt.blocks
         if 0 <= msg.block < len(blocks):
             lo, hi = blocks[msg.block]
             if screen_gradient(grad[lo:hi]) is not GradientVerdict.ACCEPT:

@@ -43,7 +43,7 @@ def _training(grad: torch.Tensor) -> tuple[Training, RecordingMode]:
     t.members = SimpleNamespace(workers={0: slot})  # type: ignore[assignment]
     t.inflight = {0: SimpleNamespace(done=lambda: False)}  # type: ignore[dict-item]
     t.data = SimpleNamespace(shm=SimpleNamespace(grad=lambda _wid: grad))  # type: ignore[assignment]
-    t.record = SimpleNamespace(blocks=BLOCKS)  # type: ignore[assignment]
+    t.record = SimpleNamespace(opt=SimpleNamespace(blocks=BLOCKS))  # type: ignore[assignment]
     t.mode = mode  # type: ignore[assignment]
     t.wake = asyncio.Event()
     t.apply_ready = lambda: None  # type: ignore[method-assign]
