@@ -3,8 +3,8 @@ announced ahead of its reply reaches the mode only if it is finite.
 
 The :class:`~actors.coordinator.training.Training` is made without its constructor and
 given just what ``_on_block`` reads: a worker slot with a request in flight, the slot's
-gradient (a stand-in for the shared-memory file) and a mode that records what it is
-handed.
+gradient (a stand-in for the shared-memory file), the real model of record, and a mode that
+records what it is handed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from actors.coordinator.training import Training
+from actors.flat import ParamLayout
 from actors.messages import BlockReady
+from actors.modes.base import ModelOfRecord
+from actors.optim import RecordOptimizer
+from core.spec import OptimizerSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -43,7 +47,10 @@ def _training(grad: torch.Tensor) -> tuple[Training, RecordingMode]:
     t.members = SimpleNamespace(workers={0: slot})  # type: ignore[assignment]
     t.inflight = {0: SimpleNamespace(done=lambda: False)}  # type: ignore[dict-item]
     t.data = SimpleNamespace(shm=SimpleNamespace(grad=lambda _wid: grad))  # type: ignore[assignment]
-    t.record = SimpleNamespace(opt=SimpleNamespace(blocks=BLOCKS))  # type: ignore[assignment]
+    # the real model of record (its optimizer's block ranges are what _on_block reads)
+    layout = ParamLayout(("a", "b", "c"), ((2,), (1,), (3,)), (0, 2, 3), 6)
+    t.record = ModelOfRecord(RecordOptimizer(OptimizerSpec(), torch.zeros(6), layout))
+    assert t.record.opt.blocks == BLOCKS
     t.mode = mode  # type: ignore[assignment]
     t.wake = asyncio.Event()
     t.apply_ready = lambda: None  # type: ignore[method-assign]
