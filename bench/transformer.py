@@ -6,7 +6,8 @@ is 2 workers x 4 x 256 = 2,048 tokens, trained with the config's AdamW, warm-up 
 and clipping. Three measurements, every job on one Ray instance:
 
 * **Throughput.** Steady-state tokens/s (:mod:`bench.common`'s window x 256 tokens a
-  sample) of a sync and an elastic (beta 0.5, max_lag 2) job against plain PyTorch on the
+  sample) of a sync, an elastic (beta 0.5, max_lag 2) and a straggler-mode (beta 0,
+  max_lag 2) job against plain PyTorch on the
   same model, global batch, samples and cores (:mod:`bench.plain_task`, torch's default
   threads = every core; the jobs' 2 workers x 1 thread use the same cores). Targets:
   sync >= 0.9x, elastic >= 0.95x plain. No evaluation inside these runs.
@@ -88,6 +89,9 @@ STRAGGLER = 1  # the slowed worker's id
 MODES: dict[str, dict[str, Any]] = {
     "sync": {"name": "sync"},
     "elastic": {"name": "elastic", "beta": 0.5, "max_lag": 2},
+    # the straggler-tolerant rule (no target of its own): with 2 workers only beta 0 lets
+    # the fast one go on without the slow one's gradient, at most max_lag steps ahead
+    "straggler": {"name": "straggler", "beta": 0.0, "max_lag": 2},
 }
 # 2 workers x 0.5 + coordinator 0.5 = 1.5 of Ray's 2 CPUs; one torch thread per worker
 RESOURCES = {"worker_cpus": 0.5, "coordinator_cpus": 0.5, "torch_threads": 1}
@@ -278,6 +282,8 @@ def measure_straggler(repeats: int, steps: int, eval_interval: int) -> dict[str,
         modes[mode] = {"median_s": _median_or_none(values), "runs": rs}
     sync_s, el_s = modes["sync"]["median_s"], modes["elastic"]["median_s"]
     ratio = el_s / sync_s if sync_s and el_s is not None else None
+    st_s = modes["straggler"]["median_s"]
+    st_ratio = st_s / sync_s if sync_s and st_s is not None else None
     return {
         "calibration": {
             "delay_ms": delay_ms,
@@ -287,6 +293,7 @@ def measure_straggler(repeats: int, steps: int, eval_interval: int) -> dict[str,
         },
         "modes": modes,
         "elastic_over_sync": ratio,
+        "straggler_over_sync": st_ratio,
     }
 
 
@@ -398,6 +405,10 @@ def render(payload: dict[str, Any]) -> str:
         verdicts.append(
             f"elastic <= {STRAGGLER_TARGET}x sync's time to the target loss: "
             f"{_verdict(st['elastic_over_sync'], STRAGGLER_TARGET, False)}"
+        )
+        verdicts.append(
+            "the straggler mode (no target of its own): "
+            f"{fmt(st.get('straggler_over_sync'), '.2f')}x sync's time"
         )
         only_own = all(
             tp[m]["runs"][i]["memory"]["only_own_shard"]
