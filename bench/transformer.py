@@ -282,7 +282,7 @@ def measure_straggler(repeats: int, steps: int, eval_interval: int) -> dict[str,
         modes[mode] = {"median_s": _median_or_none(values), "runs": rs}
     sync_s, el_s = modes["sync"]["median_s"], modes["elastic"]["median_s"]
     ratio = el_s / sync_s if sync_s and el_s is not None else None
-    st_s = modes["straggler"]["median_s"]
+    st_s = modes["straggler"]["median_s"] if "straggler" in modes else None
     st_ratio = st_s / sync_s if sync_s and st_s is not None else None
     return {
         "calibration": {
@@ -413,6 +413,7 @@ def render(payload: dict[str, Any]) -> str:
         only_own = all(
             tp[m]["runs"][i]["memory"]["only_own_shard"]
             for m in MODES
+            if m in tp  # results written before a mode was added lack it
             for i in range(len(tp[m]["runs"]))
         )
         verdicts.append(f"every worker read only its shard: {'yes' if only_own else 'NO'}")

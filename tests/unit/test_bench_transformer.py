@@ -113,20 +113,24 @@ def test_render_states_every_verdict() -> None:
             },
             "sync": {"median_tokens_per_s": 920.0, "ratio_to_plain": 0.92, "runs": [run]},
             "elastic": {"median_tokens_per_s": 900.0, "ratio_to_plain": 0.90, "runs": [run]},
+            "straggler": {"median_tokens_per_s": 910.0, "ratio_to_plain": 0.91, "runs": [run]},
         },
         "straggler": {
             "calibration": {"delay_ms": 500.0, "final_loss": 2.0, "target_loss": 2.04},
             "modes": {
                 "sync": {"median_s": 20.0, "runs": [straggler_run]},
                 "elastic": {"median_s": 10.0, "runs": [straggler_run]},
+                "straggler": {"median_s": 8.0, "runs": [straggler_run]},
             },
             "elastic_over_sync": 0.5,
+            "straggler_over_sync": 0.4,
         },
     }
     text = tb.render(payload)
     assert "sync >= 0.9x plain: 0.92x (met)" in text
     assert "elastic >= 0.95x plain: 0.90x (missed)" in text
     assert "elastic <= 0.6x sync's time to the target loss: 0.50x (met)" in text
+    assert "the straggler mode (no target of its own): 0.40x sync's time" in text
     assert "every worker read only its shard: yes" in text
     assert "| sync | w0 | 400 | 5 / 9 | 0 |" in text
 
