@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,7 @@ def write_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) 
     _atomic_write(path, data)
     _atomic_write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
     for old in list_checkpoints(folder)[:-keep]:
-        for p in (old, old.with_suffix(".sha256")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _delete(old)
     return path
 
 
@@ -97,26 +96,11 @@ def checkpoint_step(path: Path) -> int:
     return int(m.group(1))
 
 
-def latest_valid(folder: Path, at_most: int | None = None) -> Loaded | None:
-    """The newest checkpoint whose checksum matches (of a step ``<= at_most`` when given);
-    ``None`` if there is none."""
+def _first_valid(paths: Iterable[Path]) -> Loaded | None:
+    """The first of ``paths`` whose checksum matches and that loads (with the ones skipped
+    on the way to it); ``None`` if there is none."""
     skipped: list[str] = []
-    for path in reversed(list_checkpoints(folder)):
-        step = checkpoint_step(path)
-        if at_most is not None and step > at_most:
-            continue
-        state, why = _load(path)
-        if state is None:
-            skipped.append(why)
-            continue
-        return Loaded(path, step, state, skipped)
-    return None
-
-
-def oldest_valid(folder: Path) -> Loaded | None:
-    """The oldest checkpoint whose checksum matches; ``None`` if there is none."""
-    skipped: list[str] = []
-    for path in list_checkpoints(folder):
+    for path in paths:
         state, why = _load(path)
         if state is None:
             skipped.append(why)
@@ -125,17 +109,32 @@ def oldest_valid(folder: Path) -> Loaded | None:
     return None
 
 
+def latest_valid(folder: Path, at_most: int | None = None) -> Loaded | None:
+    """The newest checkpoint whose checksum matches (of a step ``<= at_most`` when given);
+    ``None`` if there is none."""
+    paths = reversed(list_checkpoints(folder))
+    return _first_valid(p for p in paths if at_most is None or checkpoint_step(p) <= at_most)
+
+
+def oldest_valid(folder: Path) -> Loaded | None:
+    """The oldest checkpoint whose checksum matches; ``None`` if there is none."""
+    return _first_valid(list_checkpoints(folder))
+
+
+def _delete(path: Path) -> None:
+    """Delete checkpoint ``path`` and its checksum file (either may be gone already)."""
+    for p in (path, path.with_suffix(".sha256")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def drop_after(folder: Path, step: int) -> list[str]:
     """Delete the checkpoints of steps after ``step`` (a trajectory a rollback abandoned:
     a restart must not resume it); returns their names."""
-    gone: list[str] = []
-    for path in list_checkpoints(folder):
-        if checkpoint_step(path) > step:
-            for p in (path, path.with_suffix(".sha256")):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-            gone.append(path.name)
-    return gone
+    gone = [p for p in list_checkpoints(folder) if checkpoint_step(p) > step]
+    for path in gone:
+        _delete(path)
+    return [p.name for p in gone]
 
 
 class Journal:

@@ -511,14 +511,12 @@ class StreamHub:
                 await t
 
 
-def sse_of(item: FeedItem, cursor: Cursor) -> ServerSentEvent:
+def sse_of(item: JobItem | EventItem | EndItem, cursor: Cursor) -> ServerSentEvent:
     """``item`` on the wire: ``job``, ``event`` (with ``cursor`` as its SSE ``id``),
-    ``end``; a lone record as a one-record ``metrics``. Payloads were serialised once, by
+    ``end`` (records go out in runs: :func:`sse_bytes`). Payloads were serialised once, by
     the feed."""
     if isinstance(item, JobItem):
         return ServerSentEvent(event="job", raw_data=item.payload)
-    if isinstance(item, MetricItem):
-        return ServerSentEvent(event="metrics", id=cursor.text(), raw_data=f"[{item.payload}]")
     if isinstance(item, EventItem):
         return ServerSentEvent(event="event", id=cursor.text(), raw_data=item.payload)
     return ServerSentEvent(event="end", data={"state": item.state.value})

@@ -66,11 +66,11 @@ class Loss:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
-def task_error(exc: BaseException) -> tuple[str, str] | None:
+def task_error(exc: BaseException) -> tuple[str, str, str] | None:
     """The exception a worker's own code raised while it computed (Ray's ``RayTaskError``:
-    the process is alive, the call failed) as (where: its type and the innermost frame of
-    its traceback, ``Type: message``); ``None`` for a worker that died or any other
-    failure."""
+    the process is alive, the call failed) as its type's name, where it was raised (the
+    innermost frame of its traceback, ``file:line:function``, or ``""``) and ``Type:
+    message``; ``None`` for a worker that died or any other failure."""
     if not type(exc).__module__.startswith("ray"):
         return None
     from ray.exceptions import RayTaskError
@@ -79,8 +79,8 @@ def task_error(exc: BaseException) -> tuple[str, str] | None:
     if not isinstance(exc, RayTaskError) or not isinstance(cause, Exception):
         return None
     frames = _FRAME.findall(str(exc))  # Ray puts the remote traceback in the text
-    where = ":".join(frames[-1]) if frames else ""
-    return f"{type(cause).__name__} at {where}", f"{type(cause).__name__}: {str(cause)[:200]}"
+    kind = type(cause).__name__
+    return kind, ":".join(frames[-1]) if frames else "", f"{kind}: {str(cause)[:200]}"
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TaskErrors:
     model refuses), which replacements would raise again for ever: the job fails with it."""
 
     repeats: int = TASK_ERROR_REPEATS
-    seen: dict[str, list[int]] = field(default_factory=dict)
+    seen: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (type, where)
 
     def see(self, wid: int, exc: BaseException) -> tuple[str, str | None]:
         """Count ``exc`` of worker ``wid``: what it says (for the loss's event: a Ray
@@ -102,10 +102,10 @@ class TaskErrors:
         got = task_error(exc)
         if got is None:
             return f"{type(exc).__name__}: {str(exc)[:200]}", None
-        where, text = got
-        loc = where.split(" at ", 1)[1] or "no traceback"
-        said = f"the task raised {text} ({loc}; the traceback is in the worker's log)"
-        workers = self.seen.setdefault(where, [])
+        kind, where, text = got
+        said = f"the task raised {text} ({where or 'no traceback'}; the traceback is in the "
+        said += "worker's log)"
+        workers = self.seen.setdefault((kind, where), [])
         workers.append(wid)
         if len(workers) < self.repeats:
             return said, None

@@ -277,17 +277,22 @@ class Membership:
         self.workers[wid] = slot
         return slot
 
-    def _name_taken(self, wid: int, gen: int) -> bool:
+    def _named(self, wid: int, gen: int) -> Any | None:
+        """The actor holding incarnation ``gen`` of worker ``wid``'s name, if any."""
         try:
-            ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE)
+            return ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE)
         except ValueError:
-            return False
-        return True
+            return None
+
+    def _name_taken(self, wid: int, gen: int) -> bool:
+        return self._named(wid, gen) is not None
 
     def kill_named(self, wid: int, gen: int) -> None:
         """Kill incarnation ``gen`` of worker ``wid`` by its name, if it still exists."""
-        with contextlib.suppress(Exception):  # gone already
-            ray.kill(ray.get_actor(worker_name(self.job_id, wid, gen), namespace=NAMESPACE))
+        with contextlib.suppress(Exception):  # gone already, or meanwhile
+            actor = self._named(wid, gen)
+            if actor is not None:
+                ray.kill(actor)
 
     async def reattach(
         self,
