@@ -247,15 +247,20 @@ def running(client: httpx.Client, job_id: str, min_step: int = 1) -> dict[str, A
 
 def test_sse_stream_delivers_updates_while_running(client: httpx.Client, started: Started) -> None:
     running(client, started.slow_id)
+    # metrics from the head on, as the dashboard follows after GET /history: a replay of a
+    # long history comes as full pages back to back, each with a 'job' update, in one poll.
+    # Its few events are replayed (after_id 0).
+    head = client.get(f"/jobs/{started.slow_id}/history", params={"events": 0}).json()
     t0 = time.monotonic()
     got = read_sse(
         client,
-        f"/jobs/{started.slow_id}/stream?after_seq=-1",
+        f"/jobs/{started.slow_id}/stream?after_seq={head['last_seq']}&after_id=0",
         lambda g: sum(k == "job" for k, _ in g) >= 4,
         timeout_s=60,
     )
     kinds = [k for k, _ in got]
     assert kinds[0] == "job" and "metric" in kinds and "event" in kinds
+    assert all(d["seq"] > head["last_seq"] for k, d in got if k == "metric")
     progress = [d["step"] for k, d in got if k == "job"]
     # several 'job' updates with a growing step: the stream follows the live job
     assert len(progress) >= 4 and progress == sorted(progress) and progress[-1] > progress[0]
