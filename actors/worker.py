@@ -171,29 +171,38 @@ class WorkerCore:
         grads = torch.autograd.grad(loss, pieces)
         return grads, float(loss.detach()), n
 
-    def _streamed_grad(self, flat: torch.Tensor, step: int, out: torch.Tensor) -> tuple[float, int]:
+    def _streamed_grad(
+        self, flat: torch.Tensor, step: int, out: torch.Tensor
+    ) -> tuple[float, int, float]:
         """One gradient into ``out``, each parameter block announced as backward writes it.
 
         A hook on each parameter piece fires when that piece's gradient is ready (the last
         layers first): it copies the block into ``out`` (the shared-memory slot) and sends a
         :class:`~actors.messages.BlockReady` frame, so the coordinator can apply the block's
         averaged update before the rest of backward is done.
+
+        Returns:
+            The batch's loss, its size, and the gradient's norm (from the blocks' norms).
         """
         emit = self.emit
         assert emit is not None
         pieces = self.layout.pieces(flat)
         loss_of_batch = math.nan  # known once forward is done, before any hook fires
+        sq = 0.0  # sum of the blocks' squared norms
         for i, (piece, (lo, hi)) in enumerate(zip(pieces, self.layout.blocks(), strict=True)):
 
             def ready(g: torch.Tensor, i: int = i, lo: int = lo, hi: int = hi) -> None:
+                nonlocal sq
                 out[lo:hi].copy_(g.reshape(-1))
-                emit(BlockReady(self.id, step, i, float(out[lo:hi].norm()), loss_of_batch))
+                norm = float(out[lo:hi].norm())
+                sq += norm * norm
+                emit(BlockReady(self.id, step, i, norm, loss_of_batch))
 
             piece.register_hook(ready)  # type: ignore[no-untyped-call]
         loss, n = self._loss(pieces)
         loss_of_batch = float(loss.detach())
         torch.autograd.grad(loss, pieces)  # the hooks wrote every block
-        return loss_of_batch, n
+        return loss_of_batch, n, math.sqrt(sq)
 
     def _local_sum(
         self, flat: torch.Tensor, steps: int, out: torch.Tensor, lr: float | None = None
@@ -244,8 +253,9 @@ class WorkerCore:
         delay_s = effect.delay_s
         if stream and delay_s > 0:
             time.sleep(delay_s)
+        raw_norm: float | None = None  # known already when the blocks streamed
         if stream:
-            loss, n = self._streamed_grad(flat, req.step, gbuf)
+            loss, n, raw_norm = self._streamed_grad(flat, req.step, gbuf)
         elif self.device.type == "cuda":
             dev = torch.empty(self.layout.numel, device=self.device)
             loss, n = self._local_sum(flat, req.local_steps, dev, req.local_lr)
@@ -254,7 +264,8 @@ class WorkerCore:
             loss, n = self._local_sum(flat, req.local_steps, gbuf, req.local_lr)
         for corruption in effect.corruptions:  # before compression: what is sent is corrupt
             corruption.apply(gbuf)
-        raw_norm = float(gbuf.norm())
+        if raw_norm is None or effect.corruptions:
+            raw_norm = float(gbuf.norm())
         pos = self.sampler.state_dict()
         reply = GradientReply(
             worker=self.id,

@@ -132,7 +132,10 @@ class AsyncEngine(Mode):
         v = self.view_vec.pop(wid, None)
         if v is not None:
             self.meter.measure(self.step, (x - v) / opt.lr)
-        self.norms.see_update(opt.step_measured(grad))
+        if self.observed(self.model.version):
+            self.norms.see_update(opt.step_measured(grad))
+        else:
+            opt.step(grad)
         self.staleness_max = max(self.staleness_max, self.model.version - self.outstanding[wid])
         self.model.version += 1
         self.outstanding.pop(wid, None)

@@ -185,6 +185,11 @@ class Mode(ABC):
         self.norms = ctx.norms
         self.total_steps = ctx.total_steps
 
+    def observed(self, step: int) -> bool:
+        """Step ``step``'s update norms are measured for the summary's observed norms (every
+        ``monitor_interval``-th step, as B̂: the measurement copies the model)."""
+        return step % self.spec.monitor_interval == 0
+
     # -- what a worker computes ------------------------------------------------------------
     def local_steps(self) -> int:
         """Optimizer steps a worker takes per request (1: one gradient on the view)."""

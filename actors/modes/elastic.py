@@ -126,6 +126,9 @@ class ElasticEngine(Mode):
         self.own: dict[int, tuple[int, list[float]] | None] = {}
         self.pending: list[_PendingView] = []
         self.block_applies = 0  # names the model of record's state in view keys
+        # the sums of completed steps, reused: a step's sum needs no zeroing (a block's
+        # first arrival is copied in), and a new one is allocated only past max_lag + 1
+        self.free_sums: list[torch.Tensor] = []
 
     # -- accounting --------------------------------------------------------------------------
     @property
@@ -203,12 +206,16 @@ class ElasticEngine(Mode):
     def _take_block(self, worker: int, step: int, b: int, piece: torch.Tensor, norm: float) -> None:
         sb = self.steps_in.get(step)
         if sb is None:
-            sb = _StepBlocks(torch.zeros_like(self.model.x), [set() for _ in self.blocks])
+            total = self.free_sums.pop() if self.free_sums else torch.empty_like(self.model.x)
+            sb = _StepBlocks(total, [set() for _ in self.blocks])
             self.steps_in[step] = sb
         if worker in sb.arrived[b] or self.done[b] > step:
             return
         lo, hi = self.blocks[b]
-        sb.total[lo:hi].add_(piece)
+        if sb.arrived[b]:
+            sb.total[lo:hi].add_(piece)
+        else:  # the block's part of the sum is not initialised before its first arrival
+            sb.total[lo:hi].copy_(piece)
         sb.arrived[b].add(worker)
         own = self.own.get(worker)
         if own is not None and own[0] == step:
@@ -285,7 +292,9 @@ class ElasticEngine(Mode):
         n = divisor(self.spec.missing_policy, len(got), len(lost))
         lo, hi = self.blocks[b]
         if got and sb is not None:
-            sb.update_sum += self.model.opt.step_block(b, sb.total[lo:hi], 1.0 / n, step)
+            opt = self.model.opt
+            norm = opt.step_block(b, sb.total[lo:hi], 1.0 / n, step, self.observed(step))
+            sb.update_sum += norm or 0.0
         self.done[b] = step + 1
         self.block_applies += 1
         self._measure_block(b, step + 1)
@@ -319,12 +328,18 @@ class ElasticEngine(Mode):
             if sb is not None and any(sb.arrived):
                 for b, (lo, hi) in enumerate(self.blocks):
                     got = sb.arrived[b]
+                    if not got:  # a block nobody delivered adds nothing
+                        sb.total[lo:hi].zero_()
+                        continue
                     n = divisor(self.spec.missing_policy, len(got), len(entry.lost - got))
                     sb.total[lo:hi].mul_(1.0 / n)
-                before, lr = self.model.x.clone(), opt.lr
-                opt.step(sb.total, count=False)
-                before.sub_(self.model.x)
-                sb.update_sum = sum(float(before[lo:hi].norm()) / lr for lo, hi in self.blocks)
+                if self.observed(step):
+                    before, lr = self.model.x.clone(), opt.lr
+                    opt.step(sb.total, count=False)
+                    before.sub_(self.model.x)
+                    sb.update_sum = sum(float(before[lo:hi].norm()) / lr for lo, hi in self.blocks)
+                else:
+                    opt.step(sb.total, count=False)
             self.block_applies += 1
             for b in range(len(self.blocks)):
                 self.done[b] = step + 1
@@ -364,6 +379,8 @@ class ElasticEngine(Mode):
         losses = list(sb.losses.values()) if sb is not None else []
         if sb is not None:
             self.norms.update_block_sum_max = max(self.norms.update_block_sum_max, sb.update_sum)
+            if len(self.free_sums) <= self.rule.max_lag:
+                self.free_sums.append(sb.total)
         # the model of record is x_step exactly unless some block already applied a later step
         consistent = max(self.done) <= self.book.completed
         return Applied(loss=float(np.mean(losses)) if losses else math.nan, consistent=consistent)

@@ -225,11 +225,17 @@ def test_block_steps_add_up_to_the_whole_step(raw: dict[str, Any]) -> None:
     whole, model = _warm(spec)
     block = whole.clone()
     g = _flat_grad(model, whole.x, 77)
+    unmeasured = whole.clone()
     whole.step(g, 0.25)
     for b, (lo, hi) in reversed(list(enumerate(block.blocks))):  # any order
-        assert block.step_block(b, g[lo:hi], 0.25, block.steps) >= 0.0
+        norm = block.step_block(b, g[lo:hi], 0.25, block.steps)
+        assert norm is not None and norm >= 0.0
+        # unmeasured: the same update, no norm (measuring copies the block)
+        assert unmeasured.step_block(b, g[lo:hi], 0.25, unmeasured.steps, measure=False) is None
     block.end_step()
+    unmeasured.end_step()
     assert torch.allclose(block.x, whole.x, rtol=1e-6, atol=1e-7)
+    assert torch.equal(unmeasured.x, block.x)
     assert block.steps == whole.steps and block.lr == whole.lr
 
 
