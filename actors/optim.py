@@ -27,7 +27,6 @@ What the modes need on top of ``step``:
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,74 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
 from actors.flat import ParamLayout
+from actors.schedules import make_scheduler, schedule_factor
 from core.errors import TrainingFailed
-from core.spec import OptimizerSpec, StepSchedule, WarmupCosineSchedule
-
-
-def warmup_cosine_factor(t: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """The lr factor of step ``t`` (0-based): linear warm-up, then cosine to the run's end.
-
-    ``(t + 1) / W`` for ``t < W``; then ``r + (1 - r) (1 + cos(pi s)) / 2`` with
-    ``s = (t - W) / (T - W)`` (clamped to 1), ``W`` warm-up steps, ``T`` total steps,
-    ``r`` the final ratio.
-    """
-    if t < warmup_steps:
-        return (t + 1) / warmup_steps
-    s = min((t - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * s))
-
-
-def adam_coordinate_bound(beta1: float, beta2: float, steps: int) -> float:
-    """The largest ``|m_hat / sqrt(v_hat)|`` of one coordinate over Adam's first ``steps``
-    steps, whatever the gradients (``eps`` only makes the update smaller).
-
-    With ``m_t = (1 - b1) sum_s b1^(t-s) g_s`` and ``v_t = (1 - b2) sum_s b2^(t-s) g_s^2``,
-    Cauchy-Schwarz gives ``|m_t| <= (1 - b1) sqrt(S_t v_t / (1 - b2))`` with
-    ``S_t = sum_{j<t} (b1^2 / b2)^j``; with the bias corrections ``m_hat = m_t / (1 - b1^t)``,
-    ``v_hat = v_t / (1 - b2^t)``: ``A_t = (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) S_t /
-    (1 - b2))``, reached by a gradient history ``g_s ~ (b1 / b2)^(t-s)``. For the defaults
-    (0.9, 0.999) it tends to 7.27; the L2 norm of an update of ``d`` coordinates is at most
-    ``A sqrt(d)`` (docs/consistency.md, "Adaptive optimizers").
-    """
-    if beta2 == 0.0:
-        # v_hat is the last g^2 alone: m_hat / |g_t| is 1 without momentum, else unbounded
-        return 1.0 if beta1 == 0.0 else math.inf
-    gamma = beta1 * beta1 / beta2
-    best, s = 0.0, 0.0
-    b1t = b2t = 1.0
-    for _ in range(max(steps, 1)):
-        s = 1.0 + gamma * s
-        b1t, b2t = b1t * beta1, b2t * beta2
-        a = (1.0 - beta1) / (1.0 - b1t) * math.sqrt((1.0 - b2t) * s / (1.0 - beta2))
-        best = max(best, a)
-    return best
-
-
-@dataclass
-class WarmupCosine:
-    """:func:`warmup_cosine_factor` as a ``LambdaLR`` factor (an object, so the scheduler's
-    ``state_dict`` carries it)."""
-
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float
-
-    def __call__(self, t: int) -> float:
-        return warmup_cosine_factor(t, self.warmup_steps, self.total_steps, self.min_lr_ratio)
-
-
-def schedule_factor(spec: OptimizerSpec, t: int, total_steps: int) -> float:
-    """The closed form of the schedule's factor at step ``t`` (``StepLR``'s recursion gives
-    the same value up to rounding)."""
-    sch = spec.schedule
-    if isinstance(sch, WarmupCosineSchedule):
-        return warmup_cosine_factor(t, sch.warmup_steps, total_steps, sch.min_lr_ratio)
-    if isinstance(sch, StepSchedule):
-        return float(sch.gamma ** (t // sch.step_size))
-    return 1.0
+from core.spec import OptimizerSpec
 
 
 def group_settings(spec: OptimizerSpec, layout: ParamLayout) -> list[tuple[float, float]]:
@@ -162,16 +98,6 @@ def make_optimizer(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> Optimiz
 
 # devices whose parameters torch.optim's fused SGD, Adam and AdamW take
 FUSED_DEVICES = ("cpu", "cuda")
-
-
-def make_scheduler(spec: OptimizerSpec, opt: Optimizer, total_steps: int) -> LRScheduler | None:
-    """The ``torch.optim.lr_scheduler`` of the spec's schedule (``None``: constant)."""
-    sch = spec.schedule
-    if isinstance(sch, WarmupCosineSchedule):
-        return LambdaLR(opt, WarmupCosine(sch.warmup_steps, total_steps, sch.min_lr_ratio))
-    if isinstance(sch, StepSchedule):
-        return StepLR(opt, step_size=sch.step_size, gamma=sch.gamma)
-    return None
 
 
 @dataclass

@@ -28,8 +28,9 @@ import torch
 from actors.datasets import load_dataset, loss_fn
 from actors.flat import ParamLayout
 from actors.models import build_model, n_parameters
-from actors.optim import make_optimizer, make_scheduler, torch_param_groups
+from actors.optim import make_optimizer, torch_param_groups
 from actors.sampler import ShardSampler
+from actors.schedules import make_scheduler
 from bench.common import (
     NOT_A_VERDICT,
     base_parser,

@@ -183,7 +183,7 @@ class ConstantSchedule(_Strict):
 
 class WarmupCosineSchedule(_Strict):
     """Linear warm-up, then cosine decay to the end of the run
-    (``torch.optim.lr_scheduler.LambdaLR``; actors/optim.py: :func:`warmup_cosine_factor`).
+    (``torch.optim.lr_scheduler.LambdaLR``; actors/schedules.py: :func:`warmup_cosine_factor`).
 
     The lr of step ``t`` (0-based) is ``lr * (t + 1) / warmup_steps`` for
     ``t < warmup_steps``, then ``lr * (r + (1 - r) * (1 + cos(pi * s)) / 2)`` with

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from actors.channel import CoordinatorEnd, make_pair
-from actors.coordinator.membership import WorkerSlot
+from actors.coordinator.slot import WorkerSlot
 from actors.faults import ActiveFault
 from actors.messages import GradientReply, GradientRequest
 from actors.modes.base import Dispatch, ViewKey

@@ -20,10 +20,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from actors.coordinator.membership import WorkerSlot, kill_process
 from actors.coordinator.recovery import Recovery
 from actors.coordinator.reporting import Recovery as RecoveryTiming
 from actors.coordinator.reporting import Reporter
+from actors.coordinator.slot import WorkerSlot, kill_process
 from actors.faults import (
     ActiveFault,
     CorruptOn,

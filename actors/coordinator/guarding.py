@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from actors.consistency import ConsistencyMonitor, drop_fraction
+from actors.consistency import ConsistencyMonitor, ObservedNorms, drop_fraction
 from actors.coordinator.reporting import Reporter
 from actors.faults import ActiveFault
 from actors.guard import Action, Condition, Decision, GuardPolicy, Observation
@@ -191,6 +191,20 @@ class Guarding:
         if v is Condition.WITHIN and self.stated is None:
             return "not_stated"
         return v.value
+
+    def consistency(self, norms: ObservedNorms) -> dict[str, Any]:
+        """The summary's consistency section: B̂ against the frozen bound, the warm-up's
+        constants, the guard's verdict, and the run's observed norms (reported only)."""
+        cons = self.monitor.summary(self.stated)
+        cons.update(self.summary())
+        cons["norms"] = {
+            "grad_max": norms.grad_max,
+            "raw_grad_max": norms.raw_grad_max,
+            "update_max": norms.update_max,
+            "update_block_sum_max": norms.update_block_sum_max,
+        }
+        cons["compression_q"] = self.q
+        return cons
 
     def summary(self) -> dict[str, Any]:
         """The summary's consistency fields of the guard (merged into ``consistency``)."""

@@ -7,12 +7,12 @@ applies every update that became applicable; then the mode says which waiting wo
 start next, on which view, and the data plane (:mod:`.dataplane`) sends those views.
 
 The collaborators decide and report; this class acts: :mod:`.membership` (who is in the
-job), :mod:`.dataplane` (views, transports, gradient decoding), :mod:`.recovery`
-(checkpoints, journal, resume), :mod:`.reporting` (records, events, summary),
-:mod:`.faulting` (fault firing, heartbeats) and B̂ measurement (:class:`Meter`, used by the
-mode: every view handed out is compared with the consistent model of the iteration it is
-used at). Control calls (``poll``, ``scale``, ``inject``, ``cancel``) are other coroutines
-on the same loop.
+job) and :mod:`.staffing` (bringing workers in, taking them out), :mod:`.dataplane` (views,
+transports, gradient decoding), :mod:`.recovery` (checkpoints, journal, resume),
+:mod:`.reporting` (records, events, summary), :mod:`.faulting` (fault firing, heartbeats)
+and B̂ measurement (:class:`Meter`, used by the mode: every view handed out is compared with
+the consistent model of the iteration it is used at). Control calls (``poll``, ``scale``,
+``inject``, ``cancel``) are other coroutines on the same loop.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from actors.compression import error_factor
 from actors.consistency import ConsistencyMonitor, Meter, ObservedNorms
 from actors.coordinator.dataplane import DataPlane
 from actors.coordinator.evaluation import open_task
-from actors.coordinator.faulting import Faulting, Loss
-from actors.coordinator.membership import Membership, WorkerSlot, kill_process, worker_template
+from actors.coordinator.faulting import Faulting
+from actors.coordinator.membership import Membership, worker_template
 from actors.coordinator.recovery import Recovery
 from actors.coordinator.reporting import Reporter, RunFacts
+from actors.coordinator.slot import WorkerSlot, kill_process
+from actors.coordinator.staffing import Life, Staffing
 from actors.coordinator.training import Training
 from actors.flat import ParamLayout, flatten
 from actors.guard import Action, Decision
@@ -115,7 +117,20 @@ class CoordinatorCore:
         self.restarts = self.steps_lost = 0
         self.cancel_requested = False
         self._wake = self.train.wake  # one event wakes the loop, whoever has news
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self.staff = Staffing(
+            spec,
+            self.members,
+            self.train,
+            (self.data, self.recovery, self.reporter),
+            Life(
+                winding_down=lambda: (
+                    self.state.terminal or self.cancel_requested or self.mode.finished()
+                ),
+                ended=lambda: self.state.terminal,
+                fail=lambda why: self._set_state(JobState.FAILED, why),
+                wake=self._wake.set,
+            ),
+        )
 
     @property
     def step(self) -> int:
@@ -147,21 +162,7 @@ class CoordinatorCore:
         self.members.cut_shards(ids)
         members = self.recovery.load_members() if samplers else {}
         self.members.template = worker_template(self.spec, self.data_dir, self.faults.plan, self.t0)
-
-        async def bring(wid: int) -> None:
-            if wid in members:
-                slot = await self.members.reattach(
-                    wid, members[wid], samplers.get(wid), self.train.mean_buffers()
-                )
-                if slot is not None and await self._attach(slot, reattached=True):
-                    return
-                # the earlier incarnation may live on unreachable: a new generation's name
-                # (and that one gone, with its CPUs)
-                self.members.kill_named(wid, members[wid])
-            gen = members[wid] + 1 if wid in members else 0
-            await self._add_worker(wid, self.members.shards[wid], samplers.get(wid), gen)
-
-        await asyncio.gather(*(bring(w) for w in ids))
+        await asyncio.gather(*(self.staff.bring(w, members, samplers) for w in ids))
         live = self.members.live()
         if len(live) < self.spec.min_workers:
             why = f"only {len(live)} workers started; min_workers={self.spec.min_workers}"
@@ -186,80 +187,6 @@ class CoordinatorCore:
             self.train.restore(got.state)
         return got.workers, got.samplers
 
-    # -- membership --------------------------------------------------------------------------
-    async def _add_worker(
-        self, wid: int, shard: Any, sampler_state: dict[str, Any] | None = None, min_gen: int = 0
-    ) -> WorkerSlot | None:
-        slot = self.members.spawn(
-            wid, shard, sampler_state, self.train.mean_buffers(), min_gen=min_gen
-        )
-        return slot if await self._attach(slot) else None
-
-    async def _attach(self, slot: WorkerSlot, reattached: bool = False) -> bool:
-        """Probe a worker and add it to the job (its transport, the mode's membership)."""
-        if not await self.members.probe(slot, self.data.shm, reattached):
-            return False
-        self.train.attach(slot)
-        self.recovery.save_members(self.members.members())
-        return True
-
-    def _lose_worker(self, w: WorkerSlot, why: str, keep_actor: bool = False) -> None:
-        """Take a worker out of the membership; start a replacement unless told otherwise."""
-        if w.gone:
-            return
-        self.members.mark_lost(w, keep_actor)
-        left = self.train.leave(w)
-        why += f"; left steps {left}" if left else ""
-        self.reporter.event(EventKind.DETECT, why, target=f"worker-{w.id}")
-        self.recovery.save_members(self.members.members())
-        self._membership_changed()
-        ready = self.members.ready()
-        if len(ready) < self.spec.min_workers:
-            self._set_state(
-                JobState.FAILED,
-                f"{len(ready)} live workers < min_workers={self.spec.min_workers} (the last "
-                f"lost: {why})",
-            )
-
-    def _apply_loss(self, loss: Loss) -> None:
-        if loss.fatal is not None and not self.state.terminal:
-            self._set_state(JobState.FAILED, loss.fatal)
-        self._lose_worker(loss.worker, loss.why, keep_actor=loss.keep_actor)
-        if loss.kill:
-            kill_process(loss.worker)
-
-    def _membership_changed(self) -> None:
-        """A worker left: updates may have become applicable."""
-        if not self.state.terminal:
-            self.train.apply_ready()
-            self._wake.set()
-
-    def _start_join(self, wid: int) -> None:
-        """(Re)start worker ``wid`` in the background with its shard."""
-        if self.state.terminal or self.cancel_requested or self.mode.finished():
-            return
-        old = self.members.workers.get(wid)
-        if old is not None and not old.gone:
-            return
-        old, shard, sampler = self.members.placeholder(wid)
-        self.reporter.event(
-            EventKind.MEMBERSHIP,
-            "starting a worker" + (" (rejoin)" if old else ""),
-            target=f"worker-{wid}",
-        )
-
-        async def join() -> None:
-            if await self._add_worker(wid, shard, sampler) is not None:
-                self.reporter.worker_rejoined(wid, time.time())
-            self._wake.set()
-
-        self._spawn(join())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def scale(self, n: int) -> dict[str, Any]:
         """Grow or shrink the job to ``n`` workers while it runs; data is re-sharded.
 
@@ -270,16 +197,7 @@ class CoordinatorCore:
         self.members.check_size(n)
         if self.state.terminal:
             raise InvalidTransition(f"scale: the job is already {self.state.value}")
-        live = self.members.live()
-        self.reporter.event(EventKind.MEMBERSHIP, f"scale requested: {len(live)} -> {n} workers")
-        resize = self.members.plan_resize(n)
-        for w in resize.retire:
-            self.train.leave(w)
-            self.members.retire(w)
-            self._membership_changed()
-        for wid in resize.start:
-            self._start_join(wid)
-        self._wake.set()
+        self.staff.resize(n)
         return {"workers": n}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -293,7 +211,7 @@ class CoordinatorCore:
         for w, res, exc in out.deliver:
             self._handle(w, res, exc)
         for loss in [*out.lose, *self.train.lost_idle]:
-            self._apply_loss(loss)
+            self.staff.apply_loss(loss)
         self.train.lost_idle.clear()
         for w in out.restart:
             self.data.close_channel(w)
@@ -304,14 +222,14 @@ class CoordinatorCore:
             key = f"scale:{i}"  # fired once, remembered across restarts like a fault
             if key not in self.faults.driver.fired and self.step >= a.at_step:
                 self.faults.driver.fired.add(key)
-                self._spawn(self.scale(a.workers))
+                self.staff.spawn(self.scale(a.workers))
         for wid in self.members.due_joins(now):
-            self._start_join(wid)
+            self.staff.start_join(wid)
 
     def _handle(self, w: WorkerSlot, res: Any, exc: BaseException | None) -> None:
         loss = self.train.handle_reply(w, res, exc)
         if loss is not None:
-            self._apply_loss(loss)
+            self.staff.apply_loss(loss)
 
     async def run(self) -> dict[str, Any]:
         """Train until every step is applied, the job fails, or it is cancelled."""

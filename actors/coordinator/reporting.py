@@ -176,6 +176,15 @@ class Reporter:
             self.journal.append(ev.to_dict())
         log.info("%s %s %s", kind, target or "", detail)
 
+    def all_lost(self, step: int, policy: str, so_far: int) -> None:
+        """Step ``step`` lost every gradient (missing gradients): say so."""
+        self.event(
+            EventKind.MISSING,
+            f"step {step}: every gradient lost; a zero gradient is applied (momentum goes "
+            f"on), policy {policy} ({so_far} such steps so far)",
+            step=step,
+        )
+
     def replay(self, ev_or_rec: Event | Record) -> None:
         """An event or record of an earlier incarnation (from the journal)."""
         self.seq = max(self.seq, ev_or_rec.seq)

@@ -30,9 +30,10 @@ from actors.coordinator.dataplane import DataPlane, Outcome
 from actors.coordinator.evaluation import Evaluation
 from actors.coordinator.faulting import Faulting, Loss, TaskErrors
 from actors.coordinator.guarding import Guarding
-from actors.coordinator.membership import Membership, WorkerSlot
+from actors.coordinator.membership import Membership
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
+from actors.coordinator.slot import WorkerSlot
 from actors.faults import GradientVerdict, ReplyVerdict, screen_gradient
 from actors.guard import Action, Condition, Decision
 from actors.messages import BlockReady, GradientReply
@@ -105,23 +106,9 @@ class Training:
         """The stated bound (``None``: still in the warm-up, or not finite)."""
         return self.guard.stated
 
-    def bound_or_none(self) -> float | None:
-        return self.guard.stated
-
     def consistency(self) -> dict[str, Any]:
-        """The summary's consistency section: B̂ against the frozen bound, the warm-up's
-        constants, the guard's verdict, and the run's observed norms (reported only)."""
-        cons = self.monitor.summary(self.bound())
-        cons.update(self.guard.summary())
-        n = self.norms
-        cons["norms"] = {
-            "grad_max": n.grad_max,
-            "raw_grad_max": n.raw_grad_max,
-            "update_max": n.update_max,
-            "update_block_sum_max": n.update_block_sum_max,
-        }
-        cons["compression_q"] = self.q
-        return cons
+        """The summary's consistency section (:meth:`Guarding.consistency`)."""
+        return self.guard.consistency(self.norms)
 
     # -- transports of a worker ------------------------------------------------------------
     def attach(self, slot: WorkerSlot) -> None:
@@ -326,8 +313,9 @@ class Training:
         self.reporter.timing.see_apply(applied.apply_s)
         self.reporter.note_update()
         self.data.invalidate()
-        if applied.lost_step is not None:
-            self._all_lost(applied.lost_step)
+        if applied.lost_step is not None:  # counted and said (missing gradients)
+            self.steps_all_lost += 1
+            self.reporter.all_lost(applied.lost_step, self.spec.missing_policy, self.steps_all_lost)
         if not applied.record:
             return
         self.reporter.step_record(
@@ -335,7 +323,7 @@ class Training:
             samples=self.samples,
             b_hat=self.meter.last,
             b_hat_max=self.monitor.b_max,
-            bound=self.bound_or_none(),
+            bound=self.bound(),
             workers=len(self.members.live()),
             refused=self.refused,
         )
@@ -392,16 +380,6 @@ class Training:
         if why is None:
             self.pending = None
         return why
-
-    def _all_lost(self, step: int) -> None:
-        """-- missing gradients: a step whose every gradient was lost is counted and said."""
-        self.steps_all_lost += 1
-        self.reporter.event(
-            EventKind.MISSING,
-            f"step {step}: every gradient lost; a zero gradient is applied (momentum goes "
-            f"on), policy {self.spec.missing_policy} ({self.steps_all_lost} such steps so far)",
-            step=step,
-        )
 
     # -- evaluation and checkpoints ------------------------------------------------------------
     def mean_buffers(self) -> np.ndarray | None:

@@ -57,6 +57,7 @@ from actors.modes.base import (
     Verdict,
     update_constant,
 )
+from actors.modes.blockviews import BlockViews
 from actors.modes.missing import divisor
 from actors.scheduling import BlockShareRule, StepBook
 from actors.warmup import Constants
@@ -83,15 +84,6 @@ def elastic_bound_term(beta: float, max_lag: int, update_block_sum: float) -> fl
     if beta >= 1.0:
         return 0.0
     return (1.0 - beta) * max_lag * update_block_sum
-
-
-@dataclass
-class _PendingView:
-    """A sampled view of step ``target`` whose late blocks are measured as they catch up."""
-
-    target: int
-    late: dict[int, torch.Tensor]  # block -> the view's copy of it
-    sq: float = 0.0  # sum of squared block differences measured so far
 
 
 @dataclass
@@ -124,7 +116,7 @@ class ElasticEngine(Mode):
         self.steps_in: dict[int, _StepBlocks] = {}
         # worker -> (step, per-block norms of its gradient of that step); None: nothing owed
         self.own: dict[int, tuple[int, list[float]] | None] = {}
-        self.pending: list[_PendingView] = []
+        self.views = BlockViews(self.blocks, ctx.meter)  # B̂, block by block
         self.block_applies = 0  # names the model of record's state in view keys
         # the sums of completed steps, reused: a step's sum needs no zeroing (a block's
         # first arrival is copied in), and a new one is allocated only past max_lag + 1
@@ -142,7 +134,7 @@ class ElasticEngine(Mode):
         self.book = StepBook(self.total_steps, jumps=True, start_step=step)
         self.done = [step] * len(self.blocks)
         self.steps_in.clear()
-        self.pending.clear()
+        self.views.clear()
         for w in list(self.own):
             self.book.join(w)
             self.own[w] = None
@@ -186,16 +178,7 @@ class ElasticEngine(Mode):
             if not d.allowed:
                 continue
             x = self.model.x
-            if self.meter.sample_view():
-                late = {
-                    b: x[lo:hi].clone()
-                    for b, (lo, hi) in enumerate(self.blocks)
-                    if self.done[b] < target
-                }
-                if late:
-                    self.pending.append(_PendingView(target, late))
-                else:
-                    self.meter.measure(self.step, None)
+            self.views.handed_out(target, self.done, x, self.step)
             self.book.assign(w.id, target)
             self.own[w.id] = (target, [0.0] * len(self.blocks))
             w.state = "busy"
@@ -300,19 +283,7 @@ class ElasticEngine(Mode):
         self._measure_block(b, step + 1)
 
     def _measure_block(self, b: int, now_at: int) -> None:
-        """Block ``b`` now holds ``x_{now_at}``'s value: measure views of step ``now_at``."""
-        lo, hi = self.blocks[b]
-        keep = []
-        for pv in self.pending:
-            v = pv.late.get(b)
-            if v is not None and pv.target == now_at:
-                pv.sq += float((self.model.x[lo:hi] - v).norm()) ** 2
-                del pv.late[b]
-            if pv.late:
-                keep.append(pv)
-            else:
-                self.meter.record(self.step, math.sqrt(pv.sq) / self.model.opt.lr)
-        self.pending = keep
+        self.views.caught_up(b, now_at, self.model.x, self.step, self.model.opt.lr)
 
     def _apply_whole(self) -> Iterator[Applied]:
         """With clipping: the oldest incomplete step, all blocks at once, once every block

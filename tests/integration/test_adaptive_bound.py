@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from integration_helpers import config, run_job
 
-from actors.optim import adam_coordinate_bound
+from actors.consistency import adam_coordinate_bound
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import torch
 import actors.transport as transport
 from actors.compression import make_compressor
 from actors.coordinator.dataplane import DataPlane
-from actors.coordinator.membership import WorkerSlot
+from actors.coordinator.slot import WorkerSlot
 from actors.faults import bind_plan
 from actors.messages import GradientReply
 from actors.modes.base import Dispatch

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.coordinator.membership import Membership, WorkerSlot
+from actors.coordinator.membership import Membership
 from actors.coordinator.reporting import Reporter
+from actors.coordinator.slot import WorkerSlot
 from core.spec import parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

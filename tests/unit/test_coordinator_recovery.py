@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from actors.coordinator.faulting import TASK_ERROR_REPEATS, Faulting, TaskErrors, corruption_text
-from actors.coordinator.membership import WorkerSlot
 from actors.coordinator.recovery import CheckpointState, Recovery
 from actors.coordinator.reporting import Reporter
+from actors.coordinator.slot import WorkerSlot
 from actors.faults import CorruptOn, ReplyVerdict
 from actors.messages import GradientReply
 from core.events import EventKind, FaultKind

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from actors.coordinator.loop import CoordinatorCore
-from actors.coordinator.membership import WorkerSlot
+from actors.coordinator.slot import WorkerSlot
 from actors.faults import (
     Corruption,
     GradientVerdict,

@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from actors.checkpoint import latest_valid, write_checkpoint
+from actors.consistency import adam_coordinate_bound
 from actors.flat import ParamLayout, flatten
-from actors.optim import (
-    RecordOptimizer,
-    adam_coordinate_bound,
-    group_settings,
-    warmup_cosine_factor,
-)
+from actors.optim import RecordOptimizer, group_settings
+from actors.schedules import warmup_cosine_factor
 from core.errors import TrainingFailed
 from core.spec import OptimizerSpec
 
