@@ -337,7 +337,7 @@ class CoordinatorCore:
         self._wake.set()
 
     def model_bytes(self) -> bytes:
-        self.train.load_eval_model()
+        self.train.evaluation.load_model()
         buf = io.BytesIO()
         state = {"state_dict": self.model.state_dict(), "spec": self.spec.model_dump()}
         torch.save({**state, "step": self.step}, buf)

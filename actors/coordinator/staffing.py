@@ -63,7 +63,7 @@ class Staffing:
     ) -> WorkerSlot | None:
         """Create worker ``wid`` and add it to the job (``None``: it did not start)."""
         slot = self.members.spawn(
-            wid, shard, sampler_state, self.train.mean_buffers(), min_gen=min_gen
+            wid, shard, sampler_state, self.train.evaluation.mean_buffers(), min_gen=min_gen
         )
         return slot if await self.attach(slot) else None
 
@@ -82,7 +82,7 @@ class Staffing:
         generation), or start it anew."""
         if wid in members:
             slot = await self.members.reattach(
-                wid, members[wid], samplers.get(wid), self.train.mean_buffers()
+                wid, members[wid], samplers.get(wid), self.train.evaluation.mean_buffers()
             )
             if slot is not None and await self.attach(slot, reattached=True):
                 return

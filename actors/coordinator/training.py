@@ -19,7 +19,6 @@ import asyncio
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
@@ -382,12 +381,6 @@ class Training:
         return why
 
     # -- evaluation and checkpoints ------------------------------------------------------------
-    def mean_buffers(self) -> np.ndarray | None:
-        return self.evaluation.mean_buffers()
-
-    def load_eval_model(self) -> None:
-        self.evaluation.load_model()
-
     def evaluate(self) -> None:
         """The task's evaluation metrics of the model of record, recorded."""
         metrics = self.evaluation.metrics()
