@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+import elastic_sgd
 from core.errors import SpecError
 from core.spec import FaultSpec
 from elastic_sgd import (
@@ -235,3 +238,18 @@ def test_wait_polls_until_the_job_is_terminal() -> None:
     stuck = client_of(lambda _r: httpx.Response(200, json={**DETAIL, "state": "running"}))
     with pytest.raises(TimeoutError, match="still running"):
         stuck.wait("j-1", timeout_s=0.0, interval_s=0.0)
+
+
+def test_the_client_and_the_cli_start_without_torch_or_ray() -> None:
+    """What only talks HTTP imports neither (the CLI's status, logs, submit start in a
+    fraction of a second); the task interface and a local run load them on first use."""
+    code = (
+        "import sys, elastic_sgd, cli.main\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+        "elastic_sgd.Task, elastic_sgd.run\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "['ray', 'torch']"], out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = elastic_sgd.Nope
