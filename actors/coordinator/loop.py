@@ -235,6 +235,8 @@ class CoordinatorCore:
         """Train until every step is applied, the job fails, or it is cancelled."""
         if self.state == JobState.STARTING:
             self._set_state(JobState.RUNNING, f"{len(self.members.live())} workers")
+            for note in self.mode.start_notes():
+                self.reporter.event(EventKind.WARNING, note)
         if self.t_run is None:
             self.t_run = time.time()
         self.train.evaluate()

@@ -257,6 +257,11 @@ class Mode(ABC):
         """The mode's own term of the bound on B, from the frozen constants ``c`` and the
         settings in ``spec`` (docs/consistency.md)."""
 
+    def start_notes(self) -> list[str]:
+        """What a user should know about this job's settings before it trains (each a
+        ``warning`` event at the start): a combination the mode runs, but not as asked."""
+        return []
+
     # -- the guard's stricter setting ----------------------------------------------------------
     def tighten(self) -> ModeSpec | None:
         """A stricter setting of this mode (smaller B), or ``None``: there is none.

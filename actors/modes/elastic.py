@@ -356,6 +356,16 @@ class ElasticEngine(Mode):
         consistent = max(self.done) <= self.book.completed
         return Applied(loss=float(np.mean(losses)) if losses else math.nan, consistent=consistent)
 
+    @override
+    def start_notes(self) -> list[str]:
+        if self.model.opt.spec.clip_grad_norm is None:
+            return []
+        return [
+            "elastic with optimizer.clip_grad_norm: clipping needs the whole gradient's norm, "
+            "so every step is applied whole, once all its blocks are in: workers wait as in "
+            "sync, without the per-block overlap (drop the clipping to get it, or use sync)"
+        ]
+
     # -- the bound ---------------------------------------------------------------------------
     @override
     @classmethod

@@ -557,3 +557,7 @@ def test_elastic_with_clipping_applies_a_step_whole_once_every_block_is_in() -> 
     assert applied.consistent and mode.step == 1 and mode.model.opt.steps == 1
     mean = (G0 + G1) / 2  # norm 3.2 > 1: clipped to norm 1
     assert torch.allclose(mode.model.x, -LR * mean / float(mean.norm()), atol=1e-6)
+    # the job says so at its start (a warning event): it waits as sync does
+    (note,) = mode.start_notes()
+    assert "clip_grad_norm" in note and "sync" in note
+    assert _elastic(0.5).start_notes() == []
