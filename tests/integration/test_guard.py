@@ -161,3 +161,69 @@ def test_the_broken_run_with_rollback_is_rolled_back_and_finishes_inside_its_bou
     # the run ends on a smaller tau than it started with, and says so in its summary
     assert summary["mode_settings"]["max_staleness"] < 10000
     assert summary["final_test_loss"] is not None
+
+
+# -- out of bound: a run pushed past its frozen bound -----------------------------------------
+# From step 30 (10 steps after the warm-up froze M) worker 0's gradients are scaled by 100
+# for 40 steps: a `corrupt` fault with a finite corruption, so they are applied. Every view
+# handed out in that window lags by updates far larger than the warm-up's gradients, and
+# the windowed mean B̂ leaves the bound tau M / (1 - mu) stated from them (measured: 23.5
+# against 18.7 at step 33). B̂ is in units of the lr, so the run trains at lr 0.005: the
+# scaled worker's updates then step by 0.5, which digits survives (0.96 test accuracy),
+# where lr 0.05 and x30 diverged. The same job without the fault stays inside its bound:
+# digits_async.yaml in tests/integration/test_modes.py (the control).
+SCALED = [
+    {
+        "kind": "corrupt",
+        "workers": [0],
+        "corruption": "scale",
+        "scale_factor": 100.0,
+        "at_step": 30,
+        "duration_steps": 40,
+    }
+]
+
+
+def _scaled(name: str, guard: dict[str, Any]) -> JobSpec:
+    return config(
+        "digits_async.yaml",
+        name=name,
+        optimizer={"lr": 0.005},
+        resources=SMALL,
+        faults=SCALED,
+        guard=guard,
+    )
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    jobs = {
+        "tighten": _scaled("digits-tau4-scaled-tighten", {"on_out_of_bound": "tighten"}),
+        "fail": _scaled("digits-tau4-scaled-fail", {"on_out_of_bound": "fail"}),
+    }
+    return _run(jobs, tmp_path_factory)
+
+
+@pytest.mark.timeout(900)
+def test_a_run_pushed_out_of_its_bound_is_tightened_and_finishes_inside_it(pushed: Runs) -> None:
+    spec, out, summary = pushed["tighten"]
+    tightened = _guard_events(summary, "tighten")
+    assert tightened, summary["events"]
+    for e in tightened:
+        assert e["detail"].startswith("tighten: mode.max_staleness"), e["detail"]
+        assert "out of bound" in e["detail"], e["detail"]
+    # the first tightening came after the fault began, not in the warm-up
+    assert tightened[0]["step"] >= 30, tightened[0]
+    _assert_inside(spec, out, summary)  # repaired: the verdict is within again
+    assert summary["mode_settings"]["max_staleness"] < 4
+    assert summary["gradients_corrupted"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_a_run_pushed_out_of_its_bound_fails_when_told_to(pushed: Runs) -> None:
+    spec, _, summary = pushed["fail"]
+    assert summary["state"] == "failed" and summary["steps"] < spec.steps
+    assert summary["error"].startswith("out of bound"), summary["error"]
+    assert summary["consistency"]["verdict"] == "out_of_bound"
+    (event,) = _guard_events(summary, "fail")
+    assert summary["error"] in event["detail"]
