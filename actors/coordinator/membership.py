@@ -314,8 +314,9 @@ class Membership:
     def retire(self, w: WorkerSlot) -> None:
         """Remove a worker on request (its actor is killed)."""
         w.state = "left"
-        with contextlib.suppress(Exception):
-            ray.kill(w.actor, no_restart=True)
+        if w.actor is not None:  # a placeholder has none (and ray.kill would start Ray)
+            with contextlib.suppress(Exception):
+                ray.kill(w.actor, no_restart=True)
         self.reporter.event(
             EventKind.MEMBERSHIP, "worker removed on request", target=f"worker-{w.id}"
         )
@@ -338,7 +339,7 @@ class Membership:
     def kill_all(self) -> None:
         """Kill every worker actor still there (the job ended)."""
         for w in self.workers.values():
-            if w.state != "dead":
+            if w.state != "dead" and w.actor is not None:
                 with contextlib.suppress(Exception):  # already gone
                     ray.kill(w.actor, no_restart=True)
 

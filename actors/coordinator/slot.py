@@ -68,6 +68,6 @@ def kill_process(w: WorkerSlot) -> None:
     if w.host == host_id() and w.pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, signal.SIGKILL)
-    else:
+    elif w.actor is not None:  # a placeholder has none (and ray.kill would start Ray)
         with contextlib.suppress(Exception):
             ray.kill(w.actor, no_restart=True)
