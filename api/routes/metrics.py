@@ -3,7 +3,9 @@
 Per live job (starting, running, recovering): step, samples/s, loss, B-hat (max, mean) and
 its bound, live workers. Over all jobs: jobs by state, faults and recoveries (counters).
 Then the API's own ``esgd_http_request_duration_seconds`` histogram (by method, route
-template and status; see :class:`api.middleware.RequestTiming`).
+template and status; see :class:`api.middleware.RequestTiming`) and
+``esgd_event_loop_lag_seconds`` (how late the service's event loop ran a timer:
+:class:`api.loopwatch.LoopWatch`).
 """
 
 from __future__ import annotations

@@ -369,6 +369,34 @@ def test_request_timing_header_and_histogram(client: TestClient) -> None:
     assert counts[("GET", "/jobs/{job_id}", "404")] == 1.0
 
 
+def test_the_event_loop_lag_is_measured_and_served(client: TestClient) -> None:
+    """A handler that blocks the loop for 0.3 s shows up as one timer fired that late."""
+    watch = client.app.state.loop_watch  # type: ignore[attr-defined]
+    time.sleep(0.2)  # the watch ticks meanwhile (the app's loop runs in its own thread)
+
+    def counts() -> dict[str, float]:
+        fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return {
+            s.labels.get("le", s.name): s.value
+            for s in fams["esgd_event_loop_lag_seconds"].samples
+            if s.name.endswith(("_bucket", "_count"))
+        }
+
+    before = counts()
+    assert before["esgd_event_loop_lag_seconds_count"] >= 2  # ticking every 50 ms
+    client.portal.call(_block_loop, 0.3)  # type: ignore[union-attr]
+    time.sleep(0.1)  # the late timer fires and is recorded
+    after = counts()
+    assert watch.max_s >= 0.25
+    # one more observation above 0.25 s: the bucket le=0.25 did not get it, le=0.5 did
+    late = (after["+Inf"] - after["0.25"]) - (before["+Inf"] - before["0.25"])
+    assert late >= 1, (before, after)
+
+
+async def _block_loop(seconds: float) -> None:
+    time.sleep(seconds)  # a blocking call on the loop: what the watch is there to see
+
+
 def test_job_detail_is_cached_per_version_with_an_etag(client: TestClient) -> None:
     job = client.post("/jobs", json=SPEC).json()
     done = wait_state(client, job["id"], {"succeeded"})
