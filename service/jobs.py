@@ -58,6 +58,7 @@ from service.budget import (
     with_memory,
 )
 from service.public_errors import NO_REASON, public_error
+from service.ray_conn import GcsProbe
 from service.ray_errors import describe, own_error, user_error
 from service.reaper import orphans
 from service.settings import Settings
@@ -210,7 +211,7 @@ class RunnerBackend(Protocol):
     def resources(self, spec: JobSpec) -> list[dict[str, float]]: ...
     def actors(self) -> list[str]: ...
     def kill(self, names: list[str]) -> list[str]: ...
-    def ray_alive(self) -> bool: ...
+    def ray_alive(self) -> GcsProbe: ...
     def reconnect_ray(self) -> str: ...
 
 
@@ -287,7 +288,7 @@ class RayRunnerBackend:
 
         return kill_actors(names)
 
-    def ray_alive(self) -> bool:
+    def ray_alive(self) -> GcsProbe:
         from service.ray_conn import gcs_reachable
 
         return gcs_reachable()
@@ -323,10 +324,14 @@ START_BACKSTOP_S = 10.0
 ADMIT_MIN_GAP_S = 0.05
 # The first event of every job.
 SUBMITTED = "submitted; waiting for resources"
-# Seconds between two probes of Ray's GCS, and the misses in a row that mean it is gone
-# (3 x 1 s: a GCS that is busy for a moment is not lost; a killed one is found in ~3 s).
+# Seconds between two probes of Ray's GCS, and the misses in a row that mean it is gone:
+# 3 refused connections (3 x 1 s: a killed GCS is found in ~3 s), or 30 probes without
+# any answer (a GCS too busy to accept looks the same as a host that went away; under
+# bench.load's streams phase an overloaded GCS once left 3 probes in a row unanswered, and
+# the service restarted a healthy Ray with both training jobs on it).
 RAY_PROBE_EVERY_S = 1.0
 RAY_LOST_AFTER = 3
+RAY_SILENT_LOST_AFTER = 30
 
 
 class JobManager:
@@ -371,10 +376,12 @@ class JobManager:
         self._footprints: dict[str, Footprint] = {}
         self._last_reap = time.monotonic()
         self.on_terminal: list[Callable[[JobRow], None]] = []
-        # Ray's GCS: probed every RAY_PROBE_EVERY_S; lost after RAY_LOST_AFTER misses in a
-        # row; ``ray_ready`` is False from then until a new connection is made (/readyz)
+        # Ray's GCS: probed every RAY_PROBE_EVERY_S; lost after RAY_LOST_AFTER refusals or
+        # RAY_SILENT_LOST_AFTER misses in a row; ``ray_ready`` is False from then until a
+        # new connection is made (/readyz)
         self.ray_ready = True
-        self._ray_misses = 0
+        self._ray_misses = 0  # probes in a row that failed
+        self._ray_refusals = 0  # of those, the refusals at the end of the run
         self._last_probe = 0.0
 
     # -- life of the manager ----------------------------------------------------------
@@ -952,12 +959,17 @@ class JobManager:
         if self.ray_ready and now - self._last_probe < RAY_PROBE_EVERY_S:
             return True
         self._last_probe = now
-        if self.ray_ready and self.backend.ray_alive():
-            self._ray_misses = 0
+        probe = self.backend.ray_alive() if self.ray_ready else GcsProbe.REFUSED
+        if probe is GcsProbe.UP:
+            self._ray_misses = self._ray_refusals = 0
             return True
         self._ray_misses += 1
-        if self.ray_ready and self._ray_misses < RAY_LOST_AFTER:
-            return True  # one late answer is not a lost GCS: follow the jobs meanwhile
+        self._ray_refusals = self._ray_refusals + 1 if probe is GcsProbe.REFUSED else 0
+        lost = self._ray_refusals >= RAY_LOST_AFTER or self._ray_misses >= RAY_SILENT_LOST_AFTER
+        if self.ray_ready and not lost:
+            if probe is GcsProbe.NO_ANSWER and self._ray_misses in (RAY_LOST_AFTER, 10, 20):
+                log.warning("Ray's GCS has not answered %d probes in a row", self._ray_misses)
+            return True  # late answers are not a lost GCS: follow the jobs meanwhile
         if self.ray_ready:
             self._ray_lost()
         return self._ray_reconnect()
@@ -966,8 +978,8 @@ class JobManager:
         """Ray's GCS is gone: every live job moves to ``recovering`` (its runner is dropped
         uncalled: calls into a dead instance hang) until Ray is back."""
         self.ray_ready = False
-        misses_s = RAY_LOST_AFTER * RAY_PROBE_EVERY_S
-        log.error("Ray's GCS did not answer %d probes in a row: Ray is lost", RAY_LOST_AFTER)
+        misses_s = self._ray_misses * RAY_PROBE_EVERY_S
+        log.error("Ray's GCS did not answer %d probes in a row: Ray is lost", self._ray_misses)
         with self._lock:
             lost, self._live = self._live, {}
         for job_id in lost:
@@ -996,7 +1008,7 @@ class JobManager:
         except Exception:
             log.exception("reconnecting to Ray failed; trying again")
             return False
-        self.ray_ready, self._ray_misses = True, 0
+        self.ray_ready, self._ray_misses, self._ray_refusals = True, 0, 0
         log.warning("reconnected to Ray at %s; resuming the jobs", gcs)
         self.reconcile(why=f"Ray's GCS was lost and the service reconnected (now {gcs})")
         return True

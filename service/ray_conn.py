@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
 from core.errors import ElasticSGDError
@@ -163,22 +164,36 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def gcs_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+class GcsProbe(StrEnum):
+    """What one probe of the GCS found."""
+
+    UP = "up"  # it accepted a connection
+    REFUSED = "refused"  # nothing listens (a dead GCS on a live host), or not connected
+    NO_ANSWER = "no_answer"  # no answer in time: a busy GCS, or a host that is gone
+
+
+def gcs_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> GcsProbe:
     """Whether the connected Ray instance's GCS accepts a TCP connection now.
 
-    ``False`` when this process is not connected, or the GCS port refuses or times out.
-    A probe costs one connect, and never blocks on Ray's own retries.
+    A refused connection is definite: the GCS's port is closed. A connection that does not
+    complete within ``timeout_s`` is not: a GCS too busy to accept (measured under
+    ``bench.load``: "GCS ... hasn't replied ... (likely overloaded)", then 3 probes without
+    an answer) looks the same as a host that went away. A probe costs one connect, and never
+    blocks on Ray's own retries.
     """
     import ray
 
     if not ray.is_initialized():
-        return False
+        return GcsProbe.REFUSED
     try:
         host, _, port = str(ray.get_runtime_context().gcs_address).rpartition(":")
         with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
+            return GcsProbe.UP
+    except TimeoutError:
+        return GcsProbe.NO_ANSWER
+    except (OSError, ValueError) as exc:
+        log.info("the GCS probe failed: %r", exc)
+        return GcsProbe.REFUSED
 
 
 def reconnect(address: str | None, *, backoff_s: tuple[float, float] = (1.0, 30.0)) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from core.errors import ElasticSGDError
 from core.events import Event, Record, record_from_dict
 from core.spec import FaultSpec, JobSpec
+from service.ray_conn import GcsProbe
 
 
 @dataclass
@@ -209,6 +210,7 @@ class FakeBackend:
         self.killed: list[str] = []
         # Ray's GCS as the probe sees it, and the reconnections made
         self.gcs_up = True
+        self.gcs_silent = False  # a down GCS times out (busy, or its host gone) vs refuses
         self.reconnects = 0
 
     # the RunnerBackend protocol's signatures: a fake needs no data directory
@@ -259,8 +261,10 @@ class FakeBackend:
         self.killed += gone
         return gone
 
-    def ray_alive(self) -> bool:
-        return self.gcs_up
+    def ray_alive(self) -> GcsProbe:
+        if self.gcs_up:
+            return GcsProbe.UP
+        return GcsProbe.NO_ANSWER if self.gcs_silent else GcsProbe.REFUSED
 
     def reconnect_ray(self) -> str:
         """A new instance: the old one's coordinators are gone (none survives to attach)."""

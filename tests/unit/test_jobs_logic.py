@@ -485,6 +485,33 @@ def test_a_lost_gcs_moves_jobs_to_recovering_and_resumes_them_on_a_new_ray(env: 
     assert states[-3:] == ["recovering", "running", "succeeded"], states
 
 
+def test_a_gcs_that_does_not_answer_is_busy_until_30_probes_then_lost(env: tuple) -> None:
+    """A probe that times out is not a refusal: a GCS too busy to accept (bench.load once
+    left 3 in a row unanswered) keeps its jobs running for 29 probes; the 30th gives up."""
+    mgr, backend, _, store = env
+    job = mgr.submit(SPEC.model_copy(update={"steps": 10_000}))
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    backend.gcs_up, backend.gcs_silent = False, True
+    for _ in range(29):
+        mgr._last_probe = 0.0
+        mgr.tick()
+    assert mgr.ray_ready and backend.reconnects == 0
+    assert state_of(store, job.id) == "running" and not store.events(job.id, kind="ray")
+    backend.gcs_up = True  # it answers again: the count starts over
+    mgr._last_probe = 0.0
+    mgr.tick()
+    backend.gcs_up = False
+    for _ in range(29):
+        mgr._last_probe = 0.0
+        mgr.tick()
+    assert mgr.ray_ready and backend.reconnects == 0
+    mgr._last_probe = 0.0
+    mgr.tick()  # 30 in a row: lost
+    assert backend.reconnects == 1
+    (ev,) = store.events(job.id, kind="ray")
+    assert "no answer for 30 s" in ev.detail
+
+
 def test_a_gcs_that_cannot_be_reached_again_keeps_the_service_not_ready(env: tuple) -> None:
     """The check fails when it should: a reconnection that fails leaves ``ray_ready`` False
     and the job ``recovering`` (not failed, not running), and is tried again."""
