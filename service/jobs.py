@@ -326,9 +326,8 @@ ADMIT_MIN_GAP_S = 0.05
 SUBMITTED = "submitted; waiting for resources"
 # Seconds between two probes of Ray's GCS, and the misses in a row that mean it is gone:
 # 3 refused connections (3 x 1 s: a killed GCS is found in ~3 s), or 30 probes without
-# any answer (a GCS too busy to accept looks the same as a host that went away; under
-# bench.load's streams phase an overloaded GCS once left 3 probes in a row unanswered, and
-# the service restarted a healthy Ray with both training jobs on it).
+# any answer (a GCS too busy to accept looks the same as a host that went away: 3 late
+# answers are not enough to restart an embedded Ray and every job on it).
 RAY_PROBE_EVERY_S = 1.0
 RAY_LOST_AFTER = 3
 RAY_SILENT_LOST_AFTER = 30

@@ -176,10 +176,8 @@ def gcs_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> GcsProbe:
     """Whether the connected Ray instance's GCS accepts a TCP connection now.
 
     A refused connection is definite: the GCS's port is closed. A connection that does not
-    complete within ``timeout_s`` is not: a GCS too busy to accept (measured under
-    ``bench.load``: "GCS ... hasn't replied ... (likely overloaded)", then 3 probes without
-    an answer) looks the same as a host that went away. A probe costs one connect, and never
-    blocks on Ray's own retries.
+    complete within ``timeout_s`` is not: a GCS too busy to accept looks the same as a host
+    that went away. A probe costs one connect, and never blocks on Ray's own retries.
     """
     import ray
 
