@@ -304,13 +304,12 @@ class ElasticEngine(Mode):
                         continue
                     n = divisor(self.spec.missing_policy, len(got), len(entry.lost - got))
                     sb.total[lo:hi].mul_(1.0 / n)
-                if self.observed(step):
-                    before, lr = self.model.x.clone(), opt.lr
-                    opt.step(sb.total, count=False)
+                lr = opt.lr
+                before = self.model.x.clone() if self.observed(step) else None
+                opt.step(sb.total, count=False)
+                if before is not None:
                     before.sub_(self.model.x)
                     sb.update_sum = sum(float(before[lo:hi].norm()) / lr for lo, hi in self.blocks)
-                else:
-                    opt.step(sb.total, count=False)
             self.block_applies += 1
             for b in range(len(self.blocks)):
                 self.done[b] = step + 1
