@@ -59,6 +59,7 @@ from typing import Any
 import aiohttp
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     DOC,
@@ -420,9 +421,11 @@ def run_sse_phase(
             timed = asyncio.to_thread(lambda: rate.append(steps_per_s(client, job_ids, window_s)))
             await asyncio.gather(timed, *readers)
 
+        lag0 = loop_lag_buckets(client)
         t_window = time.monotonic()
         asyncio.run(go())
         cpu3 = process_cpu_s(pid)
+        lag = loop_lag(lag0, loop_lag_buckets(client))
         t_window = time.monotonic() - t_window
         here.send("stop")
         got, sub_cpu = here.recv() if here.poll(60) else ([], float("nan"))
@@ -456,7 +459,37 @@ def run_sse_phase(
         "server_cpu_per_s_alone": per_s(cpu0, cpu1, window_s),
         "server_cpu_per_s_with_subscribers": per_s(cpu2, cpu3, t_window),
         "subscribers_cpu_per_s": sub_cpu / t_window,
+        # how late the service's event loop ran its 50 ms timer in the window
+        "loop_lag": lag,
         "routes": {"GET /jobs/{id}": stats(gets)},
+    }
+
+
+def loop_lag_buckets(client: httpx.Client) -> dict[float, float]:
+    """The service's ``esgd_event_loop_lag_seconds`` histogram now: bucket upper bound (s)
+    -> observations at or under it (cumulative, as Prometheus counts them)."""
+    text = client.get("/metrics").text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "esgd_event_loop_lag_seconds":
+            return {
+                float(x.labels["le"]): x.value for x in fam.samples if x.name.endswith("_bucket")
+            }
+    return {}
+
+
+def loop_lag(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """The lag histogram's growth between two readings: ticks, how many were later than
+    25 and 50 ms, and the bucket bound the 99th percentile tick is under (ms)."""
+    if not before or not after:
+        return {"ticks": 0}
+    grown = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    ticks = grown[float("inf")]
+    p99 = next((le for le, n in grown.items() if ticks and n >= 0.99 * ticks), float("inf"))
+    return {
+        "ticks": int(ticks),
+        "over_25ms": int(ticks - grown.get(0.025, 0.0)),
+        "over_50ms": int(ticks - grown.get(0.05, 0.0)),
+        "p99_under_ms": 1000.0 * p99,
     }
 
 
@@ -580,6 +613,7 @@ def render(payload: dict[str, Any]) -> str:
         f"{fmt(sse['server_cpu_per_s_alone'], '.2f')} without the subscribers, "
         f"{fmt(sse['server_cpu_per_s_with_subscribers'], '.2f')} with them; the subscribers "
         f"{fmt(sse['subscribers_cpu_per_s'], '.2f')}. "
+        f"{_lag_text(sse.get('loop_lag') or {})}"
         f"Target slowdown <= {100 * st['max_slowdown']:.0f}% and p99 < "
         f"{st['p99_ms']:.0f} ms: **{'met' if st['met'] else 'missed'}**.",
     ]
@@ -587,6 +621,17 @@ def render(payload: dict[str, Any]) -> str:
     if note:
         lines += ["", note]
     return "\n".join(lines)
+
+
+def _lag_text(lag: dict[str, Any]) -> str:
+    """The stream window's event-loop lag, in a sentence (empty without a reading)."""
+    if not lag.get("ticks"):
+        return ""
+    return (
+        f"The service's event loop ran its 50 ms timer {lag['ticks']} times in the window: "
+        f"{lag['over_25ms']} more than 25 ms late, {lag['over_50ms']} more than 50 ms; 99% "
+        f"within {fmt(lag['p99_under_ms'], '.0f')} ms. "
+    )
 
 
 def ensure_section(doc: Path = DOC) -> None:

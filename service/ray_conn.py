@@ -27,6 +27,15 @@ the supervisor probes the GCS (:func:`gcs_reachable`, a TCP connect to its port)
 it is gone, :func:`reconnect` starts a new embedded instance (or waits, with backoff, for a
 cluster's GCS to answer again) and the jobs resume from their checkpoints
 (:meth:`service.jobs.JobManager.tick`).
+
+**One thread owns the embedded instance.** Ray starts its GCS, raylet and agents with
+``PR_SET_PDEATHSIG`` (Linux kernel fate-sharing): they are killed when the *thread* that
+started them ends, not only the process. The service connects from worker threads (the
+start-up's ``run_in_threadpool``, the supervisor), and anyio ends a pool thread that sat
+idle for 10 s when the next request comes in: the embedded Ray died with it, taking every
+job down ("Ray is lost" and a restart of every job, seen after a burst of requests and a
+pause). :func:`connect` therefore calls ``ray.init`` on :data:`owner thread
+<_OWNER>`, a thread of this module's that lives as long as the process.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any
 
@@ -55,6 +65,9 @@ GCS_RECONNECT_TIMEOUT_S = 86_400
 SHUTDOWN_TIMEOUT_S = 30.0
 # A GCS probe: one TCP connect, at most this long.
 PROBE_TIMEOUT_S = 1.0
+# The thread every ray.init of this process runs on (see the module's docstring): an
+# executor's thread never ends while the process runs (unlike anyio's pool threads).
+_OWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esgd-ray-owner")
 
 
 class RayConnectionError(ElasticSGDError):
@@ -115,7 +128,8 @@ def connect(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
     try:
-        _init(address or None, num_cpus, runtime_env)
+        # on the owner thread: an embedded Ray's processes end with the thread that started them
+        _OWNER.submit(_init, address or None, num_cpus, runtime_env).result()
     except Exception as exc:
         where = f"the Ray cluster at {address!r}" if address else "an embedded Ray instance"
         raise RayConnectionError(
