@@ -170,6 +170,8 @@ class CoordinatorCore:
                 why += f"; {self.members.start_failure}"
             self.error = why
             self._set_state(JobState.FAILED, why)
+        elif self.spec.replace_lost_workers:
+            self.staff.replace_unstarted(ids)
         return {
             "workers": [w.public() for w in live],
             "total_steps": self.total_steps,

@@ -92,6 +92,15 @@ class Staffing:
         gen = members[wid] + 1 if wid in members else 0
         await self.add(wid, self.members.shards[wid], samplers.get(wid), gen)
 
+    def replace_unstarted(self, ids: list[int]) -> None:
+        """Start-up left some of ``ids`` dead (enough others started): start each once more,
+        as a lost worker is replaced (a failure of that start is not retried)."""
+        now = time.time()
+        for wid in ids:
+            w = self.members.workers.get(wid)
+            if w is not None and w.state == "dead":
+                self.members.pending_joins.append((now, wid))
+
     def lose(self, w: WorkerSlot, why: str, keep_actor: bool = False) -> None:
         """Take a worker out of the membership; the job fails below ``min_workers``."""
         if w.gone:

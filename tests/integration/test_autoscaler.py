@@ -88,9 +88,12 @@ SPEC: dict[str, Any] = {
     "model": {"name": "mlp", "hidden": [32]},
     "dataset": {"name": "digits"},
     "workers": 2,
-    "steps": 60,
+    # ~6 s of training (50 ms per gradient): time for a worker that dies while starting on
+    # a node just launched (seen once under the full suite's load) to be started again
+    "steps": 120,
+    "faults": [{"kind": "delay", "workers": [0, 1], "distribution": "constant", "delay_ms": 50}],
     "batch_size": 32,
-    "eval_interval": 20,
+    "eval_interval": 40,
     "mode": {"name": "sync"},
     "resources": {"worker_cpus": 1.0, "coordinator_cpus": 0.5},
 }

@@ -145,3 +145,13 @@ def test_a_resize_retires_the_highest_ids_and_starts_new_ones() -> None:
     assert "scale requested: 5 -> 2 workers" in _details(reporter)
     assert loop.wakes >= 2
     assert ray.is_initialized() == had_ray  # a placeholder's retirement starts no Ray
+
+
+def test_a_worker_that_failed_to_start_is_started_once_more() -> None:
+    """Start-up left worker 1 dead (its actor died before answering) and the others up:
+    it is queued to start again, like a lost worker; the live ones are left alone."""
+    staff, _, loop, _ = _staff(n=3, min_workers=1)
+    staff.members.workers[1].state = "dead"
+    staff.replace_unstarted([0, 1, 2])
+    assert [wid for _, wid in staff.members.pending_joins] == [1]
+    assert loop.failed == []
