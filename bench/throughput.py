@@ -6,7 +6,9 @@ the per-step overhead of the runtime shows) and a synthetic one with a 1.6M-para
 runs as plain single-process PyTorch (``torch.optim.SGD``, the same model, data and global
 batch, torch's default threads = every core) and as an elastic-sgd job with 2 workers in
 every mode, plus synchronous runs over Ray's object store (float32 and bfloat16 on the
-wire) to show what the shared-memory path buys.
+wire) to show what the shared-memory path buys. A ceiling row runs what no data-parallel
+scheme can beat here: one process per worker, one thread each, computing forward and
+backward on its own batch at the same time, and nothing else.
 
 Rates are steady-state (see :mod:`bench.common`). The ratio to plain PyTorch is the number
 that matters; the issue's target is sync >= 0.8x plain on the 1.6M-parameter workload.
@@ -142,6 +144,10 @@ PLAIN = "plain PyTorch"
 # A reference row, not the baseline: plain PyTorch on one thread shows how much of the
 # baseline comes from torch's intra-op parallelism (each worker computes on one thread).
 PLAIN_1T = "plain PyTorch, 1 thread"
+# The ceiling of any data-parallel run here: WORKERS processes at once, one thread each,
+# each its forward and backward on its own batch_per_worker rows, nothing else (no
+# optimizer step, no communication); the rate is their samples over the slowest one's time.
+CEILING = f"ceiling: {WORKERS} processes x 1 thread, forward+backward only"
 
 
 def run_plain(spec: JobSpec, threads: int | None = None) -> dict[str, Any]:
@@ -205,6 +211,52 @@ def _train_plain(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def _ceiling_child(spec_json: dict[str, Any], worker: int, conn: Any) -> None:
+    """One process of :func:`run_ceiling`: its shard's batches, forward and backward."""
+    torch.set_num_threads(1)
+    spec = parse_spec(spec_json)
+    ds = load_dataset(spec.dataset, spec.seed)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
+    loss_of = loss_fn(ds.task)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    sampler = ShardSampler(np.arange(len(x)), seed=spec.seed, shard_key=worker)
+    steps = spec.total_steps(len(x))
+    conn.send("ready")
+    conn.recv()  # every process starts its timed loop together
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.from_numpy(sampler.next_batch(spec.batch_size))
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x[idx]), y[idx]).backward()
+    conn.send((time.perf_counter() - t0, steps))
+
+
+def run_ceiling(spec: JobSpec) -> dict[str, Any]:
+    """:data:`CEILING`: ``spec.workers`` spawned processes computing at once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for w in range(spec.workers):
+        here, there = ctx.Pipe()
+        p = ctx.Process(target=_ceiling_child, args=(spec.model_dump(mode="json"), w, there))
+        p.start()
+        pipes.append(here)
+        procs.append(p)
+    try:
+        for c in pipes:
+            assert c.recv() == "ready"
+        for c in pipes:
+            c.send("go")
+        timed = [c.recv() for c in pipes]
+    finally:
+        for p in procs:
+            p.join(60)
+    rate = sum(spec.batch_size * steps for _, steps in timed) / max(w for w, _ in timed)
+    return {"steady_samples_per_s": rate, "samples_per_s": rate, "torch_threads": 1}
+
+
 def run_variant(spec: JobSpec) -> dict[str, Any]:
     """One elastic-sgd job; its steady and whole-run rates, timing and consistency."""
     run = run_job(spec.model_dump())
@@ -252,7 +304,7 @@ def measure(
 ) -> dict[str, Any]:
     """``variants`` and plain PyTorch on ``workload``, interleaved per repeat (so slow
     phases of a noisy machine spread over all of them)."""
-    raw: dict[str, list[dict[str, Any]]] = {PLAIN: [], PLAIN_1T: []}
+    raw: dict[str, list[dict[str, Any]]] = {PLAIN: [], PLAIN_1T: [], CEILING: []}
     raw.update({v.name: [] for v in variants})
     spec0 = parse_spec(workload.spec(VARIANTS[0], steps, seed=0))
     ds = load_dataset(spec0.dataset, spec0.seed)
@@ -266,6 +318,8 @@ def measure(
                 raw[label].append(run_plain(spec))
             elif label == PLAIN_1T:
                 raw[label].append(run_plain(spec, threads=1))
+            elif label == CEILING:
+                raw[label].append(run_ceiling(spec))
             else:
                 raw[label].append(run_variant(spec))
             say(f"    {raw[label][-1]['steady_samples_per_s']:.0f} samples/s")
@@ -281,6 +335,7 @@ def measure(
         "results": {
             PLAIN: plain,
             PLAIN_1T: _aggregate(raw[PLAIN_1T], plain["median_samples_per_s"]),
+            CEILING: _aggregate(raw[CEILING], plain["median_samples_per_s"]),
             **{
                 v.name: {
                     "mode": v.mode,
