@@ -41,7 +41,6 @@ class LoopWatch:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
-        self.max_s = 0.0  # the largest lag seen
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -55,7 +54,6 @@ class LoopWatch:
             t = loop.time()
             await asyncio.sleep(self.interval_s)
             lag = max(0.0, loop.time() - t - self.interval_s)
-            self.max_s = max(self.max_s, lag)
             self.histogram.observe(lag)
 
     async def stop(self) -> None:

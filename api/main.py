@@ -115,7 +115,6 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # outermost: times the whole request, a 413 from the body limit included
     app.state.http_registry = http_registry
-    app.state.loop_watch = loop_watch
     app.add_middleware(RequestTiming, registry=http_registry)
     for r in (jobs.router, drills.router, health.router, metrics.router, dashboard.router):
         app.include_router(r)

@@ -18,9 +18,10 @@ Run: ``python -m bench.throughput [--repeats N] [--quick]``.
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,20 +172,34 @@ def run_plain(spec: JobSpec, threads: int | None = None) -> dict[str, Any]:
         torch.set_num_threads(default_threads)
 
 
-def _train_plain(spec: JobSpec) -> dict[str, Any]:
-    """:func:`run_plain` on the threads torch has now."""
+def _plain_setup(
+    spec: JobSpec, shard_key: int
+) -> tuple[
+    torch.nn.Module,
+    Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    torch.Tensor,
+    torch.Tensor,
+    ShardSampler,
+]:
+    """The job's model (initialised as the coordinator does), its loss, the training rows
+    and a sampler over all of them, for training it outside elastic-sgd."""
     ds = load_dataset(spec.dataset, spec.seed)
     torch.manual_seed(spec.seed)  # as the coordinator does before building the model
     model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    sampler = ShardSampler(np.arange(len(x)), seed=spec.seed, shard_key=shard_key)
+    return model, loss_fn(ds.task), x, y, sampler
+
+
+def _train_plain(spec: JobSpec) -> dict[str, Any]:
+    """:func:`run_plain` on the threads torch has now."""
+    model, loss_of, x, y, sampler = _plain_setup(spec, shard_key=0)
     o = spec.optimizer
     # the same torch objects the coordinator builds (actors/optim.py), over the module's own
     # parameters: plain PyTorch, no flat vector
     params = list(model.parameters())
     opt = make_optimizer(o, torch_param_groups(o, ParamLayout.of(model), params))
-    sched = make_scheduler(o, opt, spec.total_steps(ds.n_train))
-    loss_of = loss_fn(ds.task)
-    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
-    sampler = ShardSampler(np.arange(len(x)), seed=spec.seed, shard_key=0)
+    sched = make_scheduler(o, opt, spec.total_steps(len(x)))
     global_batch = spec.workers * spec.batch_size
     steps = spec.total_steps(len(x))
     points = [(0.0, time.time(), 0.0)]
@@ -215,12 +230,7 @@ def _ceiling_child(spec_json: dict[str, Any], worker: int, conn: Any) -> None:
     """One process of :func:`run_ceiling`: its shard's batches, forward and backward."""
     torch.set_num_threads(1)
     spec = parse_spec(spec_json)
-    ds = load_dataset(spec.dataset, spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, ds.n_features, ds.n_outputs, ds.input_shape)
-    loss_of = loss_fn(ds.task)
-    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
-    sampler = ShardSampler(np.arange(len(x)), seed=spec.seed, shard_key=worker)
+    model, loss_of, x, y, sampler = _plain_setup(spec, shard_key=worker)
     steps = spec.total_steps(len(x))
     conn.send("ready")
     conn.recv()  # every process starts its timed loop together
@@ -234,8 +244,6 @@ def _ceiling_child(spec_json: dict[str, Any], worker: int, conn: Any) -> None:
 
 def run_ceiling(spec: JobSpec) -> dict[str, Any]:
     """:data:`CEILING`: ``spec.workers`` spawned processes computing at once."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
     for w in range(spec.workers):

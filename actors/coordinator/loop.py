@@ -170,7 +170,7 @@ class CoordinatorCore:
                 why += f"; {self.members.start_failure}"
             self.error = why
             self._set_state(JobState.FAILED, why)
-        elif self.spec.replace_lost_workers:
+        else:
             self.staff.replace_unstarted(ids)
         return {
             "workers": [w.public() for w in live],

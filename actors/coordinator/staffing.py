@@ -94,7 +94,10 @@ class Staffing:
 
     def replace_unstarted(self, ids: list[int]) -> None:
         """Start-up left some of ``ids`` dead (enough others started): start each once more,
-        as a lost worker is replaced (a failure of that start is not retried)."""
+        as a lost worker is replaced (a failure of that start is not retried); nothing
+        without ``replace_lost_workers``."""
+        if not self.spec.replace_lost_workers:
+            return
         now = time.time()
         for wid in ids:
             w = self.members.workers.get(wid)

@@ -371,7 +371,6 @@ def test_request_timing_header_and_histogram(client: TestClient) -> None:
 
 def test_the_event_loop_lag_is_measured_and_served(client: TestClient) -> None:
     """A handler that blocks the loop for 0.3 s shows up as one timer fired that late."""
-    watch = client.app.state.loop_watch  # type: ignore[attr-defined]
     time.sleep(0.2)  # the watch ticks meanwhile (the app's loop runs in its own thread)
 
     def counts() -> dict[str, float]:
@@ -387,7 +386,6 @@ def test_the_event_loop_lag_is_measured_and_served(client: TestClient) -> None:
     client.portal.call(_block_loop, 0.3)  # type: ignore[union-attr]
     time.sleep(0.1)  # the late timer fires and is recorded
     after = counts()
-    assert watch.max_s >= 0.25
     # one more observation above 0.25 s: the bucket le=0.25 did not get it, le=0.5 did
     late = (after["+Inf"] - after["0.25"]) - (before["+Inf"] - before["0.25"])
     assert late >= 1, (before, after)

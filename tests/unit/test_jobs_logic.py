@@ -486,8 +486,9 @@ def test_a_lost_gcs_moves_jobs_to_recovering_and_resumes_them_on_a_new_ray(env: 
 
 
 def test_a_gcs_that_does_not_answer_is_busy_until_30_probes_then_lost(env: tuple) -> None:
-    """A probe that times out is not a refusal: a GCS too busy to accept (bench.load once
-    left 3 in a row unanswered) keeps its jobs running for 29 probes; the 30th gives up."""
+    """A probe that times out is not a refusal: a GCS too busy to accept (or a head host
+    that is unreachable for a while) keeps its jobs running for 29 probes; the 30th gives
+    up."""
     mgr, backend, _, store = env
     job = mgr.submit(SPEC.model_copy(update={"steps": 10_000}))
     until(mgr, lambda: state_of(store, job.id) == "running")
