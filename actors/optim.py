@@ -171,6 +171,7 @@ class RecordOptimizer:
         self.sched = (
             make_scheduler(self.spec, self.opt, self.total_steps) if self.scheduled else None
         )
+        self.fused = bool(self.opt.defaults.get("fused"))
         # the group each parameter sits in (per-block steps set that group's lr)
         where = {id(p): i for i, g in enumerate(self.opt.param_groups) for p in g["params"]}
         self.group_of = [where[id(p)] for p in self.params]
@@ -233,19 +234,31 @@ class RecordOptimizer:
             self.end_step()
 
     def step_many(self, grads: Sequence[torch.Tensor], scale: float) -> None:
-        """One update with the gradient ``scale * sum(grads)`` (summed first, then scaled,
-        in as few passes over the parameters as that order allows: one per gradient)."""
+        """One update with the gradient ``scale * sum(grads)``: summed first, then scaled
+        (by the fused kernel as it reads the sum, when there is one and no clipping), in
+        as few passes over the parameters as that order allows."""
         if not grads:
             return
         if len(grads) == 1:
             torch.mul(grads[0], scale, out=self.grad)
+            self._apply()
         else:
             torch.add(grads[0], grads[1], out=self.grad)
             for g in grads[2:]:
                 self.grad.add_(g)
-            if scale != 1.0:
+            if scale == 1.0:
+                self._apply()
+            elif self.fused and self.spec.clip_grad_norm is None:
+                # the fused kernel divides by grad_scale as it reads the gradient: one pass
+                # fewer than scaling the sum first (clipping must see the scaled sum)
+                self.opt.grad_scale = torch.tensor(1.0 / scale, device=self.x.device)  # type: ignore[attr-defined]
+                try:
+                    self._apply()
+                finally:
+                    self.opt.grad_scale = None  # type: ignore[attr-defined]
+            else:
                 self.grad.mul_(scale)
-        self._apply()
+                self._apply()
         self.end_step()
 
     def step_measured(self, grad: torch.Tensor, scale: float = 1.0) -> float:

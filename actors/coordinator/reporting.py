@@ -43,6 +43,7 @@ class Timing:
     roundtrip_s: float = 0.0
     apply_s: float = 0.0
     applies: int = 0
+    apply_threads: int = 1  # the most torch threads an update ran on (Training.apply_threads)
 
     def see(self, reply: GradientReply, roundtrip_s: float) -> None:
         self.n += 1
@@ -67,6 +68,7 @@ class Timing:
             "roundtrip_ms": 1e3 * self.roundtrip_s / n,
             "overhead_ms": 1e3 * (self.roundtrip_s - self.compute_s - self.delay_s) / n,
             "apply_ms": 1e3 * self.apply_s / max(self.applies, 1),
+            "apply_threads": self.apply_threads,
         }
 
 

@@ -16,7 +16,10 @@ view cache and checkpoints when due, in that order, so each sees the model of it
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -96,6 +99,7 @@ class Training:
         self.pending: Decision | None = None
         self.draining = False  # a rollback waits for the requests in flight
         self.steps_all_lost = 0  # steps whose every gradient was lost (missing gradients)
+        self.own_threads = torch.get_num_threads()  # what Ray gave this actor (its CPUs)
 
     @property
     def monitor(self) -> ConsistencyMonitor:
@@ -303,10 +307,39 @@ class Training:
         """Apply what became applicable; record, evaluate, checkpoint after each update."""
         if self.draining or self.pending is not None:
             return
-        for applied in self.mode.apply_ready():
-            self._after_update(applied)
-            if self.pending is not None:
-                break  # the loop acts first (fail, or drain for a rollback)
+        with self._idle_cores():
+            for applied in self.mode.apply_ready():
+                self._after_update(applied)
+                if self.pending is not None:
+                    break  # the loop acts first (fail, or drain for a rollback)
+
+    def apply_threads(self) -> int:
+        """Torch threads for applying (and evaluating, checkpointing) an update: see
+        :func:`borrowed_threads`; only in a mode that changes the model of record while
+        every worker waits for it (``shares_model_slot``: sync, local) and on the CPU."""
+        if not self.mode.shares_model_slot or self.record.x.device.type != "cpu":
+            return self.own_threads
+        near = sum(1 for w in self.members.live() if w.shm)
+        return borrowed_threads(
+            self.own_threads,
+            near,
+            self.spec.resources.torch_threads,
+            len(os.sched_getaffinity(0)),
+        )
+
+    @contextlib.contextmanager
+    def _idle_cores(self) -> Iterator[None]:
+        n = self.apply_threads()
+        timing = self.reporter.timing
+        timing.apply_threads = max(timing.apply_threads, n)
+        if n == self.own_threads:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.own_threads)
 
     def _after_update(self, applied: Applied) -> None:
         self.reporter.timing.see_apply(applied.apply_s)
@@ -396,3 +429,15 @@ class Training:
     def restore(self, st: CheckpointState, guard_state: bool = True) -> None:
         """Continue from checkpoint ``st`` (:func:`actors.coordinator.snapshot.restore`)."""
         snapshot.restore(self, st, guard_state)
+
+
+def borrowed_threads(own: int, waiting_near: int, per_worker: int, cores: int) -> int:
+    """The coordinator's torch threads while ``waiting_near`` of the job's workers on its
+    host (``per_worker`` threads each) wait for the update it applies: its own, plus
+    theirs (they hold those cores and leave them idle until the update is out), at most
+    the host's ``cores``; never fewer than its own.
+
+    Measured on this 2-core machine (1.6M parameters: the sum of two gradients, the fused
+    SGD step and the finite screens): 2.37 ms on one thread, 1.31 ms on two.
+    """
+    return max(own, min(cores, own + waiting_near * per_worker))

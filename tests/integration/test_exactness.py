@@ -15,6 +15,7 @@ SGD, and over shared memory for AdamW.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +132,23 @@ def _adamw_spec(workers: int) -> JobSpec:
 
 
 @pytest.fixture(scope="module")
-def finals(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], Path]:
-    """All four runs at once (2 x 0.5 + 2 x 1.25 = 3.5 CPUs)."""
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[tuple[int, str], tuple[Path, dict[str, Any]]]:
+    """All four runs at once (2 x 0.5 + 2 x 1.25 = 3.5 CPUs): folder and summary."""
     jobs = [(_spec(p, t), tmp_path_factory.mktemp(f"p{p}-{t}")) for p, t in CASES]
     summaries = run_many(jobs)
     for (p, t), s in zip(CASES, summaries, strict=True):
         assert s["state"] == "succeeded", (p, t, s.get("error"))
         assert s["steps"] == STEPS
-    return {case: out for case, (_, out) in zip(CASES, jobs, strict=True)}
+    return {case: (out, s) for case, (_, out), s in zip(CASES, jobs, summaries, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def finals(
+    runs: dict[tuple[int, str], tuple[Path, dict[str, Any]]],
+) -> dict[tuple[int, str], Path]:
+    return {case: out for case, (out, _) in runs.items()}
 
 
 def test_reference_is_not_trivial() -> None:
@@ -162,6 +172,21 @@ def test_sync_matches_single_process_sgd(
     assert got.shape == want.shape
     err = float((got - want).abs().max())
     assert err <= ATOL, f"max |diff| {err:.3g} > {ATOL} (p={workers}, {transport})"
+
+
+@pytest.mark.timeout(900)
+def test_sync_updates_run_on_the_cores_of_the_workers_waiting_for_them(
+    runs: dict[tuple[int, str], tuple[Path, dict[str, Any]]],
+) -> None:
+    """Training.apply_threads on real actors: the coordinator (one thread of its own, as
+    Ray gives a fractional-CPU actor) applies a sync update on the cores of the waiting
+    workers of its host; workers reached through the object store lend none (the
+    exactness above holds either way)."""
+    cores = len(os.sched_getaffinity(0))
+    threads = {case: s["timing"]["apply_threads"] for case, (_, s) in runs.items()}
+    assert threads[(4, "shared_memory")] == min(cores, 5), threads
+    assert threads[(1, "shared_memory")] == min(cores, 2), threads
+    assert threads[(4, "object_store")] == 1, threads
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ records what it is handed.
 from __future__ import annotations
 
 import asyncio
+import os
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from actors.coordinator.training import Training
+from actors.coordinator.training import Training, borrowed_threads
 from actors.flat import ParamLayout
 from actors.messages import BlockReady
 from actors.modes.base import ModelOfRecord
@@ -74,3 +75,38 @@ def test_finite_blocks_all_reach_the_mode() -> None:
     for b in (2, 1, 0):
         t._on_block(0, 1, BlockReady(worker=0, step=0, block=b, norm=1.0, loss=0.7))
     assert [b for _, b, _ in mode.taken] == [2, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("own", "near", "per_worker", "cores", "want"),
+    [
+        (1, 2, 1, 2, 2),  # two waiting workers on a 2-core host: both cores
+        (1, 4, 1, 2, 2),  # never past the host's cores
+        (1, 0, 1, 8, 1),  # workers elsewhere (object store, other hosts) lend nothing
+        (1, 3, 2, 16, 7),  # theirs add up
+        (4, 1, 1, 2, 4),  # never fewer than its own
+    ],
+)
+def test_the_apply_borrows_the_cores_of_waiting_workers_on_its_host(
+    own: int, near: int, per_worker: int, cores: int, want: int
+) -> None:
+    assert borrowed_threads(own, near, per_worker, cores) == want
+
+
+def _training_with(mode_shares: bool, shm: list[bool]) -> Training:
+    t = Training.__new__(Training)
+    t.own_threads = 1
+    t.mode = SimpleNamespace(shares_model_slot=mode_shares)  # type: ignore[assignment]
+    t.record = ModelOfRecord(RecordOptimizer(OptimizerSpec(lr=0.1), torch.zeros(6)))
+    slots = [SimpleNamespace(shm=s) for s in shm]
+    t.members = SimpleNamespace(live=lambda: slots)  # type: ignore[assignment]
+    t.spec = SimpleNamespace(resources=SimpleNamespace(torch_threads=1))  # type: ignore[assignment]
+    return t
+
+
+def test_only_a_mode_whose_workers_wait_for_the_update_borrows_their_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert _training_with(True, [True, True]).apply_threads() == min(cores, 3)
+    # elastic, straggler, async: workers compute while updates are applied
+    assert _training_with(False, [True, True]).apply_threads() == 1
+    assert _training_with(True, [False, False]).apply_threads() == 1

@@ -267,6 +267,30 @@ def test_clipping_clips_the_averaged_gradient_by_its_global_norm() -> None:
     assert torch.equal(g, torch.tensor([30.0, 40.0]))  # the caller's tensor is untouched
 
 
+@pytest.mark.parametrize("spec", SPECS[:3], ids=["sgd", "sgd-momentum", "adam"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_mean_of_several_gradients_folded_into_the_fused_kernel_matches_scaling_first(
+    spec: dict[str, Any], n: int
+) -> None:
+    """step_many lets the fused kernel divide the sum by n as it reads it (grad_scale):
+    the same steps as the sum scaled by 1/n first, to float rounding, and the callers'
+    gradients untouched."""
+    opt = OptimizerSpec(**spec)
+    folded = RecordOptimizer(opt, torch.zeros(1000))
+    assert folded.fused, "torch's fused CPU kernel is the path under test"
+    first = RecordOptimizer(opt, torch.zeros(1000))
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(10):
+        grads = [torch.randn(1000, generator=gen) for _ in range(n)]
+        kept = [g.clone() for g in grads]
+        folded.step_many(grads, scale=1.0 / n)
+        first.step(torch.stack(grads).sum(0), scale=1.0 / n)
+        assert all(torch.equal(g, k) for g, k in zip(grads, kept, strict=True))
+        assert getattr(folded.opt, "grad_scale", None) is None  # not left for other steps
+    assert torch.allclose(folded.x, first.x, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(folded.x, torch.zeros(1000))
+
+
 def test_state_dict_round_trip_continues_exactly() -> None:
     spec = OptimizerSpec(**SPECS[3])
     rec, model = _warm(spec)
