@@ -348,6 +348,20 @@ class AsyncMode(_Strict):
     # ``refuse``: drop stale gradients (counted); ``wait``: hold back fresher workers'
     # updates until the oldest outstanding gradient arrives, so none is ever stale.
     on_stale: Literal["refuse", "wait"] = "refuse"
+    # ``as_set``: every gradient is applied with the optimizer's momentum as given.
+    # ``match_sync``: with SGD momentum mu and p workers, applied with
+    # mu_a = max(0, 1 - p (1 - mu)), so that a gradient's long-run share of the model, lr/(1 -
+    # mu_a), is what the same optimizer gives it in a synchronous step of p, lr/(p (1 - mu));
+    # staleness itself acts as momentum (docs/consistency.md, "async: momentum").
+    momentum_scaling: Literal["as_set", "match_sync"] = "as_set"
+
+
+def match_sync_momentum(momentum: float, workers: int) -> float:
+    """The momentum ``async`` applies per gradient under ``momentum_scaling: match_sync``:
+    ``1 - mu_a = p (1 - mu)`` (0 if that is past 1; 0 stays 0)."""
+    if momentum == 0.0:
+        return 0.0
+    return max(0.0, 1.0 - workers * (1.0 - momentum))
 
 
 class LocalMode(_Strict):
@@ -643,6 +657,17 @@ class JobSpec(_Strict):
                     f"scale_plan.{i}.workers={a.workers} is outside [min_workers="
                     f"{self.min_workers}, max_workers={self.max_workers_or_workers}]"
                 )
+        mode = self.mode
+        if (
+            isinstance(mode, AsyncMode)
+            and mode.momentum_scaling == "match_sync"
+            and self.optimizer.adaptive
+        ):
+            raise ValueError(
+                "mode.momentum_scaling: 'match_sync' scales SGD's momentum; with "
+                f"optimizer.name {self.optimizer.name!r} use 'as_set' (Adam's moments are "
+                "averages, not sums: there is no gain to match)"
+            )
         for i, f in enumerate(self.faults):
             ids = f.workers or []
             if any(w >= self.max_workers_or_workers for w in ids):
@@ -650,6 +675,17 @@ class JobSpec(_Strict):
                     f"faults.{i}.workers: worker ids must be < {self.max_workers_or_workers}"
                 )
         return self
+
+    def applied_optimizer(self) -> OptimizerSpec:
+        """The optimizer the coordinator applies: ``optimizer``, with ``async``'s
+        ``momentum_scaling: match_sync`` momentum (:func:`match_sync_momentum` over
+        ``workers``) in place of its own."""
+        mode, opt = self.mode, self.optimizer
+        if not isinstance(mode, AsyncMode) or mode.momentum_scaling != "match_sync":
+            return opt
+        mu = match_sync_momentum(opt.momentum, self.workers)
+        # torch's Nesterov needs a momentum
+        return opt.model_copy(update={"momentum": mu, "nesterov": opt.nesterov and mu > 0})
 
     @property
     def max_workers_or_workers(self) -> int:

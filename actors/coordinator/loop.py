@@ -93,7 +93,9 @@ class CoordinatorCore:
         )
         self.meter.live_workers = lambda: len(self.members.live())
         self.record = ModelOfRecord(
-            RecordOptimizer(spec.optimizer, flatten(self.model), self.layout, self.total_steps)
+            RecordOptimizer(
+                spec.applied_optimizer(), flatten(self.model), self.layout, self.total_steps
+            )
         )
         self.mode = make_mode(
             ModeContext(

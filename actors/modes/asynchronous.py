@@ -143,13 +143,27 @@ class AsyncEngine(Mode):
         return Applied(loss=reply.loss, record=self.model.version % self.p0 == 0)
 
     @override
+    def start_notes(self) -> list[str]:
+        mode, opt = self.spec.mode, self.spec.optimizer
+        assert isinstance(mode, AsyncMode)
+        if mode.momentum_scaling != "match_sync":
+            return []
+        applied = self.model.opt.spec.momentum
+        return [
+            f"async with momentum_scaling match_sync: optimizer.momentum {opt.momentum:g} is "
+            f"applied as {applied:.4g} per gradient over {self.p0} workers (1 - mu_a = p (1 - "
+            "mu): each gradient's long-run share of the model is that of a sync step's mean)"
+        ]
+
+    @override
     @classmethod
     def bound_term(cls, spec: JobSpec, c: Constants) -> float:
         mode = spec.mode
         assert isinstance(mode, AsyncMode)
         m, mu, _ = update_constant(spec, c)
         # a view at most tau updates old; each update (a momentum buffer, or g + mu buf with
-        # Nesterov) has norm <= M / (1 - mu); Adam: <= U, in update units (docs: async)
+        # Nesterov) has norm <= M / (1 - mu), mu the momentum applied (momentum_scaling);
+        # Adam: <= U, in update units (docs: async)
         return mode.max_staleness * m / (1.0 - mu)
 
     @override

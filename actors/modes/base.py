@@ -87,7 +87,7 @@ def update_constant(spec: JobSpec, c: Constants) -> tuple[float, float, float]:
     (``||x_k - x_{k+1}|| / lr_k``, moments and weight decay inside it), not amplified
     further (docs/consistency.md: adaptive optimizers).
     """
-    opt = spec.optimizer
+    opt = spec.applied_optimizer()
     if opt.adaptive:
         return c.u, 0.0, 0.0
     return c.m, opt.momentum, opt.weight_decay

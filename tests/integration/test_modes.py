@@ -207,3 +207,26 @@ def test_local_sgd_reaches_the_bar_with_b_hat_within_its_bound(tmp_path: Path) -
     assert cons["views_measured"] == spec.steps  # one sample per round
     steps = [r for r in records(tmp_path) if r["kind"] == "step"]
     assert sorted({r["step"] for r in steps}) == list(range(1, spec.steps + 1))
+
+
+@pytest.mark.timeout(600)
+def test_async_with_sync_tuned_momentum_matched_to_the_workers(tmp_path: Path) -> None:
+    """async with the benchmark's sync-tuned optimizer (lr 0.1, momentum 0.9) and
+    ``momentum_scaling: match_sync``: the job says at its start that it applies momentum
+    0.6 over its 4 workers, reaches the bar, and its B̂ stays within the bound written in
+    the momentum it applies."""
+    data = config("digits_async.yaml", steps=150).model_dump()
+    data["optimizer"].update(lr=0.1, momentum=0.9)
+    data["mode"]["momentum_scaling"] = "match_sync"
+    spec = parse_spec(data)
+    (summary,) = run_many([(spec, tmp_path)])
+    assert summary["state"] == "succeeded", summary.get("error")
+    assert summary["final_test_accuracy"] >= 0.95
+    notes = [e["detail"] for e in summary["events"] if e["kind"] == "warning"]
+    assert any("match_sync" in n and "as 0.6 " in n for n in notes), notes
+    cons = summary["consistency"]
+    assert cons["verdict"] == "within", cons
+    assert 0.0 < cons["b_hat_mean"] <= cons["bound"], cons
+    m = cons["constants"]["M"]
+    # the bound is tau M / (1 - 0.6) (+ nothing else: no drops, no compression)
+    assert cons["bound"] == pytest.approx(spec.mode.max_staleness * m / 0.4, rel=1e-6)

@@ -25,7 +25,8 @@ from actors.modes.local import LocalEngine
 from actors.modes.registry import MODES, analytic_bound, make_mode
 from actors.optim import RecordOptimizer
 from actors.warmup import Constants
-from core.spec import JobSpec, ModeSpec, parse_spec
+from core.errors import SpecError
+from core.spec import JobSpec, ModeSpec, match_sync_momentum, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -51,7 +52,7 @@ def _mode(spec: JobSpec, dim: int = 3, blocks: list[tuple[int, int]] | None = No
         names = tuple(f"p{i}" for i in range(len(blocks)))
         shapes = tuple((hi - lo,) for lo, hi in blocks)
         layout = ParamLayout(names, shapes, tuple(lo for lo, _ in blocks), dim)
-    record = ModelOfRecord(RecordOptimizer(spec.optimizer, torch.zeros(dim), layout))
+    record = ModelOfRecord(RecordOptimizer(spec.applied_optimizer(), torch.zeros(dim), layout))
     meter = Meter(ConsistencyMonitor(), False, spec.monitor_interval)
     meter.live_workers = lambda: spec.workers
     ctx = ModeContext(spec, spec.total_steps(100), record, meter, ObservedNorms(), blocks)
@@ -561,3 +562,75 @@ def test_elastic_with_clipping_applies_a_step_whole_once_every_block_is_in() -> 
     (note,) = mode.start_notes()
     assert "clip_grad_norm" in note and "sync" in note
     assert _elastic(0.5).start_notes() == []
+
+
+# -- async: momentum_scaling --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mu", "p", "want"), [(0.9, 4, 0.6), (0.99, 4, 0.96), (0.9, 10, 0.0), (0.0, 4, 0.0)]
+)
+def test_match_sync_momentum_gives_each_gradient_a_sync_steps_share(
+    mu: float, p: int, want: float
+) -> None:
+    assert match_sync_momentum(mu, p) == pytest.approx(want)
+
+
+def _async_momentum(scaling: str, momentum: float = 0.9, workers: int = 4) -> JobSpec:
+    return _spec(
+        {"name": "async", "max_staleness": 3, "momentum_scaling": scaling},
+        workers=workers,
+        optimizer={"lr": LR, "momentum": momentum},
+    )
+
+
+def test_async_match_sync_applies_the_scaled_momentum_and_its_bound_uses_it() -> None:
+    c = _consts(2.0)
+    scaled, as_set = _async_momentum("match_sync"), _async_momentum("as_set")
+    assert scaled.optimizer.momentum == 0.9  # the spec keeps what the user gave
+    mode = _mode(scaled)
+    assert mode.model.opt.spec.momentum == pytest.approx(0.6)
+    assert mode.model.opt.opt.param_groups[0]["momentum"] == pytest.approx(0.6)
+    assert analytic_bound(scaled, c, 0.0, False) == pytest.approx(3 * 2.0 / 0.4)
+    assert analytic_bound(as_set, c, 0.0, False) == pytest.approx(3 * 2.0 / 0.1)
+    (note,) = mode.start_notes()
+    assert "0.9" in note and "0.6" in note and "4 workers" in note
+    assert _mode(as_set).start_notes() == []
+
+
+def test_async_match_sync_moves_p_updates_as_far_as_one_sync_step_in_the_long_run() -> None:
+    """The rule's claim, on a constant gradient: once momentum is in steady state, p async
+    updates move x by what one sync step of the same optimizer moves it (lr / (1 - mu))."""
+    g = _g(1.0, -2.0, 0.5)
+    sync = _mode(
+        _spec({"name": "sync"}, workers=4, steps=400, optimizer={"lr": LR, "momentum": 0.9})
+    )
+    rec_sync = sync.model.opt
+    rec_async = _mode(_async_momentum("match_sync")).model.opt
+    for _ in range(200):
+        rec_sync.step(g)
+        for _ in range(4):
+            rec_async.step(g)
+    before_s, before_a = rec_sync.x.clone(), rec_async.x.clone()
+    rec_sync.step(g)
+    for _ in range(4):
+        rec_async.step(g)
+    assert torch.allclose(rec_async.x - before_a, rec_sync.x - before_s, rtol=1e-4)
+    assert torch.allclose(rec_sync.x - before_s, -LR * g / 0.1, rtol=1e-4)
+    # as set, the same p updates move it p times as far
+    plain = _mode(_async_momentum("as_set")).model.opt
+    for _ in range(800):
+        plain.step(g)
+    b = plain.x.clone()
+    for _ in range(4):
+        plain.step(g)
+    assert torch.allclose(plain.x - b, 4 * (rec_sync.x - before_s), rtol=1e-3)
+
+
+def test_match_sync_with_adam_is_refused_naming_the_field() -> None:
+    with pytest.raises(SpecError) as err:
+        _spec(
+            {"name": "async", "momentum_scaling": "match_sync"},
+            optimizer={"name": "adamw", "lr": 0.01},
+        )
+    assert "mode.momentum_scaling" in str(err.value) and "as_set" in str(err.value)
