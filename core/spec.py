@@ -352,7 +352,7 @@ class AsyncMode(_Strict):
     # ``match_sync``: with SGD momentum mu and p workers, applied with
     # mu_a = max(0, 1 - p (1 - mu)), so that a gradient's long-run share of the model, lr/(1 -
     # mu_a), is what the same optimizer gives it in a synchronous step of p, lr/(p (1 - mu));
-    # staleness itself acts as momentum (docs/consistency.md, "async: momentum").
+    # staleness itself acts as momentum (docs/consistency.md, "async(τ)", "Momentum").
     momentum_scaling: Literal["as_set", "match_sync"] = "as_set"
 
 

@@ -191,9 +191,7 @@ class JobRunner:
             "memory": fp.coordinator_bytes,
             # Ray restarts a crashed coordinator; it resumes from its last checkpoint
             "max_restarts": self.spec.max_coordinator_restarts,
-            # its updates borrow the waiting workers' cores (Training.apply_threads); idle
-            # OpenMP threads must then sleep, not spin on cores the workers compute on
-            # (merged with the job's runtime_env by Ray)
+            # COORDINATOR_ENV (merged with the job's runtime_env by Ray)
             "runtime_env": {"env_vars": COORDINATOR_ENV},
         }
         if self.detached:

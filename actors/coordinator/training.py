@@ -100,6 +100,7 @@ class Training:
         self.draining = False  # a rollback waits for the requests in flight
         self.steps_all_lost = 0  # steps whose every gradient was lost (missing gradients)
         self.own_threads = torch.get_num_threads()  # what Ray gave this actor (its CPUs)
+        self.host_cores = len(os.sched_getaffinity(0))  # what apply_threads may borrow up to
 
     @property
     def monitor(self) -> ConsistencyMonitor:
@@ -321,10 +322,7 @@ class Training:
             return self.own_threads
         near = sum(1 for w in self.members.live() if w.shm)
         return borrowed_threads(
-            self.own_threads,
-            near,
-            self.spec.resources.torch_threads,
-            len(os.sched_getaffinity(0)),
+            self.own_threads, near, self.spec.resources.torch_threads, self.host_cores
         )
 
     @contextlib.contextmanager

@@ -96,6 +96,7 @@ def test_the_apply_borrows_the_cores_of_waiting_workers_on_its_host(
 def _training_with(mode_shares: bool, shm: list[bool]) -> Training:
     t = Training.__new__(Training)
     t.own_threads = 1
+    t.host_cores = len(os.sched_getaffinity(0))
     t.mode = SimpleNamespace(shares_model_slot=mode_shares)  # type: ignore[assignment]
     t.record = ModelOfRecord(RecordOptimizer(OptimizerSpec(lr=0.1), torch.zeros(6)))
     slots = [SimpleNamespace(shm=s) for s in shm]
