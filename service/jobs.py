@@ -363,7 +363,9 @@ class JobManager:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="esgd-start")
-        self._requested: list[dict[str, float]] = []
+        # what the autoscaler was last asked for; None until this process asked (a request
+        # an earlier service process left standing is replaced on the first round)
+        self._requested: list[dict[str, float]] | None = None
         self._announced_wait: set[str] = set()
         # Pending jobs' specs and resource bundles, worked out once per job (not every tick).
         self._pending: dict[str, tuple[JobSpec, list[dict[str, float]] | None]] = {}
@@ -1211,7 +1213,9 @@ class JobManager:
     def _admit_pending(self) -> None:
         self._last_admit = time.monotonic()
         ids = self.store.ids_in_state(JobState.PENDING.value)
-        if not ids and not self._requested:
+        if not ids:
+            if self.cluster is not None:
+                self._request_resources({}, [])  # the live jobs' floor (or none)
             return
         with self._lock:
             room = max(0, self.settings.max_running_jobs - len(self._live))
@@ -1245,12 +1249,13 @@ class JobManager:
                     f"waiting for resources: needs {describe_resources(need)}, cluster "
                     f"has {describe_resources(free)} free; asked the autoscaler",
                 )
-            self._request_resources(dict(pending), waiting)
         if len(admitted) > room:
             self._announce_queued(admitted[room:])
             admitted = admitted[:room]
         for job_id in admitted:
             self._start(job_id, specs[job_id])
+        if self.cluster is not None:
+            self._request_resources(dict(pending), waiting)
 
     def _within_budgets(
         self, jobs: Sequence[tuple[str, JobSpec, list[dict[str, float]]]]
@@ -1336,19 +1341,22 @@ class JobManager:
         self, pending: Mapping[str, Sequence[Bundle]], waiting: Sequence[str]
     ) -> None:
         """Ask the autoscaler for every live and waiting job's bundles (a total, not a delta:
-        ``request_resources`` replaces the previous request)."""
+        ``request_resources`` replaces the previous request; withdrawn once no job is live
+        or waiting).
+
+        A live job's bundles stay in the request until it ends: the nodes launched for a
+        job are kept between its admission and its actors' placement (an autoscaler
+        removes a node that is idle for ``idle_timeout_minutes``, and a coordinator that
+        starts slowly leaves them idle), and a worker lost with its node gets a new one.
+        """
         assert self.cluster is not None
-        if waiting:
-            with self._lock:
-                live_specs = [e.spec for e in self._live.values()]
-            bundles = [dict(b) for s in live_specs for b in self.backend.resources(s)]
-            # without Ray's memory resource: node types seldom declare it (it is detected on
-            # the node), and the autoscaler leaves a bundle no node type declares unserved
-            bundles += [
-                {k: v for k, v in b.items() if k != "memory"} for j in waiting for b in pending[j]
-            ]
-        else:
-            bundles = []
+        with self._lock:
+            live_specs = [e.spec for e in self._live.values()]
+        wanted: list[Bundle] = [b for s in live_specs for b in self.backend.resources(s)]
+        wanted += [b for j in waiting for b in pending[j]]
+        # without Ray's memory resource: node types seldom declare it (it is detected on
+        # the node), and the autoscaler leaves a bundle no node type declares unserved
+        bundles = [{k: v for k, v in b.items() if k != "memory"} for b in wanted]
         if bundles != self._requested:
             try:
                 self.cluster.request(bundles)

@@ -223,15 +223,23 @@ def test_pending_job_gets_nodes_from_the_autoscaler(tmp_path: Path) -> None:
                     interval_s=0.5,
                 )
                 sw.lap("admitted")
-                running = wait_for(
-                    lambda: (
-                        (j := job_state(client, job_id))["state"] in ("running", "succeeded")
-                        and len([w for w in j["workers"] if w.get("node")]) == 2
-                        and j
-                    ),
-                    90,
-                    "2 placed workers",
-                )
+                seen: dict[str, Any] = {}
+
+                def placed() -> dict[str, Any] | None:
+                    seen.update(j := job_state(client, job_id))
+                    on_nodes = [w for w in j["workers"] if w.get("node")]
+                    ok = j["state"] in ("running", "succeeded") and len(on_nodes) == 2
+                    return j if ok else None
+
+                try:
+                    running = wait_for(placed, 90, "2 placed workers")
+                except AssertionError as exc:
+                    tail = client.get(f"/jobs/{job_id}/events").json()["items"][-12:]
+                    nodes = cluster_nodes(cluster.address, ray_env(token))
+                    raise AssertionError(
+                        f"{exc}\njob: {seen}\nevents: {tail}\nnodes: {nodes}\n"
+                        f"service log: {service.log()}"
+                    ) from None
                 done = wait_for(
                     lambda: (j := job_state(client, job_id))["terminal"] and j, 90, "the job's end"
                 )
