@@ -1064,13 +1064,20 @@ class JobManager:
 
     def _poll(self, job_id: str, entry: _Live) -> PollLike | None:
         """The runner's poll, or ``None`` if it failed (the job fails after
-        ``max_poll_failures`` failures in a row)."""
+        ``max_poll_failures`` failures in a row; a job asked to cancel is cancelled by force
+        at the first)."""
         try:
             p = entry.runner.poll()
         except Exception as exc:  # noqa: BLE001 - any Ray error is data: recorded below
             entry.poll_failures += 1
             log.warning("job %s: poll %d failed: %r", job_id, entry.poll_failures, exc)
-            if entry.poll_failures >= self.settings.max_poll_failures:
+            if entry.cancel_requested_at is not None:
+                # the runner does not bring back a coordinator of a cancelled job (a restart
+                # Ray made is left unresumed): nothing would end the job by itself
+                self._force_cancel(
+                    job_id, f"its coordinator could not be polled after the cancel: {describe(exc)}"
+                )
+            elif entry.poll_failures >= self.settings.max_poll_failures:
                 self._call_quietly(job_id, "finish", entry.runner.finish)
                 self._fail(
                     job_id,

@@ -271,11 +271,15 @@ class JobRunner:
                 ray.get(self.actor.ping.remote(), timeout=5)
                 break
             except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
-                if self.cancelled or time.monotonic() > deadline:
-                    why = "the job was cancelled" if self.cancelled else "timed out"
+                if self.cancelled:
                     raise TrainingFailed(
-                        f"the coordinator did not come back within {self.start_timeout_s:g} s "
-                        f"({why}): {exc}; see the Ray logs"
+                        "the job was cancelled while Ray restarted its coordinator (not "
+                        f"resumed): {exc}"
+                    ) from exc
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"the coordinator did not come back within {self.start_timeout_s:g} s: "
+                        f"{exc}; see the Ray logs"
                     ) from exc
                 time.sleep(0.1)
         self.restarts += 1

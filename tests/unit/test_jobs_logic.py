@@ -268,6 +268,28 @@ def test_lost_coordinator_fails_after_bounded_retries(env: tuple) -> None:
     assert backend.runners[job.id].calls.count("poll") >= 3
 
 
+def test_a_cancelled_job_whose_coordinator_cannot_be_polled_is_cancelled_at_once(
+    env: tuple,
+) -> None:
+    # the coordinator answered the cancel, then went down (Ray restarting it): the runner
+    # does not resume a cancelled job's coordinator, so its polls fail from then on
+    mgr, backend, _, store = env
+    backend.script = Script(steps_per_poll=1)
+    job = mgr.submit(parse_spec({"steps": 1000, "workers": 2}))
+    until(mgr, lambda: state_of(store, job.id) == "running")
+    runner = backend.runners[job.id]
+    runner.script = Script(poll_error=RuntimeError("cancelled while Ray restarted it"))
+    polls = runner.calls.count("poll")
+    mgr.cancel(job.id)
+    mgr.tick()
+    row = store.get_job(job.id)
+    assert row is not None and row.state == "cancelled", row
+    assert "could not be polled after the cancel" in (row.error or "") + str(
+        [e.detail for e in store.events(job.id)]
+    )
+    assert runner.calls.count("poll") == polls + 1  # the first failure, not the third
+
+
 def test_model_bytes_needs_a_model(env: tuple) -> None:
     mgr, _backend, cluster, _store = env
     cluster.cpus = 0.0
