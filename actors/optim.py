@@ -302,6 +302,33 @@ class RecordOptimizer:
         lr = self.spec.lr * self.factor_at(step_index)
         return float(before.sub_(self.x[lo:hi]).norm()) / lr
 
+    # -- Adam's preconditioner ---------------------------------------------------------------
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """``P g``: ``grad`` divided per coordinate by Adam's denominator ``sqrt(v_hat) + eps``
+        of the next step, had ``grad`` been that step's gradient (``v`` updated with
+        ``grad^2``, bias-corrected at the step count after it); ``None`` for SGD.
+
+        It is a gradient's size in *update units*, the units of B̂ for adaptive optimizers:
+        with ``beta1 = 0`` and no weight decay Adam's next update is exactly ``-lr P g``. The
+        warm-up measures it for the missing-gradient and error-feedback terms of the bound
+        (docs/consistency.md, "Adaptive optimizers"). Nothing changes in the optimizer.
+        """
+        if not self.spec.adaptive:
+            return None
+        out = torch.empty_like(grad)
+        for p, (lo, hi), gi in zip(self.params, self.blocks, self.group_of, strict=True):
+            group = self.opt.param_groups[gi]
+            beta2, eps = float(group["betas"][1]), float(group["eps"])
+            g = grad[lo:hi]
+            st = self.opt.state.get(p)
+            t = int(st["step"]) if st else 0
+            v = g * g * (1.0 - beta2)
+            if st:
+                v.add_(st["exp_avg_sq"].reshape(-1), alpha=beta2)
+            v.div_(1.0 - beta2 ** (t + 1))
+            torch.div(g, v.sqrt_().add_(eps), out=out[lo:hi])
+        return out
+
     # -- functional steps ------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """A copy of the record's state now (for :meth:`peek` from it later)."""

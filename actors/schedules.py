@@ -12,6 +12,7 @@ lrs itself.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from torch.optim import Optimizer
@@ -55,6 +56,41 @@ def schedule_factor(spec: OptimizerSpec, t: int, total_steps: int) -> float:
     if isinstance(sch, StepSchedule):
         return float(sch.gamma ** (t // sch.step_size))
     return 1.0
+
+
+def lr_ratio(spec: OptimizerSpec, total_steps: int, lag: int | None) -> float:
+    """How much larger an earlier step's lr can be than the current one: ``max_k max_j
+    lr_j / lr_k`` over the run's steps ``k`` and the steps ``j`` in ``[k - lag, k]`` (every
+    ``j <= k`` for ``lag=None``). B̂ divides a gap by the *current* lr while the gap was
+    opened by steps at their own lrs, so a bound in lr units holds times this
+    (docs/consistency.md, "The lr schedule"). 1 for a constant lr, and whenever the lr
+    only grows (warm-up); ``inf`` if the lr reaches 0.
+
+    Args:
+        spec: the optimizer and its schedule.
+        total_steps: the run's steps.
+        lag: how many steps back a gap reaches (a mode's ``max_lag`` or ``tau``), or
+            ``None``: the whole run (a cumulative gap, such as lost gradients').
+    """
+    if spec.schedule.name == "constant":
+        return 1.0
+    worst, peak = 1.0, 0.0
+    window: deque[tuple[int, float]] = deque()  # (step, factor), factors decreasing
+    for k in range(max(total_steps, 1)):
+        f = schedule_factor(spec, k, total_steps)
+        if lag is None:
+            peak = max(peak, f)
+        else:
+            while window and window[-1][1] <= f:
+                window.pop()
+            window.append((k, f))
+            while window[0][0] < k - lag:
+                window.popleft()
+            peak = window[0][1]
+        if f <= 0.0:
+            return math.inf if peak > 0.0 else worst
+        worst = max(worst, peak / f)
+    return worst
 
 
 def make_scheduler(spec: OptimizerSpec, opt: Optimizer, total_steps: int) -> LRScheduler | None:

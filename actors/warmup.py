@@ -2,9 +2,11 @@
 
 Over the first ``guard.warmup_steps`` steps :class:`WarmupEstimator` measures ``M`` (a bound
 on one worker's gradient norm, the root of the second-moment bound), ``sigma`` (the spread of
-the workers' gradients of one step around their mean) and ``L`` (smoothness, from successive
-steps' mean gradients); then it freezes them into :class:`Constants`, from which every bound
-is computed (:mod:`actors.consistency`, docs/consistency.md: "The constants").
+the workers' gradients of one step around their mean), ``L`` (smoothness, from successive
+steps' mean gradients), ``U`` (one step's update in update units) and, for Adam and AdamW,
+``M_P`` and ``sigma_P`` (``M`` and ``sigma`` of the gradients preconditioned by Adam's
+denominator); then it freezes them into :class:`Constants`, from which every bound is
+computed (:mod:`actors.consistency`, docs/consistency.md: "The constants").
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Constants:
             lr_k`` (``lr_k`` the step's base lr): ``safety x max`` over the warm-up. The
             constant of the bounds for adaptive optimizers (Adam scales each coordinate, so
             ``M`` says little about the step; docs/consistency.md); ``nan``: never measured.
+        m_p: ``M`` of the preconditioned gradients ``P g`` (Adam's denominator of the next
+            step, :meth:`actors.optim.RecordOptimizer.precondition`): a gradient's size in
+            update units, the missing-gradient terms' constant under Adam; ``nan`` for SGD.
+        sigma_p: ``sigma`` of the preconditioned gradients of one step; ``nan`` for SGD.
     """
 
     m: float
@@ -45,6 +51,8 @@ class Constants:
     frozen_at_step: int
     safety_factor: float
     u: float = math.nan
+    m_p: float = math.nan
+    sigma_p: float = math.nan
 
     def public(self) -> dict[str, float | None]:
         """``{M, sigma, L}`` for the summary (``None`` for a constant never measured)."""
@@ -54,6 +62,8 @@ class Constants:
             "sigma": self.sigma,
             "L": self.smoothness if math.isfinite(self.smoothness) else None,
             "U": self.u if math.isfinite(self.u) else None,
+            "M_P": self.m_p if math.isfinite(self.m_p) else None,
+            "sigma_P": self.sigma_p if math.isfinite(self.sigma_p) else None,
         }
 
 
@@ -64,6 +74,8 @@ class _StepSpread:
     total: torch.Tensor
     sq: float  # sum of ||g_i||^2
     n: int
+    p_total: torch.Tensor | None = None  # the same for the preconditioned gradients
+    p_sq: float = 0.0
 
 
 @dataclass
@@ -89,14 +101,24 @@ class WarmupEstimator:
     sigma_max: float = 0.0
     l_max: float = math.nan
     u_max: float = math.nan  # largest ||x_k - x_{k+1}|| / lr_k seen (update units)
+    p_max: float = math.nan  # largest ||P g|| (Adam: preconditioned gradient)
+    sigma_p_max: float = math.nan
     frozen: Constants | None = None
     finite: bool = True  # every gradient seen in the warm-up was finite
     _open: dict[int, _StepSpread] = field(default_factory=dict)
     _prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, mean gradient) of a step
     _last_x: torch.Tensor | None = None  # x at the previous step_done (for U)
 
-    def see_grad(self, step: int, grad: torch.Tensor, sent: float, raw: float) -> None:
-        """One worker's gradient of ``step`` (ignored once frozen)."""
+    def see_grad(
+        self,
+        step: int,
+        grad: torch.Tensor,
+        sent: float,
+        raw: float,
+        pre: torch.Tensor | None = None,
+    ) -> None:
+        """One worker's gradient of ``step`` (ignored once frozen); ``pre``: the same
+        gradient preconditioned (Adam), or ``None``."""
         if self.frozen is not None:
             return
         if not (math.isfinite(sent) and math.isfinite(raw)):
@@ -105,14 +127,25 @@ class WarmupEstimator:
         h = max(self.per_message_steps, 1)
         self.grad_max = max(self.grad_max, sent / h)
         self.raw_max = max(self.raw_max, raw / h)
+        p = None if pre is None else pre.to(torch.float64)
+        p_sq = 0.0
+        if p is not None:
+            p_sq = float(p.dot(p))
+            pn = math.sqrt(p_sq) / h
+            self.p_max = pn if math.isnan(self.p_max) else max(self.p_max, pn)
         acc = self._open.get(step)
         g = grad.to(torch.float64)
         if acc is None:
-            self._open[step] = _StepSpread(g.clone(), sent * sent, 1)
+            self._open[step] = _StepSpread(
+                g.clone(), sent * sent, 1, None if p is None else p.clone(), p_sq
+            )
         else:
             acc.total += g
             acc.sq += sent * sent
             acc.n += 1
+            if p is not None and acc.p_total is not None:
+                acc.p_total += p
+                acc.p_sq += p_sq
 
     def step_done(self, step: int, x: torch.Tensor, lr: float | None = None) -> Constants | None:
         """Steps before ``step`` are complete at model ``x``; returns the constants when
@@ -141,6 +174,11 @@ class WarmupEstimator:
             # mean_i ||g_i - mean||^2 = mean_i ||g_i||^2 - ||mean||^2 (>= 0 up to rounding)
             var = max(acc.sq / acc.n - float(mean.dot(mean)), 0.0)
             self.sigma_max = max(self.sigma_max, math.sqrt(var) / self.per_message_steps)
+            if acc.p_total is not None:
+                pm = acc.p_total / acc.n
+                p_var = max(acc.p_sq / acc.n - float(pm.dot(pm)), 0.0)
+                sp = math.sqrt(p_var) / self.per_message_steps
+                self.sigma_p_max = sp if math.isnan(self.sigma_p_max) else max(self.sigma_p_max, sp)
         mean = acc.total / acc.n
         if self._prev is not None:
             px, pg = self._prev
@@ -163,6 +201,11 @@ class WarmupEstimator:
             frozen_at_step=step,
             safety_factor=k,
             u=k * self.u_max,
+            m_p=k * self.p_max,
+            # one gradient a step (a single worker): no spread measured, as sigma's 0
+            sigma_p=k * (0.0 if math.isnan(self.sigma_p_max) else self.sigma_p_max)
+            if math.isfinite(self.p_max)
+            else math.nan,
         )
         self._open.clear()
         self._prev = None

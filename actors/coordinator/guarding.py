@@ -81,7 +81,10 @@ class Guarding:
                 f"(loss {reply.loss}, gradient norm {reply.sent_norm})"
             )
             return
-        self.estimator.see_grad(reply.step, grad, reply.sent_norm, reply.raw_norm)
+        est = self.estimator
+        # Adam: the gradient in update units too (warm-up only; docs: adaptive optimizers)
+        pre = self.mode.model.opt.precondition(grad) if est.frozen is None else None
+        est.see_grad(reply.step, grad, reply.sent_norm, reply.raw_norm, pre)
 
     def after_step(
         self,

@@ -13,9 +13,10 @@ from actors.modes.elastic import ElasticEngine
 from actors.modes.local import LocalEngine
 from actors.modes.straggler import StragglerEngine
 from actors.modes.sync import SyncEngine
+from actors.schedules import lr_ratio
 from actors.warmup import Constants
 from core.errors import SpecError
-from core.spec import JobSpec
+from core.spec import AsyncMode, ElasticMode, JobSpec, ModeSpec, StragglerMode
 
 MODES: dict[str, type[Mode]] = {
     "sync": SyncEngine,
@@ -55,7 +56,22 @@ def analytic_bound(
 ) -> float:
     """The bound on B for this run, from the frozen constants ``c``: the mode's term plus
     the terms every mode shares (``lost_fraction``: the plan's drop share over
-    ``total_steps`` steps)."""
-    return mode_class(spec).bound_term(spec, c) + shared_bound_terms(
-        spec, c, q, error_feedback, lost_fraction, total_steps
-    )
+    ``total_steps`` steps). The mode's term is in units of the lr of the steps that opened
+    a view's gap; B̂ divides by the current one, so the term is scaled by how much larger
+    the lr was up to :func:`gap_steps` steps back (:func:`actors.schedules.lr_ratio`; 1 for
+    a constant lr)."""
+    term = mode_class(spec).bound_term(spec, c)
+    if term > 0.0:
+        term *= lr_ratio(spec.applied_optimizer(), total_steps, gap_steps(spec.mode))
+    return term + shared_bound_terms(spec, c, q, error_feedback, lost_fraction, total_steps)
+
+
+def gap_steps(mode: ModeSpec) -> int:
+    """How many steps back the updates a view misses can reach: ``max_lag`` (elastic,
+    straggler) or ``tau`` (async), plus one because B̂ divides by the lr of the *next* step
+    to apply; one otherwise (a local round's replicas run at the round's lr)."""
+    if isinstance(mode, ElasticMode | StragglerMode):
+        return mode.max_lag + 1
+    if isinstance(mode, AsyncMode):
+        return mode.max_staleness + 1
+    return 1

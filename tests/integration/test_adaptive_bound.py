@@ -1,12 +1,27 @@
-"""Integration: B̂ of an AdamW job in the per-block elastic mode, against its stated bound.
+"""Integration: B̂ of AdamW jobs against their stated bounds.
+
+The per-block elastic mode:
 
 For adaptive optimizers B̂ is measured in update units (``||x - v|| / lr`` with ``lr`` the
 step's base lr: Adam's update divided by its lr is ``m_hat / (sqrt(v_hat) + eps)`` plus the
 decoupled weight decay), and the bound is written in ``U``, the warm-up's largest update
 in those units (docs/consistency.md, "Adaptive optimizers"): ``(1 - beta) * 2 * max_lag *
-U`` for elastic. A real run on digits (4 workers, beta 0.5, max_lag 2, AdamW with warm-up
-and cosine) must measure a non-zero B̂ whose mean stays within that bound, with ``U``
-stated and below Adam's worst case per coordinate times sqrt(d).
+U`` for elastic, times the schedule's lr ratio (``lr_ratio``). A real run on digits (4
+workers, beta 0.5, max_lag 2, AdamW with warm-up and cosine) must measure a non-zero B̂
+whose mean stays within that bound, with ``U`` stated and below Adam's worst case per
+coordinate times sqrt(d).
+
+Lost gradients (sync, worker 0's message always lost, ``zero_fill``): the bound is written
+in ``M_P``, the warm-up's preconditioned gradient norm, times the first moment's gain
+(docs/consistency.md, "Missing gradients under Adam"). Two runs at once, constant lr and
+warm-up + cosine to 0.1% of it:
+
+* constant lr: the measured mean B̂ is within the stated bound, and *above* the SGD-form
+  term the bound had before (``K f M`` in gradient units): that statement fails under Adam;
+* cosine: B̂ divides the accumulated gap by the current, decayed lr, so the last steps'
+  B̂ is far above the constant-lr run's. The bound multiplies the cumulative term by the
+  schedule's largest earlier-to-current lr ratio (``lr_ratio``); the measured window mean
+  is within it and above the bound without that factor, which it would have broken.
 """
 
 from __future__ import annotations
@@ -15,9 +30,10 @@ import math
 from pathlib import Path
 
 import pytest
-from integration_helpers import config, run_job
+from integration_helpers import config, run_job, run_many
 
-from actors.consistency import adam_coordinate_bound
+from actors.consistency import adam_coordinate_bound, adam_moment_gain
+from actors.schedules import lr_ratio
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +66,73 @@ def test_adamw_elastic_b_hat_within_its_bound(tmp_path: Path) -> None:
     assert cons["b_hat_mean"] <= bound, cons
     u = cons["constants"]["U"]
     assert u is not None and u > 0.0
-    assert bound == pytest.approx((1 - 0.5) * 2 * 2 * u, rel=1e-6)
+    # times the cosine's lr ratio over max_lag + 1 steps back (B̂ divides by the next lr)
+    ratio = lr_ratio(spec.optimizer, STEPS, 2 + 1)
+    assert ratio > 1.0
+    assert bound == pytest.approx((1 - 0.5) * 2 * 2 * u * ratio, rel=1e-6)
     # U (warm-up max x safety) is far inside Adam's worst case: every coordinate at the
     # per-coordinate bound, sqrt(d) of them (plus weight decay's share)
     d = s["parameters"]
     assert u < adam_coordinate_bound(0.9, 0.999, STEPS) * math.sqrt(d) * spec.guard.safety_factor
+
+
+DROP_STEPS = 120
+LOST_SHARE = 0.25  # worker 0 of 4, every step: the plan's f, and the share really lost
+
+
+def _dropping(name: str, schedule: dict[str, object]) -> object:
+    return config(
+        "digits_sync.yaml",
+        name=name,
+        steps=DROP_STEPS,
+        eval_interval=DROP_STEPS,
+        seed=1,
+        checkpoint={"interval_steps": None, "interval_s": None},
+        missing_policy="zero_fill",
+        optimizer={
+            "name": "adamw",
+            "lr": 0.003,
+            "momentum": 0.0,
+            "weight_decay": 0.01,
+            "schedule": schedule,
+        },
+        faults=[{"kind": "drop", "workers": [0], "probability": 1.0}],
+    )
+
+
+@pytest.mark.timeout(600)
+def test_lost_gradients_under_adamw_stay_within_the_preconditioned_bound(tmp_path: Path) -> None:
+    flat = _dropping("adamw-drops-constant", {"name": "constant"})
+    cosine = _dropping(
+        "adamw-drops-cosine", {"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.001}
+    )
+    s_flat, s_cos = run_many([(flat, tmp_path / "flat"), (cosine, tmp_path / "cosine")])
+    for s in (s_flat, s_cos):
+        assert s["state"] == "succeeded", s.get("error")
+        assert s["dropped_gradients"] == DROP_STEPS, s["dropped_gradients"]
+        assert s["final_test_accuracy"] >= 0.9, s["final_test_accuracy"]
+    gain = adam_moment_gain(0.9, DROP_STEPS)
+    # constant lr: g_A K f M_P, and the mean B̂ inside it
+    c = s_flat["consistency"]
+    consts = c["constants"]
+    assert consts["M_P"] is not None and consts["sigma_P"] is not None, consts
+    stated = gain * DROP_STEPS * LOST_SHARE * consts["M_P"]
+    assert c["bound"] == pytest.approx(stated, rel=1e-6), (c["bound"], stated)
+    assert 0.0 < c["b_hat_mean"] <= c["bound"], c
+    assert c["verdict"] == "within", c
+    # the SGD form (K f M, gradient units, no gain) is below what Adam's run measured
+    sgd_form = DROP_STEPS * LOST_SHARE * consts["M"]
+    assert c["b_hat_mean"] > sgd_form, (c["b_hat_mean"], sgd_form)
+    # cosine: within the bound that carries the lr ratio, above the one that does not
+    c = s_cos["consistency"]
+    ratio = lr_ratio(cosine.optimizer, DROP_STEPS, None)
+    assert ratio > 100.0, ratio
+    window = c["b_hat_window_mean"]
+    assert window is not None and window <= c["bound"], c
+    assert c["verdict"] == "within", c
+    assert window > c["bound"] / ratio, (window, c["bound"] / ratio)
+    print(
+        f"constant lr: mean B-hat {s_flat['consistency']['b_hat_mean']:.4g}, bound "
+        f"{s_flat['consistency']['bound']:.4g}, SGD form {sgd_form:.4g}; cosine: window mean "
+        f"{window:.4g}, bound {c['bound']:.4g}, without the lr ratio {c['bound'] / ratio:.4g}"
+    )

@@ -14,6 +14,7 @@ import torch
 from actors.consistency import (
     ConsistencyMonitor,
     ObservedNorms,
+    adam_moment_gain,
     drop_fraction,
     elastic_amplification,
     missing_term,
@@ -24,8 +25,9 @@ from actors.consistency import (
     residual_bound,
 )
 from actors.modes.registry import analytic_bound
+from actors.schedules import lr_ratio, schedule_factor
 from actors.warmup import Constants, WarmupEstimator
-from core.spec import FaultSpec, JobSpec, parse_spec
+from core.spec import FaultSpec, JobSpec, OptimizerSpec, parse_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -244,6 +246,90 @@ def test_lost_gradients_add_a_cumulative_term_stated_from_the_plan() -> None:
     got = analytic_bound(own, C, 0.0, False, 0.25, total_steps=100)
     assert got == pytest.approx(want + math.sqrt(2) * 0.25 * C.sigma)
     assert analytic_bound(spec, C, 0.0, False, 0.0, total_steps=100) == 0.0  # none lost
+
+
+def test_adam_moment_gain_sums_the_bias_corrected_first_moment() -> None:
+    # beta1 = 0: m_hat = g, a lost share enters one update whole
+    assert adam_moment_gain(0.0, 100) == 1.0
+    # by hand, 3 steps of beta1 0.5: 0.5/0.5 + 0.25/0.75 + 0.125/0.875
+    assert adam_moment_gain(0.5, 3) == pytest.approx(1.0 + 1 / 3 + 1 / 7)
+    # more than 1 (bias correction amplifies the first steps), grows with the steps,
+    # and converges (the weights decay geometrically)
+    g = [adam_moment_gain(0.9, k) for k in (1, 10, 100, 1000, 100_000)]
+    assert g[0] == pytest.approx(1.0) and g == sorted(g) and g[-1] - g[-2] < 1e-9
+    assert 2.9 < g[-1] < 3.1
+
+
+def test_lost_gradients_under_adam_are_written_in_preconditioned_constants() -> None:
+    spec = parse_spec(
+        {"steps": 100, "mode": {"name": "sync"}, "optimizer": {"name": "adamw", "lr": 0.01}}
+    )
+    c = Constants(**{**C.__dict__, "m_p": 40.0, "sigma_p": 7.0, "u": 1.5})
+    gain = adam_moment_gain(0.9, 100)
+    # zero_fill: gain K f M_P, not SGD's (1/(1-mu)) K f M
+    b = analytic_bound(spec, c, 0.0, False, 0.25, total_steps=100)
+    assert b == pytest.approx(gain * 100 * 0.25 * 40.0)
+    rea = spec.model_copy(update={"missing_policy": "reaverage"})
+    want = gain * math.sqrt(2) * math.sqrt(100 * 0.25**2) * 7.0
+    assert analytic_bound(rea, c, 0.0, False, 0.25, total_steps=100) == pytest.approx(want)
+    # never measured (a checkpoint from before M_P existed): no finite bound, not SGD's
+    assert math.isnan(analytic_bound(spec, C, 0.0, False, 0.25, total_steps=100))
+    # error feedback keeps gradient units: the consistent model is x - lr mean(e)
+    ef = analytic_bound(spec, c, 0.5, True, 0.0, total_steps=100)
+    assert ef == pytest.approx(residual_bound(0.5, C.m_raw))
+
+
+def test_estimator_measures_the_preconditioned_gradients_too() -> None:
+    e = WarmupEstimator(warmup_steps=1, safety_factor=2.0)
+    g1, g2 = torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0])
+    p1, p2 = torch.tensor([0.0, 4.0]), torch.tensor([0.0, 2.0])  # P g, as Adam would give
+    for g, p in ((g1, p1), (g2, p2)):
+        e.see_grad(0, g, float(g.norm()), float(g.norm()), p)
+    c = e.step_done(1, torch.zeros(2))
+    assert c is not None
+    assert c.m_p == pytest.approx(2.0 * 4.0)  # safety x max ||P g||
+    assert c.sigma_p == pytest.approx(2.0 * 1.0)  # spread of (0,4), (0,2) around (0,3)
+    assert c.m == pytest.approx(2.0 * 3.0) and c.public()["M_P"] == c.m_p
+    # SGD: nothing preconditioned, nothing stated
+    e2 = WarmupEstimator(warmup_steps=1, safety_factor=2.0)
+    _feed(e2, 0, [g1])
+    c2 = e2.step_done(1, torch.zeros(2))
+    assert c2 is not None and math.isnan(c2.m_p) and c2.public()["M_P"] is None
+
+
+def test_lr_ratio_is_how_much_larger_an_earlier_lr_can_be() -> None:
+    const = OptimizerSpec(name="sgd", lr=0.1)
+    assert lr_ratio(const, 1000, None) == 1.0 and lr_ratio(const, 1000, 4) == 1.0
+    # StepLR halving every 10 steps over 40: the first lr is 8x the last; 2 steps back
+    # reach across at most one halving
+    step = OptimizerSpec(
+        name="sgd", lr=0.1, schedule={"name": "step", "step_size": 10, "gamma": 0.5}
+    )
+    assert lr_ratio(step, 40, None) == pytest.approx(8.0)
+    assert lr_ratio(step, 40, 2) == pytest.approx(2.0)
+    assert lr_ratio(step, 40, 0) == 1.0
+    # warm-up only raises the lr (ratio 1 there); the cosine's end sets it: peak / last
+    cos = OptimizerSpec(
+        name="adamw",
+        lr=0.01,
+        schedule={"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+    )
+    assert lr_ratio(cos, 120, None) == pytest.approx(1.0 / schedule_factor(cos, 119, 120))
+    assert 1.0 < lr_ratio(cos, 120, 2) < lr_ratio(cos, 120, 5) < lr_ratio(cos, 120, None)
+
+
+def test_a_decaying_lr_scales_the_bound() -> None:
+    # B̂ divides by the current lr: with StepLR (8x over the run) the lost gradients'
+    # cumulative term is 8x, the elastic term (max_lag 2: 3 steps back) 2x
+    sched = {"schedule": {"name": "step", "step_size": 10, "gamma": 0.5}}
+    flat = _spec({"name": "sync"})
+    decay = _spec({"name": "sync"}, **sched)
+    lost = analytic_bound(flat, C, 0.0, False, 0.25, total_steps=40)
+    assert analytic_bound(decay, C, 0.0, False, 0.25, total_steps=40) == pytest.approx(8 * lost)
+    el = {"name": "elastic", "beta": 0.5, "max_lag": 2}
+    own = analytic_bound(_spec(el), C, 0.0, False, 0.0, total_steps=40)
+    got = analytic_bound(_spec(el, **sched), C, 0.0, False, 0.0, total_steps=40)
+    assert got == pytest.approx(2.0 * own)
 
 
 def test_momentum_gain_sums_the_momentum_series() -> None:

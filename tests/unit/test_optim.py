@@ -5,6 +5,7 @@ whole step, ``peek`` is a pure preview of ``step``, and ``state_dict`` restores 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterator
@@ -365,3 +366,41 @@ def test_a_checkpoint_file_restores_optimizer_and_schedule_exactly(tmp_path: Pat
         rec.step(g)
         back.step(g)
         assert torch.equal(rec.x, back.x)
+
+
+# -- Adam's preconditioner (the missing-gradient terms' unit under Adam) ------------------
+
+
+def test_precondition_is_adams_next_update_over_lr_when_beta1_is_zero() -> None:
+    # with beta1 = 0 Adam's update is -lr g / (sqrt(v_hat) + eps), v updated with g^2 first:
+    # precondition(g) must be that update exactly, before the first step and after several
+    torch.manual_seed(0)
+    layout = ParamLayout(("a", "b"), ((3, 4), (5,)), (0, 12), 17)
+    spec = OptimizerSpec(name="adam", lr=0.01, betas=(0.0, 0.99), eps=1e-3)
+    opt = RecordOptimizer(spec, torch.randn(17), layout, total_steps=10)
+    for k in range(4):
+        g = torch.randn(17) * (k + 1)
+        pg = opt.precondition(g)
+        assert pg is not None
+        before = opt.x.clone()
+        opt.step(g)
+        torch.testing.assert_close((before - opt.x) / 0.01, pg, rtol=1e-4, atol=1e-4)
+    # a wrong denominator (no bias correction) would not match: the check can fail
+    g = torch.randn(17)
+    v = torch.cat([opt.opt.state[p]["exp_avg_sq"].reshape(-1) for p in opt.params])
+    wrong = g / ((0.99 * v + 0.01 * g * g).sqrt() + 1e-3)
+    pg = opt.precondition(g)
+    assert pg is not None and not torch.allclose(pg, wrong, rtol=1e-3)
+
+
+def test_precondition_is_none_for_sgd_and_leaves_adams_state_alone() -> None:
+    sgd = RecordOptimizer(OptimizerSpec(name="sgd", lr=0.1), torch.zeros(4))
+    assert sgd.precondition(torch.ones(4)) is None
+    adam = RecordOptimizer(OptimizerSpec(name="adamw", lr=0.1), torch.zeros(4))
+    adam.step(torch.ones(4))
+    state = copy.deepcopy(adam.state_dict())
+    adam.precondition(torch.full((4,), 5.0))
+    after = adam.state_dict()
+    for p in after["optimizer"]["state"]:
+        for k, v in after["optimizer"]["state"][p].items():
+            assert torch.equal(v, state["optimizer"]["state"][p][k]), k
