@@ -310,8 +310,8 @@ class RecordOptimizer:
 
         It is a gradient's size in *update units*, the units of B̂ for adaptive optimizers:
         with ``beta1 = 0`` and no weight decay Adam's next update is exactly ``-lr P g``. The
-        warm-up measures it for the missing-gradient and error-feedback terms of the bound
-        (docs/consistency.md, "Adaptive optimizers"). Nothing changes in the optimizer.
+        warm-up measures it for the missing-gradient terms of the bound (docs/consistency.md,
+        "Adaptive optimizers"). Nothing changes in the optimizer.
         """
         if not self.spec.adaptive:
             return None
