@@ -2,9 +2,11 @@
 
 Worker 3 is slowed by exponentially distributed delays after each gradient whose mean is
 one step of the same job run synchronously without faults, measured first on this machine
-(the calibration run). Sync waits for the straggler at every step; straggler (beta 0.5,
-max_lag 2) lets the others start once half of the other workers' gradients are in, on the
-part of the update they have; per-block elastic (beta 0.5, max_lag 2) waits for blocks
+(the calibration run). Sync waits for the straggler at every step; straggler (beta 0,
+max_lag 2: the setting for a straggler, the target's row) lets a worker start its next step
+as soon as it sent its gradient, on the part of the update that has arrived, at most 2 steps
+ahead of the oldest incomplete one; straggler-b0.5 (beta 0.5, for comparison) waits for half
+of the other workers' gradients first; per-block elastic (beta 0.5, max_lag 2) waits for blocks
 whose averaged update needs every gradient, so it waits for the straggler too (shown for
 comparison, no target); async never waits (gradients more than 4 updates stale are
 refused) and applies the optimizer's momentum scaled to its 4 workers
@@ -59,7 +61,8 @@ STRAGGLER = 3  # the slowed worker's id
 QUICK_STEPS = 150  # digits reaches 0.95 in well under 150 steps at lr 0.1, momentum 0.9
 MODES: dict[str, dict[str, Any]] = {
     "sync": {"name": "sync"},
-    "straggler": {"name": "straggler", "beta": 0.5, "max_lag": 2},
+    "straggler": {"name": "straggler", "beta": 0.0, "max_lag": 2},
+    "straggler-b0.5": {"name": "straggler", "beta": 0.5, "max_lag": 2},
     "elastic": {"name": "elastic", "beta": 0.5, "max_lag": 2},
     "async": {"name": "async", "max_staleness": 4, "momentum_scaling": "match_sync"},
 }
@@ -68,8 +71,10 @@ OPTIMIZER = {"lr": 0.1, "momentum": 0.9}
 
 
 def job(mode: str, seed: int, delay_ms: float | None, steps: int | None) -> dict[str, Any]:
-    """``configs/digits_<mode>.yaml`` with the benchmark's settings (and the straggler)."""
-    data: dict[str, Any] = yaml.safe_load((REPO / "configs" / f"digits_{mode}.yaml").read_text())
+    """``configs/digits_<mode>.yaml`` with the benchmark's settings (and the straggler);
+    ``mode`` is a key of :data:`MODES` (its config: the name before a ``-``)."""
+    config = REPO / "configs" / f"digits_{mode.split('-')[0]}.yaml"
+    data: dict[str, Any] = yaml.safe_load(config.read_text())
     data["optimizer"] = {**data.get("optimizer", {}), **OPTIMIZER}
     data["mode"] = MODES[mode]
     data["name"] = f"straggler-{mode}-seed{seed}"
