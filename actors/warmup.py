@@ -67,6 +67,11 @@ class Constants:
         }
 
 
+def _larger(current: float, value: float) -> float:
+    """The running maximum of a constant that starts unmeasured (``nan``)."""
+    return value if math.isnan(current) else max(current, value)
+
+
 @dataclass
 class _StepSpread:
     """One step's gradients, summed: enough for their mean and their spread."""
@@ -102,7 +107,7 @@ class WarmupEstimator:
     l_max: float = math.nan
     u_max: float = math.nan  # largest ||x_k - x_{k+1}|| / lr_k seen (update units)
     p_max: float = math.nan  # largest ||P g|| (Adam: preconditioned gradient)
-    sigma_p_max: float = math.nan
+    sigma_p_max: float = 0.0  # as sigma_max; stated only if p_max was measured
     frozen: Constants | None = None
     finite: bool = True  # every gradient seen in the warm-up was finite
     _open: dict[int, _StepSpread] = field(default_factory=dict)
@@ -132,7 +137,7 @@ class WarmupEstimator:
         if p is not None:
             p_sq = float(p.dot(p))
             pn = math.sqrt(p_sq) / h
-            self.p_max = pn if math.isnan(self.p_max) else max(self.p_max, pn)
+            self.p_max = _larger(self.p_max, pn)
         acc = self._open.get(step)
         g = grad.to(torch.float64)
         if acc is None:
@@ -160,7 +165,7 @@ class WarmupEstimator:
         if lr is not None and lr > 0.0:
             if self._last_x is not None:
                 u = float((x - self._last_x).norm()) / lr
-                self.u_max = u if math.isnan(self.u_max) else max(self.u_max, u)
+                self.u_max = _larger(self.u_max, u)
             self._last_x = x.clone()
         for s in sorted(k for k in self._open if k < step):
             self._close(self._open.pop(s), x)
@@ -178,14 +183,14 @@ class WarmupEstimator:
                 pm = acc.p_total / acc.n
                 p_var = max(acc.p_sq / acc.n - float(pm.dot(pm)), 0.0)
                 sp = math.sqrt(p_var) / self.per_message_steps
-                self.sigma_p_max = sp if math.isnan(self.sigma_p_max) else max(self.sigma_p_max, sp)
+                self.sigma_p_max = max(self.sigma_p_max, sp)
         mean = acc.total / acc.n
         if self._prev is not None:
             px, pg = self._prev
             dx = float((x.to(torch.float64) - px).norm())
             if dx > 0.0:
                 l_k = float((mean - pg).norm()) / dx
-                self.l_max = l_k if math.isnan(self.l_max) else max(self.l_max, l_k)
+                self.l_max = _larger(self.l_max, l_k)
         self._prev = (x.to(torch.float64).clone(), mean)
 
     def freeze(self, step: int) -> Constants:
@@ -202,10 +207,7 @@ class WarmupEstimator:
             safety_factor=k,
             u=k * self.u_max,
             m_p=k * self.p_max,
-            # one gradient a step (a single worker): no spread measured, as sigma's 0
-            sigma_p=k * (0.0 if math.isnan(self.sigma_p_max) else self.sigma_p_max)
-            if math.isfinite(self.p_max)
-            else math.nan,
+            sigma_p=k * self.sigma_p_max if math.isfinite(self.p_max) else math.nan,
         )
         self._open.clear()
         self._prev = None

@@ -34,6 +34,7 @@ from integration_helpers import config, run_job, run_many
 
 from actors.consistency import adam_coordinate_bound, adam_moment_gain
 from actors.schedules import lr_ratio
+from core.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ DROP_STEPS = 120
 LOST_SHARE = 0.25  # worker 0 of 4, every step: the plan's f, and the share really lost
 
 
-def _dropping(name: str, schedule: dict[str, object]) -> object:
+def _dropping(name: str, schedule: dict[str, object]) -> JobSpec:
     return config(
         "digits_sync.yaml",
         name=name,
