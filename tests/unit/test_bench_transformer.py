@@ -48,6 +48,32 @@ def test_time_to_loss() -> None:
     assert tb.final_loss(run) == 2.3
 
 
+def test_each_seed_chases_its_own_sync_runs_final_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    # seed 1's sync run ends higher (2.9) than seed 0's (2.7): against seed 0's target seed 1
+    # would never arrive; against its own every mode that gets as low is timed
+    final = {0: 2.7, 1: 2.9}
+
+    def fake_run_job(spec: dict[str, Any]) -> Run:
+        seed = spec["seed"]
+        late = 5.0 if spec["mode"]["name"] == "sync" else 0.0
+        run = _run([(0, 0.0, 5.5), (10, 10.0 + late, 3.5), (20, 20.0 + late, final[seed])])
+        run.summary = {
+            "consistency": {"b_hat_max": 0.0, "b_hat_mean": 0.0, "bound": 1.0},
+            "wall_seconds": 20.0,
+        }
+        run.records.append({"kind": "step", "step": 1, "wall_time": 0.0, "seq": 9})
+        return run
+
+    monkeypatch.setattr(tb, "run_job", fake_run_job)
+    monkeypatch.setattr(tb, "mean_step_ms", lambda _run: 100.0)
+    st = tb.measure_straggler(2, 20, 10)
+    assert st["target_losses"] == pytest.approx([2.7 * 1.02, 2.9 * 1.02])
+    sync, elastic = st["modes"]["sync"]["runs"], st["modes"]["elastic"]["runs"]
+    assert [r["time_to_target_s"] for r in sync] == [25.0, 25.0]
+    assert [r["time_to_target_s"] for r in elastic] == [20.0, 20.0]
+    assert st["elastic_over_sync"] == pytest.approx(0.8)
+
+
 def test_memory_report_flags_a_read_outside_the_shard() -> None:
     train = build(GPTParams()).train_data(TaskContext(0, 0, None, torch.device("cpu")))
     shards = make_shards(len(train), tb.WORKERS, 0)
@@ -116,7 +142,8 @@ def test_render_states_every_verdict() -> None:
             "straggler": {"median_tokens_per_s": 910.0, "ratio_to_plain": 0.91, "runs": [run]},
         },
         "straggler": {
-            "calibration": {"delay_ms": 500.0, "final_loss": 2.0, "target_loss": 2.04},
+            "calibration": {"delay_ms": 500.0, "final_loss": 2.0},
+            "target_losses": [2.04],
             "modes": {
                 "sync": {"median_s": 20.0, "runs": [straggler_run]},
                 "elastic": {"median_s": 10.0, "runs": [straggler_run]},
@@ -133,6 +160,7 @@ def test_render_states_every_verdict() -> None:
     assert "the straggler mode (no target of its own): 0.40x sync's time" in text
     assert "every worker read only its shard: yes" in text
     assert "| sync | w0 | 400 | 5 / 9 | 0 |" in text
+    assert "Target validation loss per seed: that seed's sync run's final x 1.02 (2.0400)" in text
 
 
 def test_a_plain_only_table_has_no_verdicts() -> None:
