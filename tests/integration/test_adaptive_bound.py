@@ -21,13 +21,18 @@ warm-up + cosine to 0.1% of it:
 * cosine: B̂ divides the accumulated gap by the current, decayed lr, so the last steps'
   B̂ is far above the constant-lr run's. The bound multiplies the cumulative term by the
   schedule's largest earlier-to-current lr ratio (``lr_ratio``); the measured window mean
-  is within it and above the bound without that factor, which it would have broken.
+  is within it and above the bound without that factor, which it would have broken;
+* reaverage (under Adam the same trajectory as zero_fill with a constant lost share): the
+  honest run is within its sqrt(K) bound; with worker 0's lost gradients turned against
+  the others after the warm-up the pieces add up along one direction, and the guard fails
+  the job out of bound (the check can fail).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from integration_helpers import config, run_job, run_many
@@ -79,9 +84,31 @@ def test_adamw_elastic_b_hat_within_its_bound(tmp_path: Path) -> None:
 
 DROP_STEPS = 120
 LOST_SHARE = 0.25  # worker 0 of 4, every step: the plan's f, and the share really lost
+# four jobs at once on the session's 4 CPUs (0.6 each)
+SMALL = {"worker_cpus": 0.1, "coordinator_cpus": 0.2}
+# From step 30 (10 steps after the warm-up froze the constants) worker 0's lost gradients
+# point against the others': flipped and x100. Its messages are still all lost, so the
+# model of record never sees them; x* applies them. The reaverage bound rests on each
+# missing share having mean zero given the past, so the pieces add in quadrature
+# (sqrt(K)); these add up along one direction (K), and the gap leaves the bound.
+TURNED = {
+    "kind": "corrupt",
+    "workers": [0],
+    "corruption": "scale",
+    "scale_factor": -100.0,
+    "at_step": 30,
+    "duration_steps": DROP_STEPS,
+}
 
 
-def _dropping(name: str, schedule: dict[str, object]) -> JobSpec:
+def _dropping(
+    name: str,
+    schedule: dict[str, object],
+    policy: str = "zero_fill",
+    turned: bool = False,
+    guard: dict[str, object] | None = None,
+) -> JobSpec:
+    faults: list[dict[str, object]] = [{"kind": "drop", "workers": [0], "probability": 1.0}]
     return config(
         "digits_sync.yaml",
         name=name,
@@ -89,7 +116,7 @@ def _dropping(name: str, schedule: dict[str, object]) -> JobSpec:
         eval_interval=DROP_STEPS,
         seed=1,
         checkpoint={"interval_steps": None, "interval_s": None},
-        missing_policy="zero_fill",
+        missing_policy=policy,
         optimizer={
             "name": "adamw",
             "lr": 0.003,
@@ -97,17 +124,37 @@ def _dropping(name: str, schedule: dict[str, object]) -> JobSpec:
             "weight_decay": 0.01,
             "schedule": schedule,
         },
-        faults=[{"kind": "drop", "workers": [0], "probability": 1.0}],
+        resources=SMALL,
+        faults=[*faults, TURNED] if turned else faults,
+        guard=guard or {},
     )
+
+
+Drops = dict[str, tuple[JobSpec, dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def drops(tmp_path_factory: pytest.TempPathFactory) -> Drops:
+    constant = {"name": "constant"}
+    specs = {
+        "flat": _dropping("adamw-drops-constant", constant),
+        "cosine": _dropping(
+            "adamw-drops-cosine",
+            {"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.001},
+        ),
+        "reaverage": _dropping("adamw-drops-reaverage", constant, "reaverage"),
+        "turned": _dropping(
+            "adamw-drops-turned", constant, "reaverage", True, {"on_out_of_bound": "fail"}
+        ),
+    }
+    root = tmp_path_factory.mktemp("drops")
+    summaries = run_many([(spec, root / key) for key, spec in specs.items()])
+    return {key: (spec, s) for (key, spec), s in zip(specs.items(), summaries, strict=True)}
 
 
 @pytest.mark.timeout(600)
-def test_lost_gradients_under_adamw_stay_within_the_preconditioned_bound(tmp_path: Path) -> None:
-    flat = _dropping("adamw-drops-constant", {"name": "constant"})
-    cosine = _dropping(
-        "adamw-drops-cosine", {"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.001}
-    )
-    s_flat, s_cos = run_many([(flat, tmp_path / "flat"), (cosine, tmp_path / "cosine")])
+def test_lost_gradients_under_adamw_stay_within_the_preconditioned_bound(drops: Drops) -> None:
+    (_, s_flat), (cosine, s_cos) = drops["flat"], drops["cosine"]
     for s in (s_flat, s_cos):
         assert s["state"] == "succeeded", s.get("error")
         assert s["dropped_gradients"] == DROP_STEPS, s["dropped_gradients"]
@@ -136,4 +183,42 @@ def test_lost_gradients_under_adamw_stay_within_the_preconditioned_bound(tmp_pat
         f"constant lr: mean B-hat {s_flat['consistency']['b_hat_mean']:.4g}, bound "
         f"{s_flat['consistency']['bound']:.4g}, SGD form {sgd_form:.4g}; cosine: window mean "
         f"{window:.4g}, bound {c['bound']:.4g}, without the lr ratio {c['bound'] / ratio:.4g}"
+    )
+
+
+def _reaverage_bound(s: dict[str, Any]) -> float:
+    """g_A sqrt(2 K f^2) sigma_P: the reaverage term under Adam, from the run's constants."""
+    sigma_p = s["consistency"]["constants"]["sigma_P"]
+    assert sigma_p is not None
+    f2 = DROP_STEPS * LOST_SHARE**2
+    return adam_moment_gain(0.9, DROP_STEPS) * math.sqrt(2 * f2) * sigma_p
+
+
+@pytest.mark.timeout(600)
+def test_a_lost_gradient_turned_against_the_others_leaves_the_reaverage_bound(
+    drops: Drops,
+) -> None:
+    # the control: the same job with honest lost gradients is within its sqrt(K) bound
+    _, honest = drops["reaverage"]
+    c = honest["consistency"]
+    assert honest["state"] == "succeeded", honest.get("error")
+    assert c["bound"] == pytest.approx(_reaverage_bound(honest), rel=1e-6)
+    assert 0.0 < c["b_hat_mean"] <= c["bound"] and c["verdict"] == "within", c
+    # Adam undoes zero_fill's constant 1 - f scale: the two policies make one trajectory
+    zero_fill = drops["flat"][1]["consistency"]["b_hat_mean"]
+    assert c["b_hat_mean"] == pytest.approx(zero_fill, rel=1e-3), (c["b_hat_mean"], zero_fill)
+    # turned against the others after the warm-up: out of bound, and the guard fails it
+    spec, turned = drops["turned"]
+    c = turned["consistency"]
+    assert c["bound"] == pytest.approx(_reaverage_bound(turned), rel=1e-6)
+    assert turned["state"] == "failed" and turned["steps"] < spec.steps, turned["steps"]
+    assert turned["error"].startswith("out of bound"), turned["error"]
+    assert c["verdict"] == "out_of_bound", c
+    (event,) = [e for e in turned["events"] if e["kind"] == "guard" and e.get("guard") == "fail"]
+    assert turned["error"] in event["detail"], event
+    assert event["step"] > TURNED["at_step"], event  # not in the warm-up, nor before the push
+    print(
+        f"reaverage: honest mean B-hat {honest['consistency']['b_hat_mean']:.4g} "
+        f"<= {honest['consistency']['bound']:.4g}; turned: {turned['error']} (step "
+        f"{event['step']})"
     )
