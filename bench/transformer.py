@@ -261,9 +261,10 @@ def measure_straggler(repeats: int, steps: int, eval_interval: int) -> dict[str,
     say(f"    step {delay_ms:.0f} ms -> delay_ms")
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     targets: list[float] = []
+    order = ["sync", *(m for m in MODES if m != "sync")]  # sync's final loss sets the target
     for seed in range(repeats):
         target = math.nan
-        for mode in MODES:  # sync first: its final loss sets the seed's target
+        for mode in order:
             say(f"[transformer] straggler {mode} seed {seed}")
             run = run_job(job(mode, seed, steps, eval_interval, delay_ms=delay_ms))
             if mode == "sync":

@@ -21,6 +21,14 @@ from service.runner import JobRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
+# a job's small share of the session's 4 CPUs: 0.1 a worker, 0.2 for the coordinator, so
+# several jobs (of up to 8 workers) run at once
+SMALL = {"worker_cpus": 0.1, "coordinator_cpus": 0.2}
+
+
+def guard_events(summary: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    """The summary's guard events of ``action`` (``warn``, ``tighten``, ``fail``, ...)."""
+    return [e for e in summary["events"] if e["kind"] == "guard" and e.get("guard") == action]
 
 
 def config(config_file: str, **overrides: Any) -> JobSpec:

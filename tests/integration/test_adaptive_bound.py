@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_helpers import config, run_job, run_many
+from integration_helpers import SMALL, config, guard_events, run_job, run_many
 
 from actors.consistency import adam_coordinate_bound, adam_moment_gain
 from actors.schedules import lr_ratio
@@ -84,8 +84,7 @@ def test_adamw_elastic_b_hat_within_its_bound(tmp_path: Path) -> None:
 
 DROP_STEPS = 120
 LOST_SHARE = 0.25  # worker 0 of 4, every step: the plan's f, and the share really lost
-# four jobs at once on the session's 4 CPUs (0.6 each)
-SMALL = {"worker_cpus": 0.1, "coordinator_cpus": 0.2}
+# SMALL: four jobs at once on the session's 4 CPUs (0.6 each)
 # From step 30 (10 steps after the warm-up froze the constants) worker 0's lost gradients
 # point against the others': flipped and x100. Its messages are still all lost, so the
 # model of record never sees them; x* applies them. The reaverage bound rests on each
@@ -214,7 +213,7 @@ def test_a_lost_gradient_turned_against_the_others_leaves_the_reaverage_bound(
     assert turned["state"] == "failed" and turned["steps"] < spec.steps, turned["steps"]
     assert turned["error"].startswith("out of bound"), turned["error"]
     assert c["verdict"] == "out_of_bound", c
-    (event,) = [e for e in turned["events"] if e["kind"] == "guard" and e.get("guard") == "fail"]
+    (event,) = guard_events(turned, "fail")
     assert turned["error"] in event["detail"], event
     assert event["step"] > TURNED["at_step"], event  # not in the warm-up, nor before the push
     print(

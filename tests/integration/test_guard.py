@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_helpers import config, records, run_many
+from integration_helpers import SMALL, config, guard_events, records, run_many
 
 from core.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 
-# 8 workers x 0.1 CPU + 0.2 for the coordinator = 1 CPU a job: three jobs fit the 4 CPUs
-SMALL = {"worker_cpus": 0.1, "coordinator_cpus": 0.2}
+# SMALL: 8 workers x 0.1 CPU + 0.2 for the coordinator = 1 CPU a job: three jobs fit the 4 CPUs
 ROLLBACK = {"on_diverged": "rollback"}
 # checkpoints every 5 steps: a rollback has one close behind the divergence
 CKPT = {"interval_steps": 5, "interval_s": None, "keep": 3}
@@ -91,10 +90,6 @@ def _pair(request: pytest.FixtureRequest, which: str) -> Runs:
     return runs
 
 
-def _guard_events(summary: dict[str, Any], action: str) -> list[dict[str, Any]]:
-    return [e for e in summary["events"] if e["kind"] == "guard" and e.get("guard") == action]
-
-
 def _assert_inside(spec: JobSpec, out: Path, summary: dict[str, Any]) -> None:
     assert summary["state"] == "succeeded", summary.get("error")
     assert summary["steps"] == spec.steps
@@ -127,7 +122,7 @@ def test_the_bounded_run_succeeds_inside_its_frozen_bound(
     assert cons["b_hat_mean"] <= cons["bound"]
     assert set(cons["constants"]) >= {"M", "sigma", "L"} and cons["constants"]["M"] > 0
     assert cons["warmup_steps"] == 20 and cons["frozen_at_step"] == 20
-    assert _guard_events(summary, "fail") == [] and _guard_events(summary, "rollback") == []
+    assert guard_events(summary, "fail") == [] and guard_events(summary, "rollback") == []
 
 
 @pytest.mark.timeout(900)
@@ -141,7 +136,7 @@ def test_the_broken_run_is_failed_by_the_guard_and_says_why(
     error = summary["error"]
     assert error.startswith(("diverged", "out of bound")), error
     assert summary["consistency"]["verdict"] in ("diverged", "out_of_bound")
-    (event,) = _guard_events(summary, "fail")
+    (event,) = guard_events(summary, "fail")
     assert error in event["detail"]
     assert event["detail"].startswith("fail: ")
 
@@ -153,7 +148,7 @@ def test_the_broken_run_with_rollback_is_rolled_back_and_finishes_inside_its_bou
 ) -> None:
     spec, out, summary = _pair(request, which)["rollback"]
     _assert_inside(spec, out, summary)
-    rollbacks = _guard_events(summary, "rollback")
+    rollbacks = guard_events(summary, "rollback")
     assert rollbacks, summary["events"]
     for e in rollbacks:
         assert "ckpt" in e["detail"] and "mode.max_staleness" in e["detail"]
@@ -214,7 +209,7 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 @pytest.mark.timeout(900)
 def test_a_run_pushed_out_of_its_bound_is_tightened_and_finishes_inside_it(pushed: Runs) -> None:
     spec, out, summary = pushed["tighten"]
-    tightened = _guard_events(summary, "tighten")
+    tightened = guard_events(summary, "tighten")
     assert tightened, summary["events"]
     for e in tightened:
         assert e["detail"].startswith("tighten: mode.max_staleness"), e["detail"]
@@ -234,5 +229,5 @@ def test_a_run_pushed_out_of_its_bound_fails_when_told_to(pushed: Runs) -> None:
     assert summary["state"] == "failed" and summary["steps"] < spec.steps
     assert summary["error"].startswith("out of bound"), summary["error"]
     assert summary["consistency"]["verdict"] == "out_of_bound"
-    (event,) = _guard_events(summary, "fail")
+    (event,) = guard_events(summary, "fail")
     assert summary["error"] in event["detail"]
