@@ -56,6 +56,8 @@ def _digits(name: str, tau: int, guard: dict[str, Any] | None = None) -> JobSpec
         resources=SMALL,
         checkpoint=CKPT,
         guard=guard or {},
+        # a slowed worker: its gradients are many updates old whatever the machine's load
+        faults=[{"kind": "delay", "workers": [0], "delay_ms": 20.0, "distribution": "exponential"}],
     )
 
 
@@ -139,6 +141,7 @@ def test_the_broken_run_is_failed_by_the_guard_and_says_why(
     (event,) = guard_events(summary, "fail")
     assert error in event["detail"]
     assert event["detail"].startswith("fail: ")
+    print(f"{which}: failed at step {event['step']}: {error}")
 
 
 @pytest.mark.timeout(900)
